@@ -1,0 +1,97 @@
+"""Defaults shared by every config: each preset starts from `get_base_config()`.
+
+Every key a user can override on the command line exists here, so a typo in
+`--config.KEY=VALUE` fails at flag parsing instead of being silently ignored.
+"""
+
+from ml_collections import ConfigDict
+
+# Logical axis -> mesh axes. This is the one place where model axis names meet the
+# mesh; the model code only ever names logical axes. Order matters: the first rule
+# that names a logical axis wins, and a mesh axis already used by an earlier
+# dimension of the same array is dropped (the array is replicated over it).
+DEFAULT_RULES = (
+    # Parameters.
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    # Activations.
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def get_base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.name = "base"
+
+    # Training.
+    c.steps = 2000
+    c.batch_size = 12  # global, in sequences
+    c.seq_len = 64
+    c.seed = 0
+    c.learning_rate = 1e-3
+    c.min_learning_rate = 1e-4
+    c.warmup_steps = 100
+    c.weight_decay = 0.1
+    c.grad_clip = 1.0
+    c.grad_accum_steps = 1
+    c.beta1 = 0.9
+    c.beta2 = 0.99
+    c.adam_eps = 1e-8
+
+    # Intervals (in optimizer steps; 0 disables).
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.eval_batch_size = 256  # global, in windows of seq_len tokens
+    c.eval_max_batches = 0  # 0 = the whole validation split
+
+    c.model = ConfigDict()
+    c.model.num_layers = 4
+    c.model.d_model = 128
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 4
+    c.model.head_dim = 0  # 0 = d_model // num_heads
+    c.model.d_ff = 512
+    c.model.mlp = "gelu"  # gelu | swiglu
+    c.model.dropout = 0.0
+    c.model.tie_embeddings = True
+    c.model.rope_theta = 10_000.0
+    c.model.norm_eps = 1e-5
+    c.model.init_std = 0.02
+    c.model.dtype = "float32"  # compute dtype; parameters are always float32
+    c.model.attention_impl = "xla"
+    c.model.scan_layers = True
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.vocab_size = 0  # 0 = the data's vocabulary
+    c.model.vocab_multiple = 128  # pad the vocabulary so every layout divides it
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1 = all devices left after the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.pipeline = 1
+    c.mesh.expert = 1
+
+    c.sharding = ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+
+    c.data = ConfigDict()
+    c.data.path = ""  # "" = the embedded tiny-Shakespeare corpus
+    c.data.tokenizer = "char"  # char | byte
+    c.data.val_fraction = 0.1
+    c.data.prefetch = 2
+
+    return c

@@ -1,0 +1,12 @@
+"""The one exception type for bad user input."""
+
+
+class ConfigError(ValueError):
+    """Bad user input: a config value, a flag, or a file. The message names the key or path.
+
+    Raised before anything compiles; the entry points print it as one line and exit non-zero.
+    """
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")

@@ -1,0 +1,1 @@
+"""Tokenizers, token-file preparation and grain input pipelines."""

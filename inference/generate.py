@@ -1,0 +1,185 @@
+"""Autoregressive generation with a KV cache: one prefill, then one jitted step per token.
+
+Batched prompts are left-padded; padding is masked out of attention and RoPE positions
+start at each row's first real token. The cache holds `context` slots (the training
+sequence length). When it is full, generation continues from a fresh prefill of the
+last `context // 2` tokens ("context shift"); `generate_uncached` applies the same
+windows with full recomputation and is the reference the cached path must equal.
+"""
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from losses.cross_entropy import mask_padded_vocab
+from models import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0  # 1 = no nucleus cut
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Set logits outside the top-k / top-p support to -inf (ties at the k-th value kept)."""
+    neg_inf = jnp.asarray(-jnp.inf, logits_BxV.dtype)
+    if top_k > 0 and top_k < logits_BxV.shape[-1]:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, neg_inf, logits_BxV)
+    if top_p < 1.0:
+        sorted_desc = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Smallest set whose mass reaches top_p: keep tokens with mass_before < top_p.
+        n_keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+        logits_BxV = jnp.where(logits_BxV < threshold, neg_inf, logits_BxV)
+    return logits_BxV
+
+
+def sample_tokens(logits_BxV: jax.Array, key: jax.Array, sp: SamplingParams,
+                  vocab_size: int) -> jax.Array:
+    logits = mask_padded_vocab(logits_BxV.astype(jnp.float32), vocab_size)
+    if sp.temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / sp.temperature, sp.top_k, sp.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], total: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(p) for p in prompts)
+    tokens = np.zeros((len(prompts), total), np.int32)
+    valid = np.zeros((len(prompts), total), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):width] = p
+        valid[i, width - len(p):] = True  # generated positions are valid too
+    return tokens, valid
+
+
+def _positions(valid_BxT: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0).astype(jnp.int32)
+
+
+class Generator:
+    """Jitted prefill and decode steps for one model; reusable across calls."""
+
+    def __init__(self, graphdef: nnx.GraphDef, model_cfg: ModelConfig, context: int):
+        self.graphdef, self.cfg, self.context = graphdef, model_cfg, context
+        self._prefill = jax.jit(self._prefill_impl)
+        self._decode = jax.jit(self._decode_impl, static_argnames="sp", donate_argnums=(1, 3))
+        self._sample = jax.jit(sample_tokens, static_argnames=("sp", "vocab_size"))
+
+    def _empty_cache(self, batch: int) -> dict[str, jax.Array]:
+        c = self.cfg
+        shape = (c.num_layers, batch, self.context, c.num_kv_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
+
+    def _prefill_impl(self, params, tokens_BxT, valid_BxT):
+        model = nnx.merge(self.graphdef, params)
+        t = tokens_BxT.shape[1]
+        positions = _positions(valid_BxT)
+        # Slots after the prompt are masked by causality until decoding fills them.
+        kv_valid = jnp.pad(valid_BxT, ((0, 0), (0, self.context - t)), constant_values=True)
+        out = model(tokens_BxT, positions_BxL=positions,
+                    cache=self._empty_cache(tokens_BxT.shape[0]),
+                    cache_index=jnp.zeros((), jnp.int32), kv_valid_BxS=kv_valid)
+        return out.logits[:, -1], out.cache, positions[:, -1], kv_valid
+
+    def _decode_impl(self, params, cache, logits_BxV, seq_BxN, cur, slot, position_B,
+                     kv_valid, key, sp):
+        """Sample the token at `cur` from `logits_BxV`, then run it through the model."""
+        token_B = sample_tokens(logits_BxV, key, sp, self.cfg.vocab_size)
+        seq_BxN = jax.lax.dynamic_update_slice_in_dim(seq_BxN, token_B[:, None], cur, axis=1)
+        model = nnx.merge(self.graphdef, params)
+        out = model(token_B[:, None], positions_BxL=position_B[:, None], cache=cache,
+                    cache_index=slot, kv_valid_BxS=kv_valid)
+        return out.logits[:, 0], out.cache, seq_BxN
+
+    def generate(self, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sp: SamplingParams = SamplingParams(), seed: int = 0
+                 ) -> tuple[list[list[int]], dict[str, float]]:
+        """Continue each prompt by `max_new_tokens` tokens; returns (new tokens, timings)."""
+        check_prompts(prompts, self.context)
+        width = max(len(p) for p in prompts)
+        total = width + max_new_tokens
+        seq_np, valid_np = _left_pad(prompts, total)
+        seq, valid = jnp.asarray(seq_np), jnp.asarray(valid_np)
+        key = jax.random.key(seed)
+        keep = max(1, self.context // 2)
+
+        t0 = time.perf_counter()
+        logits, cache, pos, kv_valid = self._prefill(params, seq[:, :width], valid[:, :width])
+        jax.block_until_ready(logits)
+        t_prefill = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        cur, slot = width, width
+        for i in range(max_new_tokens):
+            step_key = jax.random.fold_in(key, i)
+            if i == max_new_tokens - 1:  # last token: sample only
+                token = self._sample(logits, step_key, sp=sp, vocab_size=self.cfg.vocab_size)
+                seq = seq.at[:, cur].set(token)
+                break
+            if slot == self.context:  # cache full: sample, then re-prefill the last `keep`
+                token = self._sample(logits, step_key, sp=sp, vocab_size=self.cfg.vocab_size)
+                seq = seq.at[:, cur].set(token)
+                lo = cur + 1 - keep
+                logits, cache, pos, kv_valid = self._prefill(params, seq[:, lo:cur + 1],
+                                                             valid[:, lo:cur + 1])
+                slot = keep
+            else:
+                pos = pos + 1
+                logits, cache, seq = self._decode(params, cache, logits, seq, cur, slot, pos,
+                                                  kv_valid, step_key, sp=sp)
+                slot += 1
+            cur += 1
+        out = np.asarray(jax.device_get(seq))
+        t_decode = time.perf_counter() - t0
+        b = len(prompts)
+        stats = {"prefill_seconds": t_prefill,
+                 "prefill_tokens_per_sec": b * width / max(t_prefill, 1e-9),
+                 "decode_seconds": t_decode,
+                 "decode_tokens_per_sec": b * max_new_tokens / max(t_decode, 1e-9)}
+        return [row[width:].tolist() for row in out], stats
+
+
+def generate_uncached(graphdef: nnx.GraphDef, model_cfg: ModelConfig, params: Any,
+                      prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int,
+                      sp: SamplingParams = SamplingParams(), seed: int = 0) -> list[list[int]]:
+    """Reference: recompute the whole current window for every token (same windows)."""
+    check_prompts(prompts, context)
+    width = max(len(p) for p in prompts)
+    seq, valid = _left_pad(prompts, width + max_new_tokens)
+    model = nnx.merge(graphdef, params)
+    key = jax.random.key(seed)
+    keep = max(1, context // 2)
+    lo, cur = 0, width
+    for i in range(max_new_tokens):
+        if cur - lo > context:  # mirrors the cached path's context shift
+            lo = cur - keep
+        window = jnp.asarray(seq[:, lo:cur])
+        wvalid = jnp.asarray(valid[:, lo:cur])
+        logits = model(window, positions_BxL=_positions(wvalid),
+                       segment_ids_BxL=wvalid.astype(jnp.int32)).logits[:, -1]
+        token = sample_tokens(logits, jax.random.fold_in(key, i), sp, model_cfg.vocab_size)
+        seq[:, cur] = np.asarray(token)
+        cur += 1
+    return [row[width:].tolist() for row in seq]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
+    from configs.errors import ConfigError
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("prompt", "every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest > context:
+        raise ConfigError("prompt", f"a prompt of {longest} tokens is longer than the model's "
+                                    f"context of {context} tokens (seq_len)")

@@ -1,0 +1,44 @@
+"""Models: a decoder-only Transformer (and later variants) in Flax NNX.
+
+Training code handles parameters as a pure pytree (nested dicts of arrays) and rebuilds
+the module with `nnx.merge(graphdef, params)` inside jitted functions.
+"""
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from models.config import ModelConfig
+from models.transformer import Output, Transformer
+
+__all__ = ["ModelConfig", "Output", "Transformer", "create_model", "abstract_model",
+           "split_params", "param_logical_axes", "count_params"]
+
+
+def create_model(cfg: ModelConfig, seed: int) -> Transformer:
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStructs for parameters: nothing is allocated."""
+    return nnx.eval_shape(lambda: create_model(cfg, 0))
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """(graphdef, params as a pure nested dict)."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def param_logical_axes(model: nnx.Module) -> dict[str, Any]:
+    """A pytree like `split_params(model)[1]` of PartitionSpecs of logical axis names."""
+    state = nnx.state(model)
+    specs = jax.tree.map(lambda v: P(*v.get_metadata()["out_sharding"]), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(specs)
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

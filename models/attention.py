@@ -1,0 +1,133 @@
+"""Grouped-query self-attention with RoPE, pluggable attention kernels and a KV cache.
+
+An attention implementation is a function
+    fn(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, causal, segment_ids_BxT) -> o_BxTxHxK
+registered under a name in ATTENTION_IMPLS and selected by `model.attention_impl`.
+Decoding with a KV cache always uses the XLA path with an explicit mask.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import Linear, rope
+from parallel.sharding import constrain
+
+AttentionFn = Callable[..., jax.Array]
+ATTENTION_IMPLS: dict[str, AttentionFn] = {}
+
+_MASKED = -1e30  # large-negative instead of -inf: fully masked rows stay finite
+
+
+def register_attention(name: str) -> Callable[[AttentionFn], AttentionFn]:
+    def deco(fn: AttentionFn) -> AttentionFn:
+        ATTENTION_IMPLS[name] = fn
+        return fn
+    return deco
+
+
+def masked_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+                     mask_BxTxS: jax.Array | None) -> jax.Array:
+    """softmax(q k^T / sqrt(K) + mask) v, with KV heads shared by groups of query heads."""
+    b, t, h, kdim = q_BxTxHxK.shape
+    g = k_BxSxGxK.shape[2]
+    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kdim)
+    logits = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                        preferred_element_type=jnp.float32) * (kdim ** -0.5)
+    if mask_BxTxS is not None:
+        logits = jnp.where(mask_BxTxS[:, None, None], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
+    if mask_BxTxS is not None:  # rows with no visible key output zeros, not a uniform mix
+        probs = jnp.where(mask_BxTxS.any(-1)[:, None, None, :, None], probs, 0)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
+    return out.reshape(b, t, h, kdim)
+
+
+def make_mask(q_pos_BxT: jax.Array, kv_pos_BxS: jax.Array, *, causal: bool,
+              q_segment_BxT: jax.Array | None = None, kv_segment_BxS: jax.Array | None = None,
+              kv_valid_BxS: jax.Array | None = None) -> jax.Array | None:
+    """Boolean [B, T, S] mask: causal order, same segment, valid key slots."""
+    mask = None
+
+    def both(a, m):
+        return m if a is None else a & m
+
+    if causal:
+        mask = both(mask, kv_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None])
+    if q_segment_BxT is not None:
+        mask = both(mask, q_segment_BxT[:, :, None] == kv_segment_BxS[:, None, :])
+    if kv_valid_BxS is not None:
+        mask = both(mask, jnp.broadcast_to(kv_valid_BxS[:, None, :],
+                                           (kv_valid_BxS.shape[0], q_pos_BxT.shape[1],
+                                            kv_valid_BxS.shape[1])))
+    return mask
+
+
+@register_attention("xla")
+def xla_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
+                  causal: bool = True, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """Reference attention: einsum + softmax; materialises the [T, S] scores."""
+    t, s = q_BxTxHxK.shape[1], k_BxSxGxK.shape[1]
+    pos_1xT = jnp.arange(t)[None]
+    pos_1xS = jnp.arange(s)[None]
+    mask = make_mask(pos_1xT, pos_1xS, causal=causal)
+    if segment_ids_BxT is not None:
+        seg_mask = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        mask = seg_mask if mask is None else mask & seg_mask
+    return masked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped KV heads, RoPE and an optional KV cache."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rope_theta: float, impl: str, std: float, out_std: float,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.impl = impl
+        kw: dict[str, Any] = dict(std=std, dtype=dtype, rngs=rngs)
+        self.q = Linear((d_model,), (num_heads, head_dim), ("embed", "heads", "head_dim"), **kw)
+        self.k = Linear((d_model,), (num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                        **kw)
+        self.v = Linear((d_model,), (num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
+                        **kw)
+        self.o = Linear((num_heads, head_dim), (d_model,), ("heads", "head_dim", "embed"),
+                        std=out_std, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, *,
+                 segment_ids_BxT: jax.Array | None = None,
+                 cache: dict[str, jax.Array] | None = None,
+                 cache_index: jax.Array | None = None,
+                 kv_valid_BxS: jax.Array | None = None,
+                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        q = constrain(self.q(x_BxTxD), ("act_batch", "act_len", "act_heads", None))
+        k = constrain(self.k(x_BxTxD), ("act_batch", "act_len", "act_kv_heads", None))
+        v = constrain(self.v(x_BxTxD), ("act_batch", "act_len", "act_kv_heads", None))
+        q = rope(q, positions_BxT, self.rope_theta)
+        k = rope(k, positions_BxT, self.rope_theta)
+        if cache is None:
+            out = ATTENTION_IMPLS[self.impl](q, k, v, causal=True,
+                                             segment_ids_BxT=segment_ids_BxT)
+            new_cache = None
+        else:
+            out, new_cache = self._attend_cached(q, k, v, cache, cache_index, kv_valid_BxS)
+        out = constrain(out, ("act_batch", "act_len", "act_heads", None))
+        return self.o(out), new_cache
+
+    def _attend_cached(self, q, k, v, cache, cache_index, kv_valid_BxS):
+        """Write this chunk's K/V at `cache_index`, then attend over the whole cache."""
+        k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                      cache_index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                      cache_index, axis=1)
+        b, t = q.shape[:2]
+        s = k_cache.shape[1]
+        q_slot_BxT = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
+        kv_slot_BxS = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
+        mask = make_mask(q_slot_BxT, kv_slot_BxS, causal=True, kv_valid_BxS=kv_valid_BxS)
+        out = masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        return out, {"k": k_cache, "v": v_cache}

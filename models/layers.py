@@ -1,0 +1,110 @@
+"""Building blocks: parameters with logical axes, linear maps, norms, embeddings, RoPE, MLPs."""
+
+from collections.abc import Sequence
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parallel.sharding import constrain
+
+Initializer = nnx.initializers.Initializer
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
+          axes: Sequence[str]) -> nnx.Param:
+    """A float32 parameter that carries its logical axis names.
+
+    `out_sharding` is the metadata key flax's transforms (e.g. `nnx.vmap` over layers)
+    extend; eager sharding is off because we place parameters ourselves with a jitted,
+    sharded init.
+    """
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
+                     out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ W over the trailing `len(in_shape)` dims of x; W is `in_shape + out_shape`."""
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str],
+                 *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.in_ndim = len(in_shape)
+        self.dtype = dtype
+        self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.kernel[...].astype(self.dtype)
+        n = self.in_ndim
+        dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+        return jax.lax.dot_general(x.astype(self.dtype), w, dims)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...]).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding; `attend` is the tied output projection."""
+
+    def __init__(self, vocab: int, dim: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, nnx.initializers.normal(std), (vocab, dim),
+                               ("vocab", "embed"))
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+        return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding[...].astype(self.dtype))
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form), computed in float32."""
+    half = x_BxLxHxK.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+    sin = jnp.sin(angle_BxLxK)[:, :, None, :]
+    cos = jnp.cos(angle_BxLxK)[:, :, None, :]
+    x = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+class MLP(nnx.Module):
+    """Feed-forward block: SwiGLU (gated) or GELU."""
+
+    def __init__(self, d_model: int, d_ff: int, kind: str, *, std: float, out_std: float,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.kind = kind
+        if kind == "swiglu":
+            self.gate = Linear((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype,
+                               rngs=rngs)
+        self.up = Linear((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
+        self.down = Linear((d_ff,), (d_model,), ("mlp", "embed"), std=out_std, dtype=dtype,
+                           rngs=rngs)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":
+            h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+        else:
+            h_BxLxF = jax.nn.gelu(self.up(x_BxLxD))
+        h_BxLxF = constrain(h_BxLxF, ("act_batch", "act_len", "act_mlp"))
+        return self.down(h_BxLxF)
+
+
+def residual_std(std: float, num_layers: int) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream."""
+    return std / math.sqrt(2 * num_layers)

@@ -1,0 +1,132 @@
+"""Logical axis names -> mesh shardings: the one place where the two meet.
+
+Model code names logical axes only (`embed`, `heads`, `act_batch`, ...). Config rules
+(`config.sharding.rules`) map each logical axis to zero or more mesh axes. Parameters
+carry their logical axes as metadata; activations are constrained with `constrain`,
+which is a no-op unless a `use_rules` context is active (i.e. while tracing a step).
+"""
+
+from collections.abc import Iterator, Sequence
+import contextlib
+import contextvars
+import math
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs.errors import ConfigError
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+Logical = Sequence[str | None]
+
+
+def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
+    table: dict[str, tuple[str, ...]] = {}
+    for name, axes in rules:
+        if name in table:
+            continue  # first rule wins
+        if axes is None:
+            table[name] = ()
+        elif isinstance(axes, str):
+            table[name] = (axes,)
+        else:
+            table[name] = tuple(axes)
+    return table
+
+
+def logical_to_spec(logical: Logical, rules: Rules) -> P:
+    """PartitionSpec for an array whose dimensions have the given logical names.
+
+    A mesh axis used by an earlier dimension is skipped for later ones (an array cannot
+    be split twice over one mesh axis).
+    """
+    table = _rule_table(rules)
+    used: set[str] = set()
+    spec = []
+    for name in logical:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ConfigError("sharding.rules", f"no rule for logical axis {name!r}")
+        axes = tuple(a for a in table[name] if a not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def named_sharding(mesh: Mesh, logical: Logical, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical, rules))
+
+
+def mesh_axes_size(mesh: Mesh, logical_axis: str, rules: Rules) -> int:
+    """How many shards an array dimension named `logical_axis` is split into."""
+    table = _rule_table(rules)
+    if logical_axis not in table:
+        raise ConfigError("sharding.rules", f"no rule for logical axis {logical_axis!r}")
+    return math.prod(mesh.shape[a] for a in table[logical_axis])
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, P)
+
+
+def tree_shardings(mesh: Mesh, logical_tree: Any, rules: Rules) -> Any:
+    """Map a pytree of logical PartitionSpecs (leaves) to NamedShardings."""
+    return jax.tree.map(lambda spec: named_sharding(mesh, tuple(spec), rules), logical_tree,
+                        is_leaf=_is_spec)
+
+
+def check_divisible(abstract_tree: Any, logical_tree: Any, mesh: Mesh, rules: Rules,
+                    what: str = "parameter") -> None:
+    """Raise a ConfigError naming the first array whose dimension the mesh does not divide."""
+    flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    flat_specs = jax.tree.leaves(logical_tree, is_leaf=_is_spec)
+    for (path, leaf), logical in zip(flat_shapes, flat_specs, strict=True):
+        spec = logical_to_spec(tuple(logical), rules)
+        for dim, (size, axes, name) in enumerate(zip(leaf.shape, spec, logical)):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else axes
+            shards = math.prod(mesh.shape[a] for a in axes)
+            if size % shards:
+                where = jax.tree_util.keystr(path, simple=True, separator=".")
+                raise ConfigError(
+                    "mesh", f"{what} {where} dimension {dim} ({name}={size}) is not "
+                    f"divisible by mesh axes {'x'.join(axes)}={shards}")
+
+
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "sharding_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Make `constrain` place activations on `mesh` by `rules` while tracing."""
+    token = _CONTEXT.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+    ctx = _CONTEXT.get()
+    return None if ctx is None else ctx[0]
+
+
+def current_rules() -> Rules | None:
+    ctx = _CONTEXT.get()
+    return None if ctx is None else ctx[1]
+
+
+def constrain(x: jax.Array, logical: Logical) -> jax.Array:
+    """Pin an activation's layout by its logical axes (no-op outside `use_rules`)."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    if len(logical) != x.ndim:
+        raise ValueError(f"constrain: {len(logical)} logical axes for an array of rank {x.ndim}")
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, rules))

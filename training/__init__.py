@@ -1,0 +1,1 @@
+"""Training and evaluation: experiment assembly, steps, loop, checkpoints, metrics."""

@@ -1,0 +1,47 @@
+"""Orbax checkpoints of the train state together with the grain iterator.
+
+Saves are asynchronous and atomic (orbax writes to a temporary directory and renames
+it when complete), so a crash or SIGTERM mid-save never damages the last good step.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` with items `state` and `data`."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep > 0 else None, create=not read_only,
+            enable_async_checkpointing=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iter: Any | None = None) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+        """Restore the state (sharded as `abstract_state` says) and, if given, the iterator."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,62 @@
+"""Metric sinks: `metrics.jsonl`, TensorBoard event files, and a progress bar.
+
+Only process 0 writes; other processes get a writer that does nothing.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+
+def _clean(value: Any) -> Any:
+    value = float(value) if hasattr(value, "__float__") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricWriter:
+    """Appends one JSON object per record to `metrics.jsonl` and mirrors it to TensorBoard."""
+
+    def __init__(self, workdir: str | Path, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step`: after a resume they are recomputed, identically."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(self.path)
+
+    def write(self, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _clean(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def progress_bar(start: int, total: int) -> tqdm:
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0, smoothing=0.1)

@@ -1,0 +1,52 @@
+"""The train state, its logical layout, and a sharded initialisation from abstract shapes."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, PartitionSpec as P
+
+from models import ModelConfig, create_model, split_params
+from parallel.sharding import Rules, tree_shardings
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any  # nested dict of float32 arrays
+    opt_state: Any
+
+
+def state_logical_axes(optimizer: optax.GradientTransformation, abstract_state: TrainState,
+                       param_axes: Any) -> TrainState:
+    """Logical PartitionSpecs for every leaf: optimizer moments follow their parameter."""
+    opt_axes = optax.tree_map_params(
+        optimizer, lambda _, spec: spec, abstract_state.opt_state, param_axes,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    return TrainState(step=P(), params=param_axes, opt_state=opt_axes)
+
+
+def make_init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                 seed: int) -> Callable[[], TrainState]:
+    def init() -> TrainState:
+        _, params = split_params(create_model(model_cfg, seed))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params))
+    return init
+
+
+def init_sharded(init_fn: Callable[[], TrainState], shardings: TrainState) -> TrainState:
+    """Run the init under jit with output shardings: each device makes only its shards."""
+    return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def state_shardings(mesh: Mesh, logical: TrainState, rules: Rules) -> TrainState:
+    return tree_shardings(mesh, logical, rules)
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
