@@ -18,7 +18,8 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None, create=not read_only,
-            enable_async_checkpointing=not read_only, read_only=read_only)
+            enable_async_checkpointing=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)  # leftovers of a killed save
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

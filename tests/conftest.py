@@ -1,0 +1,34 @@
+"""Test set-up: 8 fake CPU devices, configured before JAX initialises its backends."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)
+
+from configs.shakespeare_char import get_config  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config():
+    """A small, fast config: 2 layers, d_model 32, GQA (4 heads, 2 KV heads)."""
+    c = get_config("tiny")
+    c.batch_size = 16
+    c.steps = 4
+    c.eval_every = 0
+    c.checkpoint_every = 0
+    c.log_every = 1
+    return c
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT

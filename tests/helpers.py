@@ -1,0 +1,41 @@
+"""Shared test helpers."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env_extra=None):
+    """Run `python <args>` in a fresh interpreter; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def run_steps(config, workdir, devices, n: int | None = None):
+    """Train `n` steps (default config.steps) in-process; returns (losses, params on host)."""
+    from training.experiment import Experiment
+    exp = Experiment.build(config, workdir, devices)
+    state = exp.init_state()
+    source = exp.train_source()
+    losses = []
+    for step in range(config.steps if n is None else n):
+        state, metrics = exp.train_step(state, exp.to_global(source[step]))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(state.params), exp, state
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    flat_b = jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
