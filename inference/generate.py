@@ -4,7 +4,8 @@ Batched prompts are left-padded; padding is masked out of attention and RoPE pos
 start at each row's first real token. The cache holds `context` slots (the training
 sequence length). When it is full, generation continues from a fresh prefill of the
 last `context // 2` tokens ("context shift"); `generate_uncached` applies the same
-windows with full recomputation and is the reference the cached path must equal.
+windows with full recomputation and is the reference the cached path must equal. In a
+batch, the shift happens at the same step for every row.
 """
 
 import dataclasses
@@ -158,17 +159,26 @@ def generate_uncached(graphdef: nnx.GraphDef, model_cfg: ModelConfig, params: An
     check_prompts(prompts, context)
     width = max(len(p) for p in prompts)
     seq, valid = _left_pad(prompts, width + max_new_tokens)
-    model = nnx.merge(graphdef, params)
     key = jax.random.key(seed)
     keep = max(1, context // 2)
+
+    @jax.jit
+    def next_logits(window_BxW, valid_BxW):
+        # Windows are left-padded to a fixed width (one compile); padding is its own
+        # segment, so real tokens never attend to it.
+        model = nnx.merge(graphdef, params)
+        out = model(window_BxW, positions_BxL=_positions(valid_BxW),
+                    segment_ids_BxL=valid_BxW.astype(jnp.int32))
+        return out.logits[:, -1]
+
     lo, cur = 0, width
     for i in range(max_new_tokens):
         if cur - lo > context:  # mirrors the cached path's context shift
             lo = cur - keep
-        window = jnp.asarray(seq[:, lo:cur])
-        wvalid = jnp.asarray(valid[:, lo:cur])
-        logits = model(window, positions_BxL=_positions(wvalid),
-                       segment_ids_BxL=wvalid.astype(jnp.int32)).logits[:, -1]
+        pad = context - (cur - lo)
+        window = np.pad(seq[:, lo:cur], ((0, 0), (pad, 0)))
+        wvalid = np.pad(valid[:, lo:cur], ((0, 0), (pad, 0)))
+        logits = next_logits(window, wvalid)
         token = sample_tokens(logits, jax.random.fold_in(key, i), sp, model_cfg.vocab_size)
         seq[:, cur] = np.asarray(token)
         cur += 1

@@ -32,3 +32,8 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+# Persistent XLA cache: the tests compile the same small programs many times over.
+jax.config.update("jax_compilation_cache_dir", str(ROOT / ".pytest_cache" / "xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env_extra=None):
     """Run `python <args>` in a fresh interpreter; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(ROOT / ".pytest_cache" / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
