@@ -30,19 +30,37 @@ def register_attention(name: str) -> Callable[[AttentionFn], AttentionFn]:
 
 
 def masked_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
-                     mask_BxTxS: jax.Array | None) -> jax.Array:
-    """softmax(q k^T / sqrt(K) + mask) v, with KV heads shared by groups of query heads."""
+                     mask_BxTxS: jax.Array | None, *, zero_empty_rows: bool = False
+                     ) -> jax.Array:
+    """softmax(q k^T / sqrt(K) + mask) v, with KV heads shared by groups of query heads.
+
+    The mask enters as an additive bias (0 or -1e30), whose gradient is the identity;
+    `zero_empty_rows` makes rows that see no key output zeros instead of a uniform mix.
+    """
     b, t, h, kdim = q_BxTxHxK.shape
     g = k_BxSxGxK.shape[2]
+    bias = None
+    if mask_BxTxS is not None:
+        bias = jnp.where(mask_BxTxS, 0.0, _MASKED).astype(jnp.float32)
+    q_BxTxHxK = q_BxTxHxK * jnp.asarray(kdim ** -0.5, q_BxTxHxK.dtype)
+    if g == h:  # plain multi-head attention: skip the group axis
+        logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxGxK,
+                            preferred_element_type=jnp.float32)
+        if bias is not None:
+            logits = logits + bias[:, None]
+        probs = jax.nn.softmax(logits, axis=-1)
+        if zero_empty_rows and mask_BxTxS is not None:
+            probs = jnp.where(mask_BxTxS.any(-1)[:, None, :, None], probs, 0.0)
+        return jnp.einsum("bhts,bshk->bthk", probs.astype(v_BxSxGxK.dtype), v_BxSxGxK)
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kdim)
     logits = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
-                        preferred_element_type=jnp.float32) * (kdim ** -0.5)
-    if mask_BxTxS is not None:
-        logits = jnp.where(mask_BxTxS[:, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
-    if mask_BxTxS is not None:  # rows with no visible key output zeros, not a uniform mix
-        probs = jnp.where(mask_BxTxS.any(-1)[:, None, None, :, None], probs, 0)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BxSxGxK)
+                        preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias[:, None, None]
+    probs = jax.nn.softmax(logits, axis=-1)
+    if zero_empty_rows and mask_BxTxS is not None:
+        probs = jnp.where(mask_BxTxS.any(-1)[:, None, None, :, None], probs, 0.0)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v_BxSxGxK.dtype), v_BxSxGxK)
     return out.reshape(b, t, h, kdim)
 
 
@@ -129,5 +147,6 @@ class Attention(nnx.Module):
         q_slot_BxT = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
         kv_slot_BxS = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
         mask = make_mask(q_slot_BxT, kv_slot_BxS, causal=True, kv_valid_BxS=kv_valid_BxS)
-        out = masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        out = masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
+                               zero_empty_rows=True)
         return out, {"k": k_cache, "v": v_cache}

@@ -25,6 +25,33 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
                      out_sharding=tuple(axes), eager_sharding=False)
 
 
+@jax.custom_vjp
+def matmul(x_NxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+    """x @ w, with a backward pass that computes dW as (g^T x)^T.
+
+    XLA:CPU otherwise computes dW = x^T g by materialising g^T, the big [N, O]
+    activation gradient, inside an elementwise fusion that writes it transposed; that
+    single fusion took ~20% of the step for the default recipe. Computing the small
+    [O, I] product and transposing it is ~1.5x faster end to end; the barrier stops the
+    algebraic simplifier from folding the transpose back.
+    """
+    return x_NxI @ w_IxO
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, g_NxO):
+    x_NxI, w_IxO = res
+    dx = g_NxO @ w_IxO.T
+    dw_OxI = jax.lax.optimization_barrier(jnp.einsum("no,ni->oi", g_NxO, x_NxI))
+    return dx, dw_OxI.T
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Module):
     """y = x @ W over the trailing `len(in_shape)` dims of x; W is `in_shape + out_shape`."""
 
@@ -37,8 +64,11 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.kernel[...].astype(self.dtype)
         n = self.in_ndim
-        dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
-        return jax.lax.dot_general(x.astype(self.dtype), w, dims)
+        batch_shape, in_shape = x.shape[:x.ndim - n], x.shape[x.ndim - n:]
+        out_shape = w.shape[n:]
+        x2 = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
+        y = matmul(x2, w.reshape(math.prod(in_shape), -1))
+        return y.reshape(*batch_shape, *out_shape)
 
 
 class RMSNorm(nnx.Module):

@@ -132,7 +132,7 @@ def test_masked_attention_rows_without_keys_are_zero_not_nan():
     q = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
     k = v = jax.random.normal(jax.random.key(1), (1, 4, 2, 8))
     mask = jnp.zeros((1, 4, 4), bool).at[:, 2:, :2].set(True)
-    out = masked_attention(q, k, v, mask)
+    out = masked_attention(q, k, v, mask, zero_empty_rows=True)
     assert np.all(np.isfinite(out))
     np.testing.assert_array_equal(out[:, :2], 0.0)
 
@@ -154,3 +154,14 @@ def test_make_mask_combines_conditions():
     expected = np.tril(np.ones((4, 4), bool))
     expected[:, 0] = False
     np.testing.assert_array_equal(m[0], expected)
+
+
+def test_matmul_custom_vjp_equals_autodiff():
+    from models.layers import matmul
+    x = jax.random.normal(jax.random.key(0), (24, 16))
+    w = jax.random.normal(jax.random.key(1), (16, 40))
+    g = jax.random.normal(jax.random.key(2), (24, 40))
+    ours = jax.vjp(matmul, x, w)[1](g)
+    ref = jax.vjp(lambda a, b: a @ b, x, w)[1](g)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
