@@ -116,8 +116,18 @@ class Generator:
         key = jax.random.key(seed)
         keep = max(1, self.context // 2)
 
+        t0 = time.perf_counter()  # compile first, so the timings below are run time only
+        prefill = self._prefill.lower(params, seq[:, :width], valid[:, :width]).compile()
+        shapes = jax.eval_shape(self._prefill_impl, params, seq[:, :width], valid[:, :width])
+        decode = self._decode.lower(params, shapes[1], shapes[0], seq, width, width,
+                                    shapes[2], shapes[3], key, sp=sp).compile()
+        reprefill = None
+        if width + max_new_tokens > self.context:  # the context shift will be needed
+            reprefill = self._prefill.lower(params, seq[:, :keep], valid[:, :keep]).compile()
+        t_compile = time.perf_counter() - t0
+
         t0 = time.perf_counter()
-        logits, cache, pos, kv_valid = self._prefill(params, seq[:, :width], valid[:, :width])
+        logits, cache, pos, kv_valid = prefill(params, seq[:, :width], valid[:, :width])
         jax.block_until_ready(logits)
         t_prefill = time.perf_counter() - t0
 
@@ -133,19 +143,20 @@ class Generator:
                 token = self._sample(logits, step_key, sp=sp, vocab_size=self.cfg.vocab_size)
                 seq = seq.at[:, cur].set(token)
                 lo = cur + 1 - keep
-                logits, cache, pos, kv_valid = self._prefill(params, seq[:, lo:cur + 1],
-                                                             valid[:, lo:cur + 1])
+                logits, cache, pos, kv_valid = reprefill(params, seq[:, lo:cur + 1],
+                                                         valid[:, lo:cur + 1])
                 slot = keep
             else:
                 pos = pos + 1
-                logits, cache, seq = self._decode(params, cache, logits, seq, cur, slot, pos,
-                                                  kv_valid, step_key, sp=sp)
+                logits, cache, seq = decode(params, cache, logits, seq, cur, slot, pos,
+                                            kv_valid, step_key)
                 slot += 1
             cur += 1
         out = np.asarray(jax.device_get(seq))
         t_decode = time.perf_counter() - t0
         b = len(prompts)
-        stats = {"prefill_seconds": t_prefill,
+        stats = {"compile_seconds": t_compile,
+                 "prefill_seconds": t_prefill,
                  "prefill_tokens_per_sec": b * width / max(t_prefill, 1e-9),
                  "decode_seconds": t_decode,
                  "decode_tokens_per_sec": b * max_new_tokens / max(t_decode, 1e-9)}
