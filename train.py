@@ -26,6 +26,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the mesh and print "
+                             "per-device memory, FLOPs and collectives; do not train.")
+_DRY_RUN_JSON = flags.DEFINE_string("dry_run_json", None, "Also write the dry run as JSON.")
 
 
 def main(argv: list[str]) -> None:
@@ -40,6 +43,14 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
+        if _DRY_RUN.value or _DRY_RUN_JSON.value:
+            from training.planner import format_plan, plan
+            result = plan(config, workdir)
+            print(format_plan(result))
+            if _DRY_RUN_JSON.value:
+                with open(_DRY_RUN_JSON.value, "w") as f:
+                    json.dump(result, f, indent=2)
+            return
         summary = train(config, workdir)
     except ConfigError as e:
         sys.exit(f"error: {e}")

@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 # dimension of the same array is dropped (the array is replicated over it).
 DEFAULT_RULES = (
     # Parameters.
-    ("layers", None),
+    ("layers", "pipeline"),  # contiguous blocks of layers per pipeline stage
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -21,6 +21,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("norm", None),
     # Activations.
+    ("act_stages", "pipeline"),
     ("act_batch", ("data", "fsdp")),
     ("act_len", None),
     ("act_embed", None),
@@ -86,6 +87,11 @@ def get_base_config() -> ConfigDict:
     c.mesh.tensor = 1
     c.mesh.pipeline = 1
     c.mesh.expert = 1
+    # Pipeline parallelism (when mesh.pipeline > 1): the batch (after gradient
+    # accumulation) is cut into this many micro-batches (0 = one per stage), and each
+    # stage holds `pipeline_repeats` chunks of layers (> 1: the circular schedule).
+    c.pipeline_microbatches = 0
+    c.pipeline_repeats = 1
 
     c.sharding = ConfigDict()
     c.sharding.rules = DEFAULT_RULES

@@ -6,11 +6,11 @@ from configs.errors import ConfigError
 
 _POSITIVE_INTS = ("steps", "batch_size", "seq_len", "grad_accum_steps", "eval_batch_size",
                   "model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
-                  "model.d_ff", "model.vocab_multiple")
+                  "model.d_ff", "model.vocab_multiple", "pipeline_repeats")
 _NON_NEGATIVE = ("learning_rate", "min_learning_rate", "warmup_steps", "weight_decay",
                  "grad_clip", "log_every", "eval_every", "checkpoint_every", "eval_max_batches",
                  "keep_checkpoints", "model.head_dim", "model.vocab_size", "adam_eps",
-                 "data.prefetch")
+                 "data.prefetch", "pipeline_microbatches")
 
 
 def _get(config: Any, key: str) -> Any:

@@ -74,7 +74,7 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
-        tmp = out_dir / f".{split}.bin.tmp"
+        tmp = out_dir / f".{split}.bin.{os.getpid()}.tmp"  # processes may race here
         part.astype(dtype).tofile(tmp)
         os.replace(tmp, out_dir / f"{split}.bin")
     meta: dict[str, Any] = {
@@ -87,7 +87,7 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
         "counts": {"train": n_train, "val": len(ids) - n_train},
         "val_fraction": val_fraction,
     }
-    tmp = out_dir / f".{META}.tmp"
+    tmp = out_dir / f".{META}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out_dir / META)
     return out_dir

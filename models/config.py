@@ -30,13 +30,18 @@ class ModelConfig:
     attention_impl: str = "xla"
     scan_layers: bool = True
     remat: str = "none"
+    # Set from the mesh and config.pipeline_* by the experiment, not by model config.
+    pipeline_stages: int = 1
+    pipeline_microbatches: int = 1
+    pipeline_repeats: int = 1
 
     @property
     def compute_dtype(self) -> jnp.dtype:
         return DTYPES[self.dtype]
 
     @classmethod
-    def from_config(cls, model_cfg: Any, data_vocab_size: int) -> "ModelConfig":
+    def from_config(cls, model_cfg: Any, data_vocab_size: int, **overrides: Any
+                    ) -> "ModelConfig":
         """Resolve derived fields: the vocabulary (padded) and head_dim."""
         vocab = int(model_cfg.vocab_size) or data_vocab_size
         multiple = max(1, int(model_cfg.vocab_multiple))
@@ -45,7 +50,7 @@ class ModelConfig:
             1, int(model_cfg.num_heads))
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in model_cfg.items() if k in names}
-        kwargs.update(vocab_size=vocab, padded_vocab=padded, head_dim=head_dim)
+        kwargs.update(vocab_size=vocab, padded_vocab=padded, head_dim=head_dim, **overrides)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

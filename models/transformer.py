@@ -100,14 +100,19 @@ class Transformer(nnx.Module):
             emb_key, dropout_key = jax.random.split(dropout_key)
             x = dropout(x, self.cfg.dropout, emb_key)
 
-        def layer(x, block_state, layer_cache, layer_index):
+        def layer(x, block_state, layer_cache, layer_index, rows, key):
+            """One block; `rows` holds per-row inputs (split with x by the pipeline)."""
             block = nnx.merge(self.blocks_graphdef, block_state)
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_index)
-            return block(x, positions_BxL, segment_ids_BxL=segment_ids_BxL, cache=layer_cache,
-                         cache_index=cache_index, kv_valid_BxS=kv_valid_BxS, dropout_key=key)
+            key = None if key is None else jax.random.fold_in(key, layer_index)
+            return block(x, rows["positions"], segment_ids_BxL=rows.get("segment_ids"),
+                         cache=layer_cache, cache_index=cache_index,
+                         kv_valid_BxS=kv_valid_BxS, dropout_key=key)
 
-        x, new_cache, hidden = run_layers(self.blocks, layer, x, cache, self.cfg,
-                                          return_hidden=return_hidden)
+        rows = {"positions": positions_BxL}
+        if segment_ids_BxL is not None:
+            rows["segment_ids"] = segment_ids_BxL
+        x, new_cache, hidden = run_layers(self.blocks, layer, x, rows, dropout_key, cache,
+                                          self.cfg, return_hidden=return_hidden)
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
@@ -122,20 +127,30 @@ class Transformer(nnx.Module):
 
 
 def run_layers(blocks: nnx.Module, layer: Callable[..., Any], x: jax.Array,
+               rows: dict[str, jax.Array], key: jax.Array | None,
                cache: dict[str, jax.Array] | None, cfg: ModelConfig, *,
                return_hidden: bool = False):
-    """Apply the stacked blocks in order: `lax.scan` over the layers axis, or unrolled.
+    """Apply the stacked blocks in order: `lax.scan` over the layers axis, unrolled, or
+    pipelined over stages when `cfg.pipeline_stages > 1`.
 
-    Both read the same stacked parameters, so checkpoints do not depend on the choice.
+    All read the same stacked parameters, so checkpoints do not depend on the choice.
     """
     state = nnx.state(blocks)
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat],
                                prevent_cse=not cfg.scan_layers)
+    if cfg.pipeline_stages > 1:
+        if cache is not None or return_hidden:
+            raise ValueError("pipelined layers support training and evaluation only "
+                             "(no KV cache, no hidden states); restore on a mesh without "
+                             "pipeline parallelism to decode")
+        from parallel.pipeline import pipeline_layers
+        return pipeline_layers(layer, state, x, rows, key, cfg), None, None
+
     if cfg.scan_layers:
         def body(x, xs):
             block_state, layer_cache, index = xs
-            x, new_cache = layer(x, block_state, layer_cache, index)
+            x, new_cache = layer(x, block_state, layer_cache, index, rows, key)
             return x, (new_cache, x if return_hidden else None)
 
         x, (new_cache, hidden) = jax.lax.scan(
@@ -146,7 +161,7 @@ def run_layers(blocks: nnx.Module, layer: Callable[..., Any], x: jax.Array,
     for i in range(cfg.num_layers):
         pick = lambda a, i=i: a[i]  # noqa: E731
         x, new_cache = layer(x, jax.tree.map(pick, state),
-                             None if cache is None else jax.tree.map(pick, cache), i)
+                             None if cache is None else jax.tree.map(pick, cache), i, rows, key)
         caches.append(new_cache)
         hiddens.append(x)
     stack = lambda *xs: jnp.stack(xs)  # noqa: E731

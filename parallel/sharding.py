@@ -60,6 +60,14 @@ def named_sharding(mesh: Mesh, logical: Logical, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical, rules))
 
 
+def mesh_axes_of(logical_axis: str, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes a logical axis maps to (empty: replicated)."""
+    table = _rule_table(rules)
+    if logical_axis not in table:
+        raise ConfigError("sharding.rules", f"no rule for logical axis {logical_axis!r}")
+    return table[logical_axis]
+
+
 def mesh_axes_size(mesh: Mesh, logical_axis: str, rules: Rules) -> int:
     """How many shards an array dimension named `logical_axis` is split into."""
     table = _rule_table(rules)

@@ -32,7 +32,8 @@ def run_steps(config, workdir, devices, n: int | None = None):
     for step in range(config.steps if n is None else n):
         state, metrics = exp.train_step(state, exp.to_global(source[step]))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state.params), exp, state
+    natural = exp.to_checkpoint(state)  # layers in model order, whatever the mesh
+    return np.array(losses), jax.device_get(natural.params), exp, state
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):

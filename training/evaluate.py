@@ -64,7 +64,7 @@ def restore_run(workdir: str | Path, step: int | None = None,
     elif step not in steps:
         raise ConfigError("step", f"no checkpoint for step {step} in {workdir}; "
                                   f"have {steps}")
-    state = ckpt.restore(step, exp.abstract_state)
+    state = exp.from_checkpoint(ckpt.restore(step, exp.abstract_state))
     ckpt.close()
     return exp, state, step
 

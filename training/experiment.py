@@ -20,6 +20,7 @@ from configs.validate import validate_config
 from data.pipeline import EvalBatches, TokenData, TrainBatches, check_lengths, resolve_data
 from models import ModelConfig, abstract_model, param_logical_axes, split_params
 from parallel.mesh import make_mesh
+from parallel.pipeline import bubble_fraction, stage_major_permutation
 from parallel.sharding import Rules, check_divisible, mesh_axes_size, named_sharding
 from training.optimizer import learning_rate_schedule, make_optimizer
 from training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
@@ -42,7 +43,11 @@ class Experiment:
     schedule: optax.Schedule
     abstract_state: TrainState  # ShapeDtypeStructs with shardings
     state_shardings: TrainState
+    state_logical: TrainState
     batch_sharding: NamedSharding
+    # Circular pipelines keep layers in stage-major order in memory: perm[i] is the model
+    # layer at position i. Checkpoints always hold the natural order.
+    layer_perm: np.ndarray | None = None
 
     @classmethod
     def build(cls, config: Any, workdir: str | os.PathLike,
@@ -52,32 +57,80 @@ class Experiment:
         rules = tuple((k, tuple(v) if isinstance(v, list) else v)
                       for k, v in config.sharding.rules)
         _check_batch(config, mesh, rules)
+        pipeline = _check_pipeline(config, mesh, rules)
         data = resolve_data(config.data, workdir)
         check_lengths(data, config.seq_len)
         if config.model.vocab_size and config.model.vocab_size < data.vocab_size:
             raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than "
                                                   f"the data's vocabulary {data.vocab_size}")
-        model_cfg = ModelConfig.from_config(config.model, data.vocab_size)
+        model_cfg = ModelConfig.from_config(config.model, data.vocab_size, **pipeline)
         model = abstract_model(model_cfg)
         graphdef, abstract_params = split_params(model)
         param_axes = param_logical_axes(model)
+        _check_model_split(config, mesh, rules)
         check_divisible(abstract_params, param_axes, mesh, rules)
         optimizer = make_optimizer(config, param_axes)
         init_fn = make_init_fn(model_cfg, optimizer, config.seed)
         abstract = jax.eval_shape(init_fn)
         logical = state_logical_axes(optimizer, abstract, param_axes)
         shardings = state_shardings(mesh, logical, rules)
+        perm = None
+        if model_cfg.pipeline_stages > 1 and model_cfg.pipeline_repeats > 1:
+            perm = stage_major_permutation(model_cfg.num_layers, model_cfg.pipeline_stages,
+                                           model_cfg.pipeline_repeats)
         return cls(config=config, workdir=str(workdir), mesh=mesh, rules=rules, data=data,
                    model_cfg=model_cfg, graphdef=graphdef, optimizer=optimizer,
                    schedule=learning_rate_schedule(config),
                    abstract_state=abstract_with_shardings(abstract, shardings),
-                   state_shardings=shardings,
-                   batch_sharding=named_sharding(mesh, BATCH_AXES, rules))
+                   state_shardings=shardings, state_logical=logical,
+                   batch_sharding=named_sharding(mesh, BATCH_AXES, rules), layer_perm=perm)
 
     # State.
     def init_state(self) -> TrainState:
+        """Initialise sharded; identical values for every mesh (layers in memory order)."""
         init_fn = make_init_fn(self.model_cfg, self.optimizer, self.config.seed)
+        if self.layer_perm is not None:
+            perm = self.layer_perm
+            natural = init_fn
+            init_fn = lambda: self._permute_layers(natural(), perm)  # noqa: E731
         return init_sharded(init_fn, self.state_shardings)
+
+    def _permute_layers(self, state: TrainState, index: np.ndarray) -> TrainState:
+        """Reorder the `layers` axis of every leaf that has one: out[i] = state[index[i]]."""
+        def take(leaf, spec):
+            if "layers" not in tuple(spec):
+                return leaf
+            return jax.numpy.take(leaf, index, axis=tuple(spec).index("layers"))
+        return jax.tree.map(take, state, self.state_logical,
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+    def to_checkpoint(self, state: TrainState) -> TrainState:
+        """The state with layers in the natural order (what checkpoints hold)."""
+        if self.layer_perm is None:
+            return state
+        inverse = np.argsort(self.layer_perm)
+        return jax.jit(lambda s: self._permute_layers(s, inverse),
+                       out_shardings=self.state_shardings)(state)
+
+    def from_checkpoint(self, state: TrainState) -> TrainState:
+        """Inverse of `to_checkpoint`: layers back into this mesh's memory order."""
+        if self.layer_perm is None:
+            return state
+        perm = self.layer_perm
+        return jax.jit(lambda s: self._permute_layers(s, perm),
+                       out_shardings=self.state_shardings)(state)
+
+    def describe_pipeline(self) -> str | None:
+        c = self.model_cfg
+        if c.pipeline_stages == 1:
+            return None
+        kind = "circular" if c.pipeline_repeats > 1 else "GPipe"
+        bubble = bubble_fraction(c.pipeline_stages, c.pipeline_microbatches,
+                                 c.pipeline_repeats)
+        return (f"Pipeline: {kind}, {c.pipeline_stages} stages x {c.pipeline_repeats} "
+                f"repeats, {c.pipeline_microbatches} micro-batches, "
+                f"{c.pipeline_microbatches * c.pipeline_repeats + c.pipeline_stages - 1} "
+                f"iterations; theoretical bubble {bubble:.1%}.")
 
     # Steps.
     @functools.cached_property
@@ -109,6 +162,48 @@ class Experiment:
         """This process's rows -> global arrays sharded over the batch axes."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
                 for k, v in local_batch.items()}
+
+
+def _check_pipeline(config: Any, mesh: Mesh, rules: Rules) -> dict[str, int]:
+    """ModelConfig fields for the pipeline, after checking the schedule fits the batch."""
+    stages = mesh.shape["pipeline"]
+    if stages == 1:
+        return {}
+    repeats = config.pipeline_repeats
+    micro = config.pipeline_microbatches or stages
+    layers = config.model.num_layers
+    if not config.model.scan_layers:
+        raise ConfigError("model.scan_layers", "pipeline parallelism needs scanned layers "
+                                               "(model.scan_layers=True)")
+    if layers % (stages * repeats):
+        raise ConfigError("model.num_layers", f"{layers} layers are not divisible by "
+                                              f"pipeline stages x repeats = {stages} x "
+                                              f"{repeats}")
+    if repeats > 1 and micro < stages:
+        raise ConfigError("pipeline_microbatches", f"the circular schedule needs at least "
+                                                   f"as many micro-batches as stages "
+                                                   f"({micro} < {stages})")
+    dp = mesh_axes_size(mesh, "act_batch", rules)
+    for key, batch in (("batch_size", config.batch_size // config.grad_accum_steps),
+                       ("eval_batch_size", config.eval_batch_size)):
+        if batch % micro or (batch // micro) % dp:
+            raise ConfigError("pipeline_microbatches",
+                              f"{micro} micro-batches do not split {key} {batch} into "
+                              f"micro-batches divisible by the data-parallel size {dp}")
+    return {"pipeline_stages": stages, "pipeline_microbatches": micro,
+            "pipeline_repeats": repeats}
+
+
+def _check_model_split(config: Any, mesh: Mesh, rules: Rules) -> None:
+    """Tensor-parallel sizes must divide heads, KV heads and d_ff (KV heads are not
+    replicated: with fewer KV heads than tensor shards, the config is rejected)."""
+    for key, axis in (("model.num_heads", "heads"), ("model.num_kv_heads", "kv_heads"),
+                      ("model.d_ff", "mlp")):
+        value = config.model[key.split(".")[1]]
+        shards = mesh_axes_size(mesh, axis, rules)
+        if value % shards:
+            raise ConfigError(key, f"{value} is not divisible by the {shards} shards of "
+                                   f"logical axis {axis!r} (mesh tensor={mesh.shape['tensor']})")
 
 
 def _check_batch(config: Any, mesh: Mesh, rules: Rules) -> None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -48,7 +49,7 @@ def save_or_check_config(config: ConfigDict, workdir: Path) -> None:
                 raise ConfigError(key, f"is {b!r} but the run in {workdir} used {a!r}; "
                                        "use a new --workdir")
     if jax.process_index() == 0:
-        tmp = path.with_suffix(".json.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(current, indent=2))
         tmp.replace(path)
 
@@ -81,7 +82,7 @@ def train(config: ConfigDict, workdir: str | Path,
     writer = MetricWriter(workdir)
     start = ckpt.latest_step()
     if start is not None:
-        state = ckpt.restore(start, exp.abstract_state, data_iter)
+        state = exp.from_checkpoint(ckpt.restore(start, exp.abstract_state, data_iter))
         writer.truncate_after(start)
         log(f"Resumed from {ckpt.directory} at step {start}.")
     else:
@@ -94,6 +95,8 @@ def train(config: ConfigDict, workdir: str | Path,
         f"{exp.model_cfg.d_model}, vocab {exp.model_cfg.vocab_size} padded to "
         f"{exp.model_cfg.padded_vocab}). Mesh: {mesh_desc}. Data: {exp.data.path} "
         f"({len(exp.data.train):,} train / {len(exp.data.val):,} val tokens).")
+    if exp.describe_pipeline():
+        log(exp.describe_pipeline())
 
     every = lambda n, step: n > 0 and step % n == 0  # noqa: E731
     last_eval: dict[str, Any] = {}
@@ -141,7 +144,7 @@ def train(config: ConfigDict, workdir: str | Path,
                     f"{last_eval['num_tokens']:,} tokens)")
                 clock.update(time=time.time(), step=step)  # eval time is not train time
             if every(config.checkpoint_every, step) or last or stop.is_set():
-                ckpt.save(step, state, data_iter)
+                ckpt.save(step, exp.to_checkpoint(state), data_iter)
             if stop.is_set():
                 flush(pending)
                 log(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting.")

@@ -1,0 +1,165 @@
+"""Dry-run planner: compile the train step for a mesh and report what it would cost.
+
+No data is read and nothing runs: the step is lowered on abstract, sharded inputs and
+compiled. Per device it reports parameter, optimizer, batch and temporary bytes (the
+last from `compiled.memory_analysis()`), FLOPs, and the collectives in the compiled HLO
+(each counted as often as the loops around it run).
+"""
+
+import math
+import re
+from collections import Counter
+from typing import Any
+
+import jax
+import numpy as np
+
+from parallel.pipeline import bubble_fraction
+from training.experiment import BATCH_AXES, Experiment
+from parallel.sharding import named_sharding
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+               "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def model_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + causal attention (fwd + bwd)."""
+    d = cfg.d_model
+    attn = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = d * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    matmul_params = cfg.num_layers * (attn + mlp) + d * cfg.padded_vocab
+    attention = cfg.num_layers * 2 * seq_len * cfg.num_heads * cfg.head_dim  # QK^T + PV, causal
+    return 6 * matmul_params + 6 * attention
+
+
+def _shard_bytes(tree: Any) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _array_bytes(type_str: str) -> int:
+    """Bytes of the largest array in an HLO result type like `(f32[8,4]{1,0}, f32[2])`."""
+    best = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", type_str):
+        if dtype in _DTYPE_BYTES:
+            n = math.prod(int(x) for x in dims.split(",") if x) if dims else 1
+            best = max(best, n * _DTYPE_BYTES[dtype])
+    return best
+
+
+def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
+    """Count and bytes of each collective kind per step, loops unrolled by trip count."""
+    bodies: dict[str, list[str]] = {}
+    name = None
+    entry = None
+    for line in hlo.splitlines():
+        m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m:
+            name = m.group(2)
+            bodies[name] = []
+            if m.group(1):
+                entry = name
+        elif name is not None:
+            bodies[name].append(line)
+    # How many times each computation runs per step.
+    runs: Counter = Counter({entry: 1})
+    order = [entry]
+    for comp in order:
+        for line in bodies.get(comp, []):
+            trip = 1
+            if " while(" in line:
+                t = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                trip = int(t.group(1)) if t else 1
+            for ref_kind, callee in re.findall(
+                    r"(body|condition|calls|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
+                mult = trip if ref_kind == "body" else 1
+                if callee in bodies:
+                    if callee not in runs:
+                        order.append(callee)
+                    runs[callee] += runs[comp] * mult
+    stats = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+    for comp, lines in bodies.items():
+        for line in lines:
+            m = re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+            if m:
+                stats[m.group(2)]["count"] += runs[comp]
+                stats[m.group(2)]["bytes"] += runs[comp] * _array_bytes(m.group(1))
+    return stats
+
+
+def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> dict[str, Any]:
+    """Compile the train step for `config` on `devices` and report its per-device cost."""
+    exp = Experiment.build(config, workdir, devices)
+    b, t = config.batch_size, config.seq_len
+    batch_sharding = named_sharding(exp.mesh, BATCH_AXES, exp.rules)
+    batch = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=batch_sharding)
+             for k in ("inputs", "targets")}
+    compiled = exp.train_step.lower(exp.abstract_state, batch).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else (cost or {})
+    mc = exp.model_cfg
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
+    fpt = model_flops_per_token(mc, t)
+    n_dev = exp.mesh.devices.size
+    result = {
+        "config": config.name,
+        "devices": n_dev,
+        "mesh": {k: v for k, v in exp.mesh.shape.items() if v > 1} or {"data": 1},
+        "num_params": n_params,
+        "tokens_per_step": b * t,
+        "per_device_bytes": {
+            "parameters": _shard_bytes(exp.abstract_state.params),
+            "optimizer": _shard_bytes(exp.abstract_state.opt_state),
+            "batch": _shard_bytes(batch),
+            "temporaries": int(mem.temp_size_in_bytes) if mem else None,
+            "arguments": int(mem.argument_size_in_bytes) if mem else None,
+        },
+        "xla_flops_per_device": float(cost.get("flops", 0.0)),
+        "model_flops_per_token": fpt,
+        "model_flops_per_step_per_device": fpt * b * t / n_dev,
+        "collectives_per_device": collective_stats(compiled.as_text()),
+        "pipeline_bubble": bubble_fraction(mc.pipeline_stages, mc.pipeline_microbatches,
+                                           mc.pipeline_repeats),
+        "pipeline": exp.describe_pipeline(),
+    }
+    return result
+
+
+def _mib(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_plan(r: dict[str, Any]) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    pd = r["per_device_bytes"]
+    lines = [
+        f"Dry run of {r['config']}: {r['num_params']:,} parameters on {r['devices']} devices "
+        f"({mesh}), {r['tokens_per_step']:,} tokens per step.",
+        "Per device:",
+        f"  parameters     {_mib(pd['parameters'])}",
+        f"  optimizer      {_mib(pd['optimizer'])}",
+        f"  batch          {_mib(pd['batch'])}",
+        f"  temporaries    {_mib(pd['temporaries'])}   (activations and workspace, "
+        "memory_analysis)",
+        f"  model FLOPs    {r['model_flops_per_step_per_device'] / 1e9:,.2f} GFLOP per step "
+        f"({r['model_flops_per_token'] / 1e6:,.2f} MFLOP per token)",
+        f"  XLA FLOPs      {r['xla_flops_per_device'] / 1e9:,.2f} GFLOP (cost analysis; "
+        "loop bodies counted once)",
+        "  collectives per step:",
+    ]
+    for kind, s in r["collectives_per_device"].items():
+        lines.append(f"    {kind:<19} {s['count']:>6} ops  {_mib(s['bytes']):>14}")
+    lines.append(f"Pipeline bubble: {r['pipeline_bubble']:.1%}"
+                 + (f" ({r['pipeline']})" if r["pipeline"] else " (no pipeline)"))
+    return "\n".join(lines)
