@@ -42,14 +42,20 @@ def _shard_bytes(tree: Any) -> int:
     return total
 
 
-def _array_bytes(type_str: str) -> int:
-    """Bytes of the largest array in an HLO result type like `(f32[8,4]{1,0}, f32[2])`."""
-    best = 0
+def _array_bytes(type_str: str, is_async_start: bool) -> int:
+    """Bytes a collective produces, from its HLO result type, e.g. `(f32[8,4], f32[2])`.
+
+    A combined (tuple) collective produces every array of its tuple; an async `-start`
+    op's tuple also holds its operands, so only its largest array is counted.
+    """
+    sizes = []
     for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", type_str):
         if dtype in _DTYPE_BYTES:
             n = math.prod(int(x) for x in dims.split(",") if x) if dims else 1
-            best = max(best, n * _DTYPE_BYTES[dtype])
-    return best
+            sizes.append(n * _DTYPE_BYTES[dtype])
+    if not sizes:
+        return 0
+    return max(sizes) if is_async_start else sum(sizes)
 
 
 def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
@@ -88,7 +94,8 @@ def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
             m = re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
             if m:
                 stats[m.group(2)]["count"] += runs[comp]
-                stats[m.group(2)]["bytes"] += runs[comp] * _array_bytes(m.group(1))
+                stats[m.group(2)]["bytes"] += runs[comp] * _array_bytes(m.group(1),
+                                                                        bool(m.group(3)))
     return stats
 
 
