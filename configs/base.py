@@ -20,9 +20,11 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("experts", "expert"),
+    ("router", None),
     # Activations.
     ("act_stages", "pipeline"),
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),  # the expert axis is data-parallel outside MoE
     ("act_len", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -80,6 +82,20 @@ def get_base_config() -> ConfigDict:
     c.model.remat = "full"  # none | full | dots | dots_no_batch
     c.model.vocab_size = 0  # 0 = the data's vocabulary
     c.model.vocab_multiple = 128  # pad the vocabulary so every layout divides it
+
+    # Mixture of experts: num_experts = 0 is a dense model.
+    c.model.moe = ConfigDict()
+    c.model.moe.num_experts = 0
+    c.model.moe.top_k = 2
+    c.model.moe.every = 1  # MoE in every k-th layer (the others dense)
+    c.model.moe.num_shared_experts = 0  # always-on experts, added to the routed ones
+    c.model.moe.d_ff = 0  # per expert; 0 = model.d_ff
+    c.model.moe.capacity_factor = 0.0  # > 0: token dropping at this capacity; <= 0: dropless
+    c.model.moe.router_order = "softmax_topk"  # softmax_topk | topk_softmax
+    c.model.moe.renormalize = True  # top-k weights sum to 1 (softmax_topk)
+    c.model.moe.jitter = 0.0  # multiplicative router-input noise in training
+    c.model.moe.load_balance_weight = 0.01  # Switch Transformer's E * sum_e f_e P_e
+    c.model.moe.z_loss_weight = 0.001  # ST-MoE's mean logsumexp(router logits)^2
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1 = all devices left after the other axes

@@ -8,6 +8,8 @@ Presets after the colon:
   large   6 layers, 6 heads, d_model 384, seq 256, batch 64, dropout 0.2,
           5000 steps (nanoGPT's GPU recipe; val loss ~1.47).
   tiny    2 layers, d_model 32, a few steps: smoke tests and CI.
+  moe     the default with every MLP replaced by 8 experts (d_ff 256 each), top-2:
+          the same active parameters per token as the default.
 
   python train.py --config=configs/shakespeare_char.py:tiny --workdir=/tmp/tiny
   python eval.py --workdir=runs/shakespeare_char --sample --prompt="ROMEO:"
@@ -37,6 +39,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.model.d_model = 384
         c.model.d_ff = 1536
         c.model.dropout = 0.2
+    elif preset == "moe":
+        c.name = "shakespeare_char_moe"
+        c.model.moe.num_experts = 8
+        c.model.moe.top_k = 2
+        c.model.moe.d_ff = 256  # 2 active experts x 256 = the dense d_ff of 512
     elif preset == "tiny":
         c.name = "shakespeare_char_tiny"
         c.steps = 20
@@ -55,5 +62,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
         c.model.d_ff = 64
     else:
         raise ValueError(f"configs/shakespeare_char.py: unknown preset {arg!r}; "
-                         "choose one of: default, large, tiny")
+                         "choose one of: default, large, moe, tiny")
     return c

@@ -65,6 +65,27 @@ def validate_config(config: Any) -> None:
     _choice(config, "model.remat", REMAT_POLICIES)
     _choice(config, "model.mlp", MLP_KINDS)
     _choice(config, "data.tokenizer", TOKENIZERS)
+    moe = config.model.moe
+    if moe.num_experts:
+        from models.moe import ROUTER_ORDERS
+        for key in ("top_k", "every"):
+            if not isinstance(moe[key], int) or moe[key] <= 0:
+                raise ConfigError(f"model.moe.{key}", f"must be a positive integer, "
+                                                      f"got {moe[key]!r}")
+        if moe.num_experts < 0:
+            raise ConfigError("model.moe.num_experts", f"must be >= 0, got {moe.num_experts}")
+        if moe.top_k > moe.num_experts:
+            raise ConfigError("model.moe.top_k", f"top_k {moe.top_k} > num_experts "
+                                                 f"{moe.num_experts}")
+        if m.num_layers % moe.every:
+            raise ConfigError("model.moe.every", f"num_layers {m.num_layers} is not divisible "
+                                                 f"by every={moe.every}")
+        _choice(config, "model.moe.router_order", ROUTER_ORDERS)
+        for key in ("num_shared_experts", "d_ff", "load_balance_weight", "z_loss_weight"):
+            if moe[key] < 0:
+                raise ConfigError(f"model.moe.{key}", f"must be >= 0, got {moe[key]}")
+        if not 0.0 <= moe.jitter < 1.0:
+            raise ConfigError("model.moe.jitter", f"must be in [0, 1), got {moe.jitter}")
     if config.batch_size % config.grad_accum_steps:
         raise ConfigError("grad_accum_steps", f"batch_size {config.batch_size} is not "
                                               f"divisible by grad_accum_steps "

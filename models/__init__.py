@@ -14,7 +14,7 @@ from models.config import ModelConfig
 from models.transformer import Output, Transformer
 
 __all__ = ["ModelConfig", "Output", "Transformer", "create_model", "abstract_model",
-           "split_params", "param_logical_axes", "count_params"]
+           "split_params", "param_logical_axes", "count_params", "active_params"]
 
 
 def create_model(cfg: ModelConfig, seed: int) -> Transformer:
@@ -42,3 +42,12 @@ def param_logical_axes(model: nnx.Module) -> dict[str, Any]:
 
 def count_params(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def active_params(cfg: ModelConfig, total: int) -> int:
+    """Parameters used per token: all, minus the routed experts a token does not visit."""
+    if not cfg.moe_num_experts:
+        return total
+    per_expert = cfg.d_model * cfg.moe_d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    moe_layers = cfg.num_layers // cfg.layers_per_unit
+    return total - moe_layers * (cfg.moe_num_experts - cfg.moe_top_k) * per_expert

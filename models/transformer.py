@@ -1,4 +1,8 @@
-"""Decoder-only Transformer: pre-norm blocks stacked on a `layers` axis and run by scan."""
+"""Decoder-only Transformer: pre-norm blocks stacked on a `layers` axis and run by scan.
+
+The scanned unit is one block, or, when every k-th layer is a Mixture-of-Experts layer,
+a group of k blocks (k-1 dense, then one MoE), so the scan stays uniform.
+"""
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -10,6 +14,7 @@ from flax import nnx
 from models.attention import Attention
 from models.config import ModelConfig
 from models.layers import MLP, Embed, Linear, RMSNorm, residual_std
+from models.moe import MoE, load_balance_loss
 from parallel.sharding import constrain
 
 ACT_BxLxD = ("act_batch", "act_len", "act_embed")
@@ -24,7 +29,10 @@ _REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 class Output(NamedTuple):
     logits: jax.Array  # [B, L, padded_vocab], float32
     cache: dict[str, jax.Array] | None = None  # stacked over layers
-    hidden: jax.Array | None = None  # [layers, B, L, D] block outputs, if asked for
+    hidden: jax.Array | None = None  # [units, B, L, D] unit outputs, if asked for
+    # MoE routing statistics averaged over MoE layers (empty for dense models):
+    # load_balance, z_loss, router_entropy, drop_fraction, load [E].
+    aux: dict[str, jax.Array] | None = None
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -37,17 +45,21 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 class Block(nnx.Module):
     """x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
         dtype = cfg.compute_dtype
         out_std = residual_std(cfg.init_std, cfg.num_layers)
         self.dropout = cfg.dropout
+        self.moe = moe
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               rope_theta=cfg.rope_theta, impl=cfg.attention_impl,
                               std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, std=cfg.init_std, out_std=out_std,
-                       dtype=dtype, rngs=rngs)
+        if moe:
+            self.mlp = MoE(cfg, std=cfg.init_std, out_std=out_std, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, std=cfg.init_std, out_std=out_std,
+                           dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, *,
                  segment_ids_BxL: jax.Array | None = None,
@@ -55,14 +67,44 @@ class Block(nnx.Module):
                  cache_index: jax.Array | None = None,
                  kv_valid_BxS: jax.Array | None = None,
                  dropout_key: jax.Array | None = None):
-        keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
         h, new_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL,
                                  segment_ids_BxT=segment_ids_BxL, cache=cache,
                                  cache_index=cache_index, kv_valid_BxS=kv_valid_BxS)
         x_BxLxD = x_BxLxD + dropout(h, self.dropout, keys[0])
-        h = self.mlp(self.mlp_norm(x_BxLxD))
+        aux = {}
+        if self.moe:
+            h, stats = self.mlp(self.mlp_norm(x_BxLxD), jitter_key=keys[2])
+            aux = {"load_balance": load_balance_loss(stats["load"], stats["mean_prob"]),
+                   "z_loss": stats["z_loss"], "router_entropy": stats["router_entropy"],
+                   "drop_fraction": stats["drop_fraction"], "load": stats["load"]}
+        else:
+            h = self.mlp(self.mlp_norm(x_BxLxD))
         x_BxLxD = x_BxLxD + dropout(h, self.dropout, keys[1])
-        return constrain(x_BxLxD, ACT_BxLxD), new_cache
+        return constrain(x_BxLxD, ACT_BxLxD), new_cache, aux
+
+
+class BlockGroup(nnx.Module):
+    """k consecutive blocks, the last one MoE: the scanned unit when `moe_every = k > 1`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.size = cfg.layers_per_unit
+        for i in range(self.size):
+            setattr(self, f"layer_{i}", Block(cfg, rngs, moe=cfg.is_moe_layer(i)))
+
+    def __call__(self, x_BxLxD, positions_BxL, *, segment_ids_BxL=None, cache=None,
+                 cache_index=None, kv_valid_BxS=None, dropout_key=None):
+        caches, aux = [], {}
+        for i in range(self.size):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
+            x_BxLxD, c, a = getattr(self, f"layer_{i}")(
+                x_BxLxD, positions_BxL, segment_ids_BxL=segment_ids_BxL, cache=layer_cache,
+                cache_index=cache_index, kv_valid_BxS=kv_valid_BxS, dropout_key=key)
+            caches.append(c)
+            aux.update(a)
+        new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+        return x_BxLxD, new_cache, aux
 
 
 class Transformer(nnx.Module):
@@ -74,10 +116,12 @@ class Transformer(nnx.Module):
         self.embed = Embed(cfg.padded_vocab, cfg.d_model, std=cfg.init_std, dtype=dtype,
                            rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.split_rngs(splits=cfg.num_units)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
+        def make_blocks(rngs: nnx.Rngs) -> nnx.Module:
+            if cfg.layers_per_unit > 1:
+                return BlockGroup(cfg, rngs)
+            return Block(cfg, rngs, moe=cfg.is_moe_layer(0))
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
@@ -111,15 +155,20 @@ class Transformer(nnx.Module):
         rows = {"positions": positions_BxL}
         if segment_ids_BxL is not None:
             rows["segment_ids"] = segment_ids_BxL
-        x, new_cache, hidden = run_layers(self.blocks, layer, x, rows, dropout_key, cache,
-                                          self.cfg, return_hidden=return_hidden)
+        k = self.cfg.layers_per_unit
+        if cache is not None and k > 1:  # [L, ...] -> [units, k, ...]
+            cache = jax.tree.map(lambda a: a.reshape(-1, k, *a.shape[1:]), cache)
+        x, new_cache, hidden, aux = run_layers(self.blocks, layer, x, rows, dropout_key, cache,
+                                               self.cfg, return_hidden=return_hidden)
+        if new_cache is not None and k > 1:
+            new_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_cache)
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
-        return Output(logits=logits, cache=new_cache, hidden=hidden)
+        return Output(logits=logits, cache=new_cache, hidden=hidden, aux=aux)
 
     @property
     def blocks_graphdef(self) -> nnx.GraphDef:
@@ -130,41 +179,46 @@ def run_layers(blocks: nnx.Module, layer: Callable[..., Any], x: jax.Array,
                rows: dict[str, jax.Array], key: jax.Array | None,
                cache: dict[str, jax.Array] | None, cfg: ModelConfig, *,
                return_hidden: bool = False):
-    """Apply the stacked blocks in order: `lax.scan` over the layers axis, unrolled, or
+    """Apply the stacked units in order: `lax.scan` over the layers axis, unrolled, or
     pipelined over stages when `cfg.pipeline_stages > 1`.
 
     All read the same stacked parameters, so checkpoints do not depend on the choice.
+    Returns (x, new cache, hidden states, aux averaged over units).
     """
     state = nnx.state(blocks)
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat],
                                prevent_cse=not cfg.scan_layers)
+    mean = lambda a: jnp.mean(a, axis=0)  # noqa: E731
     if cfg.pipeline_stages > 1:
         if cache is not None or return_hidden:
             raise ValueError("pipelined layers support training and evaluation only "
                              "(no KV cache, no hidden states); restore on a mesh without "
                              "pipeline parallelism to decode")
         from parallel.pipeline import pipeline_layers
-        return pipeline_layers(layer, state, x, rows, key, cfg), None, None
+        x, aux = pipeline_layers(layer, state, x, rows, key, cfg)
+        return x, None, None, aux
 
     if cfg.scan_layers:
         def body(x, xs):
             block_state, layer_cache, index = xs
-            x, new_cache = layer(x, block_state, layer_cache, index, rows, key)
-            return x, (new_cache, x if return_hidden else None)
+            x, new_cache, aux = layer(x, block_state, layer_cache, index, rows, key)
+            return x, (new_cache, x if return_hidden else None, aux)
 
-        x, (new_cache, hidden) = jax.lax.scan(
-            body, x, (state, cache, jnp.arange(cfg.num_layers)))
-        return x, new_cache, hidden
+        x, (new_cache, hidden, aux) = jax.lax.scan(
+            body, x, (state, cache, jnp.arange(cfg.num_units)))
+        return x, new_cache, hidden, jax.tree.map(mean, aux)
 
-    caches, hiddens = [], []
-    for i in range(cfg.num_layers):
+    caches, hiddens, auxes = [], [], []
+    for i in range(cfg.num_units):
         pick = lambda a, i=i: a[i]  # noqa: E731
-        x, new_cache = layer(x, jax.tree.map(pick, state),
-                             None if cache is None else jax.tree.map(pick, cache), i, rows, key)
+        x, new_cache, aux = layer(x, jax.tree.map(pick, state),
+                                  None if cache is None else jax.tree.map(pick, cache), i,
+                                  rows, key)
         caches.append(new_cache)
         hiddens.append(x)
+        auxes.append(aux)
     stack = lambda *xs: jnp.stack(xs)  # noqa: E731
     new_cache = None if cache is None else jax.tree.map(stack, *caches)
     hidden = jnp.stack(hiddens) if return_hidden else None
-    return x, new_cache, hidden
+    return x, new_cache, hidden, jax.tree.map(lambda *a: mean(jnp.stack(a)), *auxes)

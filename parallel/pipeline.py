@@ -54,10 +54,15 @@ def _merge_microbatches(x: jax.Array) -> jax.Array:
 
 
 def pipeline_layers(layer: Callable[..., Any], state: Any, x_BxLxD: jax.Array,
-                    rows: dict[str, jax.Array], key: jax.Array | None, cfg: Any) -> jax.Array:
-    """Run `layer(x, block_state, None, layer_index, rows, key)` for every layer, pipelined."""
+                    rows: dict[str, jax.Array], key: jax.Array | None, cfg: Any
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Run `layer(x, unit_state, None, unit_index, rows, key)` for every scanned unit.
+
+    Returns the output and the units' aux statistics, averaged over units and
+    micro-batches (each micro-batch's statistics are its own means).
+    """
     S, M, R = cfg.pipeline_stages, cfg.pipeline_microbatches, cfg.pipeline_repeats
-    L = cfg.num_layers
+    L = cfg.num_units
     lc = L // (S * R)
     iters = M * R + S - 1
 
@@ -79,11 +84,12 @@ def pipeline_layers(layer: Callable[..., Any], state: Any, x_BxLxD: jax.Array,
 
         def body(x, xs):
             block_state, layer_id = xs
-            x, _ = layer(x, block_state, None, layer_id, stage_rows, item_key)
-            return x, None
+            x, _, aux = layer(x, block_state, None, layer_id, stage_rows, item_key)
+            return x, aux
 
-        x, _ = jax.lax.scan(body, x, (params, ids))
-        return jnp.where(valid, x, jnp.zeros_like(x))
+        x, aux = jax.lax.scan(body, x, (params, ids))
+        aux = jax.tree.map(lambda a: jnp.where(valid, jnp.sum(a, axis=0), 0.0), aux)
+        return jnp.where(valid, x, jnp.zeros_like(x)), aux
 
     stages = jnp.arange(S)
     # Constraints inside the stage function keep the stage axis on its mesh axes.
@@ -91,7 +97,7 @@ def pipeline_layers(layer: Callable[..., Any], state: Any, x_BxLxD: jax.Array,
     spmd_axes = (mesh_axes_of("act_stages", rules) or None) if rules else None
 
     def iteration(carry, t):
-        held, circ = carry  # held: [S, mb, L, D] stage inputs; circ: [M, mb, L, D]
+        held, circ, aux_sum = carry  # held: [S, mb, L, D] stage inputs; circ: [M, mb, L, D]
         first = jnp.where(t < M, jax.lax.dynamic_index_in_dim(mb_x, t % M, 0, False),
                           jax.lax.dynamic_index_in_dim(circ, t % M, 0, False))
         held = held.at[0].set(first)
@@ -101,17 +107,24 @@ def pipeline_layers(layer: Callable[..., Any], state: Any, x_BxLxD: jax.Array,
         micro = jnp.mod(item, M)
         repeat = jnp.clip(item // M, 0, R - 1)
         stage_rows = jax.tree.map(lambda a: jnp.take(a, micro, axis=0), mb_rows)
-        out = jax.vmap(run_stage, spmd_axis_name=spmd_axes)(
+        out, aux = jax.vmap(run_stage, spmd_axis_name=spmd_axes)(
             staged, layer_ids, held, stage_rows, repeat, micro, valid)
+        aux_sum = jax.tree.map(lambda acc, a: acc + jnp.sum(a, axis=0), aux_sum, aux)
         out = constrain(out, STAGE_ACT)
         last = out[S - 1]
         slot = micro[S - 1]
         circ = jnp.where(valid[S - 1],
                          jax.lax.dynamic_update_index_in_dim(circ, last, slot, 0), circ)
         held = jnp.roll(out, 1, axis=0)  # stage s's output becomes stage s+1's input
-        return (held, circ), None
+        return (held, circ, aux_sum), None
 
     held = jnp.zeros((S, *mb_x.shape[1:]), x_BxLxD.dtype)
     circ = jnp.zeros_like(mb_x)
-    (_, circ), _ = jax.lax.scan(iteration, (held, circ), jnp.arange(iters))
-    return constrain(_merge_microbatches(circ), ("act_batch", "act_len", "act_embed"))
+    # The aux structure of one unit, to start the running sums at zero.
+    aux_shape = jax.eval_shape(
+        lambda: layer(mb_x[0], jax.tree.map(lambda a: a[0], state), None, 0,
+                      jax.tree.map(lambda a: a[0], mb_rows), key)[2])
+    aux_sum = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+    (_, circ, aux_sum), _ = jax.lax.scan(iteration, (held, circ, aux_sum), jnp.arange(iters))
+    aux = jax.tree.map(lambda a: a / (M * L), aux_sum)
+    return constrain(_merge_microbatches(circ), ("act_batch", "act_len", "act_embed")), aux

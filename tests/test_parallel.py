@@ -52,7 +52,7 @@ def test_fsdp_shards_params_and_optimizer_state(tiny_config, tmp_path):
     assert emb.sharding.spec == P("tensor", "fsdp")
     assert emb.addressable_shards[0].data.shape == (128, 32 // 4)
     up = state.params["blocks"]["mlp"]["up"]["kernel"]  # [layers, embed, mlp]
-    assert up.sharding.spec == P(None, "fsdp", "tensor")
+    assert up.sharding.spec == P("pipeline", "fsdp", "tensor")  # pipeline has size 1
     assert up.addressable_shards[0].data.shape == (2, 8, 64)
     # AdamW moments follow their parameters; counts are replicated.
     adam = state.opt_state[1][0]

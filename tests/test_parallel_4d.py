@@ -141,7 +141,7 @@ def test_circular_storage_order_round_trips():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(pipeline=4, pipeline_repeats=3), "model.num_layers: 8 layers are not divisible by "
+    (dict(pipeline=4, pipeline_repeats=3), "model.num_layers: 8 scanned layers are not divisible by "
                                            "pipeline stages x repeats = 4 x 3"),
     (dict(pipeline=2, pipeline_microbatches=3), "pipeline_microbatches: 3 micro-batches do "
                                                 "not split batch_size 16"),

@@ -76,7 +76,7 @@ class Experiment:
         shardings = state_shardings(mesh, logical, rules)
         perm = None
         if model_cfg.pipeline_stages > 1 and model_cfg.pipeline_repeats > 1:
-            perm = stage_major_permutation(model_cfg.num_layers, model_cfg.pipeline_stages,
+            perm = stage_major_permutation(model_cfg.num_units, model_cfg.pipeline_stages,
                                            model_cfg.pipeline_repeats)
         return cls(config=config, workdir=str(workdir), mesh=mesh, rules=rules, data=data,
                    model_cfg=model_cfg, graphdef=graphdef, optimizer=optimizer,
@@ -135,10 +135,12 @@ class Experiment:
     # Steps.
     @functools.cached_property
     def train_step(self):
+        moe = self.config.model.moe
         step = make_train_step(self.graphdef, self.model_cfg, self.optimizer, self.schedule,
                                self.mesh, self.rules,
                                grad_accum_steps=self.config.grad_accum_steps,
-                               seed=self.config.seed)
+                               seed=self.config.seed,
+                               moe_weights=(moe.load_balance_weight, moe.z_loss_weight))
         return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, None), donate_argnums=0)
 
@@ -172,12 +174,15 @@ def _check_pipeline(config: Any, mesh: Mesh, rules: Rules) -> dict[str, int]:
     repeats = config.pipeline_repeats
     micro = config.pipeline_microbatches or stages
     layers = config.model.num_layers
+    moe = config.model.moe
+    if moe.num_experts and moe.every > 1:
+        layers //= moe.every  # the pipeline splits scanned units of `every` layers
     if not config.model.scan_layers:
         raise ConfigError("model.scan_layers", "pipeline parallelism needs scanned layers "
                                                "(model.scan_layers=True)")
     if layers % (stages * repeats):
-        raise ConfigError("model.num_layers", f"{layers} layers are not divisible by "
-                                              f"pipeline stages x repeats = {stages} x "
+        raise ConfigError("model.num_layers", f"{layers} scanned layers are not divisible "
+                                              f"by pipeline stages x repeats = {stages} x "
                                               f"{repeats}")
     if repeats > 1 and micro < stages:
         raise ConfigError("pipeline_microbatches", f"the circular schedule needs at least "
@@ -196,14 +201,22 @@ def _check_pipeline(config: Any, mesh: Mesh, rules: Rules) -> dict[str, int]:
 
 def _check_model_split(config: Any, mesh: Mesh, rules: Rules) -> None:
     """Tensor-parallel sizes must divide heads, KV heads and d_ff (KV heads are not
-    replicated: with fewer KV heads than tensor shards, the config is rejected)."""
-    for key, axis in (("model.num_heads", "heads"), ("model.num_kv_heads", "kv_heads"),
-                      ("model.d_ff", "mlp")):
-        value = config.model[key.split(".")[1]]
+    replicated: with fewer KV heads than tensor shards, the config is rejected), and the
+    expert-parallel size must divide the number of experts."""
+    checks = [("model.num_heads", "heads"), ("model.num_kv_heads", "kv_heads"),
+              ("model.d_ff", "mlp")]
+    if config.model.moe.num_experts:
+        checks.append(("model.moe.num_experts", "experts"))
+    for key, axis in checks:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        value = node
         shards = mesh_axes_size(mesh, axis, rules)
         if value % shards:
             raise ConfigError(key, f"{value} is not divisible by the {shards} shards of "
-                                   f"logical axis {axis!r} (mesh tensor={mesh.shape['tensor']})")
+                                   f"logical axis {axis!r} (mesh tensor={mesh.shape['tensor']}, "
+                                   f"expert={mesh.shape['expert']})")
 
 
 def _check_batch(config: Any, mesh: Mesh, rules: Rules) -> None:

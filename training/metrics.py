@@ -13,6 +13,9 @@ from tqdm import tqdm
 
 
 def _clean(value: Any) -> Any:
+    """Floats for scalars, lists for vectors (e.g. per-expert load); NaN/inf -> null."""
+    if hasattr(value, "ndim") and value.ndim > 0:
+        return [_clean(v) for v in value.tolist()]
     value = float(value) if hasattr(value, "__float__") else value
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -47,6 +50,10 @@ class MetricWriter:
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
+            elif isinstance(v, list):
+                for i, x in enumerate(v):
+                    if isinstance(x, (int, float)):
+                        self._tb.add_scalar(f"{k}/{i}", x, step)
 
     def flush(self) -> None:
         if self._tb is not None:

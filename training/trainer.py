@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 
 from configs.errors import ConfigError
 from data.pipeline import train_iterator
-from models import count_params
+from models import active_params, count_params
 from training.checkpoint import Checkpointer
 from training.evaluate import CONFIG_FILE, evaluate
 from training.experiment import Experiment
@@ -91,6 +91,10 @@ def train(config: ConfigDict, workdir: str | Path,
     tokens_per_step = config.batch_size * config.seq_len
     n_params = count_params(exp.abstract_state.params)
     mesh_desc = " x ".join(f"{k}={v}" for k, v in exp.mesh.shape.items() if v > 1) or "1 device"
+    if exp.model_cfg.moe_num_experts:
+        active = active_params(exp.model_cfg, n_params)
+        log(f"MoE: {exp.model_cfg.moe_num_experts} experts, top-{exp.model_cfg.moe_top_k}, "
+            f"{n_params:,} parameters in total, {active:,} active per token.")
     log(f"Model: {n_params:,} parameters ({exp.model_cfg.num_layers} layers, d_model "
         f"{exp.model_cfg.d_model}, vocab {exp.model_cfg.vocab_size} padded to "
         f"{exp.model_cfg.padded_vocab}). Mesh: {mesh_desc}. Data: {exp.data.path} "
@@ -109,7 +113,10 @@ def train(config: ConfigDict, workdir: str | Path,
         if p is None:
             return
         step, metrics = p
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values = dict(jax.device_get(metrics))
+        if "moe_load" in values:  # max/mean expert load: 1.0 is perfectly balanced
+            load = values["moe_load"]
+            values["moe_load_max_over_mean"] = float(load.max() / load.mean())
         now = time.time()
         if clock["time"] is not None and step > clock["step"]:
             values["tokens_per_sec"] = tokens_per_step * (step - clock["step"]) / (

@@ -1,0 +1,193 @@
+"""Mixture-of-Experts feed-forward layer: fp32 top-k router, capacity or dropless dispatch.
+
+Routing (`route`) and dispatch are pure functions of the tokens a device holds. Under a
+mesh, `parallel.expert.expert_parallel` runs the layer per device with `shard_map`:
+experts are split over the `experts` logical axis, tokens travel to their experts and
+back with an all-to-all, and each device's tokens form one capacity group.
+
+Dispatch:
+  * capacity_factor > 0: each expert takes at most C = ceil(T*k/E * capacity_factor)
+    assignments, first choices before second choices, in token order (GShard's
+    priority); overflow assignments are dropped (the token keeps its residual).
+  * capacity_factor <= 0: dropless. Assignments are sorted by expert and the experts run
+    as one grouped matmul (`jax.lax.ragged_dot`). With expert parallelism the exchange
+    uses capacity buffers sized so nothing can drop (`ragged_all_to_all` has no CPU
+    implementation).
+"""
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import MLP, param
+
+ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
+
+
+class Routing(NamedTuple):
+    weights_TxK: jax.Array  # combine weights, float32
+    experts_TxK: jax.Array  # int32 expert ids
+    probs_TxE: jax.Array  # softmax over all experts, float32
+    logits_TxE: jax.Array
+
+
+def route(logits_TxE: jax.Array, top_k: int, order: str = "softmax_topk",
+          renormalize: bool = True) -> Routing:
+    """Top-k routing in float32.
+
+    softmax_topk (default): softmax over all experts, keep the k largest probabilities
+    (renormalised to sum to 1 if `renormalize`). topk_softmax: keep the k largest
+    logits and softmax over those k (Mixtral's order).
+    """
+    logits = logits_TxE.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if order == "softmax_topk":
+        weights, experts = jax.lax.top_k(probs, top_k)
+        if renormalize:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    elif order == "topk_softmax":
+        top, experts = jax.lax.top_k(logits, top_k)
+        weights = jax.nn.softmax(top, axis=-1)
+    else:
+        raise ValueError(f"unknown router order {order!r}")
+    return Routing(weights, experts.astype(jnp.int32), probs, logits)
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+    """ceil(tokens * top_k / experts * capacity_factor)."""
+    return max(1, math.ceil(num_tokens * top_k / num_experts * factor))
+
+
+def capacity_slots(experts_TxK: jax.Array, num_experts: int, cap: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(slot within its expert's buffer, kept?) for each assignment, GShard priority."""
+    t, k = experts_TxK.shape
+    flat = experts_TxK.T.reshape(-1)  # choice-major: all first choices, then second...
+    one_hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)
+    position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
+    slot = position.reshape(k, t).T
+    return slot, slot < cap
+
+
+def aux_statistics(r: Routing, num_experts: int, kept_TxK: jax.Array | None
+                   ) -> dict[str, jax.Array]:
+    """Load-balance and z losses plus routing metrics, as means over this device's tokens."""
+    assigned = jax.nn.one_hot(r.experts_TxK, num_experts, dtype=jnp.float32).sum(1)  # [T, E]
+    load = jnp.mean(assigned, axis=0) / r.experts_TxK.shape[1]  # f_e, sums to 1
+    mean_prob = jnp.mean(r.probs_TxE, axis=0)  # P_e
+    z = jax.nn.logsumexp(r.logits_TxE, axis=-1)
+    entropy = -jnp.sum(r.probs_TxE * jnp.log(jnp.maximum(r.probs_TxE, 1e-30)), axis=-1)
+    dropped = 0.0 if kept_TxK is None else 1.0 - jnp.mean(kept_TxK.astype(jnp.float32))
+    return {"load": load, "mean_prob": mean_prob, "z_loss": jnp.mean(z * z),
+            "router_entropy": jnp.mean(entropy), "drop_fraction": jnp.asarray(dropped)}
+
+
+def load_balance_loss(load_E: jax.Array, mean_prob_E: jax.Array) -> jax.Array:
+    """Switch Transformer: E * sum_e f_e * P_e (1.0 for uniform routing)."""
+    return load_E.shape[0] * jnp.sum(load_E * mean_prob_E)
+
+
+def expert_ffn(x_ExCxD: jax.Array, w: dict[str, jax.Array], kind: str) -> jax.Array:
+    """Each expert's MLP on its own buffer of tokens."""
+    up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w["up"])
+    if kind == "swiglu":
+        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ExCxD, w["gate"])) * up
+    else:
+        h = jax.nn.gelu(up)
+    return jnp.einsum("ecf,efd->ecd", h, w["down"])
+
+
+def ragged_ffn(x_NxD: jax.Array, group_sizes_E: jax.Array, w: dict[str, jax.Array],
+               kind: str) -> jax.Array:
+    """Expert MLPs over rows sorted by expert, as grouped matmuls."""
+    up = jax.lax.ragged_dot(x_NxD, w["up"], group_sizes_E)
+    if kind == "swiglu":
+        h = jax.nn.silu(jax.lax.ragged_dot(x_NxD, w["gate"], group_sizes_E)) * up
+    else:
+        h = jax.nn.gelu(up)
+    return jax.lax.ragged_dot(h.astype(x_NxD.dtype), w["down"], group_sizes_E)
+
+
+def dispatch_capacity(x_TxD, r: Routing, w, cfg: Any, cap: int, exchange=None):
+    """Capacity dispatch: scatter into [E, C, D] buffers, run experts, gather back."""
+    t, d = x_TxD.shape
+    e = cfg.moe_num_experts
+    slot, kept = capacity_slots(r.experts_TxK, e, cap)
+    index = jnp.where(kept, r.experts_TxK * cap + slot, e * cap)  # dropped -> spare row
+    token = jnp.broadcast_to(jnp.arange(t)[:, None], index.shape)
+    buf = jnp.zeros((e * cap + 1, d), x_TxD.dtype).at[index.reshape(-1)].set(
+        x_TxD[token.reshape(-1)], mode="drop")
+    buf = buf[:-1].reshape(e, cap, d)
+    if exchange is None:
+        out = expert_ffn(buf, w, cfg.mlp)
+    else:
+        out = exchange(buf, lambda b: expert_ffn(b, w, cfg.mlp))
+    out = jnp.concatenate([out.reshape(e * cap, d), jnp.zeros((1, d), out.dtype)])
+    combine = jnp.where(kept, r.weights_TxK, 0.0).astype(x_TxD.dtype)
+    return jnp.einsum("tk,tkd->td", combine, out[index]), kept
+
+
+def dispatch_dropless(x_TxD, r: Routing, w, cfg: Any):
+    """Dropless: sort assignments by expert and run grouped matmuls."""
+    t, d = x_TxD.shape
+    k = r.experts_TxK.shape[1]
+    expert = r.experts_TxK.reshape(-1)
+    token = jnp.repeat(jnp.arange(t), k)
+    order = jnp.argsort(expert, stable=True)
+    sizes = jnp.bincount(expert, length=cfg.moe_num_experts).astype(jnp.int32)
+    out = ragged_ffn(x_TxD[token[order]], sizes, w, cfg.mlp)
+    weight = r.weights_TxK.reshape(-1)[order].astype(out.dtype)
+    return jnp.zeros((t, d), out.dtype).at[token[order]].add(weight[:, None] * out)
+
+
+def moe_tokens(x_TxD: jax.Array, router_DxE: jax.Array, w: dict[str, jax.Array], cfg: Any,
+               jitter_key: jax.Array | None = None, exchange=None, ep_size: int = 1):
+    """The routed experts on one device's tokens; returns (output, aux statistics)."""
+    x_router = x_TxD.astype(jnp.float32)
+    if jitter_key is not None and cfg.moe_jitter > 0:
+        x_router = x_router * jax.random.uniform(jitter_key, x_router.shape, jnp.float32,
+                                                 1.0 - cfg.moe_jitter, 1.0 + cfg.moe_jitter)
+    r = route(x_router @ router_DxE.astype(jnp.float32), cfg.moe_top_k,
+              cfg.moe_router_order, cfg.moe_renormalize)
+    t = x_TxD.shape[0]
+    if cfg.moe_capacity_factor > 0:
+        cap = capacity(t, cfg.moe_top_k, cfg.moe_num_experts, cfg.moe_capacity_factor)
+        y, kept = dispatch_capacity(x_TxD, r, w, cfg, cap, exchange)
+    elif exchange is not None and ep_size > 1:
+        y, kept = dispatch_capacity(x_TxD, r, w, cfg, t * cfg.moe_top_k, exchange)
+        kept = None  # sized so that nothing drops
+    else:
+        y, kept = dispatch_dropless(x_TxD, r, w, cfg), None
+    return y, aux_statistics(r, cfg.moe_num_experts, kept)
+
+
+class MoE(nnx.Module):
+    """Routed experts (+ optional always-on shared experts) replacing a dense MLP."""
+
+    def __init__(self, cfg: Any, *, std: float, out_std: float, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, d, f = cfg.moe_num_experts, cfg.d_model, cfg.moe_d_ff
+        init = nnx.initializers.normal
+        self.router = param(rngs, init(std), (d, e), ("embed", "router"))
+        if cfg.mlp == "swiglu":
+            self.gate = param(rngs, init(std), (e, d, f), ("experts", "embed", "mlp"))
+        self.up = param(rngs, init(std), (e, d, f), ("experts", "embed", "mlp"))
+        self.down = param(rngs, init(out_std), (e, f, d), ("experts", "mlp", "embed"))
+        if cfg.moe_num_shared_experts:
+            self.shared = MLP(d, cfg.moe_num_shared_experts * f, cfg.mlp, std=std,
+                              out_std=out_std, dtype=cfg.compute_dtype, rngs=rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, jitter_key: jax.Array | None = None):
+        from parallel.expert import expert_parallel
+        dtype = self.cfg.compute_dtype
+        w = {"up": self.up[...].astype(dtype), "down": self.down[...].astype(dtype)}
+        if self.cfg.mlp == "swiglu":
+            w["gate"] = self.gate[...].astype(dtype)
+        y, aux = expert_parallel(moe_tokens, x_BxLxD.astype(dtype), self.router[...], w,
+                                 self.cfg, jitter_key)
+        if self.cfg.moe_num_shared_experts:
+            y = y + self.shared(x_BxLxD)
+        return y, aux
