@@ -94,6 +94,8 @@ def get_base_config() -> ConfigDict:
     c.model.moe.router_order = "softmax_topk"  # softmax_topk | topk_softmax
     c.model.moe.renormalize = True  # top-k weights sum to 1 (softmax_topk)
     c.model.moe.jitter = 0.0  # multiplicative router-input noise in training
+    # Dropless grouped matmul: ragged_dot, or padded blocks (auto: blocks on CPU only).
+    c.model.moe.grouped_matmul = "auto"
     c.model.moe.load_balance_weight = 0.01  # Switch Transformer's E * sum_e f_e P_e
     c.model.moe.z_loss_weight = 0.001  # ST-MoE's mean logsumexp(router logits)^2
 

@@ -81,6 +81,8 @@ def validate_config(config: Any) -> None:
             raise ConfigError("model.moe.every", f"num_layers {m.num_layers} is not divisible "
                                                  f"by every={moe.every}")
         _choice(config, "model.moe.router_order", ROUTER_ORDERS)
+        from models.moe import GROUPED_MATMULS
+        _choice(config, "model.moe.grouped_matmul", GROUPED_MATMULS)
         for key in ("num_shared_experts", "d_ff", "load_balance_weight", "z_loss_weight"):
             if moe[key] < 0:
                 raise ConfigError(f"model.moe.{key}", f"must be >= 0, got {moe[key]}")

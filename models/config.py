@@ -40,6 +40,7 @@ class ModelConfig:
     moe_router_order: str = "softmax_topk"
     moe_renormalize: bool = True
     moe_jitter: float = 0.0
+    moe_grouped_matmul: str = "auto"  # auto | ragged_dot | blocks (dropless dispatch)
     # Set from the mesh and config.pipeline_* by the experiment, not by model config.
     pipeline_stages: int = 1
     pipeline_microbatches: int = 1

@@ -76,12 +76,18 @@ def dense_reference(x, r, w, cfg):
     return jnp.einsum("tk,tkd->td", r.weights_TxK, chosen)
 
 
-def test_dropless_equals_dense_reference():
+@pytest.mark.parametrize("impl", ["ragged_dot", "blocks"])
+def test_dropless_equals_dense_reference(impl):
+    cfg = dataclasses.replace(CFG, moe_grouped_matmul=impl)
     x = jax.random.normal(jax.random.key(1), (40, CFG.d_model))
     w = expert_weights(CFG)
-    r = route(jax.random.normal(jax.random.key(2), (40, 4)), 2)
-    np.testing.assert_allclose(dispatch_dropless(x, r, w, CFG), dense_reference(x, r, w, CFG),
+    r = route(jax.random.normal(jax.random.key(2), (40, 4)) * 2, 2)
+    np.testing.assert_allclose(dispatch_dropless(x, r, w, cfg), dense_reference(x, r, w, cfg),
                                rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda w: dispatch_dropless(x, r, w, cfg).sum())(w)
+    ref = jax.grad(lambda w: dense_reference(x, r, w, cfg).sum())(w)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
+                 ref)
 
 
 def test_capacity_large_enough_to_drop_nothing_equals_dropless():
