@@ -1,0 +1,93 @@
+"""Per-variant result files (`DIR/<variant>/sweep_result.json`) and the metrics they summarise."""
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "sweep_result.json"
+LOG_FILE = "sweep.log"
+
+# The results table's columns, after `name`, `status` and one column per override key.
+METRIC_COLUMNS = ("step", "final_train_loss", "best_eval_loss", "final_eval_loss",
+                  "tokens_per_sec", "num_params", "wall_seconds")
+
+
+def variant_dir(workdir: str | Path, name: str) -> Path:
+    return Path(workdir) / name
+
+
+def read_result(vdir: Path) -> dict[str, Any] | None:
+    path = vdir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_result(vdir: Path, result: dict[str, Any]) -> Path:
+    vdir.mkdir(parents=True, exist_ok=True)
+    path = vdir / RESULT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def is_finished(vdir: Path, config_json: dict[str, Any]) -> bool:
+    """Finished: a successful result for exactly this resolved config."""
+    result = read_result(vdir)
+    return bool(result and result.get("status") == "ok" and result.get("config") == config_json)
+
+
+def read_metrics(vdir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training records, eval records) from `metrics.jsonl`; empty if there is none."""
+    path = vdir / "metrics.jsonl"
+    train, evals = [], []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec.get("loss") is not None:
+                train.append(rec)
+            if rec.get("eval_loss") is not None:
+                evals.append(rec)
+    return train, evals
+
+
+def summarise_metrics(vdir: Path, final_eval: dict[str, Any]) -> dict[str, Any]:
+    """Final train loss, best and final eval loss, median tokens/s, from a finished run."""
+    train, evals = read_metrics(vdir)
+    eval_points = [(r["step"], r["eval_loss"]) for r in evals]
+    eval_points.append((final_eval["step"], final_eval["eval_loss"]))
+    best_step, best = min(eval_points, key=lambda p: (p[1], p[0]))
+    speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
+    return {
+        "step": final_eval["step"],
+        "final_train_loss": train[-1]["loss"] if train else None,
+        "best_eval_loss": best,
+        "best_eval_step": best_step,
+        "final_eval_loss": final_eval["eval_loss"],
+        "tokens_per_sec": statistics.median(speeds) if speeds else None,
+    }
+
+
+def first_line(error: BaseException | str) -> str:
+    if isinstance(error, BaseException):
+        text = str(error).strip()
+        from configs.errors import ConfigError
+        if not isinstance(error, ConfigError):
+            text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    else:
+        text = error.strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0].strip() if lines else "unknown error"
+
+
+def finite_or_none(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x

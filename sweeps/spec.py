@@ -1,0 +1,156 @@
+"""Load a sweep from a config file and resolve every variant's config, checking all of them.
+
+`--config=configs/<file>.py[:arg]` names a file that defines `get_config(arg)` (the base)
+and `get_sweep(arg)` (the variants). Every override key must exist in the base config,
+and every resolved config must pass `validate_config`, before anything runs.
+"""
+
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from configs.errors import ConfigError
+from configs.sweep_utils import NAME_RE, Variant
+
+
+@dataclasses.dataclass
+class ResolvedVariant:
+    name: str
+    overrides: dict[str, Any]
+    config: ConfigDict
+
+    def config_json(self) -> dict[str, Any]:
+        return json.loads(self.config.to_json_best_effort())
+
+
+@dataclasses.dataclass
+class Sweep:
+    spec: str  # "/abs/path/configs/file.py[:arg]", as the workers are given it
+    file: Path
+    arg: str | None
+    base: ConfigDict
+    variants: list[ResolvedVariant]
+
+    @property
+    def name(self) -> str:
+        return self.file.stem + (f"_{self.arg}" if self.arg else "")
+
+    def variant(self, name: str) -> ResolvedVariant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise ConfigError("variant", f"no variant named {name!r} in {self.spec}; have "
+                                     f"{[v.name for v in self.variants]}")
+
+    def override_keys(self) -> list[str]:
+        keys: list[str] = []
+        for v in self.variants:
+            keys += [k for k in v.overrides if k not in keys]
+        return keys
+
+
+def _load_module(file: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(f"_sweep_config_{abs(hash(str(file)))}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def split_spec(config_spec: str) -> tuple[Path, str | None]:
+    path, _, arg = config_spec.partition(":")
+    return Path(path).absolute(), (arg or None)
+
+
+def _flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if isinstance(v, ConfigDict):
+            keys += _flat_keys(v, prefix + k + ".")
+    return keys
+
+
+def apply_override(config: ConfigDict, key: str, value: Any, where: str) -> None:
+    """Set dotted `key` in `config`; an unknown key or a value of the wrong type is an error."""
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ConfigDict) or part not in node:
+            close = difflib.get_close_matches(key, _flat_keys(config), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(key, f"unknown config key in {where}{hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    if isinstance(node[parts[-1]], ConfigDict):
+        raise ConfigError(key, f"is a section, not a value ({where}); override its keys")
+    try:
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(key, f"cannot set {value!r} ({where}): {e}") from None
+
+
+def _as_variants(raw: Any, file: Path) -> list[Variant]:
+    if isinstance(raw, Mapping):
+        raw = list(raw.items())
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError("sweep", f"get_sweep in {file} must return a non-empty list of "
+                                   f"named override dicts, got {type(raw).__name__}")
+    out = []
+    for i, item in enumerate(raw):
+        if (not isinstance(item, (tuple, list)) or len(item) != 2
+                or not isinstance(item[0], str) or not isinstance(item[1], Mapping)):
+            raise ConfigError("sweep", f"variant {i} from {file} is not (name, overrides); "
+                                       "build variants with configs.sweep_utils")
+        out.append(Variant(item[0], dict(item[1])))
+    return out
+
+
+def load_sweep(config_spec: str) -> Sweep:
+    """Expand and resolve the sweep in `config_spec`; raises ConfigError on any bad variant."""
+    file, arg = split_spec(config_spec)
+    if not file.is_file():
+        raise ConfigError("config", f"no such file: {file}")
+    module = _load_module(file)
+    for fn in ("get_config", "get_sweep"):
+        if not callable(getattr(module, fn, None)):
+            raise ConfigError("config", f"{file} defines no {fn}(arg)")
+    try:
+        base = module.get_config(arg)
+        raw = module.get_sweep(arg)
+    except (ValueError, KeyError) as e:  # unknown preset, mismatched zip, clashing keys
+        raise ConfigError("config", f"{file}:{arg or ''}: {e}") from None
+    variants = _as_variants(raw, file)
+
+    seen: set[str] = set()
+    resolved = []
+    for v in variants:
+        if not NAME_RE.match(v.name) or v.name in (".", ".."):
+            raise ConfigError("sweep", f"variant name {v.name!r} may only use letters, digits "
+                                       "and ._=,+-")
+        if v.name in seen:
+            raise ConfigError("sweep", f"two variants are named {v.name!r}")
+        seen.add(v.name)
+        config = copy.deepcopy(base)
+        where = f"sweep variant {v.name!r} of {file.name}"
+        for key, value in v.overrides.items():
+            apply_override(config, key, value, where)
+        _validate(config, where)
+        resolved.append(ResolvedVariant(v.name, dict(v.overrides), config))
+    return Sweep(spec=f"{file}" + (f":{arg}" if arg else ""), file=file, arg=arg, base=base,
+                 variants=resolved)
+
+
+def _validate(config: ConfigDict, where: str) -> None:
+    from configs.validate import validate_config
+    try:
+        validate_config(config)
+    except ConfigError as e:
+        message = str(e)[len(e.key) + 2:]
+        raise ConfigError(e.key, f"{message} ({where})") from None
