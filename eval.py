@@ -4,9 +4,17 @@
   python eval.py --workdir=runs/shakespeare_char --step=1000
   python eval.py --workdir=runs/shakespeare_char --sample --prompt="ROMEO:" --length=300 \
       --temperature=0.8 --top_k=40
+  python eval.py --workdir=runs/shakespeare_char --all_steps      # every kept checkpoint
+  python eval.py --workdir=runs/shakespeare_char --data=other.txt  # + bits per char/byte
+  python eval.py --workdir=runs/big --noeval --sample --temperature=0 \
+      --draft_workdir=runs/small --draft_tokens=4                 # speculative decoding
 
 Prints one JSON line with step, eval_loss, perplexity and num_tokens, and writes it to
 WORKDIR/eval/step_<N>.json. The run's saved config is used; no --config is needed.
+--all_steps prints one line per checkpoint and writes WORKDIR/eval/summary.csv and
+eval_loss.png; with --data=PATH (a text file, a prepared token directory or one of its
+.bin files) the lines add bits_per_char or bits_per_byte and the files go to
+WORKDIR/eval/<data name>/.
 """
 
 import json
@@ -24,6 +32,16 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_ALL_STEPS = flags.DEFINE_bool("all_steps", False, "Evaluate every kept checkpoint; write "
+                               "eval/summary.csv and eval/eval_loss.png.")
+_DATA = flags.DEFINE_string("data", None, "Evaluate on this text file or prepared token "
+                            "directory/file instead of the validation split.")
+_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "A smaller run with the same "
+                                     "tokenizer: sample with speculative decoding.")
+_DRAFT_STEP = flags.DEFINE_integer("draft_step", None, "The draft's checkpoint step.")
+_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round.")
+_COMPARE = flags.DEFINE_bool("compare", True, "With --draft_workdir, also decode without the "
+                             "draft and report the speed-up.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs.")
@@ -43,20 +61,48 @@ def main(argv: list[str]) -> None:
     from training.evaluate import evaluate, restore_run, sample, write_eval_result
 
     try:
-        exp, state, step = restore_run(_WORKDIR.value, _STEP.value)
-        if _EVAL.value:
+        suite = _ALL_STEPS.value or _DATA.value
+        if suite:  # every checkpoint and/or other data: one JSON line per step
+            from training.eval_suite import evaluate_checkpoints
+            steps = "all" if _ALL_STEPS.value else "latest" if _STEP.value is None else \
+                [_STEP.value]
+            evaluate_checkpoints(_WORKDIR.value, steps, _DATA.value,
+                                 on_result=lambda r: print(json.dumps(r), flush=True))
+        if (_EVAL.value and not suite) or _SAMPLE.value:
+            exp, state, step = restore_run(_WORKDIR.value, _STEP.value)
+        if _EVAL.value and not suite:
             result = {"step": step, **evaluate(exp, state.params)}
             write_eval_result(_WORKDIR.value, result)
             print(json.dumps(result), flush=True)
         if _SAMPLE.value:
             sp = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-            texts, stats = sample(exp, state.params, _PROMPT.value, _LENGTH.value, sp,
-                                  _SEED.value)
+            if _DRAFT_WORKDIR.value:
+                from training.eval_suite import sample_speculative
+                texts, stats = sample_speculative(
+                    exp, state.params, _DRAFT_WORKDIR.value, _PROMPT.value, _LENGTH.value, sp,
+                    _SEED.value, _DRAFT_TOKENS.value, _DRAFT_STEP.value, compare=_COMPARE.value)
+            else:
+                texts, stats = sample(exp, state.params, _PROMPT.value, _LENGTH.value, sp,
+                                      _SEED.value)
             for prompt, text in zip(_PROMPT.value, texts):
                 print(f"--- prompt {prompt!r}\n{prompt}{text}")
             print(json.dumps({k: round(v, 3) for k, v in stats.items()}), file=sys.stderr)
+            print(speed_line(stats), file=sys.stderr)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+
+
+def speed_line(stats: dict[str, float]) -> str:
+    line = (f"prefill {stats['prefill_tokens_per_sec']:,.0f} tokens/s, decode "
+            f"{stats['decode_tokens_per_sec']:,.0f} tokens/s")
+    if "acceptance_rate" in stats:
+        line += (f"; speculative (K={stats['draft_tokens']}): acceptance rate "
+                 f"{stats['acceptance_rate']:.1%}, {stats['tokens_per_round']:.2f} tokens per "
+                 "target pass")
+    if "speedup" in stats:
+        line += (f", plain decoding {stats['plain_decode_tokens_per_sec']:,.0f} tokens/s: "
+                 f"speed-up {stats['speedup']:.2f}x")
+    return line
 
 
 if __name__ == "__main__":

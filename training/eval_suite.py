@@ -1,0 +1,209 @@
+"""Checkpoint evaluation beyond `eval.py`'s default: every kept step, other data, bits per
+character or byte, plots, and (speculative) sampling glue. The entry point stays thin.
+"""
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from configs.errors import ConfigError
+from data.pipeline import TokenData
+from data.prepare import META, is_prepared
+from training.checkpoint import Checkpointer
+from training.evaluate import evaluate, restore_run
+
+LN2 = math.log(2.0)
+
+
+# Data.
+
+def load_eval_tokens(exp: Any, path: str | Path) -> tuple[np.ndarray, str]:
+    """(tokens, label) for `--data=PATH`, with the run's tokenizer.
+
+    PATH is a text file (tokenized whole), a prepared token directory (its `val.bin`),
+    or one token file inside a prepared directory (`.../train.bin`). A prepared set must
+    use the run's tokenizer: token ids mean nothing under another vocabulary.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("data", f"no such file or directory: {path}")
+    tok = exp.data.tokenizer
+    if is_prepared(path) or (path.suffix == ".bin" and is_prepared(path.parent)):
+        root = path if path.is_dir() else path.parent
+        data = TokenData.load(root)  # checks ids against its own vocabulary
+        if data.tokenizer.to_dict() != tok.to_dict():
+            raise ConfigError("data", f"{root} was prepared with another tokenizer "
+                                      f"({data.tokenizer.kind}, {data.vocab_size} tokens) than "
+                                      f"the run ({tok.kind}, {tok.vocab_size} tokens)")
+        split = "val" if path.is_dir() else path.stem
+        if split not in ("train", "val"):
+            raise ConfigError("data", f"{path}: expected train.bin or val.bin next to {META}")
+        tokens = np.asarray(data.train if split == "train" else data.val)
+        label = f"{root.name}_{split}"
+    elif path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("data", f"{path} is not UTF-8 text ({e})") from None
+        try:
+            tokens = tok.encode(text)
+        except ValueError as e:
+            raise ConfigError("data", f"{path}: {e} (the run's {tok.kind} tokenizer)") from None
+        label = path.stem
+    else:
+        raise ConfigError("data", f"{path} is a directory but not a prepared token directory "
+                                  f"(no {META})")
+    if len(tokens) < 2:
+        raise ConfigError("data", f"{path} has {len(tokens)} tokens; at least 2 are needed")
+    return tokens, re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+
+
+def bits_key(exp: Any) -> str:
+    """`bits_per_char` or `bits_per_byte`: what one token of the run's tokenizer is."""
+    return "bits_per_byte" if exp.data.tokenizer.kind == "byte" else "bits_per_char"
+
+
+def with_bits(exp: Any, result: dict[str, Any]) -> dict[str, Any]:
+    # Char and byte tokenizers emit one token per character / byte: bits = nats / ln 2.
+    return {**result, bits_key(exp): result["eval_loss"] / LN2}
+
+
+# Checkpoints.
+
+def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
+                         data: str | None = None, devices: Any = None,
+                         on_result=None) -> tuple[list[dict[str, Any]], Path]:
+    """Evaluate checkpoints ("all" kept ones, the "latest", or a list of steps) on `data`
+    or the run's validation split. Writes one JSON per step into WORKDIR/eval/ (or
+    WORKDIR/eval/<data label>/), and for "all" also `summary.csv` and `eval_loss.png`.
+    Returns (results, that directory).
+    """
+    import jax
+    workdir = Path(workdir)
+    first_step = steps[0] if isinstance(steps, list) and steps else None
+    # Other data is evaluated whole; the validation split as in training (eval_max_batches).
+    overrides = None if data is None else {"eval_max_batches": 0}
+    exp, first_state, first = restore_run(workdir, first_step, devices, overrides)
+    tokens, label = (None, None) if data is None else load_eval_tokens(exp, data)
+    out_dir = workdir / "eval" if label is None else workdir / "eval" / label
+    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
+    available = ckpt.all_steps()
+    todo = available if steps == "all" else [first] if steps == "latest" else list(steps)
+    missing = [s for s in todo if s not in available]
+    if missing:
+        raise ConfigError("step", f"no checkpoint for step {missing[0]} in {workdir}; "
+                                  f"have {available}")
+    results = []
+    try:
+        for step in todo:
+            state = first_state if step == first else ckpt.restore(step, exp.abstract_state)
+            result = {"step": step, **evaluate(exp, state.params, tokens)}
+            if label is not None:
+                result["data"] = str(data)
+            result = with_bits(exp, result)
+            if jax.process_index() == 0:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / f"step_{step}.json").write_text(json.dumps(result) + "\n")
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        ckpt.close()
+    if steps == "all" and jax.process_index() == 0:
+        write_summary(results, out_dir, bits_key(exp))
+        plot_eval_loss(results, out_dir / "eval_loss.png",
+                       training_evals=None if label else _training_evals(workdir),
+                       title=f"{workdir.name}: eval loss on {label or 'the validation split'}")
+    return results, out_dir
+
+
+def write_summary(results: list[dict[str, Any]], out_dir: Path, bits: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "summary.csv"
+    cols = ["step", "eval_loss", "perplexity", bits, "num_tokens"]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in sorted(results, key=lambda r: r["step"]):
+            w.writerow(r)
+    return path
+
+
+def _training_evals(workdir: Path) -> list[tuple[int, float]]:
+    from sweeps.results import read_metrics
+    return [(r["step"], r["eval_loss"]) for r in read_metrics(workdir)[1]]
+
+
+def plot_eval_loss(results: list[dict[str, Any]], out: Path,
+                   training_evals: list[tuple[int, float]] | None = None,
+                   title: str = "eval loss") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if training_evals:
+        ax.plot(*zip(*sorted(training_evals)), color="0.6", lw=1, marker=".",
+                label="during training (metrics.jsonl)")
+    pts = sorted((r["step"], r["eval_loss"]) for r in results)
+    ax.plot(*zip(*pts), color="C0", marker="o", lw=1.5, label="checkpoints (eval.py)")
+    ax.set(title=title, xlabel="step", ylabel="eval loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+# Sampling.
+
+def encode_prompts(exp: Any, prompts: list[str]) -> list[list[int]]:
+    try:
+        return [exp.data.tokenizer.encode(p).tolist() for p in prompts]
+    except ValueError as e:
+        raise ConfigError("prompt", str(e)) from None
+
+
+def sample_speculative(exp: Any, params: Any, draft_workdir: str, prompts: list[str],
+                       length: int, sp: Any, seed: int = 0, draft_tokens: int = 4,
+                       draft_step: int | None = None, devices: Any = None,
+                       compare: bool = True) -> tuple[list[str], dict[str, float]]:
+    """Speculative sampling with the run in `draft_workdir` as the draft model.
+
+    With `compare`, the target also decodes the same prompts alone (batch 1, as the
+    speculative loop does) to measure the speed-up; in greedy mode the two outputs are
+    also compared token for token (`matches_plain`).
+    """
+    from inference.generate import Generator
+    from inference.speculative import SpeculativeGenerator
+    draft_exp, draft_state, _ = restore_run(draft_workdir, draft_step, devices)
+    t_tok, d_tok = exp.data.tokenizer, draft_exp.data.tokenizer
+    if t_tok.to_dict() != d_tok.to_dict():
+        raise ConfigError("draft_workdir", f"the draft run {draft_workdir} uses another "
+                                           f"vocabulary ({d_tok.kind}, {d_tok.vocab_size} "
+                                           f"tokens) than the target ({t_tok.kind}, "
+                                           f"{t_tok.vocab_size} tokens)")
+    ids = encode_prompts(exp, prompts)
+    spec = SpeculativeGenerator((exp.graphdef, exp.model_cfg, exp.config.seq_len),
+                                (draft_exp.graphdef, draft_exp.model_cfg,
+                                 draft_exp.config.seq_len), draft_tokens)
+    out, stats = spec.generate(params, draft_state.params, ids, length, sp, seed)
+    stats["draft_tokens"] = draft_tokens
+    if compare:
+        gen = Generator(exp.graphdef, exp.model_cfg, exp.config.seq_len)
+        plain, seconds = [], 0.0
+        for i, p in enumerate(ids):
+            o, s = gen.generate(params, [p], length, sp, seed + i)
+            plain.append(o[0])
+            seconds += s["decode_seconds"]
+        stats["plain_decode_tokens_per_sec"] = len(ids) * length / max(seconds, 1e-9)
+        stats["speedup"] = stats["decode_tokens_per_sec"] / stats["plain_decode_tokens_per_sec"]
+        if sp.temperature <= 0.0:
+            stats["matches_plain"] = float(plain == out)
+    return [t_tok.decode(o) for o in out], stats
