@@ -31,6 +31,8 @@ _SBATCH = flags.DEFINE_multi_string("sbatch", [], "Extra #SBATCH option for --em
                                     "e.g. --sbatch=--gres=gpu:1.")
 _REPORT = flags.DEFINE_bool("report", False, "Only write the tables and plot from the "
                             "results so far (e.g. after a SLURM array).")
+_CPU_AFFINITY = flags.DEFINE_list("cpu_affinity", None, "With --variant: pin this process "
+                                  "to these CPU cores (set by --parallel).")
 _VARIANT = flags.DEFINE_string("variant", None, "Run only this variant, in this process "
                                "(what the sweep's subprocesses and SLURM tasks run).")
 
@@ -75,6 +77,8 @@ def main(argv: list[str]) -> None:
 
 def run_one() -> int:
     """Worker mode: one variant in this process. Returns the exit status."""
+    if _CPU_AFFINITY.value:  # before JAX starts its thread pools
+        os.sched_setaffinity(0, {int(c) for c in _CPU_AFFINITY.value})
     from parallel.distributed import initialize
     initialize(_CPU_DEVICES.value)
     from sweeps.spec import load_sweep

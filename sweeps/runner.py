@@ -4,8 +4,9 @@ Each variant runs `sweep.py --variant=NAME` in a fresh interpreter (a crash, a l
 different device count in one variant cannot touch the others), with its output in
 `DIR/<variant>/sweep.log`. With `parallel=K` the devices are split into K disjoint slots:
 
-* CPU: the process's cores are split into K disjoint sets and each subprocess is pinned
-  to its set (`sched_setaffinity`; XLA sizes its thread pool from the affinity mask).
+* CPU: the process's cores are split into K disjoint sets and each subprocess pins
+  itself to its set (`--cpu_affinity`, applied before JAX starts: XLA sizes its CPU
+  thread pool from the affinity mask).
   With `--cpu_devices=N`, each subprocess gets N / K fake CPU devices.
 * GPU: `CUDA_VISIBLE_DEVICES` gives each subprocess its own n / K GPUs.
 
@@ -95,10 +96,11 @@ def make_slots(parallel: int, platform: str, num_devices: int, cpu_devices: int 
                                   "supported; use --parallel=1 or --emit=slurm")
 
 
-def worker_command(sweep: Sweep, workdir: Path, name: str, slot_flags: list[str],
+def worker_command(sweep: Sweep, workdir: Path, name: str, slot: Slot,
                    python: str = sys.executable) -> list[str]:
+    affinity = [f"--cpu_affinity={','.join(map(str, slot.cpus))}"] if slot.cpus else []
     return [python, str(SWEEP_PY), f"--config={sweep.spec}", f"--workdir={workdir}",
-            f"--variant={name}", *slot_flags]
+            f"--variant={name}", *slot.flags, *affinity]
 
 
 def _launch(cmd: list[str], slot: Slot, log_path: Path) -> subprocess.Popen:
@@ -108,12 +110,10 @@ def _launch(cmd: list[str], slot: Slot, log_path: Path) -> subprocess.Popen:
                    f" [{slot.description}]\n")
     log_file.flush()
     env = dict(os.environ, PYTHONUNBUFFERED="1", **slot.env)
-    cpus = slot.cpus
-    preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     # A session of its own: Ctrl-C reaches only the sweep, which then sends SIGTERM so
     # that each running variant saves a checkpoint before it exits.
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                            cwd=SWEEP_PY.parent, preexec_fn=preexec, start_new_session=True)
+                            cwd=SWEEP_PY.parent, start_new_session=True)
     proc.log_file = log_file  # type: ignore[attr-defined]
     return proc
 
@@ -164,7 +164,7 @@ def run_sweep(sweep: Sweep, workdir: str | Path, *, parallel: int = 1, cpu_devic
                 resuming = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
                 log(f"[{v.name}] {'resuming' if resuming else 'starting'} on "
                     f"{slots[i].description}; log: {vdir / LOG_FILE}")
-                cmd = worker_command(sweep, workdir, v.name, slots[i].flags, python)
+                cmd = worker_command(sweep, workdir, v.name, slots[i], python)
                 running[i] = (v, _launch(cmd, slots[i], vdir / LOG_FILE), time.time())
             time.sleep(poll_seconds)
             for i, (v, proc, t0) in list(running.items()):

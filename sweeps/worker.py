@@ -14,7 +14,9 @@ from sweeps.results import (first_line, is_finished, read_result, summarise_metr
 from sweeps.spec import Sweep
 
 
-def run_variant(sweep: Sweep, name: str, workdir: str, log=print) -> dict[str, Any]:
+def run_variant(sweep: Sweep, name: str, workdir: str, log=print,
+                devices: list[Any] | None = None) -> dict[str, Any]:
+    """Train and evaluate variant `name` into WORKDIR/<name> (on `devices`, default all)."""
     import jax
 
     from training.evaluate import evaluate, restore_run, write_eval_result
@@ -35,7 +37,7 @@ def run_variant(sweep: Sweep, name: str, workdir: str, log=print) -> dict[str, A
                               "config": config_json, "status": "failed", "error": None}
     t0 = time.time()
     try:
-        summary = train(variant.config, vdir)
+        summary = train(variant.config, vdir, devices)
         result["num_params"] = summary["num_params"]
         if summary["interrupted"]:
             result.update(status="interrupted", error=f"interrupted at step {summary['step']}")
@@ -46,7 +48,7 @@ def run_variant(sweep: Sweep, name: str, workdir: str, log=print) -> dict[str, A
                          "perplexity": summary["perplexity"],
                          "num_tokens": summary["num_tokens"]}
             else:  # trained earlier, results not written: evaluate the last checkpoint
-                exp, state, step = restore_run(vdir)
+                exp, state, step = restore_run(vdir, devices=devices)
                 final = {"step": step, **evaluate(exp, state.params)}
             write_eval_result(vdir, final)
             result.update(status="ok", **summarise_metrics(vdir, final))
