@@ -66,6 +66,9 @@ def main(argv: list[str]) -> None:
         paths = write_reports(sweep, workdir)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: running variants saved a checkpoint; run the same command "
+                 "to resume")
     print(paths["md"].read_text())
     print(f"Wrote {paths['csv']}, {paths['md']} and {paths['png']}")
     from sweeps.report import collect_rows

@@ -43,7 +43,7 @@ def format_value(value: Any) -> str:
 
 
 def named(name: str, overrides: Mapping[str, Any] | None = None) -> Variant:
-    """One hand-named variant, e.g. `named("baseline")` or `named("wide", {"model.d_model": 256})`."""
+    """One hand-named variant: `named("baseline")`, `named("wide", {"model.d_model": 256})`."""
     return Variant(name, dict(overrides or {}))
 
 

@@ -14,9 +14,12 @@ The parent never initialises a JAX backend itself (it would hold the accelerator
 device count comes from a short-lived probe subprocess.
 """
 
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
+import threading
 import sys
 import time
 from collections.abc import Callable
@@ -126,6 +129,54 @@ def _last_error_line(log_path: Path) -> str:
     return "no output"
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM to the sweep (a scheduler, `kill`) stops it like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _start(sweep: Sweep, workdir: Path, v: Any, slot: Slot, python: str,
+           log: Callable[[str], None]) -> subprocess.Popen:
+    vdir = variant_dir(workdir, v.name)
+    if read_result(vdir) is not None:  # a failed or stale result: this run replaces it
+        (vdir / RESULT_FILE).unlink()
+    ckpts = vdir / "checkpoints"
+    resuming = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+    log(f"[{v.name}] {'resuming' if resuming else 'starting'} on {slot.description}; "
+        f"log: {vdir / LOG_FILE}")
+    return _launch(worker_command(sweep, workdir, v.name, slot, python), slot, vdir / LOG_FILE)
+
+
+def _finish(workdir: Path, v: Any, proc: subprocess.Popen, t0: float,
+            log: Callable[[str], None]) -> str:
+    """Read the result of a finished worker; a worker that died gets a failed result."""
+    proc.log_file.close()
+    vdir = variant_dir(workdir, v.name)
+    result = read_result(vdir)
+    if result is None:
+        error = f"exit code {proc.returncode}: {_last_error_line(vdir / LOG_FILE)}"
+        result = {"name": v.name, "overrides": v.overrides, "config": v.config_json(),
+                  "status": "failed", "error": error, "wall_seconds": round(time.time() - t0, 1)}
+        write_result(vdir, result)
+    if result["status"] == "ok":
+        log(f"[{v.name}] done in {result.get('wall_seconds', 0):.0f} s: eval loss "
+            f"{result['final_eval_loss']:.4f}")
+    else:
+        log(f"[{v.name}] {result['status']}: {result.get('error')}")
+    return result["status"]
+
+
 def run_sweep(sweep: Sweep, workdir: str | Path, *, parallel: int = 1, cpu_devices: int = 0,
               python: str = sys.executable, log: Callable[[str], None] = print,
               poll_seconds: float = 0.2) -> dict[str, str]:
@@ -152,45 +203,23 @@ def run_sweep(sweep: Sweep, workdir: str | Path, *, parallel: int = 1, cpu_devic
 
     free = list(range(len(slots)))
     running: dict[int, tuple[Any, subprocess.Popen, float]] = {}
-    try:
-        while todo or running:
-            while todo and free:
-                v, i = todo.pop(0), free.pop(0)
-                vdir = variant_dir(workdir, v.name)
-                old = read_result(vdir)
-                if old is not None:  # a failed or stale result: this run replaces it
-                    (vdir / RESULT_FILE).unlink()
-                ckpts = vdir / "checkpoints"
-                resuming = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
-                log(f"[{v.name}] {'resuming' if resuming else 'starting'} on "
-                    f"{slots[i].description}; log: {vdir / LOG_FILE}")
-                cmd = worker_command(sweep, workdir, v.name, slots[i], python)
-                running[i] = (v, _launch(cmd, slots[i], vdir / LOG_FILE), time.time())
-            time.sleep(poll_seconds)
-            for i, (v, proc, t0) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                proc.log_file.close()
-                del running[i]
-                free.append(i)
-                vdir = variant_dir(workdir, v.name)
-                result = read_result(vdir)
-                if result is None:  # the worker died before writing its result
-                    error = f"exit code {proc.returncode}: {_last_error_line(vdir / LOG_FILE)}"
-                    result = {"name": v.name, "overrides": v.overrides,
-                              "config": v.config_json(), "status": "failed", "error": error,
-                              "wall_seconds": round(time.time() - t0, 1)}
-                    write_result(vdir, result)
-                status[v.name] = result["status"]
-                if result["status"] == "ok":
-                    log(f"[{v.name}] done in {result.get('wall_seconds', 0):.0f} s: eval loss "
-                        f"{result['final_eval_loss']:.4f}")
-                else:
-                    log(f"[{v.name}] {result['status']}: {result.get('error')}")
-    except BaseException:  # Ctrl-C: let every running variant checkpoint and exit
-        for _, proc, _ in running.values():
-            proc.terminate()
-        for _, proc, _ in running.values():
-            proc.wait()
-        raise
+    with _sigterm_as_interrupt():
+        try:
+            while todo or running:
+                while todo and free:
+                    v, i = todo.pop(0), free.pop(0)
+                    running[i] = (v, _start(sweep, workdir, v, slots[i], python, log),
+                                  time.time())
+                time.sleep(poll_seconds)
+                for i, (v, proc, t0) in list(running.items()):
+                    if proc.poll() is not None:
+                        del running[i]
+                        free.append(i)
+                        status[v.name] = _finish(workdir, v, proc, t0, log)
+        except BaseException:  # Ctrl-C or SIGTERM: running variants checkpoint and exit
+            for _, proc, _ in running.values():
+                proc.terminate()
+            for _, proc, _ in running.values():
+                proc.wait()
+            raise
     return status
