@@ -1,7 +1,6 @@
 """Per-variant result files (`DIR/<variant>/sweep_result.json`) and the metrics they summarise."""
 
 import json
-import math
 import os
 import statistics
 from pathlib import Path
@@ -89,5 +88,3 @@ def first_line(error: BaseException | str) -> str:
     return lines[0].strip() if lines else "unknown error"
 
 
-def finite_or_none(x: Any) -> Any:
-    return None if isinstance(x, float) and not math.isfinite(x) else x
