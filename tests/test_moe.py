@@ -239,3 +239,12 @@ def test_experts_must_divide_over_the_expert_axis(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="model.moe.num_experts: 6 is not divisible by the 4 "
                                           "shards of logical axis 'experts'"):
         Experiment.build(c, tmp_path, jax.devices()[:4])
+
+
+def test_moe_sweep_keeps_active_parameters_equal():
+    from configs import sweep_moe
+    variants = sweep_moe.get_sweep()
+    assert len(variants) == 8
+    for _, overrides in variants:
+        assert overrides["model.moe.top_k"] * overrides["model.moe.d_ff"] == 512
+    assert {v.overrides["model.moe.capacity_factor"] for v in variants} == {0.0, 1.25}
