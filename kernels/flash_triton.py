@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels._common import (NEG_INF, Static, dkdv_block, dq_block, fwd_block, fwd_finish,
-                             div, kv_range, q_range, rem, visible)
+                             div, kv_range, q_range, visible)
 
 SQ = pl.squeezed
 
@@ -196,7 +196,7 @@ def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
     b, t, h, d = q.shape
     s, g = k.shape[1], k.shape[2]
     r = st.group
-    bq, bk = st.blocks.block_q_dkv, st.blocks.block_kv_dkv
+    bk = st.blocks.block_kv_dkv
     full_q = pl.BlockSpec((SQ, t, h, d), lambda j, b_, g_: (b_, 0, 0, 0))
     full_row = pl.BlockSpec((SQ, h, t), lambda j, b_, g_: (b_, 0, 0))
     kv_tile = pl.BlockSpec((SQ, bk, SQ, d), lambda j, b_, g_: (b_, j, g_, 0))

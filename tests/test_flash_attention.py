@@ -135,7 +135,7 @@ def _check(backend, *, causal, window, segments, empty_rows=False, heads=4, grou
 # ratio (1, 2, 4) and the dtype are spread so that each ratio meets causal and full
 # attention and bfloat16 meets every mask feature, on both kernels. Two cases have query
 # rows that see no key. JAXLM_FULL_FLASH_GRID=1 runs the full product instead (96 cases,
-# about 5 minutes on 2 cores; it passes).
+# 5-10 minutes on 2 cores; it passes).
 def _case(backend, causal, window, segments, ratio, dtype, empty_rows=False):
     name = "-".join([backend, "causal" if causal else "full", "win" if window else "nowin",
                      "seg" if segments else "noseg", f"r{ratio}", dtype]
