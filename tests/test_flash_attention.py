@@ -244,10 +244,10 @@ def xla_losses(tmp_path_factory):
 
 
 def test_training_with_pallas_interpret_matches_xla(xla_losses, tiny_config, tmp_path):
-    """The tiny model (2 scanned layers, GQA 4/2, full remat) on 8 devices, data 2 x
+    """The tiny model (2 scanned layers, GQA 4/2, full remat) on 8 devices, pipeline 2 x
     fsdp 2 x tensor 2, with the kernel trains to the losses of `xla` on one device."""
     c = _train_config(tiny_config, "pallas_interpret")
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    c.mesh.data, c.mesh.pipeline, c.mesh.fsdp, c.mesh.tensor = 1, 2, 2, 2
     losses, _, _, _ = run_steps(c, tmp_path, jax.devices())
     np.testing.assert_allclose(losses, xla_losses, rtol=2e-5)
 
