@@ -61,6 +61,13 @@ def validate_config(config: Any) -> None:
     if head_dim % 2:
         raise ConfigError("model.head_dim", f"RoPE needs an even head_dim, got {head_dim}")
     _choice(config, "model.attention_impl", ATTENTION_IMPLS)
+    if m.attention_impl == "cudnn":
+        if m.dtype not in ("bfloat16", "float16"):
+            raise ConfigError("model.attention_impl", f"'cudnn' runs in bfloat16 or float16 "
+                                                      f"only; model.dtype is {m.dtype!r}")
+        if head_dim % 8 or head_dim > 256:
+            raise ConfigError("model.attention_impl", f"'cudnn' needs head_dim a multiple of "
+                                                      f"8 and <= 256, got {head_dim}")
     _choice(config, "model.dtype", DTYPES)
     _choice(config, "model.remat", REMAT_POLICIES)
     _choice(config, "model.mlp", MLP_KINDS)

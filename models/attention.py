@@ -2,8 +2,18 @@
 
 An attention implementation is a function
     fn(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, causal, segment_ids_BxT) -> o_BxTxHxK
-registered under a name in ATTENTION_IMPLS and selected by `model.attention_impl`.
-Decoding with a KV cache always uses the XLA path with an explicit mask.
+registered under a name in ATTENTION_IMPLS and selected by `model.attention_impl`:
+
+* "xla": einsum + softmax (the reference; any backend);
+* "pallas": the FlashAttention-2 Pallas kernel of `kernels/`, Triton on GPU, Mosaic on TPU;
+* "pallas_interpret": the same kernel in Pallas interpret mode, on any backend (CPU tests);
+* "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only.
+
+The kernels run once per shard (`shard_map` over the batch and head axes, from the
+logical rules) and the kernel package is imported only when one is traced, so the model
+imports on a machine without an accelerator. `check_attention_impl` rejects an
+implementation the devices cannot run. Decoding with a KV cache always uses the XLA path
+with an explicit mask.
 """
 
 from collections.abc import Callable
@@ -13,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from configs.errors import ConfigError
 from models.layers import Linear, rope
-from parallel.sharding import constrain
+from parallel.sharding import constrain, shard_map_logical
 
 AttentionFn = Callable[..., jax.Array]
 ATTENTION_IMPLS: dict[str, AttentionFn] = {}
@@ -96,6 +107,76 @@ def xla_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Arr
         seg_mask = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
         mask = seg_mask if mask is None else mask & seg_mask
     return masked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+
+
+# Logical axes of the kernels' operands. The length axis stays whole on every shard.
+_Q_AXES = ("act_batch", None, "act_heads", None)
+_KV_AXES = ("act_batch", None, "act_kv_heads", None)
+_SEG_AXES = ("act_batch", None)
+
+
+def _per_shard(local_fn: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Array,
+               segment_ids_BxT: jax.Array | None) -> jax.Array:
+    """local_fn(q, k, v[, segment_ids]) on each shard of the batch and head axes.
+
+    Query and KV heads are split together or not at all, so a shard holds whole GQA groups.
+    """
+    args, axes = [q, k, v], [_Q_AXES, _KV_AXES, _KV_AXES]
+    if segment_ids_BxT is not None:
+        args.append(segment_ids_BxT)
+        axes.append(_SEG_AXES)
+    return shard_map_logical(local_fn, args, axes, _Q_AXES,
+                             tied=[("act_heads", "act_kv_heads")])
+
+
+def _pallas_attention(interpret: bool) -> AttentionFn:
+    def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
+               causal: bool = True, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+        from kernels import flash_attention
+
+        def local(q, k, v, segment_ids=None):
+            return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                   interpret=interpret)
+
+        return _per_shard(local, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
+    return attend
+
+
+register_attention("pallas")(_pallas_attention(interpret=False))
+register_attention("pallas_interpret")(_pallas_attention(interpret=True))
+
+
+@register_attention("cudnn")
+def cudnn_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
+                    causal: bool = True, segment_ids_BxT: jax.Array | None = None
+                    ) -> jax.Array:
+    """cuDNN's fused attention; segment ids become a (materialised) [B, 1, T, S] mask."""
+    def local(q, k, v, segment_ids=None):
+        mask = None
+        if segment_ids is not None:
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                            implementation="cudnn")
+
+    return _per_shard(local, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
+
+
+# Which device platforms each implementation runs on (others run everywhere).
+IMPL_PLATFORMS = {"pallas": ("gpu", "tpu"), "cudnn": ("gpu",)}
+
+
+def check_attention_impl(impl: str, platform: str) -> None:
+    """Raise ConfigError if `impl` cannot run on devices of `platform` ("cpu", "gpu", ...)."""
+    allowed = IMPL_PLATFORMS.get(impl)
+    if allowed is None or platform in allowed:
+        return
+    if impl == "pallas":
+        hint = ("the Pallas kernel compiles for GPU (Triton) or TPU (Mosaic); use "
+                "'pallas_interpret' to run it interpreted (slow, for tests) or 'xla'")
+    else:
+        hint = "cuDNN attention needs an NVIDIA GPU; use 'xla' or 'pallas'"
+    raise ConfigError("model.attention_impl",
+                      f"{impl!r} cannot run on {platform} devices: {hint}")
 
 
 class Attention(nnx.Module):

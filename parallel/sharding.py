@@ -138,3 +138,43 @@ def constrain(x: jax.Array, logical: Logical) -> jax.Array:
     if len(logical) != x.ndim:
         raise ValueError(f"constrain: {len(logical)} logical axes for an array of rank {x.ndim}")
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, rules))
+
+
+def shard_map_logical(fn: Any, args: Sequence[jax.Array], in_logical: Sequence[Logical],
+                      out_logical: Logical, *, tied: Sequence[Sequence[str]] = ()) -> Any:
+    """Run `fn(*args)` once per shard (`shard_map`), with specs from logical axis names.
+
+    For kernels that must see whole local arrays (e.g. a Pallas attention kernel over the
+    batch and head axes). Outside `use_rules` this is just `fn(*args)`.
+    A logical axis is replicated instead of split when its mesh axes do not divide every
+    dimension it names, and each group of `tied` logical axes is split only if all of them
+    map to the same mesh axes (e.g. query heads and KV heads, so that each shard holds
+    whole GQA groups). Dimensions named None, and mesh axes that no spec names, are
+    replicated: `fn` sees them whole.
+    """
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return fn(*args)
+    mesh, rules = ctx
+    table = _rule_table(rules)
+    dropped: set[str] = set()
+    for arg, logical in zip(args, in_logical, strict=True):
+        if len(logical) != arg.ndim:
+            raise ValueError(f"shard_map_logical: {len(logical)} logical axes for an array "
+                             f"of rank {arg.ndim}")
+        for size, name in zip(arg.shape, logical):
+            if name is None:
+                continue
+            if name not in table:
+                raise ConfigError("sharding.rules", f"no rule for logical axis {name!r}")
+            if size % math.prod(mesh.shape[a] for a in table[name]):
+                dropped.add(name)
+    for group in tied:
+        if dropped & set(group) or len({table[name] for name in group}) > 1:
+            dropped.update(group)
+
+    def spec(logical: Logical) -> P:
+        return logical_to_spec(tuple(None if n in dropped else n for n in logical), rules)
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(lg) for lg in in_logical),
+                         out_specs=spec(out_logical), check_vma=False)(*args)

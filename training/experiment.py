@@ -19,6 +19,7 @@ from configs.errors import ConfigError
 from configs.validate import validate_config
 from data.pipeline import EvalBatches, TokenData, TrainBatches, check_lengths, resolve_data
 from models import ModelConfig, abstract_model, param_logical_axes, split_params
+from models.attention import check_attention_impl
 from parallel.mesh import make_mesh
 from parallel.pipeline import bubble_fraction, stage_major_permutation
 from parallel.sharding import Rules, check_divisible, mesh_axes_size, named_sharding
@@ -54,6 +55,7 @@ class Experiment:
               devices: list[jax.Device] | None = None) -> "Experiment":
         validate_config(config)
         mesh = make_mesh(config.mesh, devices)
+        check_attention_impl(config.model.attention_impl, mesh.devices.flat[0].platform)
         rules = tuple((k, tuple(v) if isinstance(v, list) else v)
                       for k, v in config.sharding.rules)
         _check_batch(config, mesh, rules)
