@@ -8,13 +8,17 @@
   python eval.py --workdir=runs/shakespeare_char --data=other.txt  # + bits per char/byte
   python eval.py --workdir=runs/big --noeval --sample --temperature=0 \
       --draft_workdir=runs/small --draft_tokens=4                 # speculative decoding
+  python eval.py --workdir=runs/shakespeare_char --quantize=int4   # real int4 weights
 
 Prints one JSON line with step, eval_loss, perplexity and num_tokens, and writes it to
 WORKDIR/eval/step_<N>.json. The run's saved config is used; no --config is needed.
 --all_steps prints one line per checkpoint and writes WORKDIR/eval/summary.csv and
 eval_loss.png; with --data=PATH (a text file, a prepared token directory or one of its
 .bin files) the lines add bits_per_char or bits_per_byte and the files go to
-WORKDIR/eval/<data name>/.
+WORKDIR/eval/<data name>/. With --quantize=int8|int4 the weights are quantized after
+training (with the run's `quant` granularity and symmetry unless overridden), stored as
+integers plus scales, and the line adds `weight_bytes` (vs `float_weight_bytes`); the
+result goes to WORKDIR/eval/step_<N>_int8.json (or _int4).
 """
 
 import json
@@ -42,6 +46,13 @@ _DRAFT_STEP = flags.DEFINE_integer("draft_step", None, "The draft's checkpoint s
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round.")
 _COMPARE = flags.DEFINE_bool("compare", True, "With --draft_workdir, also decode without the "
                              "draft and report the speed-up.")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+                              "Evaluate with real integer weights of this width.")
+_GRANULARITY = flags.DEFINE_string("quant_granularity", None,
+                                   "per_channel | per_tensor | a group size (default: the "
+                                   "run's quant.granularity).")
+_SYMMETRIC = flags.DEFINE_bool("quant_symmetric", None,
+                               "Symmetric integers (default: the run's quant.symmetric).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs.")
@@ -62,6 +73,9 @@ def main(argv: list[str]) -> None:
 
     try:
         suite = _ALL_STEPS.value or _DATA.value
+        if suite and _QUANTIZE.value:
+            raise ConfigError("quantize", "evaluates one checkpoint on the validation split; "
+                                          "drop --all_steps/--data")
         if suite:  # every checkpoint and/or other data: one JSON line per step
             from training.eval_suite import evaluate_checkpoints
             steps = "all" if _ALL_STEPS.value else "latest" if _STEP.value is None else \
@@ -70,7 +84,13 @@ def main(argv: list[str]) -> None:
                                  on_result=lambda r: print(json.dumps(r), flush=True))
         if (_EVAL.value and not suite) or _SAMPLE.value:
             exp, state, step = restore_run(_WORKDIR.value, _STEP.value)
-        if _EVAL.value and not suite:
+        if _EVAL.value and not suite and _QUANTIZE.value:
+            from training.quantize import evaluate_quantized
+            result = {"step": step, **evaluate_quantized(
+                exp, state.params, _QUANTIZE.value, _GRANULARITY.value, _SYMMETRIC.value)}
+            write_eval_result(_WORKDIR.value, result, suffix=f"_{_QUANTIZE.value}")
+            print(json.dumps(result), flush=True)
+        elif _EVAL.value and not suite:
             result = {"step": step, **evaluate(exp, state.params)}
             write_eval_result(_WORKDIR.value, result)
             print(json.dumps(result), flush=True)

@@ -114,6 +114,36 @@ def get_base_config() -> ConfigDict:
     c.sharding = ConfigDict()
     c.sharding.rules = DEFAULT_RULES
 
+    # The objective: a weighted sum of registered terms (losses/objectives.py). A weight
+    # of 0 means the term is not computed.
+    c.loss = ConfigDict()
+    c.loss.weights = ConfigDict()
+    c.loss.weights.ce = 1.0  # next-token cross-entropy
+    c.loss.weights.distill = 0.0  # logit distillation from loss.distill.teacher_workdir
+    c.loss.weights.feature = 0.0  # hidden-state distillation (loss.feature)
+    c.loss.distill = ConfigDict()
+    c.loss.distill.teacher_workdir = ""  # a finished run of this codebase
+    c.loss.distill.teacher_step = 0  # checkpoint step of the teacher; 0 = its latest
+    # forward_kl KL(teacher||student) | reverse_kl | skew_forward_kl | skew_reverse_kl
+    c.loss.distill.kind = "forward_kl"
+    c.loss.distill.skew = 0.1  # skew KL mixing weight, in [0, 1)
+    c.loss.distill.temperature = 1.0  # the loss is T^2 * KL at temperature T
+    c.loss.distill.temperature_schedule = "constant"  # constant | linear | cosine
+    c.loss.distill.temperature_final = 1.0  # T at the last step (linear / cosine)
+    c.loss.distill.weight_schedule = "constant"  # constant | linear | cosine
+    c.loss.distill.weight_final = 0.0  # distill weight at the last step (linear / cosine)
+    c.loss.feature = ConfigDict()
+    c.loss.feature.kind = "mse"  # mse | cosine
+    c.loss.feature.layer_map = ""  # "S:T,S:T" student -> teacher block; "" = last:last
+
+    # Quantization-aware training: fake-quantized weights (and activations) with a
+    # straight-through estimator. 0 bits = float.
+    c.quant = ConfigDict()
+    c.quant.weight_bits = 0  # 0 | 8 | 4
+    c.quant.activation_bits = 0  # 0 | 8 (per token, dynamic range)
+    c.quant.granularity = "per_channel"  # per_channel | per_tensor | group size, e.g. "32"
+    c.quant.symmetric = True
+
     c.data = ConfigDict()
     c.data.path = ""  # "" = the embedded tiny-Shakespeare corpus
     c.data.tokenizer = "char"  # char | byte

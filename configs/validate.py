@@ -30,6 +30,8 @@ def validate_config(config: Any) -> None:
     """Raise ConfigError naming the first bad key."""
     # Imported here so `configs` stays importable without the model code.
     from data.tokenizers import TOKENIZERS
+    from losses.objectives import check_loss_config
+    from models.quant import check_quant_config
     from models.attention import ATTENTION_IMPLS
     from models.config import DTYPES, MLP_KINDS, REMAT_POLICIES
 
@@ -95,6 +97,9 @@ def validate_config(config: Any) -> None:
                 raise ConfigError(f"model.moe.{key}", f"must be >= 0, got {moe[key]}")
         if not 0.0 <= moe.jitter < 1.0:
             raise ConfigError("model.moe.jitter", f"must be in [0, 1), got {moe.jitter}")
+    check_loss_config(config)
+    check_quant_config(config.quant, {"embed": m.d_model, "attn.o": m.num_heads * head_dim,
+                                      "mlp.down": m.d_ff})
     if config.batch_size % config.grad_accum_steps:
         raise ConfigError("grad_accum_steps", f"batch_size {config.batch_size} is not "
                                               f"divisible by grad_accum_steps "

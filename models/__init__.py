@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
+from models.quant import set_quant
 from models.transformer import Output, Transformer
 
 __all__ = ["ModelConfig", "Output", "Transformer", "create_model", "abstract_model",
@@ -18,7 +19,10 @@ __all__ = ["ModelConfig", "Output", "Transformer", "create_model", "abstract_mod
 
 
 def create_model(cfg: ModelConfig, seed: int) -> Transformer:
-    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+    model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
+    if cfg.quant is not None:
+        set_quant(model, cfg.quant)
+    return model
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

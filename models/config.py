@@ -45,6 +45,7 @@ class ModelConfig:
     pipeline_stages: int = 1
     pipeline_microbatches: int = 1
     pipeline_repeats: int = 1
+    quant: Any = None  # models.quant.QuantConfig: fake-quantized weights/activations (QAT)
 
     @property
     def compute_dtype(self) -> jnp.dtype:

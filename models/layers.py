@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.quant import QTensor, embedding_table, fake_quant_activation, linear_operands
 from parallel.sharding import constrain
 
 Initializer = nnx.initializers.Initializer
@@ -53,7 +54,13 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):
-    """y = x @ W over the trailing `len(in_shape)` dims of x; W is `in_shape + out_shape`."""
+    """y = x @ W over the trailing `len(in_shape)` dims of x; W is `in_shape + out_shape`.
+
+    `quant` (set by `models.quant.set_quant`) fake-quantizes W and/or x; W may also hold
+    real integer weights (a `QTensor`). Without either, the float path is unchanged.
+    """
+
+    quant = None
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str],
                  *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
@@ -62,12 +69,17 @@ class Linear(nnx.Module):
         self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.kernel[...].astype(self.dtype)
+        w = self.kernel.get_value()
         n = self.in_ndim
         batch_shape, in_shape = x.shape[:x.ndim - n], x.shape[x.ndim - n:]
-        out_shape = w.shape[n:]
         x2 = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
-        y = matmul(x2, w.reshape(math.prod(in_shape), -1))
+        if self.quant is None and not isinstance(w, QTensor):
+            w = w.astype(self.dtype)
+            out_shape = w.shape[n:]
+            w2 = w.reshape(math.prod(in_shape), -1)
+        else:
+            x2, w2, out_shape = linear_operands(x2, w, self.quant, n, self.dtype)
+        y = matmul(x2, w2)
         return y.reshape(*batch_shape, *out_shape)
 
 
@@ -86,18 +98,28 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding; `attend` is the tied output projection."""
+    """Token embedding; `attend` is the tied output projection. `quant` as for Linear."""
+
+    quant = None
 
     def __init__(self, vocab: int, dim: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.dtype = dtype
         self.embedding = param(rngs, nnx.initializers.normal(std), (vocab, dim),
                                ("vocab", "embed"))
 
+    def table(self) -> jax.Array:
+        table = self.embedding.get_value()
+        if self.quant is None and not isinstance(table, QTensor):
+            return table
+        return embedding_table(table, self.quant)
+
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+        return jnp.take(self.table(), tokens_BxL, axis=0).astype(self.dtype)
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:
-        return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding[...].astype(self.dtype))
+        if self.quant is not None and self.quant.activation_bits:
+            x_BxLxD = fake_quant_activation(x_BxLxD, self.quant)
+        return jnp.einsum("bld,vd->blv", x_BxLxD, self.table().astype(self.dtype))
 
 
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:

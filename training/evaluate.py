@@ -11,19 +11,22 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from configs.errors import ConfigError
+from losses.objectives import split_objective_params
 from training.checkpoint import Checkpointer
 from training.experiment import Experiment
 
 CONFIG_FILE = "config.json"
 
 
-def evaluate(exp: Experiment, params: Any, tokens: np.ndarray | None = None) -> dict[str, float]:
+def evaluate(exp: Experiment, params: Any, tokens: np.ndarray | None = None,
+             eval_step: Any = None) -> dict[str, float]:
     """Mean token loss over every target of `tokens` (default: the validation split)."""
     source = exp.eval_source(tokens)
+    eval_step = eval_step or exp.eval_step
     loss_sum = jnp.zeros((), jnp.float32)
     count = jnp.zeros((), jnp.float32)
     for i in range(len(source)):
-        l, c = exp.eval_step(params, exp.to_global(source[i]))
+        l, c = eval_step(params, exp.to_global(source[i]))
         loss_sum, count = loss_sum + l, count + c  # stays on device: no sync per batch
     loss = float(loss_sum / count)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)),
@@ -69,9 +72,9 @@ def restore_run(workdir: str | Path, step: int | None = None,
     return exp, state, step
 
 
-def write_eval_result(workdir: str | Path, result: dict[str, Any]) -> Path:
+def write_eval_result(workdir: str | Path, result: dict[str, Any], suffix: str = "") -> Path:
     """Save an eval result under WORKDIR/eval/ (process 0 only)."""
-    out = Path(workdir) / "eval" / f"step_{result['step']}.json"
+    out = Path(workdir) / "eval" / f"step_{result['step']}{suffix}.json"
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result) + "\n")
@@ -88,5 +91,5 @@ def sample(exp: Experiment, params: Any, prompts: list[str], length: int, sp: An
     except ValueError as e:
         raise ConfigError("prompt", str(e)) from None
     gen = Generator(exp.graphdef, exp.model_cfg, exp.config.seq_len)
-    out, stats = gen.generate(params, ids, length, sp, seed)
+    out, stats = gen.generate(split_objective_params(params)[0], ids, length, sp, seed)
     return [tok.decode(o) for o in out], stats

@@ -18,8 +18,10 @@ from jax.sharding import Mesh, NamedSharding
 from configs.errors import ConfigError
 from configs.validate import validate_config
 from data.pipeline import EvalBatches, TokenData, TrainBatches, check_lengths, resolve_data
+from losses.objectives import OBJECTIVE_PARAMS, Objective, build_objective, needs_teacher
 from models import ModelConfig, abstract_model, param_logical_axes, split_params
 from models.attention import check_attention_impl
+from models.quant import QuantConfig
 from parallel.mesh import make_mesh
 from parallel.pipeline import bubble_fraction, stage_major_permutation
 from parallel.sharding import Rules, check_divisible, mesh_axes_size, named_sharding
@@ -27,6 +29,7 @@ from training.optimizer import learning_rate_schedule, make_optimizer
 from training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
                             state_logical_axes, state_shardings)
 from training.steps import make_eval_step, make_train_step
+from training.teacher import Teacher
 
 BATCH_AXES = ("act_batch", "act_len")
 
@@ -49,6 +52,8 @@ class Experiment:
     # Circular pipelines keep layers in stage-major order in memory: perm[i] is the model
     # layer at position i. Checkpoints always hold the natural order.
     layer_perm: np.ndarray | None = None
+    objective: Objective | None = None  # None = cross-entropy alone
+    teacher: Teacher | None = None  # for objective terms that distil from a teacher run
 
     @classmethod
     def build(cls, config: Any, workdir: str | os.PathLike,
@@ -65,14 +70,23 @@ class Experiment:
         if config.model.vocab_size and config.model.vocab_size < data.vocab_size:
             raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than "
                                                   f"the data's vocabulary {data.vocab_size}")
-        model_cfg = ModelConfig.from_config(config.model, data.vocab_size, **pipeline)
+        model_cfg = ModelConfig.from_config(config.model, data.vocab_size,
+                                            quant=QuantConfig.from_config(config.quant),
+                                            **pipeline)
         model = abstract_model(model_cfg)
         graphdef, abstract_params = split_params(model)
         param_axes = param_logical_axes(model)
         _check_model_split(config, mesh, rules)
         check_divisible(abstract_params, param_axes, mesh, rules)
+        teacher = Teacher.load(config, data, model_cfg, mesh) if needs_teacher(config) else None
+        objective = build_objective(config, model_cfg, teacher and teacher.model_cfg)
+        if objective.param_axes() is not None:
+            param_axes = {**param_axes, OBJECTIVE_PARAMS: objective.param_axes()}
+            abstract_params = {**abstract_params, OBJECTIVE_PARAMS: jax.eval_shape(
+                objective.init_params, jax.random.key(0))}
+            check_divisible(abstract_params, param_axes, mesh, rules)
         optimizer = make_optimizer(config, param_axes)
-        init_fn = make_init_fn(model_cfg, optimizer, config.seed)
+        init_fn = make_init_fn(model_cfg, optimizer, config.seed, objective.init_params)
         abstract = jax.eval_shape(init_fn)
         logical = state_logical_axes(optimizer, abstract, param_axes)
         shardings = state_shardings(mesh, logical, rules)
@@ -85,17 +99,24 @@ class Experiment:
                    schedule=learning_rate_schedule(config),
                    abstract_state=abstract_with_shardings(abstract, shardings),
                    state_shardings=shardings, state_logical=logical,
-                   batch_sharding=named_sharding(mesh, BATCH_AXES, rules), layer_perm=perm)
+                   batch_sharding=named_sharding(mesh, BATCH_AXES, rules), layer_perm=perm,
+                   objective=objective, teacher=teacher)
 
     # State.
     def init_state(self) -> TrainState:
         """Initialise sharded; identical values for every mesh (layers in memory order)."""
-        init_fn = make_init_fn(self.model_cfg, self.optimizer, self.config.seed)
+        init_fn = make_init_fn(self.model_cfg, self.optimizer, self.config.seed,
+                               self.objective and self.objective.init_params)
         if self.layer_perm is not None:
             perm = self.layer_perm
             natural = init_fn
             init_fn = lambda: self._permute_layers(natural(), perm)  # noqa: E731
         return init_sharded(init_fn, self.state_shardings)
+
+    @functools.cached_property
+    def teacher_params(self) -> Any:
+        """The teacher's parameters, restored from its own run on first use (or None)."""
+        return None if self.teacher is None else self.teacher.restore()
 
     def _permute_layers(self, state: TrainState, index: np.ndarray) -> TrainState:
         """Reorder the `layers` axis of every leaf that has one: out[i] = state[index[i]]."""
@@ -137,14 +158,19 @@ class Experiment:
     # Steps.
     @functools.cached_property
     def train_step(self):
-        moe = self.config.model.moe
         step = make_train_step(self.graphdef, self.model_cfg, self.optimizer, self.schedule,
                                self.mesh, self.rules,
                                grad_accum_steps=self.config.grad_accum_steps,
-                               seed=self.config.seed,
-                               moe_weights=(moe.load_balance_weight, moe.z_loss_weight))
-        return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
-                       out_shardings=(self.state_shardings, None), donate_argnums=0)
+                               seed=self.config.seed, objective=self.objective,
+                               teacher=self.teacher)
+        if self.teacher is None:
+            return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                           out_shardings=(self.state_shardings, None), donate_argnums=0)
+        # The teacher's parameters are an extra argument: sharded, never donated.
+        jitted = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding,
+                                             self.teacher.shardings),
+                         out_shardings=(self.state_shardings, None), donate_argnums=0)
+        return _WithTeacher(jitted, lambda: self.teacher_params)
 
     @functools.cached_property
     def eval_step(self):
@@ -219,6 +245,19 @@ def _check_model_split(config: Any, mesh: Mesh, rules: Rules) -> None:
             raise ConfigError(key, f"{value} is not divisible by the {shards} shards of "
                                    f"logical axis {axis!r} (mesh tensor={mesh.shape['tensor']}, "
                                    f"expert={mesh.shape['expert']})")
+
+
+class _WithTeacher:
+    """train_step(state, batch) for a step whose third argument is the teacher's params."""
+
+    def __init__(self, jitted: Any, teacher_params: Any):
+        self.jitted, self.teacher_params = jitted, teacher_params
+
+    def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
+        return self.jitted(state, batch, self.teacher_params())
+
+    def lower(self, state: TrainState, batch: dict[str, jax.Array]):
+        return self.jitted.lower(state, batch, self.teacher_params())
 
 
 def _check_batch(config: Any, mesh: Mesh, rules: Rules) -> None:

@@ -30,9 +30,16 @@ def state_logical_axes(optimizer: optax.GradientTransformation, abstract_state: 
 
 
 def make_init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                 seed: int) -> Callable[[], TrainState]:
+                 seed: int, extra_params: Callable[[jax.Array], Any] | None = None
+                 ) -> Callable[[], TrainState]:
+    """`extra_params(key)`, if given, adds trained parameters beside the model's under
+    params["objective"] (e.g. a distillation projection)."""
     def init() -> TrainState:
         _, params = split_params(create_model(model_cfg, seed))
+        extra = None if extra_params is None else extra_params(
+            jax.random.fold_in(jax.random.key(seed), 1))
+        if extra is not None:
+            params = {**params, "objective": extra}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params))
     return init

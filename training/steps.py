@@ -9,10 +9,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from losses import cross_entropy
+from losses.objectives import Objective, cross_entropy_objective, split_objective_params
 from models import ModelConfig
 from parallel.sharding import Rules, constrain, use_rules
 from training.state import TrainState
+from training.teacher import Teacher
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -30,58 +31,66 @@ def split_microbatches(batch: Batch, k: int) -> Batch:
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
-                 moe_weights: tuple[float, float] = (0.0, 0.0)) -> Callable[..., Any]:
-    """loss_fn(params, batch, dropout_key) -> (objective sum, stats).
+                 objective: Objective | None = None) -> Callable[..., Any]:
+    """loss_fn(params, batch, dropout_key, teacher=None, step=0) -> (objective sum, stats).
 
-    The objective and every stat except `weight_sum` are sums over target tokens (means
-    such as MoE statistics are multiplied by the token count), so micro-batches add up
-    and dividing by the total `weight_sum` gives token-weighted means. `moe_weights` are
-    the (load-balance, z-loss) weights of the MoE auxiliary losses.
+    The objective is the weighted sum of the terms of `objective` (default: cross-entropy
+    alone; see losses/objectives.py), `teacher` the teacher's Output for terms that need
+    one, and `params` may carry the objective's own parameters. The objective and every
+    stat except `weight_sum` are sums over target tokens (means such as MoE statistics are
+    multiplied by the token count), so micro-batches add up and dividing by the total
+    `weight_sum` gives token-weighted means. Stats: `loss/<term>` for every term and the
+    model's MoE diagnostics `moe_*`.
     """
-    lb_weight, z_weight = moe_weights
+    objective = objective or cross_entropy_objective(model_cfg)
+    return_hidden = objective.needs_hidden
 
-    def loss_fn(params, batch: Batch, dropout_key: jax.Array | None):
-        model = nnx.merge(graphdef, params)
+    def loss_fn(params, batch: Batch, dropout_key: jax.Array | None, teacher: Any = None,
+                step: jax.Array | int = 0):
+        model_params, objective_params = split_objective_params(params)
+        model = nnx.merge(graphdef, model_params)
         tokens = constrain(batch["inputs"], ("act_batch", "act_len"))
         out = model(tokens, segment_ids_BxL=batch.get("segment_ids"),
-                    dropout_key=dropout_key)
-        loss_sum, weight_sum = cross_entropy(out.logits, batch["targets"],
-                                             batch.get("weights"), model_cfg.vocab_size)
-        objective = loss_sum
-        stats = {"weight_sum": weight_sum, "loss": loss_sum}
+                    dropout_key=dropout_key, return_hidden=return_hidden)
+        total, (weight_sum, terms) = objective(out, batch, teacher, objective_params, step)
+        stats = {"weight_sum": weight_sum, **{f"loss/{k}": v for k, v in terms.items()}}
         if out.aux:
-            aux = out.aux
-            objective = objective + (lb_weight * aux["load_balance"]
-                                     + z_weight * aux["z_loss"]) * weight_sum
             for name in ("load_balance", "z_loss", "router_entropy", "drop_fraction", "load"):
-                stats[f"moe_{name}"] = aux[name] * weight_sum
-        return objective, stats
+                stats[f"moe_{name}"] = out.aux[name] * weight_sum
+        return total, stats
     return loss_fn
 
 
 def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, rules: Rules, *, grad_accum_steps: int = 1,
-                    seed: int = 0, moe_weights: tuple[float, float] = (0.0, 0.0)
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """train_step(state, batch) -> (state, metrics); one optimizer update per call.
+                    seed: int = 0, objective: Objective | None = None,
+                    teacher: Teacher | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
+    """train_step(state, batch[, teacher_params]) -> (state, metrics); one optimizer update.
 
     Gradient accumulation runs inside the step (a scan over micro-batches) instead of
     optax.MultiSteps: one call is one optimizer update, the step counter, schedule and
     checkpoints count updates, and no gradient buffer lives in the optimizer state.
+    With a `teacher`, its parameters are the third argument and its forward pass runs
+    here, per micro-batch, without gradients. Metrics: `loss` (the weighted objective),
+    `loss/<term>` for every term, the objective's scheduled values, MoE diagnostics.
     """
-    loss_fn = make_loss_fn(graphdef, model_cfg, moe_weights)
+    objective = objective or cross_entropy_objective(model_cfg)
+    loss_fn = make_loss_fn(graphdef, model_cfg, objective)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     use_key = model_cfg.dropout > 0 or model_cfg.moe_jitter > 0
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch, teacher_params: Any = None
+                   ) -> tuple[TrainState, Metrics]:
         with use_rules(mesh, rules):
             step_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
             def micro(i, mb):
                 key = jax.random.fold_in(step_key, i) if use_key else None
-                (_, stats), grads = grad_fn(state.params, mb, key)
-                return stats, grads
+                t_out = None if teacher is None else teacher.forward(
+                    teacher_params, mb, return_hidden=objective.needs_hidden)
+                (total, stats), grads = grad_fn(state.params, mb, key, t_out, state.step)
+                return {**stats, "loss": total}, grads
 
             if grad_accum_steps == 1:
                 stats, grads = micro(0, batch)
@@ -103,7 +112,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
             params = optax.apply_updates(state.params, updates)
             metrics = {k: v / weight_sum for k, v in stats.items()}
             metrics.update(grad_norm=optax.global_norm(grads),
-                           learning_rate=schedule(state.step))
+                           learning_rate=schedule(state.step), **objective.scalars(state.step))
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
             return new_state, metrics
 
@@ -118,6 +127,6 @@ def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: Mesh,
     def eval_step(params, batch: Batch):
         with use_rules(mesh, rules):
             _, stats = loss_fn(params, batch, None)
-            return stats["loss"], stats["weight_sum"]
+            return stats["loss/ce"], stats["weight_sum"]
 
     return eval_step

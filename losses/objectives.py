@@ -1,0 +1,328 @@
+"""The training objective: a weighted sum of registered loss terms.
+
+    loss = sum_name  loss.weights.<name> * term_<name>(model outputs, batch, teacher outputs)
+
+Every term is registered here, in one place, with `@register_term(name)`. Its builder
+reads its own config (and raises ConfigError for bad values) and returns a `Term`: a
+function that returns the *sum over tokens* of its per-token loss, weighted by the
+batch's token weights. The train step divides the weighted sum of all terms by the
+total token weight, so gradient accumulation over micro-batches stays exact. A term
+defined per batch rather than per token (e.g. a router load-balancing loss) returns its
+value times `inputs.token_count`.
+
+A term weight of 0 (the default for all but `ce`) means the term is not built and not
+computed. Each computed term is reported as `loss/<name>` (unweighted, per token), next
+to `loss`, the weighted total that is optimized. A term may also own parameters (e.g.
+the feature-distillation projection): they live in the train state under
+`params["objective"][<name>]`, are trained with the model and saved in its checkpoints.
+
+To add a term: add `loss.weights.<name> = 0.0` (and any options) to configs/base.py and
+register a builder below (or in a module imported here). A term may take its weight from
+another key: the MoE router losses are the terms `moe_load_balance` and `moe_z_loss`,
+weighted by `model.moe.load_balance_weight` and `model.moe.z_loss_weight`, computed for
+MoE models only.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from configs.errors import ConfigError
+from losses.cross_entropy import cross_entropy
+from losses.distill import FEATURE_KINDS, KL_KINDS, distill_loss, feature_loss
+
+OBJECTIVE_PARAMS = "objective"  # key of the objective's own parameters in the params dict
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class TermInputs(NamedTuple):
+    outputs: Any  # the student's models.Output (logits [B, L, V], hidden [layers, B, L, D])
+    batch: dict[str, jax.Array]  # inputs, targets, optional weights and segment_ids
+    teacher: Any  # the teacher's Output (gradient-free), or None
+    params: Any  # this term's parameters, or None
+    step: jax.Array  # int32: the optimizer update being computed
+    weights: jax.Array | None  # [B, L] token weights (None = all tokens count)
+    token_count: jax.Array  # sum of the token weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    loss: Callable[[TermInputs], jax.Array]  # -> weighted sum over tokens
+    weight: Callable[[jax.Array], jax.Array] | None = None  # schedule; None = config weight
+    needs_hidden: bool = False  # student (and teacher) block outputs
+    init_params: Callable[[jax.Array], Any] | None = None  # rng key -> parameters
+    param_axes: Any = None  # logical PartitionSpecs, like init_params' output
+    scalars: Callable[[jax.Array], dict[str, jax.Array]] | None = None  # extra metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    config: Any  # the run's config
+    model_cfg: Any  # the student's ModelConfig
+    teacher_cfg: Any = None  # the teacher's ModelConfig, for terms that need a teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class TermSpec:
+    build: Callable[[BuildContext], Term]
+    needs_teacher: bool
+    weight_key: str  # config key of the weight
+    applies: Callable[[Any], bool]  # config -> whether the term exists for this model
+
+
+TERMS: dict[str, TermSpec] = {}
+
+
+def register_term(name: str, *, needs_teacher: bool = False, weight_key: str | None = None,
+                  applies: Callable[[Any], bool] = lambda config: True):
+    """Register a term's builder. Its weight is `loss.weights.<name>` unless `weight_key`
+    names another config key (e.g. a model option); `applies` can limit it to some models."""
+    def deco(build: Callable[[BuildContext], Term]) -> Callable[[BuildContext], Term]:
+        TERMS[name] = TermSpec(build, needs_teacher, weight_key or f"loss.weights.{name}",
+                               applies)
+        return build
+    return deco
+
+
+def _get(config: Any, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def active_weights(config: Any) -> dict[str, float]:
+    """name -> weight of every term that is computed (weight > 0 and it applies)."""
+    return {name: float(_get(config, spec.weight_key)) for name, spec in TERMS.items()
+            if spec.applies(config) and float(_get(config, spec.weight_key)) > 0}
+
+
+def needs_teacher(config: Any) -> bool:
+    return any(TERMS[name].needs_teacher for name in active_weights(config))
+
+
+def check_loss_config(config: Any) -> None:
+    """Term names and weights; the builders check their own options."""
+    weights = config.loss.weights
+    for name, value in weights.items():
+        if name not in TERMS or TERMS[name].weight_key != f"loss.weights.{name}":
+            raise ConfigError(f"loss.weights.{name}", f"unknown loss term; registered terms: "
+                                                      f"{sorted(TERMS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise ConfigError(f"loss.weights.{name}", f"must be a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"loss.weights.{name}", f"must be >= 0, got {value}")
+    if not active_weights(config):
+        raise ConfigError("loss.weights", "every term has weight 0: nothing to optimize")
+    if needs_teacher(config) and not config.loss.distill.teacher_workdir:
+        names = [n for n in active_weights(config) if TERMS[n].needs_teacher]
+        raise ConfigError("loss.distill.teacher_workdir",
+                          f"required by loss.weights.{names[0]} > 0")
+
+
+class Objective:
+    """The weighted sum of the built terms."""
+
+    def __init__(self, terms: dict[str, tuple[float, Term]]):
+        self.terms = terms
+
+    @property
+    def needs_hidden(self) -> bool:
+        return any(t.needs_hidden for _, t in self.terms.values())
+
+    def init_params(self, key: jax.Array) -> dict[str, Any] | None:
+        out = {name: t.init_params(jax.random.fold_in(key, i))
+               for i, (name, (_, t)) in enumerate(sorted(self.terms.items()))
+               if t.init_params is not None}
+        return out or None
+
+    def param_axes(self) -> dict[str, Any] | None:
+        out = {name: t.param_axes for name, (_, t) in self.terms.items()
+               if t.init_params is not None}
+        return out or None
+
+    def weight(self, name: str, step: jax.Array) -> jax.Array:
+        w, term = self.terms[name]
+        return jnp.asarray(w if term.weight is None else term.weight(step), jnp.float32)
+
+    def __call__(self, outputs: Any, batch: dict[str, jax.Array], teacher: Any,
+                 params: dict[str, Any] | None, step: jax.Array
+                 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+        """(weighted sum over terms of their token sums, (token weight sum, {name: sum}))."""
+        weights = batch.get("weights")
+        count = (jnp.asarray(batch["targets"].size, jnp.float32) if weights is None
+                 else jnp.sum(weights.astype(jnp.float32)))
+        total = jnp.zeros((), jnp.float32)
+        sums = {}
+        for name, (_, term) in self.terms.items():
+            inputs = TermInputs(outputs, batch, teacher, (params or {}).get(name), step,
+                                weights, count)
+            sums[name] = term.loss(inputs).astype(jnp.float32)
+            total = total + self.weight(name, step) * sums[name]
+        return total, (count, sums)
+
+    def scalars(self, step: jax.Array) -> dict[str, jax.Array]:
+        out = {}
+        for name, (_, term) in self.terms.items():
+            if term.weight is not None:
+                out[f"weight/{name}"] = self.weight(name, step)
+            if term.scalars is not None:
+                out.update(term.scalars(step))
+        return out
+
+
+def build_objective(config: Any, model_cfg: Any, teacher_cfg: Any = None) -> Objective:
+    ctx = BuildContext(config, model_cfg, teacher_cfg)
+    return Objective({name: (w, TERMS[name].build(ctx))
+                      for name, w in active_weights(config).items()})
+
+
+def cross_entropy_objective(model_cfg: Any) -> Objective:
+    """Token cross-entropy alone: evaluation, and runs that set no other term."""
+    return Objective({"ce": (1.0, _ce(BuildContext(None, model_cfg)))})
+
+
+def split_objective_params(params: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(the model's parameters, the objective's parameters or None)."""
+    if OBJECTIVE_PARAMS not in params:
+        return params, None
+    return {k: v for k, v in params.items() if k != OBJECTIVE_PARAMS}, params[OBJECTIVE_PARAMS]
+
+
+def make_schedule(kind: str, start: float, end: float, steps: int
+                  ) -> Callable[[jax.Array], jax.Array]:
+    """start -> end over `steps` updates: constant (start), linear, or cosine."""
+    def schedule(step):
+        frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
+        if kind == "linear":
+            return start + (end - start) * frac
+        if kind == "cosine":
+            return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return jnp.asarray(start, jnp.float32)
+    return schedule
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"unknown value {value!r}; choose one of {list(choices)}")
+
+
+# ----------------------------------------------------------------------------------------
+# The terms.
+
+@register_term("ce")
+def _ce(ctx: BuildContext) -> Term:
+    """Token cross-entropy with the data's next tokens."""
+    vocab = ctx.model_cfg.vocab_size
+
+    def loss(x: TermInputs) -> jax.Array:
+        return cross_entropy(x.outputs.logits, x.batch["targets"], x.weights, vocab)[0]
+    return Term(loss)
+
+
+@register_term("distill", needs_teacher=True)
+def _distill(ctx: BuildContext) -> Term:
+    """T^2 * KL between teacher and student next-token distributions (loss.distill.*)."""
+    d, steps = ctx.config.loss.distill, ctx.config.steps
+    _choice("loss.distill.kind", d.kind, KL_KINDS)
+    if not 0.0 <= d.skew < 1.0:
+        raise ConfigError("loss.distill.skew", f"must be in [0, 1), got {d.skew}")
+    for key in ("temperature", "temperature_final"):
+        if not d[key] > 0:
+            raise ConfigError(f"loss.distill.{key}", f"must be > 0, got {d[key]}")
+    if d.weight_final < 0:
+        raise ConfigError("loss.distill.weight_final", f"must be >= 0, got {d.weight_final}")
+    _choice("loss.distill.weight_schedule", d.weight_schedule, SCHEDULES)
+    _choice("loss.distill.temperature_schedule", d.temperature_schedule, SCHEDULES)
+    temperature = make_schedule(d.temperature_schedule, d.temperature, d.temperature_final,
+                                steps)
+    weight = None
+    if d.weight_schedule != "constant":
+        weight = make_schedule(d.weight_schedule, float(ctx.config.loss.weights.distill),
+                               d.weight_final, steps)
+    kind, skew, vocab = d.kind, float(d.skew), ctx.model_cfg.vocab_size
+
+    def loss(x: TermInputs) -> jax.Array:
+        return distill_loss(x.outputs.logits, x.teacher.logits, x.weights, kind=kind,
+                            temperature=temperature(x.step), skew=skew, vocab_size=vocab)
+
+    scalars = None
+    if d.temperature_schedule != "constant":
+        scalars = lambda step: {"distill/temperature": temperature(step)}  # noqa: E731
+    return Term(loss, weight=weight, scalars=scalars)
+
+
+def parse_layer_map(text: str, student_layers: int, teacher_layers: int
+                    ) -> list[tuple[int, int]]:
+    """"S:T,S:T" (negative = from the end) -> [(s, t)]; "" = last layer to last layer."""
+    key = "loss.feature.layer_map"
+    if not text.strip():
+        return [(student_layers - 1, teacher_layers - 1)]
+    pairs = []
+    for item in text.split(","):
+        try:
+            s, t = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ConfigError(key, f"{item!r} is not STUDENT_LAYER:TEACHER_LAYER") from None
+        for idx, n, who in ((s, student_layers, "student"), (t, teacher_layers, "teacher")):
+            if not -n <= idx < n:
+                raise ConfigError(key, f"{who} layer {idx} is out of range: the {who} has "
+                                       f"{n} layers")
+        pairs.append((s % student_layers, t % teacher_layers))
+    return pairs
+
+
+@register_term("feature", needs_teacher=True)
+def _feature(ctx: BuildContext) -> Term:
+    """Distance between chosen student and teacher block outputs (loss.feature.*), with a
+    learned linear projection when the widths differ."""
+    f = ctx.config.loss.feature
+    _choice("loss.feature.kind", f.kind, FEATURE_KINDS)
+    s_cfg, t_cfg = ctx.model_cfg, ctx.teacher_cfg
+    if s_cfg.pipeline_stages > 1:
+        raise ConfigError("loss.weights.feature", "needs the student's hidden states, which "
+                                                  "pipelined layers do not return; use "
+                                                  "mesh.pipeline=1")
+    pairs = parse_layer_map(f.layer_map, s_cfg.num_layers, t_cfg.num_layers)
+    s_idx, t_idx = [s for s, _ in pairs], [t for _, t in pairs]
+    kind, ds, dt = f.kind, s_cfg.d_model, t_cfg.d_model
+    project = ds != dt
+
+    def init(key):
+        return {"projection": jax.random.normal(key, (len(pairs), ds, dt), jnp.float32)
+                / math.sqrt(ds)}
+
+    def loss(x: TermInputs) -> jax.Array:
+        s_h = [x.outputs.hidden[i] for i in s_idx]
+        t_h = [x.teacher.hidden[i] for i in t_idx]
+        proj = x.params["projection"] if project else None
+        return feature_loss(s_h, t_h, x.weights, kind=kind, projection_PxDsxDt=proj)
+
+    return Term(loss, needs_hidden=True, init_params=init if project else None,
+                param_axes={"projection": P(None, "embed", None)} if project else None)
+
+
+def _is_moe(config: Any) -> bool:
+    return bool(config.model.moe.num_experts)
+
+
+def _moe_aux_term(name: str) -> Callable[[BuildContext], Term]:
+    def build(ctx: BuildContext) -> Term:
+        def loss(x: TermInputs) -> jax.Array:
+            # A per-batch mean over the MoE layers, scaled to a token sum.
+            return x.outputs.aux[name] * x.token_count
+        return Term(loss)
+    build.__doc__ = f"The MoE router's {name} (models/moe.py), weighted by model.moe."
+    return build
+
+
+register_term("moe_load_balance", weight_key="model.moe.load_balance_weight",
+              applies=_is_moe)(_moe_aux_term("load_balance"))
+register_term("moe_z_loss", weight_key="model.moe.z_loss_weight",
+              applies=_is_moe)(_moe_aux_term("z_loss"))

@@ -1,0 +1,308 @@
+"""Integer quantization: fake quantization with a straight-through estimator (QAT), and
+real integer weights plus scales (post-training quantization, low-precision evaluation).
+
+A weight matrix is handled in its 2-D `[I, O]` form (I = the contracted input features,
+O = the outputs). Its scales are computed over I: one per output channel
+(`per_channel`), one per matrix (`per_tensor`), or one per group of `g` consecutive
+inputs and output channel (granularity `"g"`, e.g. `"32"`: sub-channel). Activations
+(the inputs of every weight matmul) are quantized per token with dynamic ranges.
+
+Symmetric: q = clip(round(x / s), -(2^(b-1) - 1), 2^(b-1) - 1), s = max|x| / (2^(b-1) - 1).
+Asymmetric: q = clip(round(x / s) + z, -2^(b-1), 2^(b-1) - 1) with the range [min, max]
+(widened to contain 0, so the integer zero point z fits in b bits) mapped onto the grid.
+Either way |x - dequant(quant(x))| <= s / 2 for every x inside the range.
+
+Modules opt in by declaring a class attribute `quant = None` and calling
+`linear_operands` / `embedding_table`; `set_quant` sets it on every such module.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from configs.errors import ConfigError
+
+WEIGHT_BITS = (0, 4, 8)  # 0 = float weights
+ACTIVATION_BITS = (0, 8)  # 0 = float activations
+PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    weight_bits: int = 8
+    activation_bits: int = 0
+    granularity: str = PER_CHANNEL  # per_channel | per_tensor | a group size, e.g. "32"
+    symmetric: bool = True
+
+    @property
+    def group_size(self) -> int:
+        """Inputs per scale: 0 = per channel (all of I), -1 = per tensor, else g."""
+        if self.granularity == PER_CHANNEL:
+            return 0
+        if self.granularity == PER_TENSOR:
+            return -1
+        return int(self.granularity)
+
+    @classmethod
+    def from_config(cls, quant_cfg: Any) -> "QuantConfig | None":
+        """None when nothing is quantized (the float fast path)."""
+        if quant_cfg is None or not (quant_cfg.weight_bits or quant_cfg.activation_bits):
+            return None
+        return cls(weight_bits=int(quant_cfg.weight_bits),
+                   activation_bits=int(quant_cfg.activation_bits),
+                   granularity=str(quant_cfg.granularity), symmetric=bool(quant_cfg.symmetric))
+
+
+def check_quant_config(quant_cfg: Any, matrix_inputs: dict[str, int]) -> None:
+    """Raise ConfigError for unsupported bits or a granularity that does not divide the
+    input features of every quantized matrix (`matrix_inputs`: name -> I)."""
+    if quant_cfg.weight_bits not in WEIGHT_BITS:
+        raise ConfigError("quant.weight_bits", f"unsupported bits {quant_cfg.weight_bits!r}; "
+                                               "choose 8 or 4 (0 = float)")
+    if quant_cfg.activation_bits not in ACTIVATION_BITS:
+        raise ConfigError("quant.activation_bits", f"unsupported bits "
+                                                   f"{quant_cfg.activation_bits!r}; choose 8 "
+                                                   "(0 = float activations)")
+    g = str(quant_cfg.granularity)
+    if g in (PER_CHANNEL, PER_TENSOR):
+        return
+    if not g.isdigit() or int(g) <= 0:
+        raise ConfigError("quant.granularity", f"{g!r} is not per_channel, per_tensor or a "
+                                               "positive group size")
+    for name, size in matrix_inputs.items():
+        if size % int(g):
+            raise ConfigError("quant.granularity", f"group size {g} does not divide the "
+                                                   f"{size} input features of {name}")
+    if quant_cfg.weight_bits == 4 and int(g) % 2:
+        raise ConfigError("quant.granularity", f"int4 packs pairs of rows: group size {g} "
+                                               "must be even")
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    top = 2 ** (bits - 1) - 1
+    return (-top, top) if symmetric else (-top - 1, top)
+
+
+def qparams(x: jax.Array, axes: tuple[int, ...], bits: int, symmetric: bool
+            ) -> tuple[jax.Array, jax.Array]:
+    """(scale, zero point) over `axes` (kept as size-1 dims), from the data's range."""
+    qmin, qmax = int_range(bits, symmetric)
+    x = x.astype(jnp.float32)
+    if symmetric:
+        scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / qmax
+        zero = jnp.zeros_like(scale)
+    else:
+        lo = jnp.minimum(jnp.min(x, axis=axes, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(x, axis=axes, keepdims=True), 0.0)
+        scale = (hi - lo) / (qmax - qmin)
+        scale = jnp.where(scale > 0, scale, 1.0)
+        zero = qmin - jnp.round(lo / scale)
+    scale = jnp.where(scale > 0, scale, 1.0)  # all-zero rows: any scale is exact
+    return jax.lax.stop_gradient(scale), jax.lax.stop_gradient(zero)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fake_quant(x: jax.Array, scale: jax.Array, zero: jax.Array, qmin: int, qmax: int
+               ) -> jax.Array:
+    """Quantize then dequantize. Gradient (straight-through estimator): the identity where
+    x / scale + zero lies inside [qmin, qmax], zero where it is clipped."""
+    return _fake_quant(x, scale, zero, qmin, qmax)
+
+
+def _fake_quant(x, scale, zero, qmin, qmax):
+    x32 = x.astype(jnp.float32)
+    q = jnp.clip(jnp.round(x32 / scale + zero), qmin, qmax)
+    return ((q - zero) * scale).astype(x.dtype)
+
+
+def _fake_quant_fwd(x, scale, zero, qmin, qmax):
+    v = x.astype(jnp.float32) / scale + zero
+    inside = (v >= qmin) & (v <= qmax)
+    return _fake_quant(x, scale, zero, qmin, qmax), (inside, scale, zero)
+
+
+def _fake_quant_bwd(qmin, qmax, res, g):
+    inside, scale, zero = res
+    return jnp.where(inside, g, 0).astype(g.dtype), jnp.zeros_like(scale), jnp.zeros_like(zero)
+
+
+fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def _groups(w_IxO: jax.Array, group_size: int) -> jax.Array:
+    """[I, O] -> [G, g, O]: G groups of g consecutive inputs (G = 1 per channel/tensor)."""
+    i, o = w_IxO.shape
+    g = i if group_size <= 0 else group_size
+    return w_IxO.reshape(i // g, g, o)
+
+
+def _weight_axes(cfg: QuantConfig) -> tuple[int, ...]:
+    return (0, 1, 2) if cfg.group_size == -1 else (1,)
+
+
+def fake_quant_weight(w_IxO: jax.Array, cfg: QuantConfig) -> jax.Array:
+    """Fake-quantized weight matrix with the config's bits and granularity (STE)."""
+    w = _groups(w_IxO, cfg.group_size)
+    scale, zero = qparams(w, _weight_axes(cfg), cfg.weight_bits, cfg.symmetric)
+    return fake_quant(w, scale, zero, *int_range(cfg.weight_bits, cfg.symmetric)
+                      ).reshape(w_IxO.shape)
+
+
+def fake_quant_activation(x_NxI: jax.Array, cfg: QuantConfig) -> jax.Array:
+    """Per-token dynamic fake quantization of a matmul input (STE)."""
+    scale, zero = qparams(x_NxI, (x_NxI.ndim - 1,), cfg.activation_bits, cfg.symmetric)
+    return fake_quant(x_NxI, scale, zero, *int_range(cfg.activation_bits, cfg.symmetric))
+
+
+# ----------------------------------------------------------------------------------------
+# Real integer weights.
+
+@struct.dataclass
+class QTensor:
+    """A weight matrix as integers plus scales. Leading (stacked-layer) dims are allowed.
+
+    qvalue: int8 [..., I, O], or for 4 bits uint8 [..., I/2, O] holding two values each.
+    scale:  float32 [..., G, O] (per channel: G = 1; per tensor: [..., 1, 1]).
+    zero:   int8 like scale (asymmetric), or None (symmetric).
+    """
+    qvalue: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None
+    bits: int = struct.field(pytree_node=False)
+    shape: tuple[int, ...] = struct.field(pytree_node=False)  # the float kernel's shape
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        """The [I, O] float matrix (the last two dims; call per layer for stacked ones)."""
+        q = unpack_int4(self.qvalue) if self.bits == 4 else self.qvalue
+        i, o = q.shape[-2:]
+        g = self.scale.shape[-2]
+        qf = q.astype(jnp.float32).reshape(*q.shape[:-2], g, i // g, o)
+        zero = 0.0 if self.zero is None else self.zero.astype(jnp.float32)[..., None, :]
+        w = (qf - zero) * self.scale[..., None, :]
+        return w.reshape(*q.shape[:-2], i, o).astype(dtype)
+
+
+def pack_int4(q: jax.Array) -> jax.Array:
+    """int8 values in [-8, 7], [..., 2n, O] -> uint8 [..., n, O] (row 2k low nibble)."""
+    lo, hi = q[..., 0::2, :], q[..., 1::2, :]
+    return ((lo.astype(jnp.uint8) & 0xF) | (hi.astype(jnp.uint8) << 4)).astype(jnp.uint8)
+
+
+def unpack_int4(p: jax.Array) -> jax.Array:
+    """Inverse of pack_int4, sign-extending each nibble."""
+    lo = jax.lax.shift_right_arithmetic((p << 4).astype(jnp.int8), jnp.int8(4))
+    hi = jax.lax.shift_right_arithmetic(p.astype(jnp.int8), jnp.int8(4))
+    out = jnp.stack([lo, hi], axis=-2)  # [..., n, 2, O]
+    return out.reshape(*p.shape[:-2], 2 * p.shape[-2], p.shape[-1])
+
+
+def quantize_matrix(w_IxO: jax.Array, cfg: QuantConfig, shape: tuple[int, ...] | None = None
+                    ) -> QTensor:
+    """Round a float [I, O] matrix to integers plus scales."""
+    bits = cfg.weight_bits
+    w = _groups(w_IxO.astype(jnp.float32), cfg.group_size)
+    scale, zero = qparams(w, _weight_axes(cfg), bits, cfg.symmetric)
+    qmin, qmax = int_range(bits, cfg.symmetric)
+    q = jnp.clip(jnp.round(w / scale + zero), qmin, qmax).astype(jnp.int8)
+    q = q.reshape(w_IxO.shape)
+    g_axis = scale.shape[0] if cfg.group_size != -1 else 1
+    scale = scale.reshape(g_axis, -1)
+    zero = None if cfg.symmetric else zero.reshape(g_axis, -1).astype(jnp.int8)
+    return QTensor(qvalue=pack_int4(q) if bits == 4 else q, scale=scale, zero=zero, bits=bits,
+                   shape=tuple(shape or w_IxO.shape))
+
+
+# ----------------------------------------------------------------------------------------
+# What the modules call.
+
+def linear_operands(x_NxI: jax.Array, w: Any, cfg: QuantConfig | None, in_ndim: int,
+                    dtype: Any) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+    """(x, w as [I, O], output feature shape) for a quantized Linear.
+
+    `w` is the float kernel (fake-quantized if cfg has weight bits) or a QTensor (real
+    integer weights, dequantized here). Activations are fake-quantized per token."""
+    if isinstance(w, QTensor):
+        w2 = w.dequantize(dtype)
+        out_shape = w.shape[in_ndim:]
+    else:
+        out_shape = w.shape[in_ndim:]
+        w2 = w.reshape(x_NxI.shape[1], -1)
+        if cfg is not None and cfg.weight_bits:
+            w2 = fake_quant_weight(w2, cfg)
+        w2 = w2.astype(dtype)
+    if cfg is not None and cfg.activation_bits:
+        x_NxI = fake_quant_activation(x_NxI, cfg)
+    return x_NxI, w2, out_shape
+
+
+def embedding_table(table: Any, cfg: QuantConfig | None) -> jax.Array:
+    """The [V, D] embedding (float32): fake-quantized, or dequantized from a QTensor.
+
+    Its scales are per vocabulary row (over D), the contracted dim of the tied output
+    projection, so the same integers serve the lookup and the logits."""
+    if isinstance(table, QTensor):
+        return table.dequantize(jnp.float32).T
+    if cfg is not None and cfg.weight_bits:
+        return fake_quant_weight(table.T, cfg).T
+    return table
+
+
+def set_quant(model: nnx.Module, cfg: QuantConfig | None) -> nnx.Module:
+    """Set `quant` on every module that declares it (Linear, Embed, ...)."""
+    for _, module in model.iter_modules():
+        if hasattr(type(module), "quant"):
+            module.quant = cfg
+    return model
+
+
+def quantize_params(model: nnx.Module, params: dict[str, Any], cfg: QuantConfig
+                    ) -> dict[str, Any]:
+    """Post-training quantization: every quantizable weight of `params` becomes a QTensor.
+
+    `model` (abstract is fine) tells which parameters are weights and their layout;
+    stacked layers are quantized layer by layer. Other parameters (norms) stay float32.
+    """
+    from models.layers import Embed, Linear  # noqa: PLC0415 (layers imports this module)
+    out = jax.tree.map(lambda x: x, params)  # a copy of the nested dicts
+
+    def put(path, value):
+        node = out
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = value
+
+    def get(path):
+        node = params
+        for p in path:
+            node = node[p]
+        return node
+
+    for path, module in model.iter_modules():
+        if isinstance(module, Linear):
+            var, name, in_ndim = module.kernel, "kernel", module.in_ndim
+        elif isinstance(module, Embed):
+            var, name, in_ndim = module.embedding, "embedding", None
+        else:
+            continue
+        stacked = var.get_metadata().get("out_sharding", (None,))[0] == "layers"
+        w = get((*path, name))
+
+        def one(w, in_ndim=in_ndim):
+            if in_ndim is None:  # embedding [V, D]: scales over D
+                return quantize_matrix(w.T, cfg, shape=w.shape)
+            i = 1
+            for d in w.shape[:in_ndim]:
+                i *= d
+            return quantize_matrix(w.reshape(i, -1), cfg, shape=w.shape)
+
+        put((*path, name), jax.vmap(one)(w) if stacked else one(w))
+    return out
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array in a pytree (QTensors count their integers and scales)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
