@@ -109,7 +109,7 @@ def qparams(x: jax.Array, axes: tuple[int, ...], bits: int, symmetric: bool
 def fake_quant(x: jax.Array, scale: jax.Array, zero: jax.Array, qmin: int, qmax: int
                ) -> jax.Array:
     """Quantize then dequantize. Gradient (straight-through estimator): the identity where
-    x / scale + zero lies inside [qmin, qmax], zero where it is clipped."""
+    round(x / scale + zero) lies inside [qmin, qmax], zero where it is clipped."""
     return _fake_quant(x, scale, zero, qmin, qmax)
 
 
@@ -120,8 +120,8 @@ def _fake_quant(x, scale, zero, qmin, qmax):
 
 
 def _fake_quant_fwd(x, scale, zero, qmin, qmax):
-    v = x.astype(jnp.float32) / scale + zero
-    inside = (v >= qmin) & (v <= qmax)
+    v = jnp.round(x.astype(jnp.float32) / scale + zero)
+    inside = (v >= qmin) & (v <= qmax)  # rounding alone did not leave the grid: no clip
     return _fake_quant(x, scale, zero, qmin, qmax), (inside, scale, zero)
 
 

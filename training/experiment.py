@@ -73,12 +73,12 @@ class Experiment:
         model_cfg = ModelConfig.from_config(config.model, data.vocab_size,
                                             quant=QuantConfig.from_config(config.quant),
                                             **pipeline)
+        teacher = Teacher.load(config, data, model_cfg, mesh) if needs_teacher(config) else None
         model = abstract_model(model_cfg)
         graphdef, abstract_params = split_params(model)
         param_axes = param_logical_axes(model)
         _check_model_split(config, mesh, rules)
         check_divisible(abstract_params, param_axes, mesh, rules)
-        teacher = Teacher.load(config, data, model_cfg, mesh) if needs_teacher(config) else None
         objective = build_objective(config, model_cfg, teacher and teacher.model_cfg)
         if objective.param_axes() is not None:
             param_axes = {**param_axes, OBJECTIVE_PARAMS: objective.param_axes()}
