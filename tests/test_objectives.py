@@ -111,3 +111,23 @@ def test_terms_are_registered_once_with_their_needs():
     assert {"ce", "distill", "feature"} <= set(TERMS)
     assert not TERMS["ce"].needs_teacher
     assert TERMS["distill"].needs_teacher and TERMS["feature"].needs_teacher
+
+
+def test_moe_router_losses_are_registered_terms(tiny_config, tmp_path):
+    """MoE aux losses plug in as terms weighted by model.moe.*_weight; dense models skip
+    them; they combine with distillation-style terms through the same objective."""
+    from training.experiment import Experiment
+    c = tiny_config
+    c.batch_size, c.eval_batch_size = 8, 8
+    dense = Experiment.build(c, tmp_path / "dense", jax.devices()[:1])
+    assert set(dense.objective.terms) == {"ce"}  # moe weights are set, but no experts
+    c.model.moe.num_experts, c.model.moe.top_k = 4, 2
+    c.model.moe.load_balance_weight, c.model.moe.z_loss_weight = 0.5, 0.1
+    exp = Experiment.build(c, tmp_path / "moe", jax.devices()[:1])
+    assert set(exp.objective.terms) == {"ce", "moe_load_balance", "moe_z_loss"}
+    state = exp.init_state()
+    _, m = exp.train_step(state, exp.to_global(exp.train_source()[0]))
+    total = m["loss/ce"] + 0.5 * m["loss/moe_load_balance"] + 0.1 * m["loss/moe_z_loss"]
+    np.testing.assert_allclose(float(m["loss"]), float(total), rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss/moe_load_balance"]),
+                               float(m["moe_load_balance"]), rtol=1e-6)
