@@ -152,7 +152,8 @@ def test_bad_config_is_a_clear_error_before_compiling(overrides, message, tiny_c
 def test_cli_distill_flags_and_quantized_eval(teacher_dir, tmp_path):
     res = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny", "--cpu_devices=1",
                    f"--workdir={tmp_path}", "--config.steps=2", "--config.eval_max_batches=1",
-                   "--config.loss.weights.distill=0.5", "--config.loss.distill.kind=skew_forward_kl",
+                   "--config.loss.weights.distill=0.5",
+                   "--config.loss.distill.kind=skew_forward_kl",
                    f"--config.loss.distill.teacher_workdir={teacher_dir}",
                    "--config.quant.weight_bits=8"])
     assert res.returncode == 0, res.stderr
