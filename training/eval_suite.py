@@ -182,7 +182,11 @@ def sample_speculative(exp: Any, params: Any, draft_workdir: str, prompts: list[
     """
     from inference.generate import Generator
     from inference.speculative import SpeculativeGenerator
+    from losses.objectives import split_objective_params
     draft_exp, draft_state, _ = restore_run(draft_workdir, draft_step, devices)
+    # Runs trained with learned objective terms carry extra params; generation needs none.
+    params = split_objective_params(params)[0]
+    draft_params = split_objective_params(draft_state.params)[0]
     t_tok, d_tok = exp.data.tokenizer, draft_exp.data.tokenizer
     if t_tok.to_dict() != d_tok.to_dict():
         raise ConfigError("draft_workdir", f"the draft run {draft_workdir} uses another "
@@ -193,7 +197,7 @@ def sample_speculative(exp: Any, params: Any, draft_workdir: str, prompts: list[
     spec = SpeculativeGenerator((exp.graphdef, exp.model_cfg, exp.config.seq_len),
                                 (draft_exp.graphdef, draft_exp.model_cfg,
                                  draft_exp.config.seq_len), draft_tokens)
-    out, stats = spec.generate(params, draft_state.params, ids, length, sp, seed)
+    out, stats = spec.generate(params, draft_params, ids, length, sp, seed)
     stats["draft_tokens"] = draft_tokens
     if compare:
         gen = Generator(exp.graphdef, exp.model_cfg, exp.config.seq_len)
