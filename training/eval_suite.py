@@ -184,15 +184,15 @@ def sample_speculative(exp: Any, params: Any, draft_workdir: str, prompts: list[
     from inference.speculative import SpeculativeGenerator
     from losses.objectives import split_objective_params
     draft_exp, draft_state, _ = restore_run(draft_workdir, draft_step, devices)
-    # Runs trained with learned objective terms carry extra params; generation needs none.
-    params = split_objective_params(params)[0]
-    draft_params = split_objective_params(draft_state.params)[0]
     t_tok, d_tok = exp.data.tokenizer, draft_exp.data.tokenizer
     if t_tok.to_dict() != d_tok.to_dict():
         raise ConfigError("draft_workdir", f"the draft run {draft_workdir} uses another "
                                            f"vocabulary ({d_tok.kind}, {d_tok.vocab_size} "
                                            f"tokens) than the target ({t_tok.kind}, "
                                            f"{t_tok.vocab_size} tokens)")
+    # Runs trained with learned objective terms carry extra params; generation needs none.
+    params = split_objective_params(params)[0]
+    draft_params = split_objective_params(draft_state.params)[0]
     ids = encode_prompts(exp, prompts)
     spec = SpeculativeGenerator((exp.graphdef, exp.model_cfg, exp.config.seq_len),
                                 (draft_exp.graphdef, draft_exp.model_cfg,
