@@ -24,7 +24,8 @@ from models.attention import check_attention_impl
 from models.quant import QuantConfig
 from parallel.mesh import make_mesh
 from parallel.pipeline import bubble_fraction, stage_major_permutation
-from parallel.sharding import Rules, check_divisible, mesh_axes_size, named_sharding
+from parallel.sharding import (Rules, check_divisible, mesh_axes_of, mesh_axes_size,
+                               named_sharding)
 from training.optimizer import learning_rate_schedule, make_optimizer
 from training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
                             state_logical_axes, state_shardings)
@@ -266,8 +267,9 @@ def _check_batch(config: Any, mesh: Mesh, rules: Rules) -> None:
     if micro % dp:
         what = "batch_size" if config.grad_accum_steps == 1 else \
             f"batch_size / grad_accum_steps = {micro}"
+        axes = " x ".join(mesh_axes_of("act_batch", rules))
         raise ConfigError("batch_size", f"{what} is not divisible by the data-parallel size "
-                                        f"{dp} (mesh data x fsdp)")
+                                        f"{dp} (mesh {axes}, the axes of act_batch)")
     if config.eval_batch_size % dp:
         raise ConfigError("eval_batch_size", f"{config.eval_batch_size} is not divisible by "
                                              f"the data-parallel size {dp}")
