@@ -152,7 +152,10 @@ def blocked_ffn(x_NxD: jax.Array, group_sizes_E: jax.Array, w: dict[str, jax.Arr
     buf = jnp.zeros((num_blocks * block, d), x_NxD.dtype).at[dest].set(x_NxD)
     block_expert = jnp.minimum(
         jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right"), e - 1)
-    wb = {k: v[block_expert] for k, v in w.items()}  # [blocks, ...] weights per block
+    # Weights per block as a one-hot contraction, not a gather: the gather's transpose is a
+    # scatter-add, which XLA:CPU runs element by element.
+    pick = jax.nn.one_hot(block_expert, e, dtype=next(iter(w.values())).dtype)
+    wb = {k: jnp.einsum("be,e...->b...", pick, v) for k, v in w.items()}
     out = expert_ffn(buf.reshape(num_blocks, block, d), wb, kind)
     return out.reshape(num_blocks * block, -1)[dest]
 
