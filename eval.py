@@ -63,8 +63,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if logging.get_verbosity() == logging.INFO:  # orbax logs every save step at INFO
-        logging.set_verbosity(logging.WARNING)
+    if logging.get_verbosity() == logging.INFO:  # orbax warns that read-only managers
+        logging.set_verbosity(logging.ERROR)     # do not save: noise for an evaluation
     from parallel.distributed import initialize
     initialize(_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from configs.errors import ConfigError
