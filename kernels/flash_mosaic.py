@@ -32,6 +32,19 @@ SQ = pl.squeezed
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
+def _tile_mask(i, j, bq: int, bk: int, st: Static, seg_refs, transposed: bool = False):
+    """Visibility of query tile i x key tile j: [bq, bk], or [bk, bq] if `transposed`.
+
+    `seg_refs`: None, or the (query, key) segment-id refs shaped to match ([bq, 1] and
+    [1, bk], or the transposes).
+    """
+    shape, q_dim = ((bk, bq), 1) if transposed else ((bq, bk), 0)
+    q_pos = i * bq + jax.lax.broadcasted_iota(jnp.int32, shape, q_dim)
+    k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_dim)
+    q_seg, kv_seg = (None, None) if seg_refs is None else (r[...] for r in seg_refs)
+    return visible(q_pos, k_pos, st, q_seg, kv_seg)
+
+
 def _call(kernel, st: Static, **kwargs):
     return pl.pallas_call(
         kernel,
@@ -78,11 +91,8 @@ def _fwd_kernel(*refs, st: Static):
     def compute(masked):
         mask = None
         if masked:
-            q_pos = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-            k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            q_seg = qseg_ref[...] if st.has_segments else None  # [bq, 1]
-            kv_seg = kvseg_ref[...] if st.has_segments else None  # [1, bk]
-            mask = visible(q_pos, k_pos, st, q_seg, kv_seg)
+            segs = (qseg_ref, kvseg_ref) if st.has_segments else None
+            mask = _tile_mask(i, j, bq, bk, st, segs)
         m, l, acc = fwd_block(q_ref[...], k_ref[...], v_ref[...], m_sc[...], l_sc[...],
                               acc_sc[...], mask, st.scale)
         m_sc[...] = m
@@ -160,11 +170,8 @@ def _dkdv_kernel(*refs, st: Static):
     def compute(masked):
         mask_t = None
         if masked:
-            k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
-            q_pos = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
-            q_seg = qseg_ref[...] if st.has_segments else None  # [1, bq]
-            kv_seg = kvseg_ref[...] if st.has_segments else None  # [bk, 1]
-            mask_t = visible(q_pos, k_pos, st, q_seg, kv_seg)
+            segs = (qseg_ref, kvseg_ref) if st.has_segments else None
+            mask_t = _tile_mask(i, j, bq, bk, st, segs, transposed=True)
         dk, dv = dkdv_block(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
                             delta_ref[...], mask_t, st.scale)
         dk_sc[...] += dk
@@ -194,11 +201,8 @@ def _dq_kernel(*refs, st: Static):
     def compute(masked):
         mask = None
         if masked:
-            q_pos = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-            k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            q_seg = qseg_ref[...] if st.has_segments else None  # [bq, 1]
-            kv_seg = kvseg_ref[...] if st.has_segments else None  # [1, bk]
-            mask = visible(q_pos, k_pos, st, q_seg, kv_seg)
+            segs = (qseg_ref, kvseg_ref) if st.has_segments else None
+            mask = _tile_mask(i, j, bq, bk, st, segs)
         dq_sc[...] += dq_block(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
                                delta_ref[...], mask, st.scale)
 
