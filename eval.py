@@ -21,10 +21,14 @@ integers plus scales, and the line adds `weight_bytes` (vs `float_weight_bytes`)
 result goes to WORKDIR/eval/step_<N>_int8.json (or _int4).
 """
 
-import json
 import sys
 
 from absl import app, flags, logging
+
+from configs.errors import ConfigError
+from configs.sections import Generate, Sampling
+from evaluation.modes import EvalRequest, run
+from parallel.distributed import initialize
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -46,8 +50,8 @@ _DRAFT_STEP = flags.DEFINE_integer("draft_step", None, "The draft's checkpoint s
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round.")
 _COMPARE = flags.DEFINE_bool("compare", True, "With --draft_workdir, also decode without the "
                              "draft and report the speed-up.")
-_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"],
-                              "Evaluate with real integer weights of this width.")
+_QUANTIZE = flags.DEFINE_string("quantize", None, "int8 | int4: evaluate with real integer "
+                                "weights of this width.")
 _GRANULARITY = flags.DEFINE_string("quant_granularity", None,
                                    "per_channel | per_tensor | a group size (default: the "
                                    "run's quant.granularity).")
@@ -65,64 +69,22 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if logging.get_verbosity() == logging.INFO:  # orbax warns that read-only managers
         logging.set_verbosity(logging.ERROR)     # do not save: noise for an evaluation
-    from parallel.distributed import initialize
-    initialize(_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from configs.errors import ConfigError
-    from inference.generate import SamplingParams
-    from training.evaluate import evaluate, restore_run, sample, write_eval_result
-
     try:
-        suite = _ALL_STEPS.value or _DATA.value
-        if suite and _QUANTIZE.value:
-            raise ConfigError("quantize", "evaluates one checkpoint on the validation split; "
-                                          "drop --all_steps/--data")
-        if suite:  # every checkpoint and/or other data: one JSON line per step
-            from training.eval_suite import evaluate_checkpoints
-            steps = "all" if _ALL_STEPS.value else "latest" if _STEP.value is None else \
-                [_STEP.value]
-            evaluate_checkpoints(_WORKDIR.value, steps, _DATA.value,
-                                 on_result=lambda r: print(json.dumps(r), flush=True))
-        if (_EVAL.value and not suite) or _SAMPLE.value:
-            exp, state, step = restore_run(_WORKDIR.value, _STEP.value)
-        if _EVAL.value and not suite and _QUANTIZE.value:
-            from training.quantize import evaluate_quantized
-            result = {"step": step, **evaluate_quantized(
-                exp, state.params, _QUANTIZE.value, _GRANULARITY.value, _SYMMETRIC.value)}
-            write_eval_result(_WORKDIR.value, result, suffix=f"_{_QUANTIZE.value}")
-            print(json.dumps(result), flush=True)
-        elif _EVAL.value and not suite:
-            result = {"step": step, **evaluate(exp, state.params)}
-            write_eval_result(_WORKDIR.value, result)
-            print(json.dumps(result), flush=True)
-        if _SAMPLE.value:
-            sp = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-            if _DRAFT_WORKDIR.value:
-                from training.eval_suite import sample_speculative
-                texts, stats = sample_speculative(
-                    exp, state.params, _DRAFT_WORKDIR.value, _PROMPT.value, _LENGTH.value, sp,
-                    _SEED.value, _DRAFT_TOKENS.value, _DRAFT_STEP.value, compare=_COMPARE.value)
-            else:
-                texts, stats = sample(exp, state.params, _PROMPT.value, _LENGTH.value, sp,
-                                      _SEED.value)
-            for prompt, text in zip(_PROMPT.value, texts):
-                print(f"--- prompt {prompt!r}\n{prompt}{text}")
-            print(json.dumps({k: round(v, 3) for k, v in stats.items()}), file=sys.stderr)
-            print(speed_line(stats), file=sys.stderr)
+        request = EvalRequest(
+            workdir=_WORKDIR.value, step=_STEP.value, evaluate=_EVAL.value,
+            sample=_SAMPLE.value, prompts=tuple(_PROMPT.value),
+            sampling=Sampling.parse({"temperature": _TEMPERATURE.value, "top_k": _TOP_K.value,
+                                     "top_p": _TOP_P.value}),
+            generate=Generate.parse({"length": _LENGTH.value, "seed": _SEED.value,
+                                     "draft_tokens": _DRAFT_TOKENS.value}),
+            all_steps=_ALL_STEPS.value, data=_DATA.value, draft_workdir=_DRAFT_WORKDIR.value,
+            draft_step=_DRAFT_STEP.value, compare=_COMPARE.value, quantize=_QUANTIZE.value,
+            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value)
+        initialize(_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                   _PROCESS_ID.value)
+        run(request)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-
-
-def speed_line(stats: dict[str, float]) -> str:
-    line = (f"prefill {stats['prefill_tokens_per_sec']:,.0f} tokens/s, decode "
-            f"{stats['decode_tokens_per_sec']:,.0f} tokens/s")
-    if "acceptance_rate" in stats:
-        line += (f"; speculative (K={stats['draft_tokens']}): acceptance rate "
-                 f"{stats['acceptance_rate']:.1%}, {stats['tokens_per_round']:.2f} tokens per "
-                 "target pass")
-    if "speedup" in stats:
-        line += (f", plain decoding {stats['plain_decode_tokens_per_sec']:,.0f} tokens/s: "
-                 f"speed-up {stats['speedup']:.2f}x")
-    return line
 
 
 if __name__ == "__main__":

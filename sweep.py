@@ -17,6 +17,12 @@ import sys
 
 from absl import app, flags, logging
 
+from configs.errors import ConfigError
+from sweeps.report import collect_rows, dry_run_text, write_reports
+from sweeps.runner import run_sweep
+from sweeps.slurm import emit_slurm
+from sweeps.spec import load_sweep
+
 _CONFIG = flags.DEFINE_string("config", None, "Config file with get_config and get_sweep, "
                               "optionally with an argument after a colon.", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (default: runs/<file stem>).")
@@ -42,16 +48,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if logging.get_verbosity() == logging.INFO:  # orbax logs every save step at INFO
         logging.set_verbosity(logging.WARNING)
-    from configs.errors import ConfigError
-
     try:
         if _VARIANT.value:
             sys.exit(run_one())
-        from sweeps.report import dry_run_text, write_reports
-        from sweeps.runner import run_sweep
-        from sweeps.slurm import emit_slurm
-        from sweeps.spec import load_sweep
-
         sweep = load_sweep(_CONFIG.value)
         workdir = _WORKDIR.value or os.path.join("runs", sweep.name)
         if _DRY_RUN.value:
@@ -71,7 +70,6 @@ def main(argv: list[str]) -> None:
                  "to resume")
     print(paths["md"].read_text())
     print(f"Wrote {paths['csv']}, {paths['md']} and {paths['png']}")
-    from sweeps.report import collect_rows
     failed = [r["name"] for r in collect_rows(sweep, workdir) if r["status"] != "ok"]
     if failed:
         sys.exit(f"{len(failed)} of {len(sweep.variants)} variants did not finish: "
@@ -82,11 +80,11 @@ def run_one() -> int:
     """Worker mode: one variant in this process. Returns the exit status."""
     if _CPU_AFFINITY.value:  # before JAX starts its thread pools
         os.sched_setaffinity(0, {int(c) for c in _CPU_AFFINITY.value})
-    from parallel.distributed import initialize
+    # Deferred: the sweep's parent process never loads the training stack, only workers do.
+    from parallel.distributed import initialize  # noqa: PLC0415
+    from sweeps.worker import run_variant  # noqa: PLC0415
+    from training.hooks import log  # noqa: PLC0415
     initialize(_CPU_DEVICES.value)
-    from sweeps.spec import load_sweep
-    from sweeps.worker import run_variant
-    from training.trainer import log
 
     sweep = load_sweep(_CONFIG.value)
     workdir = _WORKDIR.value or os.path.join("runs", sweep.name)

@@ -15,6 +15,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs.errors import ConfigError
+from configs.sections import Config
+from parallel.distributed import initialize
+from training.planner import format_plan, plan
+from training.trainer import log, train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,15 +40,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if logging.get_verbosity() == logging.INFO:  # orbax logs every save step at INFO
         logging.set_verbosity(logging.WARNING)
-    from parallel.distributed import initialize
-    initialize(_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from training.trainer import log, train
-
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
+        config = Config.from_dict(_CONFIG.value)  # the one place the ConfigDict is resolved
+        workdir = _WORKDIR.value or os.path.join("runs", config.name)
+        initialize(_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                   _PROCESS_ID.value)
         if _DRY_RUN.value or _DRY_RUN_JSON.value:
-            from training.planner import format_plan, plan
             result = plan(config, workdir)
             print(format_plan(result))
             if _DRY_RUN_JSON.value:

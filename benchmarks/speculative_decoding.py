@@ -31,23 +31,24 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating timed repeats.")
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.ERROR)
-    from inference.generate import Generator, SamplingParams
+    from configs.sections import Sampling
+    from evaluation.restore import restore_run
+    from evaluation.sampling import encode_prompts
+    from inference.generate import Generator
     from inference.speculative import SpeculativeGenerator
-    from training.eval_suite import encode_prompts
-    from training.evaluate import restore_run
 
     exp, state, step = restore_run(_WORKDIR.value)
     dexp, dstate, dstep = restore_run(_DRAFT_WORKDIR.value)
     ids = encode_prompts(exp, [_PROMPT.value])
-    sp = SamplingParams(_TEMPERATURE.value, _TOP_K.value)
-    plain = Generator(exp.graphdef, exp.model_cfg, exp.config.seq_len)
+    sp = Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value)
+    plain = Generator(exp.graphdef, exp.model_cfg, exp.config.train.seq_len)
     print(f"target {_WORKDIR.value} (step {step}), draft {_DRAFT_WORKDIR.value} (step {dstep}); "
           f"{_LENGTH.value} tokens, temperature {sp.temperature}, top_k {sp.top_k}")
     print(f"{'K':>3} {'accept':>7} {'tok/pass':>8} {'spec tok/s':>11} {'plain tok/s':>11} "
           f"{'speed-up':>8}")
     for k in map(int, _DRAFT_TOKENS.value):
-        spec = SpeculativeGenerator((exp.graphdef, exp.model_cfg, exp.config.seq_len),
-                                    (dexp.graphdef, dexp.model_cfg, dexp.config.seq_len), k)
+        spec = SpeculativeGenerator((exp.graphdef, exp.model_cfg, exp.config.train.seq_len),
+                                    (dexp.graphdef, dexp.model_cfg, dexp.config.train.seq_len), k)
         spec.generate(state.params, dstate.params, ids, 8, sp)  # compile
         plain.generate(state.params, ids, 8, sp)
         spec_tps, plain_tps, accept, per_pass = [], [], [], []

@@ -9,4 +9,5 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
-        super().__init__(f"{key}: {message}")
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)

@@ -74,21 +74,12 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
     return TokenData.load(out)
 
 
-def check_lengths(data: TokenData, seq_len: int) -> None:
-    for split, arr in (("train", data.train), ("val", data.val)):
-        if len(arr) < seq_len + 1:
-            raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the {split} split "
-                                         f"({len(arr)} tokens) of {data.path}")
-
-
 class TrainBatches:
     """Random-access source: index `s` -> this process's rows of global batch `s`."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
                  process_index: int = 0, process_count: int = 1):
-        if global_batch % process_count:
-            raise ConfigError("batch_size", f"{global_batch} is not divisible by the "
-                                            f"{process_count} processes")
+        assert global_batch % process_count == 0, (global_batch, process_count)  # layout.py
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.global_batch = global_batch
         rows = global_batch // process_count
@@ -114,9 +105,7 @@ class EvalBatches:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int,
                  process_index: int = 0, process_count: int = 1, max_batches: int = 0):
-        if global_batch % process_count:
-            raise ConfigError("eval_batch_size", f"{global_batch} is not divisible by the "
-                                                 f"{process_count} processes")
+        assert global_batch % process_count == 0, (global_batch, process_count)  # layout.py
         self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
         self.num_targets = len(tokens) - 1
         self.num_windows = -(-self.num_targets // seq_len)

@@ -8,7 +8,6 @@ windows with full recomputation and is the reference the cached path must equal.
 batch, the shift happens at the same step for every row.
 """
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,15 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs.sections import Sampling
 from losses.cross_entropy import mask_padded_vocab
 from models import ModelConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no limit
-    top_p: float = 1.0  # 1 = no nucleus cut
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -46,7 +39,7 @@ def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits_BxV
 
 
-def sample_tokens(logits_BxV: jax.Array, key: jax.Array, sp: SamplingParams,
+def sample_tokens(logits_BxV: jax.Array, key: jax.Array, sp: Sampling,
                   vocab_size: int) -> jax.Array:
     logits = mask_padded_vocab(logits_BxV.astype(jnp.float32), vocab_size)
     if sp.temperature <= 0.0:
@@ -105,10 +98,10 @@ class Generator:
         return out.logits[:, 0], out.cache, seq_BxN
 
     def generate(self, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sp: SamplingParams = SamplingParams(), seed: int = 0
+                 sp: Sampling = Sampling(), seed: int = 0
                  ) -> tuple[list[list[int]], dict[str, float]]:
         """Continue each prompt by `max_new_tokens` tokens; returns (new tokens, timings)."""
-        check_prompts(prompts, self.context)
+        sp.check_prompts(prompts, self.context)
         width = max(len(p) for p in prompts)
         total = width + max_new_tokens
         seq_np, valid_np = _left_pad(prompts, total)
@@ -165,9 +158,9 @@ class Generator:
 
 def generate_uncached(graphdef: nnx.GraphDef, model_cfg: ModelConfig, params: Any,
                       prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int,
-                      sp: SamplingParams = SamplingParams(), seed: int = 0) -> list[list[int]]:
+                      sp: Sampling = Sampling(), seed: int = 0) -> list[list[int]]:
     """Reference: recompute the whole current window for every token (same windows)."""
-    check_prompts(prompts, context)
+    sp.check_prompts(prompts, context)
     width = max(len(p) for p in prompts)
     seq, valid = _left_pad(prompts, width + max_new_tokens)
     key = jax.random.key(seed)
@@ -194,13 +187,3 @@ def generate_uncached(graphdef: nnx.GraphDef, model_cfg: ModelConfig, params: An
         seq[:, cur] = np.asarray(token)
         cur += 1
     return [row[width:].tolist() for row in seq]
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], context: int) -> None:
-    from configs.errors import ConfigError
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("prompt", "every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
-    if longest > context:
-        raise ConfigError("prompt", f"a prompt of {longest} tokens is longer than the model's "
-                                    f"context of {context} tokens (seq_len)")

@@ -34,20 +34,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.errors import ConfigError
-from inference.generate import SamplingParams, check_prompts, filter_logits
+from configs.sections import Sampling
+from inference.generate import filter_logits
 from losses.cross_entropy import mask_padded_vocab
 from models import ModelConfig
 
 
-def filtered_logits(logits_NxV: jax.Array, sp: SamplingParams, vocab_size: int) -> jax.Array:
+def filtered_logits(logits_NxV: jax.Array, sp: Sampling, vocab_size: int) -> jax.Array:
     """The logits `sample_tokens` draws from: padded vocabulary masked, tempered, filtered."""
     logits = mask_padded_vocab(logits_NxV.astype(jnp.float32), vocab_size)
     return filter_logits(logits / sp.temperature, sp.top_k, sp.top_p)
 
 
 def accept_tokens(p_logits: jax.Array, q_logits: jax.Array, drafts: jax.Array,
-                  limit: jax.Array, key: jax.Array, sp: SamplingParams, vocab_size: int
+                  limit: jax.Array, key: jax.Array, sp: Sampling, vocab_size: int
                   ) -> tuple[jax.Array, jax.Array]:
     """The acceptance rule for one round.
 
@@ -89,15 +89,14 @@ class SpeculativeGenerator:
                  draft: tuple[nnx.GraphDef, ModelConfig, int], draft_tokens: int):
         (self.t_graphdef, self.t_cfg, self.t_context) = target
         (self.d_graphdef, self.d_cfg, self.d_context) = draft
+        # Runs are checked in evaluation/sampling.py; these guard direct use.
         if self.d_cfg.vocab_size != self.t_cfg.vocab_size:
-            raise ConfigError("draft_workdir", f"the draft model's vocabulary has "
-                                               f"{self.d_cfg.vocab_size} tokens, the target's "
-                                               f"{self.t_cfg.vocab_size}; they must share a "
-                                               "tokenizer")
-        if draft_tokens < 1:
-            raise ConfigError("draft_tokens", f"must be >= 1, got {draft_tokens}")
-        if self.d_context < 2:
-            raise ConfigError("draft_workdir", "the draft model's context is under 2 tokens")
+            raise ValueError(f"the draft model's vocabulary has {self.d_cfg.vocab_size} "
+                             f"tokens, the target's {self.t_cfg.vocab_size}; they must share "
+                             "a tokenizer")
+        if draft_tokens < 1 or self.d_context < 2:
+            raise ValueError(f"need draft_tokens >= 1 (got {draft_tokens}) and a draft "
+                             f"context of at least 2 tokens (got {self.d_context})")
         self.k = draft_tokens
         self._cache: dict[Any, Any] = {}  # compiled functions, by shape
         self._round = jax.jit(self._round_impl, static_argnames="sp", donate_argnums=(2, 3))
@@ -159,10 +158,10 @@ class SpeculativeGenerator:
 
     def generate(self, target_params: Any, draft_params: Any,
                  prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sp: SamplingParams = SamplingParams(), seed: int = 0
+                 sp: Sampling = Sampling(), seed: int = 0
                  ) -> tuple[list[list[int]], dict[str, float]]:
         """Continue each prompt by `max_new_tokens` tokens; returns (new tokens, stats)."""
-        check_prompts(prompts, self.t_context)
+        sp.check_prompts(prompts, self.t_context)
         totals = {"compile_seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
                   "prompt_tokens": 0, "rounds": 0, "proposed": 0, "accepted": 0}
         outputs = []
@@ -185,7 +184,7 @@ class SpeculativeGenerator:
             "tokens_per_round": new_tokens / max(totals["rounds"], 1),
         }
 
-    def _compiled(self, t_params, d_params, width: int, sp: SamplingParams) -> dict[Any, Any]:
+    def _compiled(self, t_params, d_params, width: int, sp: Sampling) -> dict[Any, Any]:
         """Compile (once per shape) every function the loop will call, ahead of time."""
         need = {("round", sp)}
         for which, context in (("t", self.t_context), ("d", self.d_context)):
@@ -206,7 +205,7 @@ class SpeculativeGenerator:
         return self._cache
 
     def _generate_one(self, t_params, d_params, prompt: list[int], max_new: int,
-                      sp: SamplingParams, seed: int) -> tuple[list[int], dict[str, float]]:
+                      sp: Sampling, seed: int) -> tuple[list[int], dict[str, float]]:
         k, w = self.k, len(prompt)
         total = w + max_new
         seq = np.zeros(total + k + 1, np.int32)

@@ -16,10 +16,11 @@ the student logits is T * (q_T - p_T) for forward KL, so its size does not shrin
 import jax
 import jax.numpy as jnp
 
+from configs.sections import FeatureKind, KlKind, choices
 from losses.cross_entropy import mask_padded_vocab
 
-KL_KINDS = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl")
-FEATURE_KINDS = ("mse", "cosine")
+KL_KINDS = choices(KlKind)
+FEATURE_KINDS = choices(FeatureKind)
 
 
 def log_probs(logits_BxLxV: jax.Array, temperature: float | jax.Array,

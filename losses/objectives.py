@@ -3,7 +3,7 @@
     loss = sum_name  loss.weights.<name> * term_<name>(model outputs, batch, teacher outputs)
 
 Every term is registered here, in one place, with `@register_term(name)`. Its builder
-reads its own config (and raises ConfigError for bad values) and returns a `Term`: a
+reads its own (already validated) config section and returns a `Term`: a
 function that returns the *sum over tokens* of its per-token loss, weighted by the
 batch's token weights. The train step divides the weighted sum of all terms by the
 total token weight, so gradient accumulation over micro-batches stays exact. A term
@@ -16,11 +16,11 @@ to `loss`, the weighted total that is optimized. A term may also own parameters 
 the feature-distillation projection): they live in the train state under
 `params["objective"][<name>]`, are trained with the model and saved in its checkpoints.
 
-To add a term: add `loss.weights.<name> = 0.0` (and any options) to configs/base.py and
-register a builder below (or in a module imported here). A term may take its weight from
-another key: the MoE router losses are the terms `moe_load_balance` and `moe_z_loss`,
-weighted by `model.moe.load_balance_weight` and `model.moe.z_loss_weight`, computed for
-MoE models only.
+To add a term: declare `loss.weights.<name>` (and any options, with their limits) in
+`configs/sections.py` and register a builder below (or in a module imported here). A term
+may take its weight from another key: the MoE router losses are the terms
+`moe_load_balance` and `moe_z_loss`, weighted by `model.moe.load_balance_weight` and
+`model.moe.z_loss_weight`, computed for MoE models only.
 """
 
 from collections.abc import Callable
@@ -32,12 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from configs.errors import ConfigError
+from configs.sections import Config
 from losses.cross_entropy import cross_entropy
-from losses.distill import FEATURE_KINDS, KL_KINDS, distill_loss, feature_loss
+from losses.distill import distill_loss, feature_loss
 
 OBJECTIVE_PARAMS = "objective"  # key of the objective's own parameters in the params dict
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 class TermInputs(NamedTuple):
@@ -62,7 +61,7 @@ class Term:
 
 @dataclasses.dataclass(frozen=True)
 class BuildContext:
-    config: Any  # the run's config
+    config: Config  # the run's config
     model_cfg: Any  # the student's ModelConfig
     teacher_cfg: Any = None  # the teacher's ModelConfig, for terms that need a teacher
 
@@ -71,59 +70,33 @@ class BuildContext:
 class TermSpec:
     build: Callable[[BuildContext], Term]
     needs_teacher: bool
-    weight_key: str  # config key of the weight
-    applies: Callable[[Any], bool]  # config -> whether the term exists for this model
+    weight: Callable[[Config], float]  # the term's weight in a config
+    applies: Callable[[Config], bool]  # whether the term exists for this model
 
 
 TERMS: dict[str, TermSpec] = {}
 
 
-def register_term(name: str, *, needs_teacher: bool = False, weight_key: str | None = None,
-                  applies: Callable[[Any], bool] = lambda config: True):
-    """Register a term's builder. Its weight is `loss.weights.<name>` unless `weight_key`
-    names another config key (e.g. a model option); `applies` can limit it to some models."""
+def register_term(name: str, *, needs_teacher: bool = False,
+                  weight: Callable[[Config], float] | None = None,
+                  applies: Callable[[Config], bool] = lambda config: True):
+    """Register a term's builder. Its weight is `loss.weights.<name>` unless `weight` reads
+    another key (e.g. a model option); `applies` can limit it to some models."""
     def deco(build: Callable[[BuildContext], Term]) -> Callable[[BuildContext], Term]:
-        TERMS[name] = TermSpec(build, needs_teacher, weight_key or f"loss.weights.{name}",
-                               applies)
+        TERMS[name] = TermSpec(build, needs_teacher,
+                               weight or (lambda c: getattr(c.loss.weights, name)), applies)
         return build
     return deco
 
 
-def _get(config: Any, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def active_weights(config: Any) -> dict[str, float]:
+def active_weights(config: Config) -> dict[str, float]:
     """name -> weight of every term that is computed (weight > 0 and it applies)."""
-    return {name: float(_get(config, spec.weight_key)) for name, spec in TERMS.items()
-            if spec.applies(config) and float(_get(config, spec.weight_key)) > 0}
+    return {name: float(spec.weight(config)) for name, spec in TERMS.items()
+            if spec.applies(config) and spec.weight(config) > 0}
 
 
-def needs_teacher(config: Any) -> bool:
+def needs_teacher(config: Config) -> bool:
     return any(TERMS[name].needs_teacher for name in active_weights(config))
-
-
-def check_loss_config(config: Any) -> None:
-    """Term names and weights; the builders check their own options."""
-    weights = config.loss.weights
-    for name, value in weights.items():
-        if name not in TERMS or TERMS[name].weight_key != f"loss.weights.{name}":
-            raise ConfigError(f"loss.weights.{name}", f"unknown loss term; registered terms: "
-                                                      f"{sorted(TERMS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value):
-            raise ConfigError(f"loss.weights.{name}", f"must be a number, got {value!r}")
-        if value < 0:
-            raise ConfigError(f"loss.weights.{name}", f"must be >= 0, got {value}")
-    if not active_weights(config):
-        raise ConfigError("loss.weights", "every term has weight 0: nothing to optimize")
-    if needs_teacher(config) and not config.loss.distill.teacher_workdir:
-        names = [n for n in active_weights(config) if TERMS[n].needs_teacher]
-        raise ConfigError("loss.distill.teacher_workdir",
-                          f"required by loss.weights.{names[0]} > 0")
 
 
 class Objective:
@@ -208,11 +181,6 @@ def make_schedule(kind: str, start: float, end: float, steps: int
     return schedule
 
 
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(key, f"unknown value {value!r}; choose one of {list(choices)}")
-
-
 # ----------------------------------------------------------------------------------------
 # The terms.
 
@@ -229,17 +197,7 @@ def _ce(ctx: BuildContext) -> Term:
 @register_term("distill", needs_teacher=True)
 def _distill(ctx: BuildContext) -> Term:
     """T^2 * KL between teacher and student next-token distributions (loss.distill.*)."""
-    d, steps = ctx.config.loss.distill, ctx.config.steps
-    _choice("loss.distill.kind", d.kind, KL_KINDS)
-    if not 0.0 <= d.skew < 1.0:
-        raise ConfigError("loss.distill.skew", f"must be in [0, 1), got {d.skew}")
-    for key in ("temperature", "temperature_final"):
-        if not d[key] > 0:
-            raise ConfigError(f"loss.distill.{key}", f"must be > 0, got {d[key]}")
-    if d.weight_final < 0:
-        raise ConfigError("loss.distill.weight_final", f"must be >= 0, got {d.weight_final}")
-    _choice("loss.distill.weight_schedule", d.weight_schedule, SCHEDULES)
-    _choice("loss.distill.temperature_schedule", d.temperature_schedule, SCHEDULES)
+    d, steps = ctx.config.loss.distill, ctx.config.train.steps
     temperature = make_schedule(d.temperature_schedule, d.temperature, d.temperature_final,
                                 steps)
     weight = None
@@ -258,38 +216,13 @@ def _distill(ctx: BuildContext) -> Term:
     return Term(loss, weight=weight, scalars=scalars)
 
 
-def parse_layer_map(text: str, student_layers: int, teacher_layers: int
-                    ) -> list[tuple[int, int]]:
-    """"S:T,S:T" (negative = from the end) -> [(s, t)]; "" = last layer to last layer."""
-    key = "loss.feature.layer_map"
-    if not text.strip():
-        return [(student_layers - 1, teacher_layers - 1)]
-    pairs = []
-    for item in text.split(","):
-        try:
-            s, t = (int(v) for v in item.split(":"))
-        except ValueError:
-            raise ConfigError(key, f"{item!r} is not STUDENT_LAYER:TEACHER_LAYER") from None
-        for idx, n, who in ((s, student_layers, "student"), (t, teacher_layers, "teacher")):
-            if not -n <= idx < n:
-                raise ConfigError(key, f"{who} layer {idx} is out of range: the {who} has "
-                                       f"{n} layers")
-        pairs.append((s % student_layers, t % teacher_layers))
-    return pairs
-
-
 @register_term("feature", needs_teacher=True)
 def _feature(ctx: BuildContext) -> Term:
     """Distance between chosen student and teacher block outputs (loss.feature.*), with a
     learned linear projection when the widths differ."""
     f = ctx.config.loss.feature
-    _choice("loss.feature.kind", f.kind, FEATURE_KINDS)
     s_cfg, t_cfg = ctx.model_cfg, ctx.teacher_cfg
-    if s_cfg.pipeline_stages > 1:
-        raise ConfigError("loss.weights.feature", "needs the student's hidden states, which "
-                                                  "pipelined layers do not return; use "
-                                                  "mesh.pipeline=1")
-    pairs = parse_layer_map(f.layer_map, s_cfg.num_layers, t_cfg.num_layers)
+    pairs = f.layer_pairs(s_cfg.num_layers, t_cfg.num_layers)
     s_idx, t_idx = [s for s, _ in pairs], [t for _, t in pairs]
     kind, ds, dt = f.kind, s_cfg.d_model, t_cfg.d_model
     project = ds != dt
@@ -308,7 +241,7 @@ def _feature(ctx: BuildContext) -> Term:
                 param_axes={"projection": P(None, "embed", None)} if project else None)
 
 
-def _is_moe(config: Any) -> bool:
+def _is_moe(config: Config) -> bool:
     return bool(config.model.moe.num_experts)
 
 
@@ -322,7 +255,7 @@ def _moe_aux_term(name: str) -> Callable[[BuildContext], Term]:
     return build
 
 
-register_term("moe_load_balance", weight_key="model.moe.load_balance_weight",
+register_term("moe_load_balance", weight=lambda c: c.model.moe.load_balance_weight,
               applies=_is_moe)(_moe_aux_term("load_balance"))
-register_term("moe_z_loss", weight_key="model.moe.z_loss_weight",
+register_term("moe_z_loss", weight=lambda c: c.model.moe.z_loss_weight,
               applies=_is_moe)(_moe_aux_term("z_loss"))

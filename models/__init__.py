@@ -15,7 +15,7 @@ from models.quant import set_quant
 from models.transformer import Output, Transformer
 
 __all__ = ["ModelConfig", "Output", "Transformer", "create_model", "abstract_model",
-           "split_params", "param_logical_axes", "count_params", "active_params"]
+           "split_params", "abstract_params", "param_logical_axes", "count_params", "active_params"]
 
 
 def create_model(cfg: ModelConfig, seed: int) -> Transformer:
@@ -34,6 +34,13 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
     """(graphdef, params as a pure nested dict)."""
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
+    """(graphdef, parameter ShapeDtypeStructs, their logical PartitionSpecs): no allocation."""
+    model = abstract_model(cfg)
+    graphdef, params = split_params(model)
+    return graphdef, params, param_logical_axes(model)
 
 
 def param_logical_axes(model: nnx.Module) -> dict[str, Any]:

@@ -10,10 +10,10 @@ registered under a name in ATTENTION_IMPLS and selected by `model.attention_impl
 * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only.
 
 The kernels run once per shard (`shard_map` over the batch and head axes, from the
-logical rules) and the kernel package is imported only when one is traced, so the model
-imports on a machine without an accelerator. `check_attention_impl` rejects an
-implementation the devices cannot run. Decoding with a KV cache always uses the XLA path
-with an explicit mask.
+logical rules); their Pallas backends load only when one is traced, so the model imports
+on a machine without an accelerator. `IMPL_PLATFORMS` says which devices each
+implementation needs (`training/layout.py` checks it). Decoding with a KV cache always
+uses the XLA path with an explicit mask.
 """
 
 from collections.abc import Callable
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs.errors import ConfigError
+from kernels import flash_attention
 from models.layers import Linear, rope
 from parallel.sharding import constrain, shard_map_logical
 
@@ -132,8 +132,6 @@ def _per_shard(local_fn: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Array,
 def _pallas_attention(interpret: bool) -> AttentionFn:
     def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
                causal: bool = True, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
-        from kernels import flash_attention
-
         def local(q, k, v, segment_ids=None):
             return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                    interpret=interpret)
@@ -161,22 +159,14 @@ def cudnn_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.A
     return _per_shard(local, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
 
 
-# Which device platforms each implementation runs on (others run everywhere).
-IMPL_PLATFORMS = {"pallas": ("gpu", "tpu"), "cudnn": ("gpu",)}
-
-
-def check_attention_impl(impl: str, platform: str) -> None:
-    """Raise ConfigError if `impl` cannot run on devices of `platform` ("cpu", "gpu", ...)."""
-    allowed = IMPL_PLATFORMS.get(impl)
-    if allowed is None or platform in allowed:
-        return
-    if impl == "pallas":
-        hint = ("the Pallas kernel compiles for GPU (Triton) or TPU (Mosaic); use "
-                "'pallas_interpret' to run it interpreted (slow, for tests) or 'xla'")
-    else:
-        hint = "cuDNN attention needs an NVIDIA GPU; use 'xla' or 'pallas'"
-    raise ConfigError("model.attention_impl",
-                      f"{impl!r} cannot run on {platform} devices: {hint}")
+# Which device platforms each implementation runs on (others run everywhere), and what to
+# use instead elsewhere.
+IMPL_PLATFORMS = {
+    "pallas": (("gpu", "tpu"), "the Pallas kernel compiles for GPU (Triton) or TPU (Mosaic); "
+                               "use 'pallas_interpret' to run it interpreted (slow, for tests) "
+                               "or 'xla'"),
+    "cudnn": (("gpu",), "cuDNN attention needs an NVIDIA GPU; use 'xla' or 'pallas'"),
+}
 
 
 class Attention(nnx.Module):

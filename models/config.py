@@ -1,13 +1,14 @@
-"""Model hyper-parameters, resolved from `config.model` and the data's vocabulary."""
+"""The model's resolved hyper-parameters: the `model` config section plus what the data
+(vocabulary) and the layout (pipeline schedule) decide."""
 
 import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
 
+from configs.sections import Model, Quant
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-MLP_KINDS = ("gelu", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +42,11 @@ class ModelConfig:
     moe_renormalize: bool = True
     moe_jitter: float = 0.0
     moe_grouped_matmul: str = "auto"  # auto | ragged_dot | blocks (dropless dispatch)
-    # Set from the mesh and config.pipeline_* by the experiment, not by model config.
+    # Set from the mesh and the pipeline section by the experiment, not by model config.
     pipeline_stages: int = 1
     pipeline_microbatches: int = 1
     pipeline_repeats: int = 1
-    quant: Any = None  # models.quant.QuantConfig: fake-quantized weights/activations (QAT)
+    quant: Quant | None = None  # fake-quantized weights/activations (QAT); None = float
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -65,22 +66,18 @@ class ModelConfig:
         return bool(self.moe_num_experts) and index_in_unit == self.layers_per_unit - 1
 
     @classmethod
-    def from_config(cls, model_cfg: Any, data_vocab_size: int, **overrides: Any
-                    ) -> "ModelConfig":
-        """Resolve derived fields: the vocabulary (padded) and head_dim."""
-        vocab = int(model_cfg.vocab_size) or data_vocab_size
-        multiple = max(1, int(model_cfg.vocab_multiple))
-        padded = -(-vocab // multiple) * multiple
-        head_dim = int(model_cfg.head_dim) or int(model_cfg.d_model) // max(
-            1, int(model_cfg.num_heads))
+    def from_section(cls, model: Model, data_vocab_size: int, quant: Quant | None = None,
+                     **overrides: Any) -> "ModelConfig":
+        """Resolve derived fields: the vocabulary (padded), head_dim, per-expert d_ff."""
+        vocab = model.vocab_size or data_vocab_size
+        padded = -(-vocab // model.vocab_multiple) * model.vocab_multiple
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in model_cfg.items() if k in names}
-        moe = model_cfg.get("moe")
-        if moe is not None:
-            kwargs.update({f"moe_{k}": v for k, v in moe.items() if f"moe_{k}" in names})
-            if not kwargs.get("moe_d_ff"):
-                kwargs["moe_d_ff"] = int(model_cfg.d_ff)
-        kwargs.update(vocab_size=vocab, padded_vocab=padded, head_dim=head_dim, **overrides)
+        kwargs = {k: getattr(model, k) for k in type(model).model_fields if k in names}
+        kwargs.update({f"moe_{k}": getattr(model.moe, k) for k in type(model.moe).model_fields
+                       if f"moe_{k}" in names})
+        kwargs["moe_d_ff"] = model.moe.d_ff or model.d_ff
+        kwargs.update(vocab_size=vocab, padded_vocab=padded, head_dim=model.resolved_head_dim,
+                      quant=quant if quant is not None and quant.enabled else None, **overrides)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import MLP, param
+from parallel.expert import expert_parallel
 
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
@@ -219,7 +220,6 @@ class MoE(nnx.Module):
                               out_std=out_std, dtype=cfg.compute_dtype, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array, jitter_key: jax.Array | None = None):
-        from parallel.expert import expert_parallel
         dtype = self.cfg.compute_dtype
         w = {"up": self.up[...].astype(dtype), "down": self.down[...].astype(dtype)}
         if self.cfg.mlp == "swiglu":

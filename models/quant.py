@@ -13,10 +13,11 @@ Asymmetric: q = clip(round(x / s) + z, -2^(b-1), 2^(b-1) - 1) with the range [mi
 Either way |x - dequant(quant(x))| <= s / 2 for every x inside the range.
 
 Modules opt in by declaring a class attribute `quant = None` and calling
-`linear_operands` / `embedding_table`; `set_quant` sets it on every such module.
+`linear_operands` / `embedding_table`; `set_quant` sets it on every such module. This is
+a leaf module: it imports nothing from `models/` (`models/ptq.py` quantizes a model's
+parameters module by module).
 """
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -24,62 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from configs.errors import ConfigError
-
-WEIGHT_BITS = (0, 4, 8)  # 0 = float weights
-ACTIVATION_BITS = (0, 8)  # 0 = float activations
-PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    weight_bits: int = 8
-    activation_bits: int = 0
-    granularity: str = PER_CHANNEL  # per_channel | per_tensor | a group size, e.g. "32"
-    symmetric: bool = True
-
-    @property
-    def group_size(self) -> int:
-        """Inputs per scale: 0 = per channel (all of I), -1 = per tensor, else g."""
-        if self.granularity == PER_CHANNEL:
-            return 0
-        if self.granularity == PER_TENSOR:
-            return -1
-        return int(self.granularity)
-
-    @classmethod
-    def from_config(cls, quant_cfg: Any) -> "QuantConfig | None":
-        """None when nothing is quantized (the float fast path)."""
-        if quant_cfg is None or not (quant_cfg.weight_bits or quant_cfg.activation_bits):
-            return None
-        return cls(weight_bits=int(quant_cfg.weight_bits),
-                   activation_bits=int(quant_cfg.activation_bits),
-                   granularity=str(quant_cfg.granularity), symmetric=bool(quant_cfg.symmetric))
-
-
-def check_quant_config(quant_cfg: Any, matrix_inputs: dict[str, int]) -> None:
-    """Raise ConfigError for unsupported bits or a granularity that does not divide the
-    input features of every quantized matrix (`matrix_inputs`: name -> I)."""
-    if quant_cfg.weight_bits not in WEIGHT_BITS:
-        raise ConfigError("quant.weight_bits", f"unsupported bits {quant_cfg.weight_bits!r}; "
-                                               "choose 8 or 4 (0 = float)")
-    if quant_cfg.activation_bits not in ACTIVATION_BITS:
-        raise ConfigError("quant.activation_bits", f"unsupported bits "
-                                                   f"{quant_cfg.activation_bits!r}; choose 8 "
-                                                   "(0 = float activations)")
-    g = str(quant_cfg.granularity)
-    if g in (PER_CHANNEL, PER_TENSOR):
-        return
-    if not g.isdigit() or int(g) <= 0:
-        raise ConfigError("quant.granularity", f"{g!r} is not per_channel, per_tensor or a "
-                                               "positive group size")
-    for name, size in matrix_inputs.items():
-        if size % int(g):
-            raise ConfigError("quant.granularity", f"group size {g} does not divide the "
-                                                   f"{size} input features of {name}")
-    if quant_cfg.weight_bits == 4 and int(g) % 2:
-        raise ConfigError("quant.granularity", f"int4 packs pairs of rows: group size {g} "
-                                               "must be even")
+from configs.sections import Quant
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -140,11 +86,11 @@ def _groups(w_IxO: jax.Array, group_size: int) -> jax.Array:
     return w_IxO.reshape(i // g, g, o)
 
 
-def _weight_axes(cfg: QuantConfig) -> tuple[int, ...]:
+def _weight_axes(cfg: Quant) -> tuple[int, ...]:
     return (0, 1, 2) if cfg.group_size == -1 else (1,)
 
 
-def fake_quant_weight(w_IxO: jax.Array, cfg: QuantConfig) -> jax.Array:
+def fake_quant_weight(w_IxO: jax.Array, cfg: Quant) -> jax.Array:
     """Fake-quantized weight matrix with the config's bits and granularity (STE)."""
     w = _groups(w_IxO, cfg.group_size)
     scale, zero = qparams(w, _weight_axes(cfg), cfg.weight_bits, cfg.symmetric)
@@ -152,7 +98,7 @@ def fake_quant_weight(w_IxO: jax.Array, cfg: QuantConfig) -> jax.Array:
                       ).reshape(w_IxO.shape)
 
 
-def fake_quant_activation(x_NxI: jax.Array, cfg: QuantConfig) -> jax.Array:
+def fake_quant_activation(x_NxI: jax.Array, cfg: Quant) -> jax.Array:
     """Per-token dynamic fake quantization of a matmul input (STE)."""
     scale, zero = qparams(x_NxI, (x_NxI.ndim - 1,), cfg.activation_bits, cfg.symmetric)
     return fake_quant(x_NxI, scale, zero, *int_range(cfg.activation_bits, cfg.symmetric))
@@ -200,7 +146,7 @@ def unpack_int4(p: jax.Array) -> jax.Array:
     return out.reshape(*p.shape[:-2], 2 * p.shape[-2], p.shape[-1])
 
 
-def quantize_matrix(w_IxO: jax.Array, cfg: QuantConfig, shape: tuple[int, ...] | None = None
+def quantize_matrix(w_IxO: jax.Array, cfg: Quant, shape: tuple[int, ...] | None = None
                     ) -> QTensor:
     """Round a float [I, O] matrix to integers plus scales."""
     bits = cfg.weight_bits
@@ -219,7 +165,7 @@ def quantize_matrix(w_IxO: jax.Array, cfg: QuantConfig, shape: tuple[int, ...] |
 # ----------------------------------------------------------------------------------------
 # What the modules call.
 
-def linear_operands(x_NxI: jax.Array, w: Any, cfg: QuantConfig | None, in_ndim: int,
+def linear_operands(x_NxI: jax.Array, w: Any, cfg: Quant | None, in_ndim: int,
                     dtype: Any) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
     """(x, w as [I, O], output feature shape) for a quantized Linear.
 
@@ -239,7 +185,7 @@ def linear_operands(x_NxI: jax.Array, w: Any, cfg: QuantConfig | None, in_ndim: 
     return x_NxI, w2, out_shape
 
 
-def embedding_table(table: Any, cfg: QuantConfig | None) -> jax.Array:
+def embedding_table(table: Any, cfg: Quant | None) -> jax.Array:
     """The [V, D] embedding (float32): fake-quantized, or dequantized from a QTensor.
 
     Its scales are per vocabulary row (over D), the contracted dim of the tied output
@@ -251,56 +197,12 @@ def embedding_table(table: Any, cfg: QuantConfig | None) -> jax.Array:
     return table
 
 
-def set_quant(model: nnx.Module, cfg: QuantConfig | None) -> nnx.Module:
+def set_quant(model: nnx.Module, cfg: Quant | None) -> nnx.Module:
     """Set `quant` on every module that declares it (Linear, Embed, ...)."""
     for _, module in model.iter_modules():
         if hasattr(type(module), "quant"):
             module.quant = cfg
     return model
-
-
-def quantize_params(model: nnx.Module, params: dict[str, Any], cfg: QuantConfig
-                    ) -> dict[str, Any]:
-    """Post-training quantization: every quantizable weight of `params` becomes a QTensor.
-
-    `model` (abstract is fine) tells which parameters are weights and their layout;
-    stacked layers are quantized layer by layer. Other parameters (norms) stay float32.
-    """
-    from models.layers import Embed, Linear  # noqa: PLC0415 (layers imports this module)
-    out = jax.tree.map(lambda x: x, params)  # a copy of the nested dicts
-
-    def put(path, value):
-        node = out
-        for p in path[:-1]:
-            node = node[p]
-        node[path[-1]] = value
-
-    def get(path):
-        node = params
-        for p in path:
-            node = node[p]
-        return node
-
-    for path, module in model.iter_modules():
-        if isinstance(module, Linear):
-            var, name, in_ndim = module.kernel, "kernel", module.in_ndim
-        elif isinstance(module, Embed):
-            var, name, in_ndim = module.embedding, "embedding", None
-        else:
-            continue
-        stacked = var.get_metadata().get("out_sharding", (None,))[0] == "layers"
-        w = get((*path, name))
-
-        def one(w, in_ndim=in_ndim):
-            if in_ndim is None:  # embedding [V, D]: scales over D
-                return quantize_matrix(w.T, cfg, shape=w.shape)
-            i = 1
-            for d in w.shape[:in_ndim]:
-                i *= d
-            return quantize_matrix(w.reshape(i, -1), cfg, shape=w.shape)
-
-        put((*path, name), jax.vmap(one)(w) if stacked else one(w))
-    return out
 
 
 def tree_bytes(tree: Any) -> int:

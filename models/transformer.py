@@ -15,6 +15,7 @@ from models.attention import Attention
 from models.config import ModelConfig
 from models.layers import MLP, Embed, Linear, RMSNorm, residual_std
 from models.moe import MoE, load_balance_loss
+from parallel.pipeline import pipeline_layers
 from parallel.sharding import constrain
 
 ACT_BxLxD = ("act_batch", "act_len", "act_embed")
@@ -195,7 +196,6 @@ def run_layers(blocks: nnx.Module, layer: Callable[..., Any], x: jax.Array,
             raise ValueError("pipelined layers support training and evaluation only "
                              "(no KV cache, no hidden states); restore on a mesh without "
                              "pipeline parallelism to decode")
-        from parallel.pipeline import pipeline_layers
         x, aux = pipeline_layers(layer, state, x, rows, key, cfg)
         return x, None, None, aux
 

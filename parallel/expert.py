@@ -14,7 +14,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from parallel.sharding import current_mesh, current_rules, mesh_axes_of

@@ -15,8 +15,6 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from configs.errors import ConfigError
-
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 Logical = Sequence[str | None]
 
@@ -35,6 +33,14 @@ def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
     return table
 
 
+def _lookup(table: dict[str, tuple[str, ...]], name: str) -> tuple[str, ...]:
+    """Mesh axes of logical axis `name` (the config's Sharding section guarantees a rule
+    for every axis the model names; a missing one is a programming error)."""
+    if name not in table:
+        raise ValueError(f"no rule for logical axis {name!r}")
+    return table[name]
+
+
 def logical_to_spec(logical: Logical, rules: Rules) -> P:
     """PartitionSpec for an array whose dimensions have the given logical names.
 
@@ -48,9 +54,7 @@ def logical_to_spec(logical: Logical, rules: Rules) -> P:
         if name is None:
             spec.append(None)
             continue
-        if name not in table:
-            raise ConfigError("sharding.rules", f"no rule for logical axis {name!r}")
-        axes = tuple(a for a in table[name] if a not in used)
+        axes = tuple(a for a in _lookup(table, name) if a not in used)
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*spec)
@@ -62,18 +66,12 @@ def named_sharding(mesh: Mesh, logical: Logical, rules: Rules) -> NamedSharding:
 
 def mesh_axes_of(logical_axis: str, rules: Rules) -> tuple[str, ...]:
     """The mesh axes a logical axis maps to (empty: replicated)."""
-    table = _rule_table(rules)
-    if logical_axis not in table:
-        raise ConfigError("sharding.rules", f"no rule for logical axis {logical_axis!r}")
-    return table[logical_axis]
+    return _lookup(_rule_table(rules), logical_axis)
 
 
 def mesh_axes_size(mesh: Mesh, logical_axis: str, rules: Rules) -> int:
     """How many shards an array dimension named `logical_axis` is split into."""
-    table = _rule_table(rules)
-    if logical_axis not in table:
-        raise ConfigError("sharding.rules", f"no rule for logical axis {logical_axis!r}")
-    return math.prod(mesh.shape[a] for a in table[logical_axis])
+    return math.prod(mesh.shape[a] for a in mesh_axes_of(logical_axis, rules))
 
 
 def _is_spec(x: Any) -> bool:
@@ -86,9 +84,10 @@ def tree_shardings(mesh: Mesh, logical_tree: Any, rules: Rules) -> Any:
                         is_leaf=_is_spec)
 
 
-def check_divisible(abstract_tree: Any, logical_tree: Any, mesh: Mesh, rules: Rules,
-                    what: str = "parameter") -> None:
-    """Raise a ConfigError naming the first array whose dimension the mesh does not divide."""
+def indivisible_dims(abstract_tree: Any, logical_tree: Any, mesh: Mesh, rules: Rules
+                     ) -> Iterator[tuple[str, int, str, int, tuple[str, ...], int]]:
+    """(path, dim, logical name, size, mesh axes, shards) of every array dimension that its
+    mesh axes do not divide (`training/layout.py` turns the first into an error)."""
     flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
     flat_specs = jax.tree.leaves(logical_tree, is_leaf=_is_spec)
     for (path, leaf), logical in zip(flat_shapes, flat_specs, strict=True):
@@ -96,13 +95,11 @@ def check_divisible(abstract_tree: Any, logical_tree: Any, mesh: Mesh, rules: Ru
         for dim, (size, axes, name) in enumerate(zip(leaf.shape, spec, logical)):
             if axes is None:
                 continue
-            axes = (axes,) if isinstance(axes, str) else axes
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
             shards = math.prod(mesh.shape[a] for a in axes)
             if size % shards:
                 where = jax.tree_util.keystr(path, simple=True, separator=".")
-                raise ConfigError(
-                    "mesh", f"{what} {where} dimension {dim} ({name}={size}) is not "
-                    f"divisible by mesh axes {'x'.join(axes)}={shards}")
+                yield where, dim, name, size, axes, shards
 
 
 _CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
@@ -165,9 +162,7 @@ def shard_map_logical(fn: Any, args: Sequence[jax.Array], in_logical: Sequence[L
         for size, name in zip(arg.shape, logical):
             if name is None:
                 continue
-            if name not in table:
-                raise ConfigError("sharding.rules", f"no rule for logical axis {name!r}")
-            if size % math.prod(mesh.shape[a] for a in table[name]):
+            if size % math.prod(mesh.shape[a] for a in _lookup(table, name)):
                 dropped.add(name)
     for group in tied:
         if dropped & set(group) or len({table[name] for name in group}) > 1:

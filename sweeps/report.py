@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sweeps.results import METRIC_COLUMNS, read_metrics, read_result, variant_dir
+from sweeps.results import METRIC_COLUMNS, is_finished, read_result, variant_dir
 from sweeps.spec import Sweep
+from training.metrics import read_metrics
 
 
 def collect_rows(sweep: Sweep, workdir: str | Path) -> list[dict[str, Any]]:
@@ -85,9 +86,10 @@ def write_reports(sweep: Sweep, workdir: str | Path) -> dict[str, Path]:
 
 
 def plot_loss_curves(sweep: Sweep, workdir: Path, out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Deferred: matplotlib takes ~0.5 s to import and only the report draws.
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for i, v in enumerate(sweep.variants):
@@ -117,7 +119,6 @@ def plot_loss_curves(sweep: Sweep, workdir: Path, out: Path) -> Path:
 
 def dry_run_text(sweep: Sweep, workdir: str | Path) -> str:
     """What a run would do: each variant's overrides, status and full resolved config."""
-    from sweeps.results import is_finished
     workdir = Path(workdir).absolute()
     out = [f"Sweep {sweep.spec}: {len(sweep.variants)} variants -> {workdir}"]
     width = max(len(v.name) for v in sweep.variants)

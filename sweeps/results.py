@@ -6,6 +6,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from configs.errors import ConfigError
+from training.metrics import read_metrics
+
 RESULT_FILE = "sweep_result.json"
 LOG_FILE = "sweep.log"
 
@@ -43,22 +46,6 @@ def is_finished(vdir: Path, config_json: dict[str, Any]) -> bool:
     return bool(result and result.get("status") == "ok" and result.get("config") == config_json)
 
 
-def read_metrics(vdir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training records, eval records) from `metrics.jsonl`; empty if there is none."""
-    path = vdir / "metrics.jsonl"
-    train, evals = [], []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if rec.get("loss") is not None:
-                train.append(rec)
-            if rec.get("eval_loss") is not None:
-                evals.append(rec)
-    return train, evals
-
-
 def summarise_metrics(vdir: Path, final_eval: dict[str, Any]) -> dict[str, Any]:
     """Final train loss, best and final eval loss, median tokens/s, from a finished run."""
     train, evals = read_metrics(vdir)
@@ -79,7 +66,6 @@ def summarise_metrics(vdir: Path, final_eval: dict[str, Any]) -> dict[str, Any]:
 def first_line(error: BaseException | str) -> str:
     if isinstance(error, BaseException):
         text = str(error).strip()
-        from configs.errors import ConfigError
         if not isinstance(error, ConfigError):
             text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     else:

@@ -2,12 +2,11 @@
 
 `--config=configs/<file>.py[:arg]` names a file that defines `get_config(arg)` (the base)
 and `get_sweep(arg)` (the variants). Every override key must exist in the base config,
-and every resolved config must pass `validate_config`, before anything runs.
+and every resolved config must validate (`configs/sections.py`), before anything runs.
 """
 
 import copy
 import dataclasses
-import difflib
 import importlib.util
 import json
 from collections.abc import Mapping
@@ -16,7 +15,9 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from configs import keys
 from configs.errors import ConfigError
+from configs.sections import Config
 from configs.sweep_utils import NAME_RE, Variant
 
 
@@ -68,34 +69,6 @@ def split_spec(config_spec: str) -> tuple[Path, str | None]:
     return Path(path).absolute(), (arg or None)
 
 
-def _flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in config.items():
-        keys.append(prefix + k)
-        if isinstance(v, ConfigDict):
-            keys += _flat_keys(v, prefix + k + ".")
-    return keys
-
-
-def apply_override(config: ConfigDict, key: str, value: Any, where: str) -> None:
-    """Set dotted `key` in `config`; an unknown key or a value of the wrong type is an error."""
-    node = config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if not isinstance(node, ConfigDict) or part not in node:
-            close = difflib.get_close_matches(key, _flat_keys(config), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(key, f"unknown config key in {where}{hint}")
-        if i < len(parts) - 1:
-            node = node[part]
-    if isinstance(node[parts[-1]], ConfigDict):
-        raise ConfigError(key, f"is a section, not a value ({where}); override its keys")
-    try:
-        node[parts[-1]] = value
-    except (TypeError, ValueError) as e:
-        raise ConfigError(key, f"cannot set {value!r} ({where}): {e}") from None
-
-
 def _as_variants(raw: Any, file: Path) -> list[Variant]:
     if isinstance(raw, Mapping):
         raw = list(raw.items())
@@ -140,7 +113,7 @@ def load_sweep(config_spec: str) -> Sweep:
         config = copy.deepcopy(base)
         where = f"sweep variant {v.name!r} of {file.name}"
         for key, value in v.overrides.items():
-            apply_override(config, key, value, where)
+            keys.set_value(config, key, value, where)
         _validate(config, where)
         resolved.append(ResolvedVariant(v.name, dict(v.overrides), config))
     return Sweep(spec=f"{file}" + (f":{arg}" if arg else ""), file=file, arg=arg, base=base,
@@ -148,9 +121,7 @@ def load_sweep(config_spec: str) -> Sweep:
 
 
 def _validate(config: ConfigDict, where: str) -> None:
-    from configs.validate import validate_config
     try:
-        validate_config(config)
+        Config.from_dict(config)
     except ConfigError as e:
-        message = str(e)[len(e.key) + 2:]
-        raise ConfigError(e.key, f"{message} ({where})") from None
+        raise ConfigError(e.key, f"{e.message} ({where})") from None

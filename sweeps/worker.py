@@ -9,19 +9,20 @@ import time
 import traceback
 from typing import Any
 
+import jax
+
+from evaluation.modes import write_eval_result
+from evaluation.restore import restore_run
 from sweeps.results import (first_line, is_finished, read_result, summarise_metrics,
                             variant_dir, write_result)
 from sweeps.spec import Sweep
+from training.evaluate import evaluate
+from training.trainer import train
 
 
 def run_variant(sweep: Sweep, name: str, workdir: str, log=print,
                 devices: list[Any] | None = None) -> dict[str, Any]:
     """Train and evaluate variant `name` into WORKDIR/<name> (on `devices`, default all)."""
-    import jax
-
-    from training.evaluate import evaluate, restore_run, write_eval_result
-    from training.trainer import train
-
     variant = sweep.variant(name)
     vdir = variant_dir(workdir, name)
     config_json = variant.config_json()

@@ -1,6 +1,5 @@
 """Test set-up: 8 fake CPU devices, configured before JAX initialises its backends."""
 
-import os
 import sys
 from pathlib import Path
 

@@ -1,11 +1,13 @@
 """Shared test helpers."""
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import jax.monitoring
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +45,20 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     for (path, x), y in zip(flat_a, flat_b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@contextlib.contextmanager
+def no_compilation():
+    """Collects the lowering and compilation events inside the block. Tracing for abstract
+    shapes (`eval_shape`) is not compilation and is not collected."""
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if "compile" in event and "jaxpr_trace" not in event:
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

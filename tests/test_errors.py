@@ -1,13 +1,11 @@
 """Bad input: one clear error naming the key or file, before anything compiles."""
 
-import contextlib
-
 import jax
-import jax.monitoring
 import pytest
 
+from configs import keys
 from configs.errors import ConfigError
-from tests.helpers import run_cli
+from tests.helpers import no_compilation, run_cli
 from training.experiment import Experiment
 
 CASES = {
@@ -25,21 +23,6 @@ CASES = {
 }
 
 
-@contextlib.contextmanager
-def no_compilation():
-    compiled = []
-
-    def listener(event, duration, **kwargs):
-        if "compile" in event:
-            compiled.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield compiled
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_config_raises_before_compiling(case, tiny_config, tmp_path):
     overrides, message = CASES[case]
@@ -47,11 +30,7 @@ def test_bad_config_raises_before_compiling(case, tiny_config, tmp_path):
     c.batch_size = 8
     c.mesh.data = -1
     for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        keys.set_value(c, key, value)
     with no_compilation() as compiled, pytest.raises(ConfigError) as err:
         Experiment.build(c, tmp_path, jax.devices()[:8] if "mesh.data" in overrides
                          else jax.devices()[:1])

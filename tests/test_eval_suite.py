@@ -12,8 +12,9 @@ from configs.errors import ConfigError
 from data.prepare import prepare
 from tests.helpers import run_cli
 from training import trainer
-from training.eval_suite import evaluate_checkpoints, load_eval_tokens
-from training.evaluate import evaluate, restore_run
+from evaluation.restore import restore_run
+from evaluation.suite import evaluate_checkpoints, load_eval_tokens
+from training.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")

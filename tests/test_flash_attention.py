@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
+import models.attention
 from configs.base import DEFAULT_RULES
 from configs.errors import ConfigError
 from kernels import BlockSizes, flash_attention, reference_attention
@@ -30,7 +30,7 @@ from models.attention import ATTENTION_IMPLS, xla_attention
 from parallel.mesh import make_mesh
 from parallel.sharding import use_rules
 from tests.helpers import run_steps
-from tests.test_errors import no_compilation
+from tests.helpers import no_compilation
 
 # XLA:CPU spends most of these tests compiling the interpreted kernels. LLVM optimisation
 # level 0 and the classic (non-MLIR) fusion emitters compile them ~3x faster, same results.
@@ -197,7 +197,7 @@ def test_sharded_kernel_equals_one_device(monkeypatch):
         local_shapes.append((q.shape, k.shape))
         return flash_attention(q, k, v, **kwargs)
 
-    monkeypatch.setattr(kernels, "flash_attention", recording_kernel)
+    monkeypatch.setattr(models.attention, "flash_attention", recording_kernel)
     impl = ATTENTION_IMPLS["pallas_interpret"]
 
     def loss(q, k, v, sharded):

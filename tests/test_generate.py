@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs.errors import ConfigError
-from inference.generate import (Generator, SamplingParams, filter_logits, generate_uncached,
+from configs.sections import Sampling
+from inference.generate import (Generator, filter_logits, generate_uncached,
                                 sample_tokens)
 from models import ModelConfig, create_model, split_params
 
@@ -45,7 +46,7 @@ def test_batched_prompts_equal_single_prompts(model):
 
 def test_sampling_is_seeded(model):
     _, params, gen = model
-    sp = SamplingParams(temperature=1.0, top_k=10)
+    sp = Sampling(temperature=1.0, top_k=10)
     a, _ = gen.generate(params, [[1, 2, 3]], 20, sp, seed=1)
     b, _ = gen.generate(params, [[1, 2, 3]], 20, sp, seed=1)
     c, _ = gen.generate(params, [[1, 2, 3]], 20, sp, seed=2)
@@ -73,11 +74,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_samples_stay_in_the_support():
     logits = jnp.tile(jnp.array([[0.0, 5.0, 4.0, -3.0, 4.5, 1.0]]), (512, 1))
-    sp = SamplingParams(temperature=1.0, top_k=3)
+    sp = Sampling(temperature=1.0, top_k=3)
     toks = np.asarray(sample_tokens(logits, jax.random.key(0), sp, vocab_size=6))
     assert set(toks.tolist()) == {1, 2, 4}
     # Padded vocabulary entries (ids >= vocab_size) are never sampled.
-    toks = np.asarray(sample_tokens(logits, jax.random.key(0), SamplingParams(1.0), 3))
+    toks = np.asarray(sample_tokens(logits, jax.random.key(0), Sampling(temperature=1.0), 3))
     assert toks.max() < 3
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from losses.distill import distill_loss, feature_loss, token_feature_distance, token_kl
-from losses.objectives import TERMS, make_schedule, parse_layer_map
+from configs.errors import ConfigError
+from configs.sections import Feature
+from losses.objectives import TERMS, make_schedule
 
 P = np.array([0.7, 0.2, 0.1])
 Q = np.array([0.2, 0.5, 0.3])
@@ -101,10 +103,12 @@ def test_schedules(kind, mid, end):
 
 
 def test_layer_map():
-    assert parse_layer_map("", 2, 6) == [(1, 5)]
-    assert parse_layer_map("0:2,-1:-1", 2, 6) == [(0, 2), (1, 5)]
-    with pytest.raises(ValueError, match="teacher layer 6 is out of range"):
-        parse_layer_map("0:6", 2, 6)
+    assert Feature(layer_map="").layer_pairs(2, 6) == [(1, 5)]
+    assert Feature(layer_map="0:2,-1:-1").layer_pairs(2, 6) == [(0, 2), (1, 5)]
+    with pytest.raises(ConfigError, match="teacher layer 6 is out of range"):
+        Feature(layer_map="0:6").layer_pairs(2, 6)
+    with pytest.raises(ConfigError, match="loss.feature.layer_map: '0-6' is not STUDENT"):
+        Feature.parse({"layer_map": "0-6"}, prefix="loss.feature")
 
 
 def test_terms_are_registered_once_with_their_needs():

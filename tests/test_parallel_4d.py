@@ -13,7 +13,8 @@ from configs.errors import ConfigError
 from parallel.pipeline import bubble_fraction, stage_major_permutation
 from tests.helpers import ROOT, assert_trees_close, run_cli, run_steps
 from training import trainer
-from training.evaluate import evaluate, restore_run
+from evaluation.restore import restore_run
+from training.evaluate import evaluate
 from training.experiment import Experiment
 
 LAYOUTS = {

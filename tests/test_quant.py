@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.quant import (QuantConfig, fake_quant, fake_quant_weight, int_range, pack_int4,
+from configs.sections import Quant
+from models.quant import (fake_quant, fake_quant_weight, int_range, pack_int4,
                           qparams, quantize_matrix, unpack_int4)
 
 
@@ -14,7 +15,7 @@ from models.quant import (QuantConfig, fake_quant, fake_quant_weight, int_range,
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor", "8"])
 def test_round_trip_error_within_half_a_step(bits, symmetric, granularity):
-    cfg = QuantConfig(weight_bits=bits, granularity=granularity, symmetric=symmetric)
+    cfg = Quant(weight_bits=bits, granularity=granularity, symmetric=symmetric)
     w = jnp.asarray(np.random.default_rng(bits).standard_t(3, size=(32, 16)), jnp.float32)
     qt = quantize_matrix(w, cfg)
     deq = qt.dequantize()
@@ -73,7 +74,7 @@ def qat_run(tmp_path_factory):
 
 def test_int8_qat_real_integer_weights_agree_with_fake_quant(qat_run):
     from training.evaluate import evaluate
-    from training.quantize import evaluate_quantized
+    from evaluation.quantized import evaluate_quantized
     exp, state = qat_run
     fake = evaluate(exp, state.params)["eval_loss"]
     real = evaluate_quantized(exp, state.params, "int8")

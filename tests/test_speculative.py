@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from configs.errors import ConfigError
-from inference.generate import Generator, SamplingParams, generate_uncached
+from configs.sections import Sampling
+from inference.generate import Generator, generate_uncached
 from inference.speculative import SpeculativeGenerator, accept_tokens, filtered_logits
 from models import ModelConfig, create_model, split_params
 
@@ -58,7 +59,7 @@ def test_the_target_as_its_own_draft_accepts_everything(models):
 def test_acceptance_rule_greedy_and_limit():
     p = jnp.log(jnp.array([[.1, .9, 0, 0], [.8, .2, 0, 0], [.3, .3, .4, 0]]))
     q = jnp.zeros((2, 4))
-    sp = SamplingParams()
+    sp = Sampling()
     key = jax.random.key(0)
     out, a = accept_tokens(p, q, jnp.array([1, 0]), 2, key, sp, 4)
     assert int(a) == 2 and out.tolist() == [1, 0, 2]  # both accepted, then the bonus token
@@ -100,8 +101,8 @@ def _chi2(counts, expected):
     return float(((c[keep] - e[keep]) ** 2 / e[keep]).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize("sp", [SamplingParams(temperature=1.0),
-                                SamplingParams(temperature=0.7, top_k=2)],
+@pytest.mark.parametrize("sp", [Sampling(temperature=1.0),
+                                Sampling(temperature=0.7, top_k=2)],
                          ids=["t1", "t0.7_top2"])
 def test_sampling_follows_the_target_distribution(sp):
     """Chi-square test of the joint distribution of 3 tokens over a vocabulary of 3
@@ -128,25 +129,26 @@ def test_sampling_follows_the_target_distribution(sp):
 def test_draft_with_another_vocabulary_is_an_error(models):
     (gt, _), _ = models
     other = ModelConfig(**{**TARGET.to_dict(), "vocab_size": 70})
-    with pytest.raises(ConfigError, match="draft_workdir: the draft model's vocabulary has 70 "
-                                          "tokens, the target's 65"):
+    with pytest.raises(ValueError, match="the draft model's vocabulary has 70 tokens, the "
+                                         "target's 65"):
         SpeculativeGenerator((gt, TARGET, CONTEXT), (gt, other, CONTEXT), 4)
 
 
 def test_draft_run_with_another_tokenizer_is_an_error(monkeypatch):
     from data.tokenizers import ByteTokenizer, CharTokenizer
-    from training import eval_suite
+    from evaluation import sampling
 
     def fake_run(tokenizer):
-        return types.SimpleNamespace(data=types.SimpleNamespace(tokenizer=tokenizer))
+        return types.SimpleNamespace(data=types.SimpleNamespace(tokenizer=tokenizer),
+                                     model_cfg=types.SimpleNamespace(vocab_size=tokenizer.vocab_size))
 
-    monkeypatch.setattr(eval_suite, "restore_run",
+    monkeypatch.setattr(sampling, "restore_run",
                         lambda *a, **k: (fake_run(ByteTokenizer()), None, 0))
     target = fake_run(CharTokenizer(list("abc")))
     with pytest.raises(ConfigError, match=r"draft_workdir: the draft run /runs/bytes uses "
                                           r"another vocabulary \(byte, 256 tokens\) than the "
                                           r"target \(char, 3 tokens\)"):
-        eval_suite.sample_speculative(target, None, "/runs/bytes", ["ab"], 5, SamplingParams())
+        sampling.sample_speculative(target, None, "/runs/bytes", ["ab"], 5, Sampling())
 
 
 def test_prompt_longer_than_the_targets_context_is_an_error(models):

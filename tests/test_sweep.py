@@ -5,7 +5,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import textwrap
 
 import jax
@@ -92,8 +91,8 @@ def test_shipped_sweeps_expand():
 
 
 @pytest.mark.parametrize("body, message", [
-    ("su.axis('model.widht', [1])", "model.widht: unknown config key in sweep variant "
-                                    "'widht=1' of bad.py; did you mean 'model.width'?"),
+    ("su.axis('model.d_modle', [1])", "model.d_modle: unknown config key in sweep variant "
+                                      "'d_modle=1' of bad.py; did you mean 'model.d_model'?"),
     ("su.axis('model.d_model', ['wide'])", "model.d_model: cannot set 'wide'"),
     ("su.axis('model', [1])", "model: is a section, not a value"),
     ("su.axis('model.num_kv_heads', [3])", "model.num_kv_heads: num_heads 4 is not divisible "
@@ -108,15 +107,28 @@ def test_bad_sweeps_raise_config_errors(tmp_path, body, message):
         from configs import sweep_utils as su
         from configs.base import get_base_config
         def get_config(arg=None):
-            c = get_base_config()
-            c.model.width = 0
-            return c
+            return get_base_config()
         def get_sweep(arg=None):
             return {body}
         """, "bad.py")
     with pytest.raises(ConfigError) as err:
         load_sweep(str(path))
     assert message in str(err.value)
+
+
+def test_config_file_with_an_undeclared_key_is_an_error(tmp_path):
+    path = write_sweep(tmp_path, """
+        from configs import sweep_utils as su
+        from configs.base import get_base_config
+        def get_config(arg=None):
+            c = get_base_config()
+            c.model.widht = 64
+            return c
+        def get_sweep(arg=None):
+            return su.axis("seed", [1])
+        """, "extra.py")
+    with pytest.raises(ConfigError, match="model.widht: unknown config key"):
+        load_sweep(str(path))
 
 
 def test_config_without_get_sweep_is_an_error():

@@ -13,7 +13,8 @@ import pytest
 
 from tests.helpers import ROOT, run_cli
 from training import trainer
-from training.evaluate import evaluate, restore_run
+from evaluation.restore import restore_run
+from training.evaluate import evaluate
 
 
 def read_metrics(workdir):

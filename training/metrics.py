@@ -1,4 +1,5 @@
-"""Metric sinks: `metrics.jsonl`, TensorBoard event files, and a progress bar.
+"""Metric sinks: `metrics.jsonl` and TensorBoard event files; and the reader of
+`metrics.jsonl`.
 
 Only process 0 writes; other processes get a writer that does nothing.
 """
@@ -9,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def _clean(value: Any) -> Any:
@@ -25,10 +27,11 @@ class MetricWriter:
 
     def __init__(self, workdir: str | Path, *, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = Path(workdir) / METRICS_FILE
         self._tb = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
+            # Deferred: tensorboardX pulls in protobuf (~0.5 s), which only process 0 needs.
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
@@ -64,6 +67,17 @@ class MetricWriter:
             self._tb.close()
 
 
-def progress_bar(start: int, total: int) -> tqdm:
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                disable=jax.process_index() != 0, smoothing=0.1)
+def read_metrics(workdir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training records, eval records) of `WORKDIR/metrics.jsonl`; empty if there is none."""
+    path = Path(workdir) / METRICS_FILE
+    train, evals = [], []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec.get("loss") is not None:
+                train.append(rec)
+            if rec.get("eval_loss") is not None:
+                evals.append(rec)
+    return train, evals

@@ -6,13 +6,15 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
+from configs.sections import Optim
 
-def learning_rate_schedule(config: Any) -> optax.Schedule:
+
+def learning_rate_schedule(optim: Optim, steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to `learning_rate`, then cosine decay to `min_learning_rate`."""
-    warmup = min(config.warmup_steps, config.steps)
+    warmup = min(optim.warmup_steps, steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-        decay_steps=max(config.steps, warmup + 1), end_value=config.min_learning_rate)
+        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=optim.min_learning_rate)
 
 
 def decay_mask(logical_axes: Any) -> Any:
@@ -21,11 +23,11 @@ def decay_mask(logical_axes: Any) -> Any:
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def make_optimizer(config: Any, logical_axes: Any) -> optax.GradientTransformation:
+def make_optimizer(optim: Optim, steps: int, logical_axes: Any) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0
+        optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0
         else optax.identity(),
-        optax.adamw(learning_rate_schedule(config), b1=config.beta1, b2=config.beta2,
-                     eps=config.adam_eps, weight_decay=config.weight_decay,
-                     mask=decay_mask(logical_axes)),
+        optax.adamw(learning_rate_schedule(optim, steps), b1=optim.beta1, b2=optim.beta2,
+                    eps=optim.adam_eps, weight_decay=optim.weight_decay,
+                    mask=decay_mask(logical_axes)),
     )

@@ -14,9 +14,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from configs.sections import Config
 from parallel.pipeline import bubble_fraction
-from training.experiment import BATCH_AXES, Experiment
 from parallel.sharding import named_sharding
+from training.experiment import BATCH_AXES, Experiment
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                "collective-permute")
@@ -100,9 +101,11 @@ def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
 
 
 def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> dict[str, Any]:
-    """Compile the train step for `config` on `devices` and report its per-device cost."""
+    """Compile the train step for `config` (a Config or ConfigDict) on `devices` and report
+    its per-device cost."""
+    config = Config.from_dict(config)
     exp = Experiment.build(config, workdir, devices)
-    b, t = config.batch_size, config.seq_len
+    b, t = config.train.batch_size, config.train.seq_len
     batch_sharding = named_sharding(exp.mesh, BATCH_AXES, exp.rules)
     batch = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=batch_sharding)
              for k in ("inputs", "targets")}

@@ -13,7 +13,6 @@ from losses.objectives import Objective, cross_entropy_objective, split_objectiv
 from models import ModelConfig
 from parallel.sharding import Rules, constrain, use_rules
 from training.state import TrainState
-from training.teacher import Teacher
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -65,14 +64,14 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, rules: Rules, *, grad_accum_steps: int = 1,
                     seed: int = 0, objective: Objective | None = None,
-                    teacher: Teacher | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
+                    teacher: Any = None) -> Callable[..., tuple[TrainState, Metrics]]:
     """train_step(state, batch[, teacher_params]) -> (state, metrics); one optimizer update.
 
     Gradient accumulation runs inside the step (a scan over micro-batches) instead of
     optax.MultiSteps: one call is one optimizer update, the step counter, schedule and
     checkpoints count updates, and no gradient buffer lives in the optimizer state.
-    With a `teacher`, its parameters are the third argument and its forward pass runs
-    here, per micro-batch, without gradients. Metrics: `loss` (the weighted objective),
+    With a `teacher` (a `training.teacher.Teacher`), its parameters are the third argument
+    and its forward pass runs here, per micro-batch, without gradients. Metrics: `loss` (the weighted objective),
     `loss/<term>` for every term, the objective's scheduled values, MoE diagnostics.
     """
     objective = objective or cross_entropy_objective(model_cfg)

@@ -3,9 +3,10 @@ own saved config (depth, width, heads, rules may differ from the student's).
 
 The teacher's parameters are not part of the train state: they have no optimizer state,
 are not saved in the student's checkpoints, and are restored from the teacher's own
-workdir on every (re)start. They are sharded on the student's mesh by the teacher's own
-logical rules and passed to the jitted train step as an extra, non-donated argument; the
-teacher's forward pass runs inside that step, under `stop_gradient`.
+workdir on every (re)start, through its `Checkpointer` (params only). They are sharded
+on the student's mesh by the teacher's own logical rules and passed to the jitted train
+step as an extra, non-donated argument; the teacher's forward pass runs inside that
+step, under `stop_gradient`.
 """
 
 import dataclasses
@@ -13,26 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
-from ml_collections import ConfigDict
 
 from configs.errors import ConfigError
+from configs.sections import Config, Distill
 from data.pipeline import TokenData, is_prepared
-from models import ModelConfig, Output, abstract_model, param_logical_axes, split_params
-from models.quant import QuantConfig
-from parallel.sharding import Rules, check_divisible, constrain, tree_shardings, use_rules
+from data.tokenizers import Tokenizer
+from models import ModelConfig, Output, abstract_params
+from parallel.sharding import Rules, constrain, tree_shardings, use_rules
+from training import rundir
 from training.checkpoint import Checkpointer
+from training.state import abstract_with_shardings
 
 KEY = "loss.distill.teacher_workdir"
 
 
-def _rules(config: Any) -> Rules:
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding.rules)
-
-
-def _teacher_data(config: Any, workdir: Path) -> TokenData:
+def _teacher_data(config: Config, workdir: Path) -> TokenData:
     path = Path(config.data.path) if config.data.path else None
     directory = path if path is not None and is_prepared(path) else workdir / "data"
     try:
@@ -45,71 +43,43 @@ def _teacher_data(config: Any, workdir: Path) -> TokenData:
 class Teacher:
     workdir: Path
     step: int
-    config: ConfigDict  # the teacher run's own config
+    config: Config  # the teacher run's own config
+    tokenizer: Tokenizer
     model_cfg: ModelConfig
     graphdef: nnx.GraphDef
     mesh: Mesh
     rules: Rules  # the teacher's logical rules, on the student's mesh
+    param_axes: Any  # logical PartitionSpecs of the parameters
     shardings: Any  # NamedShardings of the parameters
     abstract_params: Any  # ShapeDtypeStructs with shardings
 
     @classmethod
-    def load(cls, config: Any, student_data: TokenData, student_model: ModelConfig,
-             mesh: Mesh) -> "Teacher":
-        """Check the teacher run (files, vocabulary, layout on `mesh`); loads no weights."""
-        from training.evaluate import load_run_config  # noqa: PLC0415 (import cycle)
-        d = config.loss.distill
-        workdir = Path(d.teacher_workdir).absolute()
+    def load(cls, distill: Distill, mesh: Mesh) -> "Teacher":
+        """Find the teacher run and its checkpoint; loads no weights (`check_layout` checks
+        its vocabulary and layout against the student's)."""
+        workdir = Path(distill.teacher_workdir).absolute()
         if not workdir.is_dir():
-            raise ConfigError(KEY, f"no such directory: {d.teacher_workdir}")
-        try:
-            tconfig = load_run_config(workdir)
-        except ConfigError:
-            raise ConfigError(KEY, f"{d.teacher_workdir} is not a training run "
-                                   "(no config.json)") from None
-        ckpt = Checkpointer(workdir / "checkpoints", read_only=True) \
-            if (workdir / "checkpoints").is_dir() else None
-        steps = ckpt.all_steps() if ckpt else []
-        if ckpt:
-            ckpt.close()
-        if not steps:
-            raise ConfigError(KEY, f"{d.teacher_workdir} has no checkpoints")
-        step = d.teacher_step or steps[-1]
-        if step not in steps:
-            raise ConfigError("loss.distill.teacher_step", f"no checkpoint for step {step} in "
-                                                           f"{d.teacher_workdir}; have {steps}")
+            raise ConfigError(KEY, f"no such directory: {distill.teacher_workdir}")
+        tconfig = rundir.load_config(workdir, key=KEY)
+        with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
+            steps = ckpt.all_steps()
+        step = rundir.pick_step(steps, distill.teacher_step or None, distill.teacher_workdir,
+                                key="loss.distill.teacher_step", workdir_key=KEY)
         tdata = _teacher_data(tconfig, workdir)
-        model_cfg = ModelConfig.from_config(tconfig.model, tdata.vocab_size)
-        model_cfg = dataclasses.replace(
-            model_cfg, dropout=0.0, quant=QuantConfig.from_config(tconfig.get("quant")))
-        s_tok, t_tok = student_data.tokenizer.to_dict(), tdata.tokenizer.to_dict()
-        if s_tok != t_tok or model_cfg.vocab_size != student_model.vocab_size:
-            raise ConfigError(KEY, f"vocabulary mismatch: the teacher has "
-                                   f"{model_cfg.vocab_size} tokens ({t_tok['kind']} tokenizer), "
-                                   f"the student {student_model.vocab_size} "
-                                   f"({s_tok['kind']} tokenizer); they must be the same")
-        model = abstract_model(model_cfg)
-        graphdef, abstract = split_params(model)
-        axes = param_logical_axes(model)
-        rules = _rules(tconfig)
-        check_divisible(abstract, axes, mesh, rules, what="teacher parameter")
+        model_cfg = ModelConfig.from_section(tconfig.model, tdata.vocab_size,
+                                             quant=tconfig.quant, dropout=0.0)
+        graphdef, abstract, axes = abstract_params(model_cfg)
+        rules = tconfig.sharding.rules
         shardings = tree_shardings(mesh, axes, rules)
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-            shardings)
-        return cls(workdir=workdir, step=step, config=tconfig, model_cfg=model_cfg,
-                   graphdef=graphdef, mesh=mesh, rules=rules, shardings=shardings,
-                   abstract_params=abstract)
+        return cls(workdir=workdir, step=step, config=tconfig, tokenizer=tdata.tokenizer,
+                   model_cfg=model_cfg, graphdef=graphdef, mesh=mesh, rules=rules,
+                   param_axes=axes, shardings=shardings,
+                   abstract_params=abstract_with_shardings(abstract, shardings))
 
     def restore(self) -> Any:
         """The parameters only (not the optimizer state), sharded on the student's mesh."""
-        path = self.workdir / "checkpoints" / str(self.step) / "state"
-        item = {"params": self.abstract_params}
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
-        with ocp.PyTreeCheckpointer() as ckptr:
-            out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True))
-        return out["params"]
+        with Checkpointer(rundir.checkpoint_dir(self.workdir), read_only=True) as ckpt:
+            return ckpt.restore_params(self.step, self.abstract_params)
 
     def forward(self, params: Any, batch: dict[str, jax.Array], *, return_hidden: bool
                 ) -> Output:

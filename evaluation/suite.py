@@ -1,6 +1,4 @@
-"""Checkpoint evaluation beyond `eval.py`'s default: every kept step, other data, bits per
-character or byte, plots, and (speculative) sampling glue. The entry point stays thin.
-"""
+"""Every kept checkpoint, other data, bits per character or byte, and the plots."""
 
 import csv
 import json
@@ -9,13 +7,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from configs.errors import ConfigError
 from data.pipeline import TokenData
 from data.prepare import META, is_prepared
+from evaluation.restore import restore_run
+from training import rundir
 from training.checkpoint import Checkpointer
-from training.evaluate import evaluate, restore_run
+from training.evaluate import evaluate
+from training.metrics import read_metrics
 
 LN2 = math.log(2.0)
 
@@ -83,7 +85,6 @@ def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
     WORKDIR/eval/<data label>/), and for "all" also `summary.csv` and `eval_loss.png`.
     Returns (results, that directory).
     """
-    import jax
     workdir = Path(workdir)
     first_step = steps[0] if isinstance(steps, list) and steps else None
     # Other data is evaluated whole; the validation split as in training (eval_max_batches).
@@ -91,7 +92,7 @@ def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
     exp, first_state, first = restore_run(workdir, first_step, devices, overrides)
     tokens, label = (None, None) if data is None else load_eval_tokens(exp, data)
     out_dir = workdir / "eval" if label is None else workdir / "eval" / label
-    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
+    ckpt = Checkpointer(rundir.checkpoint_dir(workdir), read_only=True)
     available = ckpt.all_steps()
     todo = available if steps == "all" else [first] if steps == "latest" else list(steps)
     missing = [s for s in todo if s not in available]
@@ -135,16 +136,16 @@ def write_summary(results: list[dict[str, Any]], out_dir: Path, bits: str) -> Pa
 
 
 def _training_evals(workdir: Path) -> list[tuple[int, float]]:
-    from sweeps.results import read_metrics
     return [(r["step"], r["eval_loss"]) for r in read_metrics(workdir)[1]]
 
 
 def plot_eval_loss(results: list[dict[str, Any]], out: Path,
                    training_evals: list[tuple[int, float]] | None = None,
                    title: str = "eval loss") -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Deferred: matplotlib takes ~0.5 s to import and only --all_steps draws.
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if training_evals:
@@ -159,55 +160,3 @@ def plot_eval_loss(results: list[dict[str, Any]], out: Path,
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
-
-
-# Sampling.
-
-def encode_prompts(exp: Any, prompts: list[str]) -> list[list[int]]:
-    try:
-        return [exp.data.tokenizer.encode(p).tolist() for p in prompts]
-    except ValueError as e:
-        raise ConfigError("prompt", str(e)) from None
-
-
-def sample_speculative(exp: Any, params: Any, draft_workdir: str, prompts: list[str],
-                       length: int, sp: Any, seed: int = 0, draft_tokens: int = 4,
-                       draft_step: int | None = None, devices: Any = None,
-                       compare: bool = True) -> tuple[list[str], dict[str, float]]:
-    """Speculative sampling with the run in `draft_workdir` as the draft model.
-
-    With `compare`, the target also decodes the same prompts alone (batch 1, as the
-    speculative loop does) to measure the speed-up; in greedy mode the two outputs are
-    also compared token for token (`matches_plain`).
-    """
-    from inference.generate import Generator
-    from inference.speculative import SpeculativeGenerator
-    from losses.objectives import split_objective_params
-    draft_exp, draft_state, _ = restore_run(draft_workdir, draft_step, devices)
-    t_tok, d_tok = exp.data.tokenizer, draft_exp.data.tokenizer
-    if t_tok.to_dict() != d_tok.to_dict():
-        raise ConfigError("draft_workdir", f"the draft run {draft_workdir} uses another "
-                                           f"vocabulary ({d_tok.kind}, {d_tok.vocab_size} "
-                                           f"tokens) than the target ({t_tok.kind}, "
-                                           f"{t_tok.vocab_size} tokens)")
-    # Runs trained with learned objective terms carry extra params; generation needs none.
-    params = split_objective_params(params)[0]
-    draft_params = split_objective_params(draft_state.params)[0]
-    ids = encode_prompts(exp, prompts)
-    spec = SpeculativeGenerator((exp.graphdef, exp.model_cfg, exp.config.seq_len),
-                                (draft_exp.graphdef, draft_exp.model_cfg,
-                                 draft_exp.config.seq_len), draft_tokens)
-    out, stats = spec.generate(params, draft_params, ids, length, sp, seed)
-    stats["draft_tokens"] = draft_tokens
-    if compare:
-        gen = Generator(exp.graphdef, exp.model_cfg, exp.config.seq_len)
-        plain, seconds = [], 0.0
-        for i, p in enumerate(ids):
-            o, s = gen.generate(params, [p], length, sp, seed + i)
-            plain.append(o[0])
-            seconds += s["decode_seconds"]
-        stats["plain_decode_tokens_per_sec"] = len(ids) * length / max(seconds, 1e-9)
-        stats["speedup"] = stats["decode_tokens_per_sec"] / stats["plain_decode_tokens_per_sec"]
-        if sp.temperature <= 0.0:
-            stats["matches_plain"] = float(plain == out)
-    return [t_tok.decode(o) for o in out], stats

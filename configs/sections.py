@@ -1,0 +1,602 @@
+"""Typed config sections: every key, its default and its limits, declared in one place.
+
+The command line and config files speak `ml_collections.ConfigDict` (`--config.model.d_model=256`);
+the library speaks these frozen sections. `Config.from_dict(config_dict)` resolves a
+ConfigDict once, at the entry: each section validates its own keys where they are declared
+(as MaxText's `types.py` does), then `Config` checks what spans sections. The first bad
+key raises `ConfigError` naming it, e.g. `model.num_kv_heads: num_heads 4 is not
+divisible by num_kv_heads 3`. Checks that need the devices or the data are in
+`training/layout.py` (`check_layout`).
+
+A section maps onto the ConfigDict under its `KEY` prefix ("" = top-level keys); a field
+may name its ConfigDict key with an alias (`pipeline_repeats` -> `Pipeline.repeats`).
+`configs/base.py` builds the default ConfigDict from these defaults, so a key exists on
+the command line exactly when it is declared here.
+"""
+
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict as PydanticConfig, Field, ValidationError, \
+    field_validator, model_validator
+
+from configs import keys
+from configs.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+UnitInterval = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+
+# Outermost to innermost: tensor parallelism talks most, so its devices are adjacent.
+MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")
+
+# Logical axis -> mesh axes: the one place where the model's axis names meet the mesh
+# (`parallel/sharding.py` applies them). The first rule naming a logical axis wins, and a
+# mesh axis already used by an earlier dimension of the same array is dropped.
+DEFAULT_RULES = (
+    # Parameters.
+    ("layers", "pipeline"),  # contiguous blocks of layers per pipeline stage
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("experts", "expert"),
+    ("router", None),
+    # Activations.
+    ("act_stages", "pipeline"),
+    ("act_batch", ("data", "fsdp", "expert")),  # the expert axis is data-parallel outside MoE
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
+DType = Literal["float32", "bfloat16", "float16"]
+AttentionImpl = Literal["xla", "pallas", "pallas_interpret", "cudnn"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+MlpKind = Literal["gelu", "swiglu"]
+RouterOrder = Literal["softmax_topk", "topk_softmax"]
+GroupedMatmul = Literal["auto", "ragged_dot", "blocks"]
+TokenizerKind = Literal["char", "byte"]
+KlKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl"]
+FeatureKind = Literal["mse", "cosine"]
+ScheduleKind = Literal["constant", "linear", "cosine"]
+PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
+
+
+def choices(literal: Any) -> tuple[Any, ...]:
+    """The allowed values of a Literal type, e.g. `choices(AttentionImpl)`."""
+    return get_args(literal)
+
+
+# ----------------------------------------------------------------------------------------
+# Validation machinery: pydantic does the checking, `_error` words its errors our way.
+
+_TYPE_NAMES = {"int_type": "an integer", "int_from_float": "an integer",
+               "float_type": "a number", "bool_type": "true or false",
+               "string_type": "a string", "tuple_type": "a list"}
+
+
+def _bounds(section: type[BaseModel], name: str) -> dict[str, Any]:
+    field = section.model_fields.get(name)
+    out: dict[str, Any] = {}
+    for meta in getattr(field, "metadata", ()):
+        for bound in ("gt", "ge", "lt", "le"):
+            if getattr(meta, bound, None) is not None:
+                out[bound] = getattr(meta, bound)
+    return out
+
+
+def _range_text(b: dict[str, Any]) -> str:
+    if ("gt" in b or "ge" in b) and ("lt" in b or "le" in b):
+        lo = f"({b['gt']}" if "gt" in b else f"[{b['ge']}"
+        hi = f"{b['lt']})" if "lt" in b else f"{b['le']}]"
+        return f"in {lo}, {hi}"
+    for bound, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if bound in b:
+            return f"{op} {b[bound]}"
+    return "valid"
+
+
+def _error(section: type[BaseModel], prefix: str, err: dict[str, Any]) -> ConfigError:
+    """One pydantic error -> ConfigError(dotted key, message in the project's words)."""
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    owner: Any = section
+    for part in loc[:-1]:  # the section class that declares the failing field
+        field = owner.model_fields.get(part) if hasattr(owner, "model_fields") else None
+        owner = getattr(field, "annotation", None) or owner
+    name = loc[-1] if loc else ""
+    key = ".".join(p for p in (prefix, *loc) if p)
+    value = err.get("input")
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):
+        inner = ctx["error"]
+        return ConfigError(".".join(p for p in (key, inner.key) if p), inner.message)
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bounds = _bounds(owner, name) if isinstance(owner, type) else {}
+        if kind == "greater_than" and bounds.get("gt") == 0 and isinstance(value, int):
+            return ConfigError(key, f"must be a positive integer, got {value!r}")
+        return ConfigError(key, f"must be {_range_text(bounds or ctx)}, got {value!r}")
+    if kind == "literal_error":
+        field = owner.model_fields.get(name) if isinstance(owner, type) else None
+        allowed = list(choices(field.annotation)) if field is not None else ctx.get("expected")
+        return ConfigError(key, f"unknown value {value!r}; choose one of {allowed}")
+    if kind == "finite_number":
+        return ConfigError(key, f"must be a finite number, got {value!r}")
+    if kind == "extra_forbidden":
+        if isinstance(owner, type) and getattr(owner, "UNKNOWN_KEY", None):
+            return ConfigError(key, owner.UNKNOWN_KEY)
+        return keys.unknown_key(_defaults_tree(), key)
+    if kind in _TYPE_NAMES:
+        return ConfigError(key, f"must be {_TYPE_NAMES[kind]}, got {value!r}")
+    return ConfigError(key, err["msg"])
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, strict types, no unknown keys, no NaN or inf."""
+
+    model_config = PydanticConfig(frozen=True, extra="forbid", strict=True,
+                                  allow_inf_nan=False, populate_by_name=True)
+    KEY: ClassVar[str] = ""  # prefix of this section's keys in the ConfigDict
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], prefix: str | None = None) -> "Section":
+        """Validate `values` (this section's keys); raise ConfigError for the first bad one."""
+        prefix = cls.KEY if prefix is None else prefix
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as e:
+            raise _error(cls, prefix, e.errors()[0]) from None
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """This section's own keys as they appear in the ConfigDict (aliases applied)."""
+        return [f.alias or name for name, f in cls.model_fields.items()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError(key, message) unless `condition` (inside validators)."""
+    if not condition:
+        raise ConfigError(key, message)
+
+
+# ----------------------------------------------------------------------------------------
+# The sections.
+
+class Train(Section):
+    """What one run trains on: steps, batch, sequence length, seed."""
+    steps: PositiveInt = 2000
+    batch_size: PositiveInt = 12  # global, in sequences
+    seq_len: PositiveInt = 64
+    seed: int = 0
+    grad_accum_steps: PositiveInt = 1
+    eval_batch_size: PositiveInt = 256  # global, in windows of seq_len tokens
+    eval_max_batches: NonNegativeInt = 0  # 0 = the whole validation split
+
+    @model_validator(mode="after")
+    def _accumulation_divides_batch(self) -> "Train":
+        _check(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
+               f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
+               f"{self.grad_accum_steps}")
+        return self
+
+
+class Optim(Section):
+    """AdamW with linear warm-up and cosine decay; weight decay on matrices only."""
+    learning_rate: NonNegativeFloat = 1e-3
+    min_learning_rate: NonNegativeFloat = 1e-4  # the end of the cosine decay
+    warmup_steps: NonNegativeInt = 100
+    weight_decay: NonNegativeFloat = 0.1
+    grad_clip: NonNegativeFloat = 1.0  # global-norm clipping; 0 = off
+    beta1: UnitInterval = 0.9
+    beta2: UnitInterval = 0.99
+    adam_eps: NonNegativeFloat = 1e-8
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self) -> "Optim":
+        _check(self.min_learning_rate <= self.learning_rate, "min_learning_rate",
+               f"{self.min_learning_rate} is above learning_rate {self.learning_rate}")
+        return self
+
+
+class Intervals(Section):
+    """Cadences of the loop's hooks, in optimizer steps (0 disables)."""
+    log_every: NonNegativeInt = 50
+    eval_every: NonNegativeInt = 500
+    checkpoint_every: NonNegativeInt = 500
+    keep_checkpoints: NonNegativeInt = 3  # 0 = keep all
+
+
+class Pipeline(Section):
+    """Pipeline schedule, used when mesh.pipeline > 1."""
+    # The batch (after gradient accumulation) is cut into this many micro-batches
+    # (0 = one per stage); each stage holds `repeats` chunks of layers (> 1: circular).
+    microbatches: NonNegativeInt = Field(0, alias="pipeline_microbatches")
+    repeats: PositiveInt = Field(1, alias="pipeline_repeats")
+
+
+class Mesh(Section):
+    """Device mesh sizes per axis; one axis may be -1 (the devices left over)."""
+    KEY: ClassVar[str] = "mesh"
+    data: Annotated[int, Field(ge=-1)] = -1
+    fsdp: Annotated[int, Field(ge=-1)] = 1
+    tensor: Annotated[int, Field(ge=-1)] = 1
+    pipeline: Annotated[int, Field(ge=-1)] = 1
+    expert: Annotated[int, Field(ge=-1)] = 1
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "Mesh":
+        for name in MESH_AXES:
+            _check(getattr(self, name) != 0, name,
+                   f"must be a positive size or -1, got {getattr(self, name)}")
+        wild = [n for n in MESH_AXES if getattr(self, n) == -1]
+        _check(len(wild) <= 1, wild[-1] if wild else "", "only one mesh axis may be -1")
+        return self
+
+    def sizes(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_AXES}
+
+
+Rule = tuple[str, str | tuple[str, ...] | None]
+
+
+class Sharding(Section):
+    """Logical axis -> mesh axes rules (see DEFAULT_RULES)."""
+    KEY: ClassVar[str] = "sharding"
+    rules: tuple[Rule, ...] = DEFAULT_RULES
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _as_tuples(cls, rules: Any) -> Any:
+        """config.json stores the rules as lists."""
+        def tup(x):
+            return tuple(tup(v) for v in x) if isinstance(x, (list, tuple)) else x
+        return tup(rules)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Sharding":
+        named = {name for name, _ in self.rules}
+        for name in LOGICAL_AXES:
+            _check(name in named, "rules", f"no rule for logical axis {name!r}")
+        for name, axes in self.rules:
+            for axis in (axes,) if isinstance(axes, str) else axes or ():
+                _check(axis in MESH_AXES, "rules", f"logical axis {name!r} maps to unknown "
+                                                   f"mesh axis {axis!r}; mesh axes: {MESH_AXES}")
+        return self
+
+
+class MoE(Section):
+    """Mixture of experts; num_experts = 0 is a dense model."""
+    num_experts: NonNegativeInt = 0
+    top_k: PositiveInt = 2
+    every: PositiveInt = 1  # MoE in every k-th layer (the others dense)
+    num_shared_experts: NonNegativeInt = 0  # always-on experts, added to the routed ones
+    d_ff: NonNegativeInt = 0  # per expert; 0 = model.d_ff
+    capacity_factor: float = 0.0  # > 0: token dropping at this capacity; <= 0: dropless
+    router_order: RouterOrder = "softmax_topk"
+    renormalize: bool = True  # top-k weights sum to 1 (softmax_topk)
+    jitter: UnitInterval = 0.0  # multiplicative router-input noise in training
+    # Dropless grouped matmul: ragged_dot, or padded blocks (auto: blocks on CPU only).
+    grouped_matmul: GroupedMatmul = "auto"
+    load_balance_weight: NonNegativeFloat = 0.01  # Switch Transformer's E * sum_e f_e P_e
+    z_loss_weight: NonNegativeFloat = 0.001  # ST-MoE's mean logsumexp(router logits)^2
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "MoE":
+        if self.num_experts:
+            _check(self.top_k <= self.num_experts, "top_k",
+                   f"top_k {self.top_k} > num_experts {self.num_experts}")
+        return self
+
+
+class Model(Section):
+    """The Transformer's shape and numerics."""
+    KEY: ClassVar[str] = "model"
+    num_layers: PositiveInt = 4
+    d_model: PositiveInt = 128
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 4
+    head_dim: NonNegativeInt = 0  # 0 = d_model // num_heads
+    d_ff: PositiveInt = 512
+    mlp: MlpKind = "gelu"
+    dropout: UnitInterval = 0.0
+    tie_embeddings: bool = True
+    rope_theta: PositiveFloat = 10_000.0
+    norm_eps: PositiveFloat = 1e-5
+    init_std: NonNegativeFloat = 0.02
+    dtype: DType = "float32"  # compute dtype; parameters are always float32
+    attention_impl: AttentionImpl = "xla"
+    scan_layers: bool = True
+    # Rematerialise each block in the backward pass: with scanned layers this is also
+    # the fastest choice on CPU (no stacked per-layer residual buffers).
+    remat: RematPolicy = "full"
+    vocab_size: NonNegativeInt = 0  # 0 = the data's vocabulary
+    vocab_multiple: PositiveInt = 128  # pad the vocabulary so every layout divides it
+    moe: MoE = MoE()
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "Model":
+        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+               f"num_heads {self.num_heads} is not divisible by num_kv_heads "
+               f"{self.num_kv_heads}")
+        _check(bool(self.head_dim) or self.d_model % self.num_heads == 0, "num_heads",
+               f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}; "
+               "set model.head_dim")
+        head_dim = self.resolved_head_dim
+        _check(head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {head_dim}")
+        if self.attention_impl == "cudnn":
+            _check(self.dtype in ("bfloat16", "float16"), "attention_impl",
+                   f"'cudnn' runs in bfloat16 or float16 only; model.dtype is {self.dtype!r}")
+            _check(head_dim % 8 == 0 and head_dim <= 256, "attention_impl",
+                   f"'cudnn' needs head_dim a multiple of 8 and <= 256, got {head_dim}")
+        if self.moe.num_experts:
+            _check(self.num_layers % self.moe.every == 0, "moe.every",
+                   f"num_layers {self.num_layers} is not divisible by every={self.moe.every}")
+        return self
+
+
+class LossWeights(Section):
+    """Weight of each registered objective term (losses/objectives.py); 0 = not computed."""
+    UNKNOWN_KEY: ClassVar[str] = "unknown loss term; loss terms: ['ce', 'distill', 'feature']"
+    ce: NonNegativeFloat = 1.0  # next-token cross-entropy
+    distill: NonNegativeFloat = 0.0  # logit distillation from loss.distill.teacher_workdir
+    feature: NonNegativeFloat = 0.0  # hidden-state distillation (loss.feature)
+
+
+class Distill(Section):
+    """Logit distillation from a finished run of this codebase."""
+    teacher_workdir: str = ""
+    teacher_step: NonNegativeInt = 0  # checkpoint step of the teacher; 0 = its latest
+    # forward_kl KL(teacher||student) | reverse_kl | skew_forward_kl | skew_reverse_kl
+    kind: KlKind = "forward_kl"
+    skew: UnitInterval = 0.1  # skew KL mixing weight
+    temperature: PositiveFloat = 1.0  # the loss is T^2 * KL at temperature T
+    temperature_schedule: ScheduleKind = "constant"
+    temperature_final: PositiveFloat = 1.0  # T at the last step (linear / cosine)
+    weight_schedule: ScheduleKind = "constant"
+    weight_final: NonNegativeFloat = 0.0  # distill weight at the last step (linear / cosine)
+
+
+class Feature(Section):
+    """Hidden-state distillation: student block -> teacher block distances."""
+    kind: FeatureKind = "mse"
+    layer_map: str = ""  # "S:T,S:T" student -> teacher block; "" = last:last
+
+    @field_validator("layer_map")
+    @classmethod
+    def _syntax(cls, text: str) -> str:
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            parts = item.split(":")
+            ok = len(parts) == 2 and all(p.strip().lstrip("-").isdigit() for p in parts)
+            _check(ok, "", f"{item!r} is not STUDENT_LAYER:TEACHER_LAYER")
+        return text
+
+    def layer_pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+        """[(student block, teacher block)], negatives counted from the end."""
+        if not self.layer_map.strip():
+            return [(student_layers - 1, teacher_layers - 1)]
+        pairs = []
+        for item in filter(None, (s.strip() for s in self.layer_map.split(","))):
+            s, t = (int(v) for v in item.split(":"))
+            for idx, n, who in ((s, student_layers, "student"), (t, teacher_layers, "teacher")):
+                _check(-n <= idx < n, "loss.feature.layer_map",
+                       f"{who} layer {idx} is out of range: the {who} has {n} layers")
+            pairs.append((s % student_layers, t % teacher_layers))
+        return pairs
+
+
+class Loss(Section):
+    """The objective: a weighted sum of registered terms."""
+    KEY: ClassVar[str] = "loss"
+    weights: LossWeights = LossWeights()
+    distill: Distill = Distill()
+    feature: Feature = Feature()
+
+    TEACHER_TERMS: ClassVar[tuple[str, ...]] = ("distill", "feature")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(getattr(self.weights, name) > 0 for name in self.TEACHER_TERMS)
+
+    @model_validator(mode="after")
+    def _teacher_given(self) -> "Loss":
+        if self.needs_teacher:
+            name = next(n for n in self.TEACHER_TERMS if getattr(self.weights, n) > 0)
+            _check(bool(self.distill.teacher_workdir), "distill.teacher_workdir",
+                   f"required by loss.weights.{name} > 0")
+        return self
+
+
+class Quant(Section):
+    """Integer quantization: fake-quantized weights (and activations) in training with a
+    straight-through estimator (QAT); real integers for evaluation (PTQ). 0 bits = float."""
+    KEY: ClassVar[str] = "quant"
+    weight_bits: int = 0  # 0 | 8 | 4
+    activation_bits: int = 0  # 0 | 8 (per token, dynamic range)
+    granularity: str = PER_CHANNEL  # per_channel | per_tensor | group size, e.g. "32"
+    symmetric: bool = True
+
+    WEIGHT_BITS: ClassVar[tuple[int, ...]] = (0, 4, 8)
+    ACTIVATION_BITS: ClassVar[tuple[int, ...]] = (0, 8)
+
+    @model_validator(mode="after")
+    def _supported(self) -> "Quant":
+        _check(self.weight_bits in self.WEIGHT_BITS, "weight_bits",
+               f"unsupported bits {self.weight_bits!r}; choose 8 or 4 (0 = float)")
+        _check(self.activation_bits in self.ACTIVATION_BITS, "activation_bits",
+               f"unsupported bits {self.activation_bits!r}; choose 8 (0 = float activations)")
+        g = self.granularity
+        if g not in (PER_CHANNEL, PER_TENSOR):
+            _check(g.isdigit() and int(g) > 0, "granularity",
+                   f"{g!r} is not per_channel, per_tensor or a positive group size")
+            _check(self.weight_bits != 4 or int(g) % 2 == 0, "granularity",
+                   f"int4 packs pairs of rows: group size {g} must be even")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.weight_bits or self.activation_bits)
+
+    @property
+    def group_size(self) -> int:
+        """Inputs per scale: 0 = per channel (all of I), -1 = per tensor, else g."""
+        if self.granularity == PER_CHANNEL:
+            return 0
+        if self.granularity == PER_TENSOR:
+            return -1
+        return int(self.granularity)
+
+    def check_divides(self, model: Model) -> None:
+        """A group size must divide the input features of every quantized matrix."""
+        if self.group_size <= 0:
+            return
+        inputs = {"embed": model.d_model, "attn.o": model.num_heads * model.resolved_head_dim,
+                  "mlp.down": model.d_ff}
+        for name, size in inputs.items():
+            _check(size % self.group_size == 0, "quant.granularity",
+                   f"group size {self.group_size} does not divide the {size} input features "
+                   f"of {name}")
+
+
+class Data(Section):
+    """The corpus and its tokenizer."""
+    KEY: ClassVar[str] = "data"
+    path: str = ""  # "" = the embedded tiny-Shakespeare corpus
+    tokenizer: TokenizerKind = "char"
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    prefetch: NonNegativeInt = 2
+
+
+class Sampling(Section):
+    """How generation picks each token (the same rules for plain and speculative decoding)."""
+    temperature: NonNegativeFloat = 0.0  # 0 = greedy
+    top_k: NonNegativeInt = 0  # keep the k most likely tokens; 0 = all
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # nucleus mass; 1 = off
+
+    def check_prompts(self, prompts: list[list[int]], context: int) -> None:
+        """Every prompt has at least one token and fits the model's context."""
+        _check(bool(prompts) and all(len(p) for p in prompts), "prompt",
+               "every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        _check(longest <= context, "prompt", f"a prompt of {longest} tokens is longer than the "
+                                             f"model's context of {context} tokens (seq_len)")
+
+
+class Generate(Section):
+    """eval.py's generation flags besides the sampling rules."""
+    length: PositiveInt = 500  # tokens to generate per prompt
+    seed: int = 0
+    draft_tokens: PositiveInt = 4  # speculative decoding: tokens the draft proposes per round
+
+
+# ----------------------------------------------------------------------------------------
+# The whole config.
+
+SECTIONS: dict[str, type[Section]] = {
+    "train": Train, "optim": Optim, "intervals": Intervals, "pipeline": Pipeline,
+    "mesh": Mesh, "sharding": Sharding, "model": Model, "loss": Loss, "quant": Quant,
+    "data": Data,
+}
+
+
+class Config(BaseModel):
+    """A run's resolved, validated config: one frozen section per concern."""
+
+    model_config = PydanticConfig(frozen=True, extra="forbid")
+    name: str = "base"
+    train: Train = Train()
+    optim: Optim = Optim()
+    intervals: Intervals = Intervals()
+    pipeline: Pipeline = Pipeline()
+    mesh: Mesh = Mesh()
+    sharding: Sharding = Sharding()
+    model: Model = Model()
+    loss: Loss = Loss()
+    quant: Quant = Quant()
+    data: Data = Data()
+
+    @classmethod
+    def from_dict(cls, config: Any) -> "Config":
+        """Resolve a ConfigDict (or a nested dict, e.g. a run's config.json)."""
+        if isinstance(config, Config):
+            return config
+        values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        top_level = {"name"}
+        sections = {}
+        for attr, section in SECTIONS.items():
+            if section.KEY:
+                node = values.get(section.KEY, {})
+                if not isinstance(node, Mapping):
+                    raise ConfigError(section.KEY, "is a section, not a value")
+                sections[attr] = section.parse(node)
+                top_level.add(section.KEY)
+            else:
+                own = section.config_keys()
+                sections[attr] = section.parse({k: values[k] for k in own if k in values})
+                top_level.update(own)
+        for key in values:
+            if key not in top_level:
+                raise keys.unknown_key(_defaults_tree(), key)
+        name = values.get("name", "base")
+        if not isinstance(name, str):
+            raise ConfigError("name", f"must be a string, got {name!r}")
+        try:
+            return cls(name=name, **sections)
+        except ValidationError as e:
+            raise _error(cls, "", e.errors()[0]) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ConfigDict layout (what `config.json` holds)."""
+        out: dict[str, Any] = {"name": self.name}
+        for attr, section in SECTIONS.items():
+            values = getattr(self, attr).to_dict()
+            if section.KEY:
+                out[section.KEY] = values
+            else:
+                out.update(values)
+        return out
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "Config":
+        self.quant.check_divides(self.model)
+        moe = self.model.moe
+        weights = [self.loss.weights.ce, self.loss.weights.distill, self.loss.weights.feature]
+        if moe.num_experts:
+            weights += [moe.load_balance_weight, moe.z_loss_weight]
+        _check(any(w > 0 for w in weights), "loss.weights",
+               "every term has weight 0: nothing to optimize")
+        return self
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with dotted ConfigDict keys overridden, validated again."""
+        values = self.to_dict()
+        for key, value in overrides.items():
+            node = values
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            if leaf not in node:
+                raise keys.unknown_key(values, key)
+            node[leaf] = value
+        return Config.from_dict(values)
+
+
+def _defaults_tree() -> dict[str, Any]:
+    """Every default key (for "did you mean")."""
+    return Config().to_dict()

@@ -1,0 +1,149 @@
+"""What `eval.py` does, one function per mode; `run` picks the mode from the request.
+
+  evaluate     the validation loss of one checkpoint (the default; with --quantize, real
+               int8/int4 weights)
+  checkpoints  every kept checkpoint and/or other data (--all_steps, --data)
+  sample       generate text (--sample), after evaluating unless --noeval
+  speculative  generate with a draft model (--sample --draft_workdir)
+
+Results are JSON lines on stdout (and files under WORKDIR/eval/); generated text goes to
+stdout and speed figures to stderr.
+"""
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from configs.errors import ConfigError
+from configs.sections import Generate, Sampling
+from evaluation.quantized import BITS, evaluate_quantized
+from evaluation.restore import restore_run
+from evaluation.sampling import sample, sample_speculative
+from evaluation.suite import evaluate_checkpoints
+from training.evaluate import evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRequest:
+    """eval.py's flags, checked."""
+    workdir: str
+    step: int | None = None
+    evaluate: bool = True
+    sample: bool = False
+    prompts: tuple[str, ...] = ("\n",)
+    sampling: Sampling = Sampling(temperature=0.8)
+    generate: Generate = Generate()
+    all_steps: bool = False
+    data: str | None = None
+    draft_workdir: str | None = None
+    draft_step: int | None = None
+    compare: bool = True
+    quantize: str | None = None
+    quant_granularity: str | None = None
+    quant_symmetric: bool | None = None
+
+    def __post_init__(self):
+        if self.quantize is not None and self.quantize not in BITS:
+            raise ConfigError("quantize", f"unknown value {self.quantize!r}; choose one of "
+                                          f"{sorted(BITS)}")
+        if self.quantize and (self.all_steps or self.data):
+            raise ConfigError("quantize", "evaluates one checkpoint on the validation split; "
+                                          "drop --all_steps/--data")
+        if self.sample and (self.all_steps or self.data):
+            raise ConfigError("sample", "samples from one checkpoint; drop --all_steps/--data")
+        if self.draft_workdir and not self.sample:
+            raise ConfigError("draft_workdir", "is for sampling; add --sample")
+        if not (self.evaluate or self.sample or self.quantize or self.all_steps or self.data):
+            raise ConfigError("eval", "--noeval without --sample leaves nothing to do")
+
+
+def write_eval_result(workdir: str | Path, result: dict[str, Any], suffix: str = "") -> Path:
+    """Save an eval result under WORKDIR/eval/ (process 0 only)."""
+    out = Path(workdir) / "eval" / f"step_{result['step']}{suffix}.json"
+    if jax.process_index() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result) + "\n")
+    return out
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+def _evaluate_one(req: EvalRequest, exp: Any, state: Any, step: int) -> None:
+    """The validation loss (with integer weights if --quantize): printed and saved."""
+    if req.quantize:
+        result = {"step": step, **evaluate_quantized(
+            exp, state.params, req.quantize, req.quant_granularity, req.quant_symmetric)}
+        write_eval_result(req.workdir, result, suffix=f"_{req.quantize}")
+    else:
+        result = {"step": step, **evaluate(exp, state.params)}
+        write_eval_result(req.workdir, result)
+    _print_result(result)
+
+
+def _print_samples(req: EvalRequest, texts: list[str], stats: dict[str, float]) -> None:
+    for prompt, text in zip(req.prompts, texts):
+        print(f"--- prompt {prompt!r}\n{prompt}{text}")
+    print(json.dumps({k: round(v, 3) for k, v in stats.items()}), file=sys.stderr)
+    print(speed_line(stats), file=sys.stderr)
+
+
+def evaluate_mode(req: EvalRequest) -> None:
+    """One checkpoint on the validation split (float, or integer weights with --quantize)."""
+    _evaluate_one(req, *restore_run(req.workdir, req.step))
+
+
+def checkpoints_mode(req: EvalRequest) -> None:
+    steps = "all" if req.all_steps else "latest" if req.step is None else [req.step]
+    evaluate_checkpoints(req.workdir, steps, req.data, on_result=_print_result)
+
+
+def sample_mode(req: EvalRequest) -> None:
+    exp, state, step = restore_run(req.workdir, req.step)
+    if req.evaluate or req.quantize:
+        _evaluate_one(req, exp, state, step)
+    texts, stats = sample(exp, state.params, list(req.prompts), req.generate.length,
+                          req.sampling, req.generate.seed)
+    _print_samples(req, texts, stats)
+
+
+def speculative_mode(req: EvalRequest) -> None:
+    exp, state, step = restore_run(req.workdir, req.step)
+    if req.evaluate or req.quantize:
+        _evaluate_one(req, exp, state, step)
+    g = req.generate
+    texts, stats = sample_speculative(exp, state.params, req.draft_workdir, list(req.prompts),
+                                      g.length, req.sampling, g.seed, g.draft_tokens,
+                                      req.draft_step, compare=req.compare)
+    _print_samples(req, texts, stats)
+
+
+def pick_mode(req: EvalRequest) -> Callable[[EvalRequest], None]:
+    if req.all_steps or req.data:
+        return checkpoints_mode
+    if req.sample:
+        return speculative_mode if req.draft_workdir else sample_mode
+    return evaluate_mode
+
+
+def run(req: EvalRequest) -> None:
+    pick_mode(req)(req)
+
+
+def speed_line(stats: dict[str, float]) -> str:
+    line = (f"prefill {stats['prefill_tokens_per_sec']:,.0f} tokens/s, decode "
+            f"{stats['decode_tokens_per_sec']:,.0f} tokens/s")
+    if "acceptance_rate" in stats:
+        line += (f"; speculative (K={stats['draft_tokens']}): acceptance rate "
+                 f"{stats['acceptance_rate']:.1%}, {stats['tokens_per_round']:.2f} tokens per "
+                 "target pass")
+    if "speedup" in stats:
+        line += (f", plain decoding {stats['plain_decode_tokens_per_sec']:,.0f} tokens/s: "
+                 f"speed-up {stats['speedup']:.2f}x")
+    return line

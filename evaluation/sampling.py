@@ -1,0 +1,71 @@
+"""Text generation from a restored run: plain KV-cache sampling and speculative decoding."""
+
+from typing import Any
+
+from configs.errors import ConfigError
+from configs.sections import Sampling
+from evaluation.restore import restore_run
+from inference.generate import Generator
+from inference.speculative import SpeculativeGenerator
+from losses.objectives import split_objective_params
+from training.experiment import Experiment
+
+
+def encode_prompts(exp: Experiment, prompts: list[str]) -> list[list[int]]:
+    try:
+        return [exp.data.tokenizer.encode(p).tolist() for p in prompts]
+    except ValueError as e:
+        raise ConfigError("prompt", str(e)) from None
+
+
+def sample(exp: Experiment, params: Any, prompts: list[str], length: int, sp: Sampling,
+           seed: int = 0) -> tuple[list[str], dict[str, float]]:
+    """Generate `length` tokens after each prompt with the run's tokenizer."""
+    ids = encode_prompts(exp, prompts)
+    gen = Generator(exp.graphdef, exp.model_cfg, exp.config.train.seq_len)
+    out, stats = gen.generate(split_objective_params(params)[0], ids, length, sp, seed)
+    return [exp.data.tokenizer.decode(o) for o in out], stats
+
+
+def sample_speculative(exp: Experiment, params: Any, draft_workdir: str, prompts: list[str],
+                       length: int, sp: Sampling, seed: int = 0, draft_tokens: int = 4,
+                       draft_step: int | None = None, devices: Any = None,
+                       compare: bool = True) -> tuple[list[str], dict[str, float]]:
+    """Speculative sampling with the run in `draft_workdir` as the draft model.
+
+    With `compare`, the target also decodes the same prompts alone (batch 1, as the
+    speculative loop does) to measure the speed-up; in greedy mode the two outputs are
+    also compared token for token (`matches_plain`).
+    """
+    draft_exp, draft_state, _ = restore_run(draft_workdir, draft_step, devices)
+    t_tok, d_tok = exp.data.tokenizer, draft_exp.data.tokenizer
+    t_vocab, d_vocab = exp.model_cfg.vocab_size, draft_exp.model_cfg.vocab_size
+    if t_tok.to_dict() != d_tok.to_dict() or t_vocab != d_vocab:
+        raise ConfigError("draft_workdir", f"the draft run {draft_workdir} uses another "
+                                           f"vocabulary ({d_tok.kind}, {d_vocab} tokens) than "
+                                           f"the target ({t_tok.kind}, {t_vocab} tokens)")
+    if draft_exp.config.train.seq_len < 2:
+        raise ConfigError("draft_workdir", f"the draft run {draft_workdir} has a context of "
+                                           "under 2 tokens (seq_len)")
+    # Runs trained with learned objective terms carry extra params; generation needs none.
+    params = split_objective_params(params)[0]
+    draft_params = split_objective_params(draft_state.params)[0]
+    ids = encode_prompts(exp, prompts)
+    context = exp.config.train.seq_len
+    spec = SpeculativeGenerator((exp.graphdef, exp.model_cfg, context),
+                                (draft_exp.graphdef, draft_exp.model_cfg,
+                                 draft_exp.config.train.seq_len), draft_tokens)
+    out, stats = spec.generate(params, draft_params, ids, length, sp, seed)
+    stats["draft_tokens"] = draft_tokens
+    if compare:
+        gen = Generator(exp.graphdef, exp.model_cfg, context)
+        plain, seconds = [], 0.0
+        for i, p in enumerate(ids):
+            o, s = gen.generate(params, [p], length, sp, seed + i)
+            plain.append(o[0])
+            seconds += s["decode_seconds"]
+        stats["plain_decode_tokens_per_sec"] = len(ids) * length / max(seconds, 1e-9)
+        stats["speedup"] = stats["decode_tokens_per_sec"] / stats["plain_decode_tokens_per_sec"]
+        if sp.temperature <= 0.0:
+            stats["matches_plain"] = float(plain == out)
+    return [t_tok.decode(o) for o in out], stats

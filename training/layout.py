@@ -1,0 +1,194 @@
+"""The checks that need the devices or the data: one step, before anything compiles.
+
+`configs/sections.py` checks each config on its own; this module checks it against the
+mesh it will run on, the data it will read and the teacher it will distil from:
+mesh sizes vs devices, the attention kernel vs the platform, batch sizes vs the
+data-parallel size and the processes, the pipeline schedule, every sharded dimension vs
+its mesh axes, sequence length vs the data, vocabularies. The first problem raises
+ConfigError naming the key to change.
+"""
+
+import math
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from configs.errors import ConfigError
+from configs.sections import MESH_AXES, Config
+from data.pipeline import TokenData
+from models import ModelConfig
+from models.attention import IMPL_PLATFORMS
+from parallel.sharding import Rules, indivisible_dims, mesh_axes_of, mesh_axes_size
+
+
+def resolve_mesh_shape(mesh: Any, num_devices: int) -> dict[str, int]:
+    """Sizes per mesh axis for `num_devices`, the one -1 (if any) taking the devices left."""
+    sizes = mesh.sizes() if hasattr(mesh, "sizes") else dict(mesh)
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ConfigError(f"mesh.{sorted(unknown)[0]}", f"unknown mesh axis; use {MESH_AXES}")
+    sizes = {name: int(sizes.get(name, 1)) for name in MESH_AXES}
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{name}", f"must be a positive size or -1, got {size}")
+    wild = [n for n, s in sizes.items() if s == -1]
+    if len(wild) > 1:
+        raise ConfigError(f"mesh.{wild[1]}", "only one mesh axis may be -1")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if wild:
+        if num_devices % fixed:
+            raise ConfigError(f"mesh.{wild[0]}",
+                              f"-1 cannot fill the mesh: {num_devices} devices are not "
+                              f"divisible by the other axes' product {fixed}")
+        sizes[wild[0]] = num_devices // fixed
+    product = math.prod(sizes.values())
+    if product != num_devices:
+        shape = " x ".join(f"{n}={s}" for n, s in sizes.items() if s != 1) or "all 1"
+        raise ConfigError("mesh", f"mesh product {product} ({shape}) != device count "
+                                  f"{num_devices}")
+    return sizes
+
+
+def pipeline_fields(config: Config, mesh: Mesh) -> dict[str, int]:
+    """ModelConfig fields for the pipeline schedule on `mesh` (empty without a pipeline)."""
+    stages = mesh.shape["pipeline"]
+    if stages == 1:
+        return {}
+    return {"pipeline_stages": stages,
+            "pipeline_microbatches": config.pipeline.microbatches or stages,
+            "pipeline_repeats": config.pipeline.repeats}
+
+
+def check_layout(config: Config, mesh: Mesh, data: TokenData, model_cfg: ModelConfig,
+                 params: Any, param_axes: Any, teacher: Any = None,
+                 process_count: int | None = None) -> None:
+    """Raise ConfigError for the first way `config` does not fit the mesh, data or teacher.
+
+    `params`/`param_axes`: the model's abstract parameters and their logical axes;
+    `teacher`: a `training.teacher.Teacher` when the objective distils from one.
+    """
+    rules = config.sharding.rules
+    _check_platform(config, mesh)
+    _check_batch(config, mesh, rules, jax.process_count() if process_count is None
+                 else process_count)
+    _check_pipeline(config, mesh, rules, model_cfg)
+    _check_data(config, data)
+    _check_model_split(config, mesh, rules)
+    _check_divisible(params, param_axes, mesh, rules, "parameter")
+    if teacher is not None:
+        _check_teacher(config, data, model_cfg, teacher, mesh)
+
+
+def _check_platform(config: Config, mesh: Mesh) -> None:
+    impl = config.model.attention_impl
+    platform = mesh.devices.flat[0].platform
+    allowed, hint = IMPL_PLATFORMS.get(impl, ((platform,), ""))
+    if platform not in allowed:
+        raise ConfigError("model.attention_impl",
+                          f"{impl!r} cannot run on {platform} devices: {hint}")
+
+
+def _check_batch(config: Config, mesh: Mesh, rules: Rules, process_count: int) -> None:
+    train = config.train
+    dp = mesh_axes_size(mesh, "act_batch", rules)
+    micro = train.batch_size // train.grad_accum_steps
+    if micro % dp:
+        what = "batch_size" if train.grad_accum_steps == 1 else \
+            f"batch_size / grad_accum_steps = {micro}"
+        axes = " x ".join(mesh_axes_of("act_batch", rules))
+        raise ConfigError("batch_size", f"{what} is not divisible by the data-parallel size "
+                                        f"{dp} (mesh {axes}, the axes of act_batch)")
+    if train.eval_batch_size % dp:
+        raise ConfigError("eval_batch_size", f"{train.eval_batch_size} is not divisible by "
+                                             f"the data-parallel size {dp}")
+    for key, batch in (("batch_size", train.batch_size),
+                       ("eval_batch_size", train.eval_batch_size)):
+        if batch % process_count:
+            raise ConfigError(key, f"{batch} is not divisible by the {process_count} processes")
+
+
+def _check_pipeline(config: Config, mesh: Mesh, rules: Rules, model_cfg: ModelConfig) -> None:
+    stages = mesh.shape["pipeline"]
+    if stages == 1:
+        return
+    repeats = config.pipeline.repeats
+    micro = config.pipeline.microbatches or stages
+    if not config.model.scan_layers:
+        raise ConfigError("model.scan_layers", "pipeline parallelism needs scanned layers "
+                                               "(model.scan_layers=True)")
+    units = model_cfg.num_units  # the pipeline splits scanned units (of `moe.every` layers)
+    if units % (stages * repeats):
+        raise ConfigError("model.num_layers", f"{units} scanned layers are not divisible "
+                                              f"by pipeline stages x repeats = {stages} x "
+                                              f"{repeats}")
+    if repeats > 1 and micro < stages:
+        raise ConfigError("pipeline_microbatches", f"the circular schedule needs at least "
+                                                   f"as many micro-batches as stages "
+                                                   f"({micro} < {stages})")
+    dp = mesh_axes_size(mesh, "act_batch", rules)
+    train = config.train
+    for key, batch in (("batch_size", train.batch_size // train.grad_accum_steps),
+                       ("eval_batch_size", train.eval_batch_size)):
+        if batch % micro or (batch // micro) % dp:
+            raise ConfigError("pipeline_microbatches",
+                              f"{micro} micro-batches do not split {key} {batch} into "
+                              f"micro-batches divisible by the data-parallel size {dp}")
+    if config.loss.weights.feature > 0:
+        raise ConfigError("loss.weights.feature", "needs the student's hidden states, which "
+                                                  "pipelined layers do not return; use "
+                                                  "mesh.pipeline=1")
+
+
+def _check_data(config: Config, data: TokenData) -> None:
+    seq_len = config.train.seq_len
+    for split, tokens in (("train", data.train), ("val", data.val)):
+        if len(tokens) < seq_len + 1:
+            raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the {split} split "
+                                         f"({len(tokens)} tokens) of {data.path}")
+    vocab = config.model.vocab_size
+    if vocab and vocab < data.vocab_size:
+        raise ConfigError("model.vocab_size", f"{vocab} is smaller than the data's vocabulary "
+                                              f"{data.vocab_size}")
+
+
+def _check_model_split(config: Config, mesh: Mesh, rules: Rules) -> None:
+    """Tensor-parallel sizes must divide heads, KV heads and d_ff (KV heads are not
+    replicated: with fewer KV heads than tensor shards, the config is rejected), and the
+    expert-parallel size must divide the number of experts."""
+    m = config.model
+    checks = [("model.num_heads", m.num_heads, "heads"),
+              ("model.num_kv_heads", m.num_kv_heads, "kv_heads"),
+              ("model.d_ff", m.d_ff, "mlp")]
+    if m.moe.num_experts:
+        checks.append(("model.moe.num_experts", m.moe.num_experts, "experts"))
+    for key, value, axis in checks:
+        shards = mesh_axes_size(mesh, axis, rules)
+        if value % shards:
+            raise ConfigError(key, f"{value} is not divisible by the {shards} shards of "
+                                   f"logical axis {axis!r} (mesh tensor={mesh.shape['tensor']}, "
+                                   f"expert={mesh.shape['expert']})")
+
+
+def _check_divisible(params: Any, param_axes: Any, mesh: Mesh, rules: Rules,
+                     what: str) -> None:
+    for where, dim, name, size, axes, shards in indivisible_dims(params, param_axes, mesh,
+                                                                 rules):
+        raise ConfigError("mesh", f"{what} {where} dimension {dim} ({name}={size}) is not "
+                                  f"divisible by mesh axes {'x'.join(axes)}={shards}")
+
+
+def _check_teacher(config: Config, data: TokenData, model_cfg: ModelConfig, teacher: Any,
+                   mesh: Mesh) -> None:
+    key = "loss.distill.teacher_workdir"
+    s_tok, t_tok = data.tokenizer.to_dict(), teacher.tokenizer.to_dict()
+    if s_tok != t_tok or teacher.model_cfg.vocab_size != model_cfg.vocab_size:
+        raise ConfigError(key, f"vocabulary mismatch: the teacher has "
+                               f"{teacher.model_cfg.vocab_size} tokens ({t_tok['kind']} "
+                               f"tokenizer), the student {model_cfg.vocab_size} "
+                               f"({s_tok['kind']} tokenizer); they must be the same")
+    _check_divisible(teacher.abstract_params, teacher.param_axes, mesh, teacher.rules,
+                     "teacher parameter")
+    if config.loss.weights.feature > 0:
+        config.loss.feature.layer_pairs(model_cfg.num_layers, teacher.model_cfg.num_layers)
+
