@@ -26,8 +26,8 @@ import sys
 from absl import app, flags, logging
 
 from configs.errors import ConfigError
-from configs.sections import Generate, Sampling
-from evaluation.modes import EvalRequest, run
+from configs.sections import EvalRequest
+from evaluation.modes import run
 from parallel.distributed import initialize
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
@@ -70,16 +70,16 @@ def main(argv: list[str]) -> None:
     if logging.get_verbosity() == logging.INFO:  # orbax warns that read-only managers
         logging.set_verbosity(logging.ERROR)     # do not save: noise for an evaluation
     try:
-        request = EvalRequest(
+        request = EvalRequest.parse(dict(
             workdir=_WORKDIR.value, step=_STEP.value, evaluate=_EVAL.value,
             sample=_SAMPLE.value, prompts=tuple(_PROMPT.value),
-            sampling=Sampling.parse({"temperature": _TEMPERATURE.value, "top_k": _TOP_K.value,
-                                     "top_p": _TOP_P.value}),
-            generate=Generate.parse({"length": _LENGTH.value, "seed": _SEED.value,
-                                     "draft_tokens": _DRAFT_TOKENS.value}),
+            sampling={"temperature": _TEMPERATURE.value, "top_k": _TOP_K.value,
+                      "top_p": _TOP_P.value},
+            generate={"length": _LENGTH.value, "seed": _SEED.value,
+                      "draft_tokens": _DRAFT_TOKENS.value},
             all_steps=_ALL_STEPS.value, data=_DATA.value, draft_workdir=_DRAFT_WORKDIR.value,
             draft_step=_DRAFT_STEP.value, compare=_COMPARE.value, quantize=_QUANTIZE.value,
-            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value)
+            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value))
         initialize(_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                    _PROCESS_ID.value)
         run(request)

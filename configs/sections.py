@@ -15,7 +15,7 @@ the command line exactly when it is declared here.
 """
 
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict as PydanticConfig, Field, ValidationError, \
     field_validator, model_validator
@@ -73,8 +73,11 @@ PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
 
 
 def choices(literal: Any) -> tuple[Any, ...]:
-    """The allowed values of a Literal type, e.g. `choices(AttentionImpl)`."""
-    return get_args(literal)
+    """The allowed values of a Literal type (or of the Literals in a union, e.g. an optional
+    Literal), e.g. `choices(AttentionImpl)`."""
+    if get_origin(literal) is Literal:
+        return get_args(literal)
+    return tuple(v for arg in get_args(literal) for v in choices(arg))
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,6 +118,8 @@ def _error(section: type[BaseModel], prefix: str, err: dict[str, Any]) -> Config
         owner = getattr(field, "annotation", None) or owner
     name = loc[-1] if loc else ""
     key = ".".join(p for p in (prefix, *loc) if p)
+    if getattr(section, "FLAT_KEYS", False) and loc:  # flags: nested fields are flat flags
+        key = name
     value = err.get("input")
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -503,6 +508,39 @@ class Generate(Section):
     length: PositiveInt = 500  # tokens to generate per prompt
     seed: int = 0
     draft_tokens: PositiveInt = 4  # speculative decoding: tokens the draft proposes per round
+
+
+class EvalRequest(Section):
+    """eval.py's flags: which checkpoints, which data, what to generate."""
+    FLAT_KEYS: ClassVar[bool] = True  # errors name the flag (--top_p), not sampling.top_p
+    workdir: str
+    step: int | None = None  # default: the latest checkpoint
+    evaluate: bool = True
+    sample: bool = False
+    prompts: tuple[str, ...] = ("\n",)
+    sampling: Sampling = Sampling(temperature=0.8)
+    generate: Generate = Generate()
+    all_steps: bool = False
+    data: str | None = None
+    draft_workdir: str | None = None
+    draft_step: int | None = None
+    compare: bool = True
+    quantize: Literal["int8", "int4"] | None = None
+    quant_granularity: str | None = None
+    quant_symmetric: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "EvalRequest":
+        suite = self.all_steps or self.data
+        _check(not (self.quantize and suite), "quantize",
+               "evaluates one checkpoint on the validation split; drop --all_steps/--data")
+        _check(not (self.sample and suite), "sample",
+               "samples from one checkpoint; drop --all_steps/--data")
+        _check(not self.draft_workdir or self.sample, "draft_workdir",
+               "is for sampling; add --sample")
+        _check(bool(self.evaluate or self.sample or self.quantize or suite), "eval",
+               "--noeval without --sample leaves nothing to do")
+        return self
 
 
 # ----------------------------------------------------------------------------------------

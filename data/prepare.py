@@ -7,6 +7,7 @@ for validation, in file order (nanoGPT's split). A directory input is every regu
 non-hidden file under it, sorted by path, concatenated.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -94,7 +95,6 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
 
 
 def main() -> None:
-    import argparse
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", required=True, help="a text file or a directory of text files")
     ap.add_argument("--output", required=True, help="directory for train.bin, val.bin, meta.json")

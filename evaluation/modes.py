@@ -10,7 +10,6 @@ Results are JSON lines on stdout (and files under WORKDIR/eval/); generated text
 stdout and speed figures to stderr.
 """
 
-import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -19,47 +18,12 @@ from typing import Any
 
 import jax
 
-from configs.errors import ConfigError
-from configs.sections import Generate, Sampling
-from evaluation.quantized import BITS, evaluate_quantized
+from configs.sections import EvalRequest
+from evaluation.quantized import evaluate_quantized
 from evaluation.restore import restore_run
 from evaluation.sampling import sample, sample_speculative
 from evaluation.suite import evaluate_checkpoints
 from training.evaluate import evaluate
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalRequest:
-    """eval.py's flags, checked."""
-    workdir: str
-    step: int | None = None
-    evaluate: bool = True
-    sample: bool = False
-    prompts: tuple[str, ...] = ("\n",)
-    sampling: Sampling = Sampling(temperature=0.8)
-    generate: Generate = Generate()
-    all_steps: bool = False
-    data: str | None = None
-    draft_workdir: str | None = None
-    draft_step: int | None = None
-    compare: bool = True
-    quantize: str | None = None
-    quant_granularity: str | None = None
-    quant_symmetric: bool | None = None
-
-    def __post_init__(self):
-        if self.quantize is not None and self.quantize not in BITS:
-            raise ConfigError("quantize", f"unknown value {self.quantize!r}; choose one of "
-                                          f"{sorted(BITS)}")
-        if self.quantize and (self.all_steps or self.data):
-            raise ConfigError("quantize", "evaluates one checkpoint on the validation split; "
-                                          "drop --all_steps/--data")
-        if self.sample and (self.all_steps or self.data):
-            raise ConfigError("sample", "samples from one checkpoint; drop --all_steps/--data")
-        if self.draft_workdir and not self.sample:
-            raise ConfigError("draft_workdir", "is for sampling; add --sample")
-        if not (self.evaluate or self.sample or self.quantize or self.all_steps or self.data):
-            raise ConfigError("eval", "--noeval without --sample leaves nothing to do")
 
 
 def write_eval_result(workdir: str | Path, result: dict[str, Any], suffix: str = "") -> Path:

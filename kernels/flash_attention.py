@@ -81,10 +81,12 @@ def _fit_blocks(blocks: BlockSizes, q_len: int, kv_len: int) -> tuple[BlockSizes
 
 
 def _module(backend: str):
+    # Deferred: the Pallas Triton and TPU lowerings take 0.2-0.3 s to import and a run needs
+    # at most one of them (none with attention_impl="xla").
     if backend == "triton":
-        from kernels import flash_triton
+        from kernels import flash_triton  # noqa: PLC0415
         return flash_triton
-    from kernels import flash_mosaic
+    from kernels import flash_mosaic  # noqa: PLC0415
     return flash_mosaic
 
 

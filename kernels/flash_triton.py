@@ -31,7 +31,8 @@ SQ = pl.squeezed
 def _compiler_params(st: Static):
     if st.interpret:
         return None
-    from jax.experimental.pallas import triton as plgpu
+    # Deferred: Pallas's Triton module (0.16 s) is needed only to compile for a GPU.
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
     return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
