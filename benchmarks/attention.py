@@ -7,7 +7,7 @@
 
 Speed (GPU or TPU only): forward and forward+backward time and TFLOP/s in bfloat16 for
   ours      kernels.flash_attention (Pallas: Triton on GPU, Mosaic on TPU)
-  xla       models.attention.xla_attention (einsum + softmax, materialises [T, S])
+  xla       models.attention.xla_attention (einsum + softmax, materialises [L, S])
   cudnn     jax.nn.dot_product_attention(implementation="cudnn")           (GPU)
   jax       JAX's bundled Pallas attention, as a peer: ops.gpu.attention.mha (GPU),
             ops.tpu.flash_attention (TPU)
@@ -52,7 +52,7 @@ def attention_flops(b, h, t, d, causal: bool, backward: bool) -> float:
 
 
 def make_impls(platform: str):
-    """name -> fn(q, k, v, causal) on [B, T, H, D] inputs (None where unavailable)."""
+    """name -> fn(q, k, v, causal) on [B, L, H, K] inputs (None where unavailable)."""
     import jax
     from kernels import flash_attention
     from models.attention import xla_attention
@@ -74,7 +74,7 @@ def make_impls(platform: str):
         from jax.experimental.pallas.ops.tpu import flash_attention as jax_tpu_attention
 
         def jax_tpu(q, k, v, causal):
-            t = lambda x: x.swapaxes(1, 2)  # noqa: E731  [B, T, H, D] <-> [B, H, T, D]
+            t = lambda x: x.swapaxes(1, 2)  # noqa: E731  [B, L, H, K] <-> [B, H, L, K]
             return t(jax_tpu_attention.flash_attention(
                 t(q), t(k), t(v), causal=causal, sm_scale=q.shape[-1] ** -0.5))
         impls["jax"] = jax_tpu

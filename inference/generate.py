@@ -58,8 +58,8 @@ def _left_pad(prompts: Sequence[Sequence[int]], total: int) -> tuple[np.ndarray,
     return tokens, valid
 
 
-def _positions(valid_BxT: jax.Array) -> jax.Array:
-    return jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0).astype(jnp.int32)
+def _positions(valid_BxL: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.cumsum(valid_BxL, axis=1) - 1, 0).astype(jnp.int32)
 
 
 class Generator:
@@ -76,26 +76,26 @@ class Generator:
         shape = (c.num_layers, batch, self.context, c.num_kv_heads, c.head_dim)
         return {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
 
-    def _prefill_impl(self, params, tokens_BxT, valid_BxT):
+    def _prefill_impl(self, params, tokens_BxL, valid_BxL):
         model = nnx.merge(self.graphdef, params)
-        t = tokens_BxT.shape[1]
-        positions = _positions(valid_BxT)
+        t = tokens_BxL.shape[1]
+        positions = _positions(valid_BxL)
         # Slots after the prompt are masked by causality until decoding fills them.
-        kv_valid = jnp.pad(valid_BxT, ((0, 0), (0, self.context - t)), constant_values=True)
-        out = model(tokens_BxT, positions_BxL=positions,
-                    cache=self._empty_cache(tokens_BxT.shape[0]),
+        kv_valid = jnp.pad(valid_BxL, ((0, 0), (0, self.context - t)), constant_values=True)
+        out = model(tokens_BxL, positions_BxL=positions,
+                    cache=self._empty_cache(tokens_BxL.shape[0]),
                     cache_index=jnp.zeros((), jnp.int32), kv_valid_BxS=kv_valid)
         return out.logits[:, -1], out.cache, positions[:, -1], kv_valid
 
-    def _decode_impl(self, params, cache, logits_BxV, seq_BxN, cur, slot, position_B,
+    def _decode_impl(self, params, cache, logits_BxV, seq_BxL, cur, slot, position_B,
                      kv_valid, key, sp):
         """Sample the token at `cur` from `logits_BxV`, then run it through the model."""
         token_B = sample_tokens(logits_BxV, key, sp, self.cfg.vocab_size)
-        seq_BxN = jax.lax.dynamic_update_slice_in_dim(seq_BxN, token_B[:, None], cur, axis=1)
+        seq_BxL = jax.lax.dynamic_update_slice_in_dim(seq_BxL, token_B[:, None], cur, axis=1)
         model = nnx.merge(self.graphdef, params)
         out = model(token_B[:, None], positions_BxL=position_B[:, None], cache=cache,
                     cache_index=slot, kv_valid_BxS=kv_valid)
-        return out.logits[:, 0], out.cache, seq_BxN
+        return out.logits[:, 0], out.cache, seq_BxL
 
     def generate(self, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sp: Sampling = Sampling(), seed: int = 0
@@ -167,12 +167,12 @@ def generate_uncached(graphdef: nnx.GraphDef, model_cfg: ModelConfig, params: An
     keep = max(1, context // 2)
 
     @jax.jit
-    def next_logits(window_BxW, valid_BxW):
+    def next_logits(window_BxL, valid_BxL):
         # Windows are left-padded to a fixed width (one compile); padding is its own
         # segment, so real tokens never attend to it.
         model = nnx.merge(graphdef, params)
-        out = model(window_BxW, positions_BxL=_positions(valid_BxW),
-                    segment_ids_BxL=valid_BxW.astype(jnp.int32))
+        out = model(window_BxL, positions_BxL=_positions(valid_BxL),
+                    segment_ids_BxL=valid_BxL.astype(jnp.int32))
         return out.logits[:, -1]
 
     lo, cur = 0, width

@@ -40,9 +40,9 @@ from losses.cross_entropy import mask_padded_vocab
 from models import ModelConfig
 
 
-def filtered_logits(logits_NxV: jax.Array, sp: Sampling, vocab_size: int) -> jax.Array:
+def filtered_logits(logits_LxV: jax.Array, sp: Sampling, vocab_size: int) -> jax.Array:
     """The logits `sample_tokens` draws from: padded vocabulary masked, tempered, filtered."""
-    logits = mask_padded_vocab(logits_NxV.astype(jnp.float32), vocab_size)
+    logits = mask_padded_vocab(logits_LxV.astype(jnp.float32), vocab_size)
     return filter_logits(logits / sp.temperature, sp.top_k, sp.top_p)
 
 
@@ -116,13 +116,13 @@ class SpeculativeGenerator:
         shape = (c.num_layers, 1, context + self.k, c.num_kv_heads, c.head_dim)
         return {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
 
-    def _feed(self, which: str, params: Any, cache: dict[str, jax.Array], tokens_T: jax.Array,
+    def _feed(self, which: str, params: Any, cache: dict[str, jax.Array], tokens_L: jax.Array,
               slot: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Run tokens at cache slots slot..slot+T-1 (= their positions); -> logits [T, V]."""
         graphdef, _, _ = self._model(which)
         model = nnx.merge(graphdef, params)
-        positions = (slot + jnp.arange(tokens_T.shape[0]))[None]
-        out = model(tokens_T[None], positions_BxL=positions, cache=cache, cache_index=slot)
+        positions = (slot + jnp.arange(tokens_L.shape[0]))[None]
+        out = model(tokens_L[None], positions_BxL=positions, cache=cache, cache_index=slot)
         return out.logits[0], out.cache
 
     def _round_impl(self, t_params, d_params, t_cache, d_cache, last_token, t_slot, d_slot,

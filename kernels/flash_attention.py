@@ -1,15 +1,15 @@
 """FlashAttention-2 in Pallas: public entry point, padding, backend choice, custom VJP.
 
-    o = flash_attention(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, causal=True)
-    o, lse_BxHxT = flash_attention(..., return_lse=True)
+    o = flash_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, causal=True)
+    o, lse_BxHxL = flash_attention(..., return_lse=True)
 
 Forward and backward are Pallas kernels tied together with `jax.custom_vjp`; the backward
 recomputes the attention probabilities block by block from the saved log-sum-exp
-(FlashAttention-2), so no [T, S] matrix exists in either pass. Two lowerings share this
+(FlashAttention-2), so no [L, S] matrix exists in either pass. Two lowerings share this
 wrapper, the masking rules and the block math (`kernels/_common.py`):
 
-* "triton" (GPU): `kernels/flash_triton.py`, Pallas's Triton lowering, [B, T, H, D] layout;
-* "mosaic" (TPU): `kernels/flash_mosaic.py`, Pallas's Mosaic lowering, [B, H, T, D] layout.
+* "triton" (GPU): `kernels/flash_triton.py`, Pallas's Triton lowering, [B, L, H, K] layout;
+* "mosaic" (TPU): `kernels/flash_mosaic.py`, Pallas's Mosaic lowering, [B, H, L, K] layout.
 
 `interpret=True` runs either kernel on CPU: the Triton kernel in Pallas's HLO interpreter,
 the Mosaic kernel in the TPU interpreter (`pltpu.InterpretParams`). That is for tests.
@@ -90,8 +90,8 @@ def _module(backend: str):
     return flash_mosaic
 
 
-# The custom VJP works on padded arrays in the backend's layout: Triton [B, T, H, D],
-# Mosaic [B, H, T, D]. lse is [B, H, T] (f32) for both.
+# The custom VJP works on padded arrays in the backend's layout: Triton [B, L, H, K],
+# Mosaic [B, H, L, K]. lse is [B, H, L] (f32) for both.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, kv_seg, st: Static):
@@ -110,7 +110,7 @@ def _flash_bwd(st: Static, res, cotangents):
     # dS_ij, i.e. it enters as delta - dlse.
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     if st.backend == "triton":
-        delta = jnp.swapaxes(delta, 1, 2)  # [B, T, H] -> [B, H, T]
+        delta = jnp.swapaxes(delta, 1, 2)  # [B, L, H] -> [B, H, L]
     delta = delta - dlse
     dq, dk, dv = _module(st.backend).backward(q, k, v, do.astype(q.dtype), lse, delta, q_seg,
                                               kv_seg, st)
@@ -131,15 +131,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                     num_warps: int | None = None,
                     num_stages: int | None = None,
                     return_lse: bool = False):
-    """softmax(q k^T * scale + mask) v without materialising the [T, S] scores.
+    """softmax(q k^T * scale + mask) v without materialising the [L, S] scores.
 
     Args:
-      q: [B, T, H, D]; k, v: [B, S, G, D] with H a multiple of G (GQA/MQA: query head h
+      q: [B, L, H, K]; k, v: [B, S, G, K] with H a multiple of G (GQA/MQA: query head h
         reads KV head h // (H // G); K/V are never repeated). float32, bfloat16 or float16;
         matmuls accumulate in float32.
       causal: key s is visible from query p only if s <= p (positions counted from 0 in
         both sequences).
-      segment_ids: [B, T] int, query segment ids; kv_segment_ids ([B, S]) defaults to them.
+      segment_ids: [B, L] int, query segment ids; kv_segment_ids ([B, S]) defaults to them.
         A query sees only keys of its own segment (packed documents).
       window_size: sliding window w: key s is visible from p only if p - w < s (and, when
         not causal, s < p + w). None = unlimited.
@@ -150,7 +150,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
       backend: "triton" (GPU) or "mosaic" (TPU); None picks the default JAX backend's.
       interpret: run on CPU in Pallas interpret mode (the backend defaults to "triton").
       num_warps, num_stages: Triton launch parameters (default by head dim).
-      return_lse: also return the log-sum-exp [B, H, T] (float32; -inf for rows that see
+      return_lse: also return the log-sum-exp [B, H, L] (float32; -inf for rows that see
         no key, whose output is 0). It is differentiable too.
     """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
@@ -183,7 +183,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         raise ValueError("flash_attention: give segment_ids together with kv_segment_ids")
     if segment_ids is not None and (segment_ids.shape != (b, t)
                                     or kv_segment_ids.shape != (b, s)):
-        raise ValueError(f"flash_attention: segment ids must be [B, T] = {(b, t)} and "
+        raise ValueError(f"flash_attention: segment ids must be [B, L] = {(b, t)} and "
                          f"[B, S] = {(b, s)}; got {segment_ids.shape}, "
                          f"{kv_segment_ids.shape}")
 

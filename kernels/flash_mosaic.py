@@ -1,6 +1,6 @@
 """FlashAttention-2 forward and backward for TPUs, through Pallas's Mosaic lowering.
 
-Layout: q, o, do are [B, H, T, D] and k, v are [B, G, S, D] (the caller transposes), so
+Layout: q, o, do are [B, H, L, K] and k, v are [B, G, S, D] (the caller transposes), so
 every tile is a [block, D] slab whose two minor dimensions map onto TPU vregs.
 The loop over the reduction axis is the innermost ("arbitrary") grid axis: Pallas
 double-buffers the HBM->VMEM copies of the next tile while the MXU works on this one, and
@@ -109,9 +109,9 @@ def _fwd_kernel(*refs, st: Static):
 
 
 def forward(q, k, v, q_seg, kv_seg, st: Static):
-    """q [B, H, Tp, D], k/v [B, G, Sp, D] -> (o [B, H, Tp, D], lse [B, H, Tp] f32).
+    """q [B, H, Tp, D], k/v [B, G, Sp, D] -> (o [B, H, Tp, D], lse [B, H, Lp] f32).
 
-    q_seg is [B, Tp] and kv_seg [B, Sp] (int32) or None.
+    q_seg is [B, Lp] and kv_seg [B, Sp] (int32) or None.
     """
     b, h, t, d = q.shape
     s = k.shape[2]
@@ -214,7 +214,7 @@ def _dq_kernel(*refs, st: Static):
 
 
 def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
-    """Gradients from the saved log-sum-exp; lse/delta are [B, H, Tp] f32."""
+    """Gradients from the saved log-sum-exp; lse/delta are [B, H, Lp] f32."""
     b, h, t, d = q.shape
     g, s = k.shape[1], k.shape[2]
     r = st.group

@@ -1,12 +1,12 @@
 """FlashAttention-2 forward and backward for GPUs, through Pallas's Triton lowering.
 
-Layout: q, o, do are [B, T, H, D] and k, v are [B, S, G, D] (the model's layout; no
+Layout: q, o, do are [B, L, H, K] and k, v are [B, S, G, K] (the model's layout; no
 transposes). Each program owns one tile and walks the other axis with `fori_loop` over
 pointer slices of the full-length K/V (forward, dQ) or Q/dO (dK/dV) rows, which Triton
 loads straight from global memory: only [block, D] tiles live in registers/SRAM.
 
 * forward: grid (T/bq, B, H). Online softmax over the key blocks the mask allows;
-  writes O and the log-sum-exp L = m + log(l) ([B, H, T], f32).
+  writes O and the log-sum-exp L = m + log(l) ([B, H, L], f32).
 * dK/dV: grid (S/bk, B, G). For one key block, loops over the `group` query heads that
   share the KV head and over the query blocks the mask allows, recomputing P from L.
   GQA costs no repeated K/V and no per-query-head dK/dV buffers.
@@ -87,7 +87,7 @@ def _fwd_kernel(*refs, st: Static):
 
 
 def forward(q, k, v, q_seg, kv_seg, st: Static):
-    """q [B, Tp, H, D], k/v [B, Sp, G, D] -> (o [B, Tp, H, D], lse [B, H, Tp] f32)."""
+    """q [B, Lp, H, K], k/v [B, Sp, G, K] -> (o [B, Lp, H, K], lse [B, H, Lp] f32)."""
     b, t, h, d = q.shape
     s = k.shape[1]
     r = st.group
@@ -193,7 +193,7 @@ def _dq_kernel(*refs, st: Static):
 
 
 def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
-    """Gradients from the saved log-sum-exp; lse/delta are [B, H, Tp] f32."""
+    """Gradients from the saved log-sum-exp; lse/delta are [B, H, Lp] f32."""
     b, t, h, d = q.shape
     s, g = k.shape[1], k.shape[2]
     r = st.group

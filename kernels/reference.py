@@ -1,6 +1,6 @@
 """Plain softmax(q k^T) v reference with the kernels' masking rules (the tests' oracle).
 
-It materialises the [T, S] scores and computes in float32 whatever the input dtype, so
+It materialises the [L, S] scores and computes in float32 whatever the input dtype, so
 `jax.grad` of it gives reference gradients for the kernel's.
 """
 

@@ -95,15 +95,15 @@ def token_feature_distance(student_BxLxD: jax.Array, teacher_BxLxD: jax.Array, k
 
 def feature_loss(student_hidden: list[jax.Array], teacher_hidden: list[jax.Array],
                  weights_BxL: jax.Array | None, *, kind: str,
-                 projection_PxDsxDt: jax.Array | None = None) -> jax.Array:
+                 projection: jax.Array | None = None) -> jax.Array:
     """sum over tokens of weight * (mean over layer pairs of the feature distance).
 
-    Pair i compares student_hidden[i] (projected by projection[i] when the widths differ)
-    with teacher_hidden[i]."""
+    Pair i compares student_hidden[i] (projected by projection[i] when the widths differ;
+    `projection` is [pairs, student width, teacher width]) with teacher_hidden[i]."""
     total = 0.0
     for i, (s, t) in enumerate(zip(student_hidden, teacher_hidden, strict=True)):
-        if projection_PxDsxDt is not None:
-            s = jnp.einsum("bld,de->ble", s.astype(jnp.float32), projection_PxDsxDt[i])
+        if projection is not None:
+            s = jnp.einsum("bld,de->ble", s.astype(jnp.float32), projection[i])
         total = total + token_feature_distance(s, t, kind)
     dist = total / len(student_hidden)
     if weights_BxL is not None:

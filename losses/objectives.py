@@ -235,7 +235,7 @@ def _feature(ctx: BuildContext) -> Term:
         s_h = [x.outputs.hidden[i] for i in s_idx]
         t_h = [x.teacher.hidden[i] for i in t_idx]
         proj = x.params["projection"] if project else None
-        return feature_loss(s_h, t_h, x.weights, kind=kind, projection_PxDsxDt=proj)
+        return feature_loss(s_h, t_h, x.weights, kind=kind, projection=proj)
 
     return Term(loss, needs_hidden=True, init_params=init if project else None,
                 param_axes={"projection": P(None, "embed", None)} if project else None)

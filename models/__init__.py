@@ -1,7 +1,21 @@
-"""Models: a decoder-only Transformer (and later variants) in Flax NNX.
+"""Models: a decoder-only Transformer (dense or Mixture-of-Experts) in Flax NNX.
 
 Training code handles parameters as a pure pytree (nested dicts of arrays) and rebuilds
 the module with `nnx.merge(graphdef, params)` inside jitted functions.
+
+Shape suffixes. Array names end in their shape, one letter per axis (`x_BxLxD` is
+[batch, length, d_model]); each letter means one thing everywhere in the code:
+
+  B  batch (sequences)                  H  query heads
+  L  length: query or token positions   G  KV heads (groups of query heads)
+  S  key/value length (cache slots)     R  query heads per KV head (H / G)
+  D  d_model (residual width)           K  head dimension (per-head key/value size)
+  F  MLP hidden width (d_ff)            V  vocabulary (padded)
+  E  experts                            A  experts per token (top-k assignments)
+  C  expert capacity (slots)            T  tokens of a flattened batch (B * L)
+  N  rows of a flattened matrix (tokens, or token-expert pairs after dispatch)
+  I  input features of a weight matrix  O  output features of a weight matrix
+  U  stacked layer units (the scanned axis)
 """
 
 from typing import Any

@@ -1,7 +1,7 @@
 """Grouped-query self-attention with RoPE, pluggable attention kernels and a KV cache.
 
 An attention implementation is a function
-    fn(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, causal, segment_ids_BxT) -> o_BxTxHxK
+    fn(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, *, causal, segment_ids_BxL) -> o_BxLxHxK
 registered under a name in ATTENTION_IMPLS and selected by `model.attention_impl`:
 
 * "xla": einsum + softmax (the reference; any backend);
@@ -40,73 +40,73 @@ def register_attention(name: str) -> Callable[[AttentionFn], AttentionFn]:
     return deco
 
 
-def masked_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
-                     mask_BxTxS: jax.Array | None, *, zero_empty_rows: bool = False
+def masked_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+                     mask_BxLxS: jax.Array | None, *, zero_empty_rows: bool = False
                      ) -> jax.Array:
     """softmax(q k^T / sqrt(K) + mask) v, with KV heads shared by groups of query heads.
 
     The mask enters as an additive bias (0 or -1e30), whose gradient is the identity;
     `zero_empty_rows` makes rows that see no key output zeros instead of a uniform mix.
     """
-    b, t, h, kdim = q_BxTxHxK.shape
+    b, t, h, kdim = q_BxLxHxK.shape
     g = k_BxSxGxK.shape[2]
     bias = None
-    if mask_BxTxS is not None:
-        bias = jnp.where(mask_BxTxS, 0.0, _MASKED).astype(jnp.float32)
-    q_BxTxHxK = q_BxTxHxK * jnp.asarray(kdim ** -0.5, q_BxTxHxK.dtype)
+    if mask_BxLxS is not None:
+        bias = jnp.where(mask_BxLxS, 0.0, _MASKED).astype(jnp.float32)
+    q_BxLxHxK = q_BxLxHxK * jnp.asarray(kdim ** -0.5, q_BxLxHxK.dtype)
     if g == h:  # plain multi-head attention: skip the group axis
-        logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxGxK,
+        logits = jnp.einsum("bthk,bshk->bhts", q_BxLxHxK, k_BxSxGxK,
                             preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias[:, None]
         probs = jax.nn.softmax(logits, axis=-1)
-        if zero_empty_rows and mask_BxTxS is not None:
-            probs = jnp.where(mask_BxTxS.any(-1)[:, None, :, None], probs, 0.0)
+        if zero_empty_rows and mask_BxLxS is not None:
+            probs = jnp.where(mask_BxLxS.any(-1)[:, None, :, None], probs, 0.0)
         return jnp.einsum("bhts,bshk->bthk", probs.astype(v_BxSxGxK.dtype), v_BxSxGxK)
-    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, kdim)
-    logits = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+    q_BxLxGxRxK = q_BxLxHxK.reshape(b, t, g, h // g, kdim)
+    logits = jnp.einsum("btgrk,bsgk->bgrts", q_BxLxGxRxK, k_BxSxGxK,
                         preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias[:, None, None]
     probs = jax.nn.softmax(logits, axis=-1)
-    if zero_empty_rows and mask_BxTxS is not None:
-        probs = jnp.where(mask_BxTxS.any(-1)[:, None, None, :, None], probs, 0.0)
+    if zero_empty_rows and mask_BxLxS is not None:
+        probs = jnp.where(mask_BxLxS.any(-1)[:, None, None, :, None], probs, 0.0)
     out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v_BxSxGxK.dtype), v_BxSxGxK)
     return out.reshape(b, t, h, kdim)
 
 
-def make_mask(q_pos_BxT: jax.Array, kv_pos_BxS: jax.Array, *, causal: bool,
-              q_segment_BxT: jax.Array | None = None, kv_segment_BxS: jax.Array | None = None,
+def make_mask(q_pos_BxL: jax.Array, kv_pos_BxS: jax.Array, *, causal: bool,
+              q_segment_BxL: jax.Array | None = None, kv_segment_BxS: jax.Array | None = None,
               kv_valid_BxS: jax.Array | None = None) -> jax.Array | None:
-    """Boolean [B, T, S] mask: causal order, same segment, valid key slots."""
+    """Boolean [B, L, S] mask: causal order, same segment, valid key slots."""
     mask = None
 
     def both(a, m):
         return m if a is None else a & m
 
     if causal:
-        mask = both(mask, kv_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None])
-    if q_segment_BxT is not None:
-        mask = both(mask, q_segment_BxT[:, :, None] == kv_segment_BxS[:, None, :])
+        mask = both(mask, kv_pos_BxS[:, None, :] <= q_pos_BxL[:, :, None])
+    if q_segment_BxL is not None:
+        mask = both(mask, q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :])
     if kv_valid_BxS is not None:
         mask = both(mask, jnp.broadcast_to(kv_valid_BxS[:, None, :],
-                                           (kv_valid_BxS.shape[0], q_pos_BxT.shape[1],
+                                           (kv_valid_BxS.shape[0], q_pos_BxL.shape[1],
                                             kv_valid_BxS.shape[1])))
     return mask
 
 
 @register_attention("xla")
-def xla_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
-                  causal: bool = True, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
-    """Reference attention: einsum + softmax; materialises the [T, S] scores."""
-    t, s = q_BxTxHxK.shape[1], k_BxSxGxK.shape[1]
-    pos_1xT = jnp.arange(t)[None]
+def xla_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
+                  causal: bool = True, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    """Reference attention: einsum + softmax; materialises the [L, S] scores."""
+    t, s = q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
+    pos_1xL = jnp.arange(t)[None]
     pos_1xS = jnp.arange(s)[None]
-    mask = make_mask(pos_1xT, pos_1xS, causal=causal)
-    if segment_ids_BxT is not None:
-        seg_mask = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    mask = make_mask(pos_1xL, pos_1xS, causal=causal)
+    if segment_ids_BxL is not None:
+        seg_mask = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
         mask = seg_mask if mask is None else mask & seg_mask
-    return masked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+    return masked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)
 
 
 # Logical axes of the kernels' operands. The length axis stays whole on every shard.
@@ -116,27 +116,27 @@ _SEG_AXES = ("act_batch", None)
 
 
 def _per_shard(local_fn: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Array,
-               segment_ids_BxT: jax.Array | None) -> jax.Array:
+               segment_ids_BxL: jax.Array | None) -> jax.Array:
     """local_fn(q, k, v[, segment_ids]) on each shard of the batch and head axes.
 
     Query and KV heads are split together or not at all, so a shard holds whole GQA groups.
     """
     args, axes = [q, k, v], [_Q_AXES, _KV_AXES, _KV_AXES]
-    if segment_ids_BxT is not None:
-        args.append(segment_ids_BxT)
+    if segment_ids_BxL is not None:
+        args.append(segment_ids_BxL)
         axes.append(_SEG_AXES)
     return shard_map_logical(local_fn, args, axes, _Q_AXES,
                              tied=[("act_heads", "act_kv_heads")])
 
 
 def _pallas_attention(interpret: bool) -> AttentionFn:
-    def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
-               causal: bool = True, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
+               causal: bool = True, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         def local(q, k, v, segment_ids=None):
             return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                    interpret=interpret)
 
-        return _per_shard(local, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
+        return _per_shard(local, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL)
     return attend
 
 
@@ -145,8 +145,8 @@ register_attention("pallas_interpret")(_pallas_attention(interpret=True))
 
 
 @register_attention("cudnn")
-def cudnn_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
-                    causal: bool = True, segment_ids_BxT: jax.Array | None = None
+def cudnn_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
+                    causal: bool = True, segment_ids_BxL: jax.Array | None = None
                     ) -> jax.Array:
     """cuDNN's fused attention; segment ids become a (materialised) [B, 1, T, S] mask."""
     def local(q, k, v, segment_ids=None):
@@ -156,7 +156,7 @@ def cudnn_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.A
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                             implementation="cudnn")
 
-    return _per_shard(local, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
+    return _per_shard(local, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL)
 
 
 # Which device platforms each implementation runs on (others run everywhere), and what to
@@ -187,20 +187,20 @@ class Attention(nnx.Module):
         self.o = Linear((num_heads, head_dim), (d_model,), ("heads", "head_dim", "embed"),
                         std=out_std, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, *,
-                 segment_ids_BxT: jax.Array | None = None,
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, *,
+                 segment_ids_BxL: jax.Array | None = None,
                  cache: dict[str, jax.Array] | None = None,
                  cache_index: jax.Array | None = None,
                  kv_valid_BxS: jax.Array | None = None,
                  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        q = constrain(self.q(x_BxTxD), ("act_batch", "act_len", "act_heads", None))
-        k = constrain(self.k(x_BxTxD), ("act_batch", "act_len", "act_kv_heads", None))
-        v = constrain(self.v(x_BxTxD), ("act_batch", "act_len", "act_kv_heads", None))
-        q = rope(q, positions_BxT, self.rope_theta)
-        k = rope(k, positions_BxT, self.rope_theta)
+        q = constrain(self.q(x_BxLxD), ("act_batch", "act_len", "act_heads", None))
+        k = constrain(self.k(x_BxLxD), ("act_batch", "act_len", "act_kv_heads", None))
+        v = constrain(self.v(x_BxLxD), ("act_batch", "act_len", "act_kv_heads", None))
+        q = rope(q, positions_BxL, self.rope_theta)
+        k = rope(k, positions_BxL, self.rope_theta)
         if cache is None:
             out = ATTENTION_IMPLS[self.impl](q, k, v, causal=True,
-                                             segment_ids_BxT=segment_ids_BxT)
+                                             segment_ids_BxL=segment_ids_BxL)
             new_cache = None
         else:
             out, new_cache = self._attend_cached(q, k, v, cache, cache_index, kv_valid_BxS)
@@ -215,9 +215,9 @@ class Attention(nnx.Module):
                                                       cache_index, axis=1)
         b, t = q.shape[:2]
         s = k_cache.shape[1]
-        q_slot_BxT = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
+        q_slot_BxL = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
         kv_slot_BxS = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
-        mask = make_mask(q_slot_BxT, kv_slot_BxS, causal=True, kv_valid_BxS=kv_valid_BxS)
+        mask = make_mask(q_slot_BxL, kv_slot_BxS, causal=True, kv_valid_BxS=kv_valid_BxS)
         out = masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
                                zero_empty_rows=True)
         return out, {"k": k_cache, "v": v_cache}

@@ -31,8 +31,8 @@ GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
 
 
 class Routing(NamedTuple):
-    weights_TxK: jax.Array  # combine weights, float32
-    experts_TxK: jax.Array  # int32 expert ids
+    weights_TxA: jax.Array  # combine weights, float32
+    experts_TxA: jax.Array  # int32 expert ids
     probs_TxE: jax.Array  # softmax over all experts, float32
     logits_TxE: jax.Array
 
@@ -64,26 +64,26 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> in
     return max(1, math.ceil(num_tokens * top_k / num_experts * factor))
 
 
-def capacity_slots(experts_TxK: jax.Array, num_experts: int, cap: int
+def capacity_slots(experts_TxA: jax.Array, num_experts: int, cap: int
                    ) -> tuple[jax.Array, jax.Array]:
     """(slot within its expert's buffer, kept?) for each assignment, GShard priority."""
-    t, k = experts_TxK.shape
-    flat = experts_TxK.T.reshape(-1)  # choice-major: all first choices, then second...
+    t, k = experts_TxA.shape
+    flat = experts_TxA.T.reshape(-1)  # choice-major: all first choices, then second...
     one_hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)
     position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
     slot = position.reshape(k, t).T
     return slot, slot < cap
 
 
-def aux_statistics(r: Routing, num_experts: int, kept_TxK: jax.Array | None
+def aux_statistics(r: Routing, num_experts: int, kept_TxA: jax.Array | None
                    ) -> dict[str, jax.Array]:
     """Load-balance and z losses plus routing metrics, as means over this device's tokens."""
-    assigned = jax.nn.one_hot(r.experts_TxK, num_experts, dtype=jnp.float32).sum(1)  # [T, E]
-    load = jnp.mean(assigned, axis=0) / r.experts_TxK.shape[1]  # f_e, sums to 1
+    assigned = jax.nn.one_hot(r.experts_TxA, num_experts, dtype=jnp.float32).sum(1)  # [T, E]
+    load = jnp.mean(assigned, axis=0) / r.experts_TxA.shape[1]  # f_e, sums to 1
     mean_prob = jnp.mean(r.probs_TxE, axis=0)  # P_e
     z = jax.nn.logsumexp(r.logits_TxE, axis=-1)
     entropy = -jnp.sum(r.probs_TxE * jnp.log(jnp.maximum(r.probs_TxE, 1e-30)), axis=-1)
-    dropped = 0.0 if kept_TxK is None else 1.0 - jnp.mean(kept_TxK.astype(jnp.float32))
+    dropped = 0.0 if kept_TxA is None else 1.0 - jnp.mean(kept_TxA.astype(jnp.float32))
     return {"load": load, "mean_prob": mean_prob, "z_loss": jnp.mean(z * z),
             "router_entropy": jnp.mean(entropy), "drop_fraction": jnp.asarray(dropped)}
 
@@ -118,8 +118,8 @@ def dispatch_capacity(x_TxD, r: Routing, w, cfg: Any, cap: int, exchange=None):
     """Capacity dispatch: scatter into [E, C, D] buffers, run experts, gather back."""
     t, d = x_TxD.shape
     e = cfg.moe_num_experts
-    slot, kept = capacity_slots(r.experts_TxK, e, cap)
-    index = jnp.where(kept, r.experts_TxK * cap + slot, e * cap)  # dropped -> spare row
+    slot, kept = capacity_slots(r.experts_TxA, e, cap)
+    index = jnp.where(kept, r.experts_TxA * cap + slot, e * cap)  # dropped -> spare row
     token = jnp.broadcast_to(jnp.arange(t)[:, None], index.shape)
     buf = jnp.zeros((e * cap + 1, d), x_TxD.dtype).at[index.reshape(-1)].set(
         x_TxD[token.reshape(-1)], mode="drop")
@@ -129,7 +129,7 @@ def dispatch_capacity(x_TxD, r: Routing, w, cfg: Any, cap: int, exchange=None):
     else:
         out = exchange(buf, lambda b: expert_ffn(b, w, cfg.mlp))
     out = jnp.concatenate([out.reshape(e * cap, d), jnp.zeros((1, d), out.dtype)])
-    combine = jnp.where(kept, r.weights_TxK, 0.0).astype(x_TxD.dtype)
+    combine = jnp.where(kept, r.weights_TxA, 0.0).astype(x_TxD.dtype)
     return jnp.einsum("tk,tkd->td", combine, out[index]), kept
 
 
@@ -164,14 +164,14 @@ def blocked_ffn(x_NxD: jax.Array, group_sizes_E: jax.Array, w: dict[str, jax.Arr
 def dispatch_dropless(x_TxD, r: Routing, w, cfg: Any):
     """Dropless: sort assignments by expert and run grouped matmuls."""
     t, d = x_TxD.shape
-    k = r.experts_TxK.shape[1]
-    expert = r.experts_TxK.reshape(-1)
+    k = r.experts_TxA.shape[1]
+    expert = r.experts_TxA.reshape(-1)
     token = jnp.repeat(jnp.arange(t), k)
     order = jnp.argsort(expert, stable=True)
     sizes = jnp.bincount(expert, length=cfg.moe_num_experts).astype(jnp.int32)
     grouped = ragged_ffn if _use_ragged_dot(cfg) else blocked_ffn
     out = grouped(x_TxD[token[order]], sizes, w, cfg.mlp)
-    weight = r.weights_TxK.reshape(-1)[order].astype(out.dtype)
+    weight = r.weights_TxA.reshape(-1)[order].astype(out.dtype)
     return jnp.zeros((t, d), out.dtype).at[token[order]].add(weight[:, None] * out)
 
 

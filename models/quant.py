@@ -80,7 +80,7 @@ fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def _groups(w_IxO: jax.Array, group_size: int) -> jax.Array:
-    """[I, O] -> [G, g, O]: G groups of g consecutive inputs (G = 1 per channel/tensor)."""
+    """[I, O] -> [I/g, g, O]: groups of g consecutive inputs (one group per channel/tensor)."""
     i, o = w_IxO.shape
     g = i if group_size <= 0 else group_size
     return w_IxO.reshape(i // g, g, o)
@@ -112,7 +112,7 @@ class QTensor:
     """A weight matrix as integers plus scales. Leading (stacked-layer) dims are allowed.
 
     qvalue: int8 [..., I, O], or for 4 bits uint8 [..., I/2, O] holding two values each.
-    scale:  float32 [..., G, O] (per channel: G = 1; per tensor: [..., 1, 1]).
+    scale:  float32 [..., groups, O] (per channel: 1 group; per tensor: [..., 1, 1]).
     zero:   int8 like scale (asymmetric), or None (symmetric).
     """
     qvalue: jax.Array

@@ -70,7 +70,7 @@ class Block(nnx.Module):
                  dropout_key: jax.Array | None = None):
         keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
         h, new_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL,
-                                 segment_ids_BxT=segment_ids_BxL, cache=cache,
+                                 segment_ids_BxL=segment_ids_BxL, cache=cache,
                                  cache_index=cache_index, kv_valid_BxS=kv_valid_BxS)
         x_BxLxD = x_BxLxD + dropout(h, self.dropout, keys[0])
         aux = {}

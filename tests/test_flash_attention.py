@@ -203,9 +203,9 @@ def test_sharded_kernel_equals_one_device(monkeypatch):
     def loss(q, k, v, sharded):
         if sharded:
             with use_rules(mesh, DEFAULT_RULES):
-                o = impl(q, k, v, causal=True, segment_ids_BxT=seg)
+                o = impl(q, k, v, causal=True, segment_ids_BxL=seg)
         else:
-            o = impl(q, k, v, causal=True, segment_ids_BxT=seg)
+            o = impl(q, k, v, causal=True, segment_ids_BxL=seg)
         return jnp.sum(o * do), o
 
     results = []
@@ -222,7 +222,7 @@ def test_sharded_kernel_equals_one_device(monkeypatch):
     np.testing.assert_allclose(o8, o1, rtol=1e-5, atol=1e-6)
     for a, c in zip(g8, g1):
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(o1, xla_attention(q, k, v, causal=True, segment_ids_BxT=seg),
+    np.testing.assert_allclose(o1, xla_attention(q, k, v, causal=True, segment_ids_BxL=seg),
                                atol=2e-5)
 
 

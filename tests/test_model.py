@@ -142,7 +142,7 @@ def test_segment_ids_block_attention_across_documents():
     k = jax.random.normal(jax.random.key(1), (1, 6, 2, 8))
     v = jax.random.normal(jax.random.key(2), (1, 6, 2, 8))
     seg = jnp.array([[0, 0, 0, 1, 1, 1]])
-    packed = xla_attention(q, k, v, causal=True, segment_ids_BxT=seg)
+    packed = xla_attention(q, k, v, causal=True, segment_ids_BxL=seg)
     first = xla_attention(q[:, :3], k[:, :3], v[:, :3], causal=True)
     second = xla_attention(q[:, 3:], k[:, 3:], v[:, 3:], causal=True)
     np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-6)

@@ -54,10 +54,10 @@ def test_routing_and_capacity_match_a_numpy_loop():
     assert cap == 9  # ceil(24 * 2 / 4 * 0.75)
     r = route(jnp.asarray(logits), 2)
     experts, weights, kept = numpy_routing(logits, 2, cap)
-    np.testing.assert_array_equal(r.experts_TxK, experts)
-    np.testing.assert_allclose(r.weights_TxK, weights, rtol=1e-6)
+    np.testing.assert_array_equal(r.experts_TxA, experts)
+    np.testing.assert_allclose(r.weights_TxA, weights, rtol=1e-6)
     from models.moe import capacity_slots
-    _, kept_jax = capacity_slots(r.experts_TxK, 4, cap)
+    _, kept_jax = capacity_slots(r.experts_TxA, 4, cap)
     np.testing.assert_array_equal(kept_jax, kept)
     assert not kept.all()  # the case really drops something
 
@@ -65,15 +65,15 @@ def test_routing_and_capacity_match_a_numpy_loop():
 def test_topk_softmax_order_renormalises_over_the_chosen_logits():
     logits = jnp.array([[2.0, 1.0, 0.0, -1.0]])
     r = route(logits, 2, "topk_softmax")
-    np.testing.assert_array_equal(r.experts_TxK, [[0, 1]])
-    np.testing.assert_allclose(r.weights_TxK, jax.nn.softmax(jnp.array([[2.0, 1.0]])))
+    np.testing.assert_array_equal(r.experts_TxA, [[0, 1]])
+    np.testing.assert_allclose(r.weights_TxA, jax.nn.softmax(jnp.array([[2.0, 1.0]])))
 
 
 def dense_reference(x, r, w, cfg):
     """Run every expert on every token, then gather the chosen ones."""
     all_out = expert_ffn(jnp.broadcast_to(x, (cfg.moe_num_experts, *x.shape)), w, cfg.mlp)
-    chosen = all_out[r.experts_TxK, jnp.arange(x.shape[0])[:, None]]  # [T, K, D]
-    return jnp.einsum("tk,tkd->td", r.weights_TxK, chosen)
+    chosen = all_out[r.experts_TxA, jnp.arange(x.shape[0])[:, None]]  # [T, K, D]
+    return jnp.einsum("tk,tkd->td", r.weights_TxA, chosen)
 
 
 @pytest.mark.parametrize("impl", ["ragged_dot", "blocks"])

@@ -87,7 +87,7 @@ def test_feature_distances():
     proj = jnp.array([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])  # swap, pad
     t3 = jnp.concatenate([s[..., ::-1], jnp.zeros((1, 2, 1))], -1)
     np.testing.assert_allclose(feature_loss([s], [t3], None, kind="mse",
-                                            projection_PxDsxDt=proj), 0.0, atol=1e-6)
+                                            projection=proj), 0.0, atol=1e-6)
     w = jnp.array([[1.0, 0.0]])
     np.testing.assert_allclose(feature_loss([s, s], [t, t], w, kind="mse"), 1.0)
 
