@@ -25,8 +25,9 @@ import sys
 
 from absl import app, flags, logging
 
-from configs.errors import ConfigError
-from configs.sections import EvalRequest
+from configs.cli import flags_parser
+from configs.errors import ConfigError, RunError
+from configs.sections import EvalRequest, Launch
 from evaluation.modes import run
 from parallel.distributed import initialize
 
@@ -80,12 +81,13 @@ def main(argv: list[str]) -> None:
             all_steps=_ALL_STEPS.value, data=_DATA.value, draft_workdir=_DRAFT_WORKDIR.value,
             draft_step=_DRAFT_STEP.value, compare=_COMPARE.value, quantize=_QUANTIZE.value,
             quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value))
-        initialize(_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                   _PROCESS_ID.value)
+        initialize(**Launch.parse(dict(
+            cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())
         run(request)
-    except ConfigError as e:
+    except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser())

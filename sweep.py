@@ -17,7 +17,9 @@ import sys
 
 from absl import app, flags, logging
 
+from configs.cli import flags_parser
 from configs.errors import ConfigError
+from configs.sections import Launch
 from sweeps.report import collect_rows, dry_run_text, write_reports
 from sweeps.runner import run_sweep
 from sweeps.slurm import emit_slurm
@@ -49,6 +51,7 @@ def main(argv: list[str]) -> None:
     if logging.get_verbosity() == logging.INFO:  # orbax logs every save step at INFO
         logging.set_verbosity(logging.WARNING)
     try:
+        Launch.parse({"cpu_devices": _CPU_DEVICES.value})
         if _VARIANT.value:
             sys.exit(run_one())
         sweep = load_sweep(_CONFIG.value)
@@ -96,4 +99,4 @@ def run_one() -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser())

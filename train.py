@@ -14,16 +14,18 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs.errors import ConfigError
-from configs.sections import Config
+from configs.cli import config_value, flags_parser
+from configs.errors import ConfigError, RunError
+from configs.sections import Config, Launch
 from parallel.distributed import initialize
 from training.planner import format_plan, plan
 from training.trainer import log, train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "shakespeare_char.py")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "shakespeare_char.py"),
-    "Config file, optionally with a preset after a colon.", lock_config=True)
+    "config", _DEFAULT_CONFIG, "Config file, optionally with a preset after a colon.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -33,6 +35,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the mesh and print "
                              "per-device memory, FLOPs and collectives; do not train.")
 _DRY_RUN_JSON = flags.DEFINE_string("dry_run_json", None, "Also write the dry run as JSON.")
+_ALLOW_SCHEDULE_CHANGE = flags.DEFINE_bool(
+    "allow_schedule_change", False, "Resume with a different --config.steps (the learning-rate "
+    "schedule is recomputed for the new length).")
 
 
 def main(argv: list[str]) -> None:
@@ -41,10 +46,12 @@ def main(argv: list[str]) -> None:
     if logging.get_verbosity() == logging.INFO:  # orbax logs every save step at INFO
         logging.set_verbosity(logging.WARNING)
     try:
-        config = Config.from_dict(_CONFIG.value)  # the one place the ConfigDict is resolved
+        # The one place the ConfigDict is resolved into typed sections.
+        config = Config.from_dict(config_value(_CONFIG, sys.argv, _DEFAULT_CONFIG))
         workdir = _WORKDIR.value or os.path.join("runs", config.name)
-        initialize(_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                   _PROCESS_ID.value)
+        initialize(**Launch.parse(dict(
+            cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())
         if _DRY_RUN.value or _DRY_RUN_JSON.value:
             result = plan(config, workdir)
             print(format_plan(result))
@@ -52,9 +59,12 @@ def main(argv: list[str]) -> None:
                 with open(_DRY_RUN_JSON.value, "w") as f:
                     json.dump(result, f, indent=2)
             return
-        summary = train(config, workdir)
-    except ConfigError as e:
+        summary = train(config, workdir, allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
+    except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: exited at once (run the same command to resume from the last "
+                 "checkpoint)")
     log(json.dumps(summary))
     if not summary["interrupted"]:
         log(f"Checkpoints: {summary['checkpoints']}\nMetrics: {summary['metrics']} "
@@ -63,4 +73,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(_DEFAULT_CONFIG))

@@ -11,3 +11,8 @@ class ConfigError(ValueError):
         self.key = key
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on: it diverged, or no checkpoint restores. The message says
+    what happened and what was kept; the entry points print it as one line and exit 1."""

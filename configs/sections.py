@@ -181,7 +181,7 @@ def _check(condition: bool, key: str, message: str) -> None:
 # The sections.
 
 class Train(Section):
-    """What one run trains on: steps, batch, sequence length, seed."""
+    """What one run trains on: steps, batch, sequence length, seed; what a divergence does."""
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 12  # global, in sequences
     seq_len: PositiveInt = 64
@@ -189,6 +189,10 @@ class Train(Section):
     grad_accum_steps: PositiveInt = 1
     eval_batch_size: PositiveInt = 256  # global, in windows of seq_len tokens
     eval_max_batches: NonNegativeInt = 0  # 0 = the whole validation split
+    # A non-finite loss or gradient norm: `stop` ends the run with an error (nothing
+    # non-finite is saved); `skip` drops that update and stops after `max_skipped` in a row.
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_skipped: PositiveInt = 10
 
     @model_validator(mode="after")
     def _accumulation_divides_batch(self) -> "Train":
@@ -503,6 +507,21 @@ class Sampling(Section):
                                              f"model's context of {context} tokens (seq_len)")
 
 
+class Launch(Section):
+    """How a process joins the devices: fake CPU devices, multi-process coordinates."""
+    cpu_devices: NonNegativeInt = 0  # N fake CPU devices; 0 = the real devices
+    coordinator_address: str | None = None  # HOST:PORT of process 0
+    num_processes: PositiveInt | None = None
+    process_id: NonNegativeInt | None = None
+
+    @model_validator(mode="after")
+    def _process_in_range(self) -> "Launch":
+        if self.process_id is not None and self.num_processes is not None:
+            _check(self.process_id < self.num_processes, "process_id",
+                   f"{self.process_id} is not below num_processes {self.num_processes}")
+        return self
+
+
 class Generate(Section):
     """eval.py's generation flags besides the sampling rules."""
     length: PositiveInt = 500  # tokens to generate per prompt
@@ -612,6 +631,9 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "Config":
+        _check(self.optim.warmup_steps <= self.train.steps, "warmup_steps",
+               f"{self.optim.warmup_steps} warm-up steps are more than steps "
+               f"{self.train.steps}")
         self.quant.check_divides(self.model)
         moe = self.model.moe
         weights = [self.loss.weights.ce, self.loss.weights.distill, self.loss.weights.feature]

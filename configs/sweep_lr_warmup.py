@@ -5,7 +5,7 @@
 
 Learning rate {3e-4, 1e-3, 3e-3} x warm-up {0, 100, 300}: 9 variants of the default
 model (4 layers, d_model 128) for 1000 steps, cosine decay to lr / 10.
-The argument `short` runs 200 steps instead.
+The argument `short` runs 200 steps with warm-up {0, 20, 60} instead.
 """
 
 from configs import sweep_utils as su
@@ -30,4 +30,5 @@ def get_sweep(arg: str | None = None):
     # The floor of the cosine decay follows the peak (zipped), so it never exceeds it.
     lr = su.zip(su.axis("learning_rate", LEARNING_RATES, label="lr"),
                 su.axis("min_learning_rate", [3e-5, 1e-4, 3e-4], label="min_lr"))
-    return su.product(lr, su.axis("warmup_steps", [0, 100, 300], label="warmup"))
+    warmups = [0, 20, 60] if arg == "short" else [0, 100, 300]
+    return su.product(lr, su.axis("warmup_steps", warmups, label="warmup"))

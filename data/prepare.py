@@ -69,6 +69,8 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
         text = "".join(f.read_text(encoding="utf-8") for f in files)
     except UnicodeDecodeError as e:
         raise ConfigError("data.path", f"{source} is not UTF-8 text ({e})") from None
+    if not text:
+        raise ConfigError("data.path", f"{source} is empty: no text to train on")
     tok = fit_tokenizer(tokenizer, text)
     ids = tok.encode(text)
     n_train = int(len(ids) * (1.0 - val_fraction))

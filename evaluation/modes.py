@@ -20,7 +20,7 @@ import jax
 
 from configs.sections import EvalRequest
 from evaluation.quantized import evaluate_quantized
-from evaluation.restore import restore_run
+from evaluation.restore import json_line, restore_run
 from evaluation.sampling import sample, sample_speculative
 from evaluation.suite import evaluate_checkpoints
 from training.evaluate import evaluate
@@ -31,12 +31,12 @@ def write_eval_result(workdir: str | Path, result: dict[str, Any], suffix: str =
     out = Path(workdir) / "eval" / f"step_{result['step']}{suffix}.json"
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result) + "\n")
+        out.write_text(json_line(result) + "\n")
     return out
 
 
 def _print_result(result: dict[str, Any]) -> None:
-    print(json.dumps(result), flush=True)
+    print(json_line(result), flush=True)
 
 
 def _evaluate_one(req: EvalRequest, exp: Any, state: Any, step: int) -> None:

@@ -1,10 +1,14 @@
 """Restore a run's checkpoint, with the run's own saved config, on any mesh."""
 
+import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from configs.errors import RunError
 from training import rundir
 from training.checkpoint import Checkpointer
 from training.experiment import Experiment
@@ -22,9 +26,40 @@ def restore_run(workdir: str | Path, step: int | None = None,
     The run's saved config is used with a data-parallel mesh over `devices` (checkpoints
     do not depend on the mesh) and any dotted-key `overrides`.
     """
-    config = rundir.load_config(workdir).replace(**{**RESTORE_MESH, **(overrides or {})})
-    exp = Experiment.build(config, workdir, devices)
+    exp = load_run(workdir, devices, overrides)
     with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
-        step = rundir.pick_step(ckpt.all_steps(), step, workdir)
-        state = exp.from_checkpoint(ckpt.restore(step, exp.abstract_state))
-    return exp, state, step
+        if step is None:  # the newest that restores (a damaged one is reported, not moved)
+            rundir.pick_step(ckpt.all_steps(), None, workdir)
+            state, step = ckpt.restore_latest(exp.abstract_state, warn=_warn)
+        else:
+            state = restore_step(ckpt, rundir.pick_step(ckpt.all_steps(), step, workdir),
+                                 exp.abstract_state)
+    return exp, exp.from_checkpoint(state), step
+
+
+def load_run(workdir: str | Path, devices: list[jax.Device] | None = None,
+             overrides: dict[str, Any] | None = None) -> Experiment:
+    """The run's experiment (its saved config, a data-parallel mesh), nothing restored."""
+    config = rundir.load_config(workdir).replace(**{**RESTORE_MESH, **(overrides or {})})
+    return Experiment.build(config, workdir, devices)
+
+
+def json_line(result: dict[str, Any]) -> str:
+    """One result as strict JSON: a non-finite number (a diverged checkpoint) is null."""
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps({k: clean(v) for k, v in result.items()}, allow_nan=False)
+
+
+def restore_step(ckpt: Checkpointer, step: int, abstract_state: Any) -> Any:
+    """One given step; a damaged one is a RunError naming it."""
+    try:
+        return ckpt.restore(step, abstract_state)
+    except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        raise RunError(f"checkpoint step {step} in {ckpt.directory} does not restore "
+                       f"({reason})") from None
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)

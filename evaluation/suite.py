@@ -1,19 +1,20 @@
 """Every kept checkpoint, other data, bits per character or byte, and the plots."""
 
 import csv
-import json
 import math
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from configs.errors import ConfigError
+from configs.errors import ConfigError, RunError
 from data.pipeline import TokenData
 from data.prepare import META, is_prepared
-from evaluation.restore import restore_run
+from evaluation.restore import json_line, load_run, restore_step
 from training import rundir
 from training.checkpoint import Checkpointer
 from training.evaluate import evaluate
@@ -86,35 +87,25 @@ def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
     Returns (results, that directory).
     """
     workdir = Path(workdir)
-    first_step = steps[0] if isinstance(steps, list) and steps else None
     # Other data is evaluated whole; the validation split as in training (eval_max_batches).
-    overrides = None if data is None else {"eval_max_batches": 0}
-    exp, first_state, first = restore_run(workdir, first_step, devices, overrides)
+    exp = load_run(workdir, devices, None if data is None else {"eval_max_batches": 0})
     tokens, label = (None, None) if data is None else load_eval_tokens(exp, data)
     out_dir = workdir / "eval" if label is None else workdir / "eval" / label
-    ckpt = Checkpointer(rundir.checkpoint_dir(workdir), read_only=True)
-    available = ckpt.all_steps()
-    todo = available if steps == "all" else [first] if steps == "latest" else list(steps)
-    missing = [s for s in todo if s not in available]
-    if missing:
-        raise ConfigError("step", f"no checkpoint for step {missing[0]} in {workdir}; "
-                                  f"have {available}")
     results = []
-    try:
-        for step in todo:
-            state = first_state if step == first else ckpt.restore(step, exp.abstract_state)
-            result = {"step": step, **evaluate(exp, state.params, tokens)}
-            if label is not None:
-                result["data"] = str(data)
-            result = with_bits(exp, result)
-            if jax.process_index() == 0:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / f"step_{step}.json").write_text(json.dumps(result) + "\n")
+    with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
+        for step, state, error in _checkpoints(ckpt, exp, workdir, steps):
+            if state is None:  # damaged: an error row, the others still run
+                result = {"step": step, "error": error}
+            else:
+                result = with_bits(exp, {"step": step, **evaluate(exp, state.params, tokens)})
+                if label is not None:
+                    result["data"] = str(data)
+                if jax.process_index() == 0:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    (out_dir / f"step_{step}.json").write_text(json_line(result) + "\n")
             results.append(result)
             if on_result is not None:
                 on_result(result)
-    finally:
-        ckpt.close()
     if steps == "all" and jax.process_index() == 0:
         write_summary(results, out_dir, bits_key(exp))
         plot_eval_loss(results, out_dir / "eval_loss.png",
@@ -123,10 +114,41 @@ def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
     return results, out_dir
 
 
+def _checkpoints(ckpt: Checkpointer, exp: Any, workdir: Path, steps: str | list[int]
+                 ) -> Iterator[tuple[int, Any, str | None]]:
+    """(step, state, None), or (step, None, why) for a step that does not restore, for
+    "all" kept steps, the "latest" that restores, or the listed steps (a listed step that
+    does not restore is an error)."""
+    available = ckpt.all_steps()
+    rundir.pick_step(available, None, workdir)  # a run without checkpoints is an error
+    if steps == "latest":
+        state, step = ckpt.restore_latest(exp.abstract_state,
+                                          warn=lambda m: print(m, file=sys.stderr))
+        yield step, exp.from_checkpoint(state), None
+        return
+    todo = available if steps == "all" else list(steps)
+    for step in todo:
+        rundir.pick_step(available, step, workdir)
+    restored = 0
+    for step in todo:
+        try:
+            state = exp.from_checkpoint(restore_step(ckpt, step, exp.abstract_state))
+        except RunError as e:
+            if steps != "all":
+                raise
+            yield step, None, str(e)
+            continue
+        restored += 1
+        yield step, state, None
+    if not restored:
+        raise RunError(f"no checkpoint in {ckpt.directory} restores")
+
+
 def write_summary(results: list[dict[str, Any]], out_dir: Path, bits: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "summary.csv"
     cols = ["step", "eval_loss", "perplexity", bits, "num_tokens"]
+    cols += ["error"] if any("error" in r for r in results) else []
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -151,8 +173,11 @@ def plot_eval_loss(results: list[dict[str, Any]], out: Path,
     if training_evals:
         ax.plot(*zip(*sorted(training_evals)), color="0.6", lw=1, marker=".",
                 label="during training (metrics.jsonl)")
-    pts = sorted((r["step"], r["eval_loss"]) for r in results)
+    pts = sorted((r["step"], r["eval_loss"]) for r in results if "eval_loss" in r)
     ax.plot(*zip(*pts), color="C0", marker="o", lw=1.5, label="checkpoints (eval.py)")
+    for r in results:
+        if "error" in r:
+            ax.axvline(r["step"], color="C3", lw=1, ls=":")
     ax.set(title=title, xlabel="step", ylabel="eval loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -7,7 +7,6 @@ and every resolved config must validate (`configs/sections.py`), before anything
 
 import copy
 import dataclasses
-import importlib.util
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from configs import keys
+from configs.cli import load_module, split_spec
 from configs.errors import ConfigError
 from configs.sections import Config
 from configs.sweep_utils import NAME_RE, Variant
@@ -57,18 +57,6 @@ class Sweep:
         return keys
 
 
-def _load_module(file: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(f"_sweep_config_{abs(hash(str(file)))}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def split_spec(config_spec: str) -> tuple[Path, str | None]:
-    path, _, arg = config_spec.partition(":")
-    return Path(path).absolute(), (arg or None)
-
-
 def _as_variants(raw: Any, file: Path) -> list[Variant]:
     if isinstance(raw, Mapping):
         raw = list(raw.items())
@@ -88,9 +76,7 @@ def _as_variants(raw: Any, file: Path) -> list[Variant]:
 def load_sweep(config_spec: str) -> Sweep:
     """Expand and resolve the sweep in `config_spec`; raises ConfigError on any bad variant."""
     file, arg = split_spec(config_spec)
-    if not file.is_file():
-        raise ConfigError("config", f"no such file: {file}")
-    module = _load_module(file)
+    module = load_module(file)
     for fn in ("get_config", "get_sweep"):
         if not callable(getattr(module, fn, None)):
             raise ConfigError("config", f"{file} defines no {fn}(arg)")

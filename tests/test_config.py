@@ -29,7 +29,7 @@ def test_sections_are_frozen():
     config = Config()
     with pytest.raises(Exception):
         config.train.steps = 5
-    assert config.replace(steps=7, **{"model.d_model": 64}).train.steps == 7
+    assert config.replace(steps=700, **{"model.d_model": 64}).train.steps == 700
 
 
 @pytest.mark.parametrize("key, value, message", [

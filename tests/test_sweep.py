@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import textwrap
 
@@ -217,11 +218,12 @@ def _read_jsonl(path):
     return [json.loads(ln) for ln in path.read_text().splitlines()]
 
 
-def test_tiny_sweep_resumes_skips_records_failures_and_reports(tmp_path):
+def test_tiny_sweep_resumes_skips_records_failures_and_reports(tmp_path, monkeypatch):
     """Variant 1 finished, variant 2 half-trained, variant 3 broken: one more run of the
     sweep trains only what is missing, records the failure, and writes the tables."""
     from sweeps.worker import run_variant
     from training.experiment import Experiment
+    from training.hooks import Progress
     from training.trainer import train
     from models import count_params
 
@@ -232,9 +234,16 @@ def test_tiny_sweep_resumes_skips_records_failures_and_reports(tmp_path):
     assert run_variant(sweep, "num_layers=1", str(out), log=lambda m: 0,
                        devices=one)["status"] == "ok"
     done_metrics = (out / "num_layers=1" / "metrics.jsonl").read_text()
-    half = sweep.variant("num_layers=2").config.copy_and_resolve_references()
-    half.steps = 3
-    train(half, out / "num_layers=2", one)
+    with monkeypatch.context() as m:  # a SIGTERM during step 2: stops after step 3
+        advance = Progress.advance
+
+        def advance_then_sigterm(self, info):
+            advance(self, info)
+            if info.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        m.setattr(Progress, "advance", advance_then_sigterm)
+        assert train(sweep.variant("num_layers=2").config, out / "num_layers=2", one)[
+            "step"] == 3
 
     res = run_cli(["sweep.py", f"--config={path}", f"--workdir={out}", "--parallel=2"])
     assert res.returncode == 1, res.stdout + res.stderr

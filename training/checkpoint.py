@@ -2,14 +2,23 @@
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames
 it when complete), so a crash or SIGTERM mid-save never damages the last good step.
+A step that was damaged later (a truncated file, deleted metadata) fails to restore:
+`restore_latest` then falls back to the newest step that restores.
 """
 
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from configs.errors import RunError
+
+DAMAGED = "damaged_checkpoints"  # beside the checkpoints directory
 
 
 class Checkpointer:
@@ -53,6 +62,47 @@ class Checkpointer:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_latest(self, abstract_state: Any, data_iter: Any | None = None, *,
+                       move_aside: bool = False, warn: Callable[[str], None] = print
+                       ) -> tuple[Any, int] | None:
+        """(state, step) of the newest checkpoint that restores, or None without checkpoints.
+
+        A step that fails while an older one restores is damaged: one warning line names it
+        and, with `move_aside`, it goes to `../damaged_checkpoints/` (never deleted). If
+        none restores (e.g. a config that no longer matches them), nothing is moved and
+        RunError names every step and why.
+        """
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state = self.restore(step, abstract_state, data_iter)
+            except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
+                failed.append((step, f"{type(e).__name__}: "
+                                     f"{str(e).strip().splitlines()[0][:200]}"))
+                continue
+            for bad, reason in failed:
+                where = self.move_aside(bad) if move_aside else None
+                warn(f"warning: checkpoint step {bad} in {self.directory} does not restore "
+                     f"({reason})" + (f"; moved to {where}" if where else "")
+                     + f"; using step {step}")
+            return state, step
+        if failed:
+            raise RunError(f"no checkpoint in {self.directory} restores (does the config "
+                           "still match the run?): " + "; ".join(f"step {s} ({r})"
+                                                                 for s, r in failed))
+        return None
+
+    def move_aside(self, step: int) -> Path:
+        """Move a damaged step to WORKDIR/damaged_checkpoints/ (process 0 only)."""
+        target = self.directory.parent / DAMAGED / str(step)
+        if jax.process_index() == 0:
+            if target.exists():
+                target = target.with_name(f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        self.manager.reload()
+        return target
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only `state.params` (no optimizer state), sharded as `abstract_params` says: a

@@ -149,7 +149,8 @@ class Experiment:
                                self.mesh, self.rules,
                                grad_accum_steps=self.config.train.grad_accum_steps,
                                seed=self.config.train.seed, objective=self.objective,
-                               teacher=self.teacher)
+                               teacher=self.teacher,
+                               skip_nonfinite=self.config.train.nan_policy == "skip")
         if self.teacher is None:
             return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                            out_shardings=(self.state_shardings, None), donate_argnums=0)

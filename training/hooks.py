@@ -1,5 +1,6 @@
-"""The training loop's hooks: metrics one step behind, progress bar, evaluation,
-checkpoints, and stopping on SIGTERM. `training/trainer.py` wires them to a `TrainLoop`.
+"""The training loop's hooks: metrics one step behind, the divergence guard, progress bar,
+evaluation, checkpoints, and stopping on SIGTERM or Ctrl-C. `training/trainer.py` wires
+them to a `TrainLoop`.
 """
 
 import contextlib
@@ -10,8 +11,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
+from configs.errors import RunError
 from training.checkpoint import Checkpointer
 from training.evaluate import evaluate
 from training.experiment import Experiment
@@ -40,6 +44,7 @@ class Metrics:
         self.start_time = start_time
         self.compile_seconds: float | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.extras: list[Callable[[], dict[str, Any]]] = []  # more values for each record
         self._pending: tuple[int, Any] | None = None
         self._clock: tuple[float, int] | None = None  # (time, step) the throughput counts from
 
@@ -67,6 +72,8 @@ class Metrics:
             values["tokens_per_sec"] = (self.tokens_per_step * (step - self._clock[1])
                                         / (now - self._clock[0]))
         self._clock = (now, step)
+        for extra in self.extras:
+            values.update(extra())
         self.writer.write(step, **values)
         for listener in self.listeners:
             listener(values)
@@ -77,6 +84,59 @@ class Metrics:
 
     def finish(self, info: StepInfo) -> None:
         self.flush()
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class DivergenceGuard:
+    """Stops the run when the loss or the gradient norm is not finite.
+
+    It runs every step and reads the previous step's loss and gradient norm (finished by
+    then: the device is not stalled). With `nan_policy="stop"` any non-finite value ends the
+    run; with `"skip"` the train step has dropped that update (the state is unchanged) and the
+    run ends after `max_skipped` such steps in a row; `skipped_total` counts them. `check_now` reads the current step and
+    the parameters themselves, and runs before every checkpoint: nothing non-finite is saved.
+    """
+
+    QUANTITIES = ("loss", "grad_norm", "skipped")
+
+    def __init__(self, nan_policy: str, max_skipped: int):
+        self.nan_policy, self.max_skipped = nan_policy, max_skipped
+        self.skipped_in_a_row = self.skipped_total = 0
+        self._previous: tuple[int, dict[str, Any]] | None = None
+
+    def __call__(self, info: StepInfo) -> None:
+        previous = self._previous
+        self._previous = (info.step, {k: info.metrics[k] for k in self.QUANTITIES
+                                      if k in info.metrics})
+        if previous is not None:
+            self._check(*previous)
+
+    def check_now(self, info: StepInfo) -> None:
+        """The current step and the parameters (waits for the step)."""
+        self.__call__(info)
+        previous, self._previous = self._previous, None
+        self._check(*previous)
+        if not bool(_all_finite(info.state.params)):
+            raise RunError(f"divergence at step {info.step}: the parameters are not finite")
+
+    def _check(self, step: int, health: dict[str, Any]) -> None:
+        values = {k: float(np.asarray(v)) for k, v in jax.device_get(health).items()}
+        if self.nan_policy == "skip":
+            skipped = int(values.get("skipped", 0))
+            self.skipped_total += skipped
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+            if self.skipped_in_a_row >= self.max_skipped:
+                raise RunError(f"divergence at step {step}: {self.max_skipped} updates in a "
+                               f"row had a non-finite loss or gradient norm and were skipped "
+                               f"(nan_policy=skip, max_skipped={self.max_skipped})")
+            return
+        for name in ("loss", "grad_norm"):
+            if name in values and not np.isfinite(values[name]):
+                raise RunError(f"divergence at step {step}: {name} is {values[name]}")
 
 
 class Progress:
@@ -114,24 +174,38 @@ class Evaluation:
 
 
 class Checkpoints:
-    """Saves the state (layers in model order) and the data iterator."""
+    """Saves the state (layers in model order) and the data iterator, after the divergence
+    guard has checked the step and the parameters."""
 
-    def __init__(self, exp: Experiment, ckpt: Checkpointer, data_iter: Any):
-        self.exp, self.ckpt, self.data_iter = exp, ckpt, data_iter
+    def __init__(self, exp: Experiment, ckpt: Checkpointer, data_iter: Any,
+                 guard: DivergenceGuard):
+        self.exp, self.ckpt, self.data_iter, self.guard = exp, ckpt, data_iter, guard
 
     def __call__(self, info: StepInfo) -> None:
+        self.guard.check_now(info)
         self.ckpt.save(info.step, self.exp.to_checkpoint(info.state), self.data_iter)
 
 
 @contextlib.contextmanager
-def stop_on_sigterm(loop: TrainLoop) -> Iterator[None]:
-    """SIGTERM asks the loop to stop (it then checkpoints and exits); a no-op off the main
-    thread, where Python cannot install signal handlers."""
+def stop_on_signals(loop: TrainLoop) -> Iterator[None]:
+    """SIGTERM and Ctrl-C (SIGINT) ask the loop to stop: it saves a checkpoint after the
+    current step and exits. A second Ctrl-C exits at once (KeyboardInterrupt). A no-op off
+    the main thread, where Python cannot install signal handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: loop.request_stop("SIGTERM"))
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if loop.stop_reason == "Ctrl-C":
+            raise KeyboardInterrupt
+        loop.request_stop("Ctrl-C")
+        log("Ctrl-C: saving a checkpoint after this step (Ctrl-C again exits at once).")
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM,
+                                              lambda *_: loop.request_stop("SIGTERM")),
+                signal.SIGINT: signal.signal(signal.SIGINT, on_sigint)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

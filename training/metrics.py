@@ -6,6 +6,7 @@ Only process 0 writes; other processes get a writer that does nothing.
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,22 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # noqa: PLC0415
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step`: after a resume they are recomputed, identically."""
+    def truncate_after(self, step: int, warn: Callable[[str], None] = print) -> None:
+        """Drop records past `step`: after a resume they are recomputed, identically. A line
+        that is not a JSON record (e.g. cut short by a crash) is dropped with a warning."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None
+            if line.strip() and not (isinstance(record, dict) and "step" in record):
+                warn(f"warning: dropped line {number} of {self.path}: not a metrics record "
+                     f"({line[:60]!r})")
+            elif record is not None and record["step"] <= step:
+                kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         tmp.replace(self.path)
@@ -73,9 +84,12 @@ def read_metrics(workdir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     train, evals = [], []
     if path.is_file():
         for line in path.read_text().splitlines():
-            if not line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # e.g. a last line cut short by a crash
                 continue
-            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                continue
             if rec.get("loss") is not None:
                 train.append(rec)
             if rec.get("eval_loss") is not None:

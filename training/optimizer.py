@@ -24,6 +24,7 @@ def decay_mask(logical_axes: Any) -> Any:
 
 
 def make_optimizer(optim: Optim, steps: int, logical_axes: Any) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW."""
     return optax.chain(
         optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0
         else optax.identity(),

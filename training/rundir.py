@@ -1,14 +1,21 @@
-"""A run directory: its files, its saved config, and choosing one of its checkpoints.
+"""A run directory: its files, its saved config, its lock, and choosing a checkpoint.
 
     WORKDIR/config.json     the resolved config (written on the first start)
     WORKDIR/checkpoints/N/  orbax checkpoints (training/checkpoint.py)
     WORKDIR/metrics.jsonl   training and eval records (training/metrics.py)
     WORKDIR/data/           the tokenized corpus, when data.path is a text file
     WORKDIR/eval/           results of eval.py
+    WORKDIR/run.lock        held by the process training in it
+    WORKDIR/damaged_checkpoints/N/   checkpoints that failed to restore, moved aside
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +24,37 @@ from configs.sections import Config
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = "run.lock"
 
 # Config sections that must not change when a run resumes: they define the model, its
 # parameter shapes or the data stream.
 FROZEN_KEYS = ("model", "data", "seed", "seq_len", "batch_size")
+# Keys that shape the learning-rate schedule: `steps` may change on resume only when asked
+# (the cosine decay is stretched); the others may, with a notice.
+SCHEDULE_KEYS = ("learning_rate", "min_learning_rate", "warmup_steps")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
     return Path(workdir).absolute() / CHECKPOINTS
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+    """The absolute run directory; a path that exists but is not a directory is an error."""
+    path = Path(workdir).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError("workdir", f"{workdir} is a file, not a directory")
+    return path
+
+
+def _read_json(path: Path, key: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(key, f"{path} is damaged (not JSON: {e}); restore it or use a new "
+                               "--workdir") from None
+    if not isinstance(data, dict):
+        raise ConfigError(key, f"{path} is damaged (not a JSON object)")
+    return data
 
 
 def load_config(workdir: str | os.PathLike, key: str = "workdir") -> Config:
@@ -32,31 +62,74 @@ def load_config(workdir: str | os.PathLike, key: str = "workdir") -> Config:
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(key, f"{workdir} has no {CONFIG_FILE}: not a training run")
-    return Config.from_dict(json.loads(path.read_text()))
+    return Config.from_dict(_read_json(path, key))
 
 
-def save_or_check_config(config: Config, workdir: Path, write: bool = True) -> None:
-    """Write `config.json` on the first start; on resume, refuse a changed model or data.
-
-    `write=False` checks only (processes other than 0 do not write)."""
+def check_resume(config: Config, workdir: Path, latest_step: int | None,
+                 allow_schedule_change: bool = False) -> list[str]:
+    """Refuse a resume that would change the model, the data stream or (unless allowed) the
+    schedule's length, or that has nothing left to train. Returns notices to print."""
     path = workdir / CONFIG_FILE
-    current = config.to_dict()
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        for key in FROZEN_KEYS:
-            a, b = saved.get(key), current.get(key)
-            if isinstance(a, dict) and isinstance(b, dict):
-                for sub in sorted(set(a) | set(b)):
-                    if a.get(sub) != b.get(sub):
-                        raise ConfigError(f"{key}.{sub}", f"is {b.get(sub)!r} but the run in "
-                                          f"{workdir} used {a.get(sub)!r}; use a new --workdir")
-            elif a != b:
-                raise ConfigError(key, f"is {b!r} but the run in {workdir} used {a!r}; "
-                                       "use a new --workdir")
-    if write:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(current, indent=2))
-        tmp.replace(path)
+    if not path.is_file():
+        return []
+    saved, current = _read_json(path, "workdir"), config.to_dict()
+    for key in FROZEN_KEYS:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    raise ConfigError(f"{key}.{sub}", f"is {b.get(sub)!r} but the run in "
+                                      f"{workdir} used {a.get(sub)!r}; use a new --workdir")
+        elif a != b:
+            raise ConfigError(key, f"is {b!r} but the run in {workdir} used {a!r}; "
+                                   "use a new --workdir")
+    steps, saved_steps = current["steps"], saved.get("steps", current["steps"])
+    if latest_step is not None and latest_step > steps:
+        raise ConfigError("steps", f"is {steps} but the run in {workdir} is already at step "
+                                   f"{latest_step}; use a larger steps or a new --workdir")
+    if steps != saved_steps and not allow_schedule_change:
+        raise ConfigError("steps", f"is {steps} but the run in {workdir} was started with "
+                                   f"{saved_steps}, which sets its learning-rate schedule; "
+                                   "pass --allow_schedule_change to continue on the schedule "
+                                   "for the new length, or use a new --workdir")
+    changed = [k for k in ("steps", *SCHEDULE_KEYS) if saved.get(k, current[k]) != current[k]]
+    return ["Resuming with a changed schedule: " + ", ".join(
+        f"{k} {saved[k]} -> {current[k]}" for k in changed)] if changed else []
+
+
+def save_config(config: Config, workdir: Path) -> None:
+    """Write `config.json` atomically (a crash never leaves half a file)."""
+    path = workdir / CONFIG_FILE
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2))
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def lock(workdir: Path) -> Iterator[None]:
+    """Hold WORKDIR/run.lock while training: a second process is refused, naming the holder.
+
+    An advisory `flock`: the kernel releases it when its holder exits in any way (also
+    `kill -9`), so a lock left by a dead process is simply taken over. Multi-process runs
+    lock on process 0 only (`training/trainer.py`).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError("workdir", f"{workdir} is in use by another run ({holder}); "
+                                         "wait for it to finish or use another --workdir"
+                              ) from None
+        info = f"host {socket.gethostname()}, pid {os.getpid()}, since " \
+               f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def pick_step(steps: list[int], step: int | None, workdir: Any, *, key: str = "step",

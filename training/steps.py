@@ -64,15 +64,19 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, rules: Rules, *, grad_accum_steps: int = 1,
                     seed: int = 0, objective: Objective | None = None,
-                    teacher: Any = None) -> Callable[..., tuple[TrainState, Metrics]]:
+                    teacher: Any = None, skip_nonfinite: bool = False
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
     """train_step(state, batch[, teacher_params]) -> (state, metrics); one optimizer update.
 
     Gradient accumulation runs inside the step (a scan over micro-batches) instead of
     optax.MultiSteps: one call is one optimizer update, the step counter, schedule and
     checkpoints count updates, and no gradient buffer lives in the optimizer state.
     With a `teacher` (a `training.teacher.Teacher`), its parameters are the third argument
-    and its forward pass runs here, per micro-batch, without gradients. Metrics: `loss` (the weighted objective),
-    `loss/<term>` for every term, the objective's scheduled values, MoE diagnostics.
+    and its forward pass runs here, per micro-batch, without gradients. With
+    `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old
+    parameters and optimizer state (metric `skipped` = 1). Metrics: `loss` (the weighted
+    objective), `loss/<term>` for every term, the objective's scheduled values, MoE
+    diagnostics.
     """
     objective = objective or cross_entropy_objective(model_cfg)
     loss_fn = make_loss_fn(graphdef, model_cfg, objective)
@@ -91,20 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                 (total, stats), grads = grad_fn(state.params, mb, key, t_out, state.step)
                 return {**stats, "loss": total}, grads
 
-            if grad_accum_steps == 1:
-                stats, grads = micro(0, batch)
-            else:
-                def body(carry, xs):
-                    i, mb = xs
-                    stats, grads = micro(i, mb)
-                    return jax.tree.map(jnp.add, carry, (stats, grads)), None
-
-                mbs = split_microbatches(batch, grad_accum_steps)
-                shapes = jax.eval_shape(micro, 0, jax.tree.map(lambda x: x[0], mbs))
-                zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-                (stats, grads), _ = jax.lax.scan(
-                    body, zeros, (jnp.arange(grad_accum_steps), mbs))
-
+            stats, grads = _accumulate(micro, batch, grad_accum_steps)
             weight_sum = stats.pop("weight_sum")
             grads = jax.tree.map(lambda g: g / weight_sum, grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -112,10 +103,34 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
             metrics = {k: v / weight_sum for k, v in stats.items()}
             metrics.update(grad_norm=optax.global_norm(grads),
                            learning_rate=schedule(state.step), **objective.scalars(state.step))
+            if skip_nonfinite:
+                # Written here rather than with optax.apply_if_finite, which adds counters to
+                # the optimizer state: checkpoints keep one structure under either policy.
+                finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                 (params, opt_state),
+                                                 (state.params, state.opt_state))
+                metrics["skipped"] = jnp.logical_not(finite).astype(jnp.int32)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
             return new_state, metrics
 
     return train_step
+
+
+def _accumulate(micro: Callable[[Any, Batch], tuple[Metrics, Any]], batch: Batch,
+                steps: int) -> tuple[Metrics, Any]:
+    """Sums of `micro(i, micro_batch)`'s (stats, grads) over `steps` micro-batches (a scan)."""
+    if steps == 1:
+        return micro(0, batch)
+
+    def body(carry, xs):
+        i, mb = xs
+        return jax.tree.map(jnp.add, carry, micro(i, mb)), None
+
+    mbs = split_microbatches(batch, steps)
+    shapes = jax.eval_shape(micro, 0, jax.tree.map(lambda x: x[0], mbs))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    return jax.lax.scan(body, zeros, (jnp.arange(steps), mbs))[0]
 
 
 def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: Mesh,

@@ -1,83 +1,121 @@
 """Train (or resume) a run: build the experiment, restore, and run the loop with its hooks."""
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from configs.errors import RunError
 from configs.sections import Config
 from data.pipeline import train_iterator
 from models import active_params, count_params
 from training import rundir
 from training.checkpoint import Checkpointer
 from training.experiment import Experiment
-from training.hooks import Checkpoints, Evaluation, Metrics, Progress, log, stop_on_sigterm
+from training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress, log,
+                            stop_on_signals)
 from training.loop import TrainLoop
 from training.metrics import MetricWriter
 
 __all__ = ["log", "train"]
 
 
-def train(config: Any, workdir: str | Path,
-          devices: list[jax.Device] | None = None) -> dict[str, Any]:
+def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = None, *,
+          allow_schedule_change: bool = False) -> dict[str, Any]:
     """Train (or resume) the run in `workdir`; returns a summary of the final state.
 
-    `config`: a Config, or a ConfigDict (resolved here, once).
+    `config`: a Config, or a ConfigDict (resolved here, once). The run holds WORKDIR's lock
+    (process 0); a resume must keep the model and data, and may change `steps` only with
+    `allow_schedule_change`.
     """
     t_start = time.time()
     config = Config.from_dict(config)
-    workdir = Path(workdir).absolute()
-    rundir.save_or_check_config(config, workdir, write=False)  # refuse a resume first
-    exp = Experiment.build(config, workdir, devices)
-    workdir.mkdir(parents=True, exist_ok=True)
-    rundir.save_or_check_config(config, workdir, write=jax.process_index() == 0)
+    workdir = rundir.check_workdir(workdir)
+    primary = jax.process_index() == 0
+    with rundir.lock(workdir) if primary else contextlib.nullcontext():
+        with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as existing:
+            latest = existing.latest_step()
+        for notice in rundir.check_resume(config, workdir, latest, allow_schedule_change):
+            log(notice)  # checked before the data is read or anything is built
+        exp = Experiment.build(config, workdir, devices)
+        if primary:
+            rundir.save_config(config, workdir)
+        return _run(exp, workdir, t_start)
 
+
+def _run(exp: Experiment, workdir: Path, t_start: float) -> dict[str, Any]:
+    """Restore or initialise, then train to `steps` with the hooks; the summary."""
+    config = exp.config
     ckpt = Checkpointer(rundir.checkpoint_dir(workdir), keep=config.intervals.keep_checkpoints)
     data_iter = train_iterator(exp.train_source(), config.data.prefetch)
     writer = MetricWriter(workdir)
-    state, start = _restore_or_init(exp, ckpt, data_iter, writer)
-    n_params = count_params(exp.abstract_state.params)
-    log(describe(exp, n_params))
-
-    intervals, total = config.intervals, config.train.steps
-    loop = TrainLoop(exp.train_step, lambda: exp.to_global(next(data_iter)), total)
-    metrics = Metrics(writer, intervals.log_every,
-                      config.train.batch_size * config.train.seq_len, t_start)
-    progress = Progress(start, total)
-    metrics.listeners.append(progress.show)
-    evaluation = Evaluation(exp, metrics)
-    loop.add_hook(metrics.collect, every=1)
-    loop.add_hook(progress.advance, every=1)
-    loop.add_hook(evaluation, every=intervals.eval_every, at_last=True)
-    loop.add_hook(Checkpoints(exp, ckpt, data_iter), every=intervals.checkpoint_every,
-                  at_last=True, on_stop=True)
-    loop.add_hook(metrics.finish, every=0, at_last=True, on_stop=True)
-    with stop_on_sigterm(loop):
-        state, step = loop.run(state, start)
-    progress.close()
+    try:
+        state, start = _restore_or_init(exp, ckpt, data_iter, writer)
+        n_params = count_params(exp.abstract_state.params)
+        log(describe(exp, n_params))
+        loop, metrics, evaluation, progress = _loop(exp, ckpt, data_iter, writer, start, t_start)
+        with stop_on_signals(loop), contextlib.closing(progress):
+            try:
+                state, step = loop.run(state, start)
+            except RunError as e:
+                ckpt.wait()
+                raise RunError(f"{e}; nothing after it was saved, the last checkpoint is step "
+                               f"{ckpt.latest_step()} in {ckpt.directory}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: exit at once; an unfinished save is only
+        writer.close()         # a temporary directory, which orbax removes at the next start
+        raise
     ckpt.wait()
     ckpt.close()
     writer.close()
-    interrupted = step < total
+    interrupted = step < config.train.steps
     if interrupted:
         log(f"{loop.stop_reason}: saved step {step} to {ckpt.directory}; exiting.")
+    elif start == config.train.steps:
+        log(f"The run in {workdir} is already at step {start}: nothing to train.")
     return {"step": step, "workdir": str(workdir), "checkpoints": str(ckpt.directory),
             "metrics": str(writer.path), "wall_seconds": round(time.time() - t_start, 1),
             "compile_seconds": round(metrics.compile_seconds or 0.0, 1),
             "num_params": n_params, **evaluation.last, "interrupted": interrupted}
 
 
+def _loop(exp: Experiment, ckpt: Checkpointer, data_iter: Any, writer: MetricWriter,
+          start: int, t_start: float) -> tuple[TrainLoop, Metrics, Evaluation, Progress]:
+    """The loop and its hooks, in the order they run after each step."""
+    config = exp.config
+    intervals, train = config.intervals, config.train
+    loop = TrainLoop(exp.train_step, lambda: exp.to_global(next(data_iter)), train.steps)
+    guard = DivergenceGuard(train.nan_policy, train.max_skipped)
+    metrics = Metrics(writer, intervals.log_every, train.batch_size * train.seq_len, t_start)
+    progress = Progress(start, train.steps)
+    metrics.listeners.append(progress.show)
+    if train.nan_policy == "skip":
+        metrics.extras.append(lambda: {"skipped_total": guard.skipped_total})
+    evaluation = Evaluation(exp, metrics)
+    loop.add_hook(guard, every=1)
+    loop.add_hook(metrics.collect, every=1)
+    loop.add_hook(progress.advance, every=1)
+    loop.add_hook(evaluation, every=intervals.eval_every, at_last=True)
+    loop.add_hook(Checkpoints(exp, ckpt, data_iter, guard), every=intervals.checkpoint_every,
+                  at_last=True, on_stop=True)
+    loop.add_hook(metrics.finish, every=0, at_last=True, on_stop=True)
+    return loop, metrics, evaluation, progress
+
+
 def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
                      writer: MetricWriter) -> tuple[Any, int]:
-    """The latest checkpoint (and data position), or a fresh sharded init at step 0."""
-    start = ckpt.latest_step()
-    if start is None:
+    """The newest checkpoint that restores (and its data position), or a fresh sharded init
+    at step 0. Records of metrics.jsonl after the restored step are dropped: the run
+    writes them again, identically."""
+    restored = ckpt.restore_latest(exp.abstract_state, data_iter, move_aside=True, warn=log)
+    if restored is None:  # also drops records of a run killed before its first checkpoint
+        writer.truncate_after(0, warn=log)
         return exp.init_state(), 0
-    state = exp.from_checkpoint(ckpt.restore(start, exp.abstract_state, data_iter))
-    writer.truncate_after(start)
+    state, start = restored
+    writer.truncate_after(start, warn=log)
     log(f"Resumed from {ckpt.directory} at step {start}.")
-    return state, start
+    return exp.from_checkpoint(state), start
 
 
 def describe(exp: Experiment, n_params: int) -> str:

@@ -1,0 +1,326 @@
+"""Fault injection: kill -9 and SIGTERM at several points, a damaged checkpoint, a
+divergence, a concurrent run, damaged run files. Each checks that nothing good was lost and
+that the next run continues from the right step with the metrics of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs.errors import ConfigError, RunError
+from configs.sections import EvalRequest
+from evaluation.restore import json_line
+from training import rundir, trainer
+from training.checkpoint import Checkpointer
+from training.hooks import Progress
+from training.metrics import MetricWriter
+from tests.helpers import ROOT, run_cli
+
+STEPS, EVERY = 12, 4
+
+
+def records(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_sec"} for ln in lines]
+
+
+def steps_on_disk(workdir: Path) -> list[int]:
+    return Checkpointer(rundir.checkpoint_dir(workdir), read_only=True).all_steps()
+
+
+def one():
+    return jax.devices()[:1]
+
+
+@pytest.fixture
+def config(tiny_config):
+    c = tiny_config
+    c.steps, c.log_every, c.eval_every, c.checkpoint_every = STEPS, 1, 6, EVERY
+    c.keep_checkpoints, c.mesh.data = 5, 1
+    return c
+
+
+@pytest.fixture
+def reference(config, tmp_path):
+    trainer.train(config, tmp_path / "ref", one())
+    return records(tmp_path / "ref")
+
+
+def _sigterm_at(monkeypatch, cls, method, when):
+    """Send SIGTERM to this process right after `cls.method(...)` returns when `when(...)`."""
+    original = getattr(cls, method)
+
+    def patched(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if when(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(cls, method, patched)
+
+
+@pytest.mark.parametrize("point", ["before_first_checkpoint", "during_save",
+                                   "right_after_save", "on_a_logging_step"])
+def test_sigterm_then_resume_equals_an_uninterrupted_run(point, config, reference, tmp_path,
+                                                         monkeypatch):
+    if point == "before_first_checkpoint":
+        _sigterm_at(monkeypatch, MetricWriter, "write", lambda step, **v: step == 2)
+    elif point == "during_save":  # the async save of step 4 is still being written
+        _sigterm_at(monkeypatch, Checkpointer, "save", lambda step, *a: step == EVERY)
+    elif point == "right_after_save":
+        original = Checkpointer.save
+
+        def save_then_wait_then_sigterm(self, step, *args):
+            out = original(self, step, *args)
+            if step == EVERY:
+                self.wait()
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        monkeypatch.setattr(Checkpointer, "save", save_then_wait_then_sigterm)
+    else:  # the record of the stopping step is written once, not twice
+        _sigterm_at(monkeypatch, MetricWriter, "write",
+                    lambda step, **v: step == 6 and "loss" in v)
+    first = trainer.train(config, tmp_path / "run", one())
+    assert first["interrupted"] and first["step"] < STEPS
+    assert steps_on_disk(tmp_path / "run")[-1] == first["step"]
+    steps = [r["step"] for r in records(tmp_path / "run") if "loss" in r]
+    assert steps == sorted(set(steps))  # no record twice
+    monkeypatch.undo()
+    second = trainer.train(config, tmp_path / "run", one())
+    assert second["step"] == STEPS and not second["interrupted"]
+    assert records(tmp_path / "run") == reference
+
+
+def _cli(workdir: Path, *extra: str) -> list[str]:
+    return ["train.py", "--config=configs/shakespeare_char.py:tiny", f"--workdir={workdir}",
+            "--config.steps=40", "--config.checkpoint_every=10", "--config.log_every=5",
+            "--config.eval_every=20", "--config.keep_checkpoints=5", *extra]
+
+
+_KILL_DURING_SAVE = """
+import os, signal, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.getcwd())
+from training.checkpoint import Checkpointer
+from training.hooks import Progress
+original = Checkpointer.save
+def save_then_die(self, step, *args):
+    out = original(self, step, *args)
+    if step == 20:  # the asynchronous write of step 20 is in flight
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+Checkpointer.save = save_then_die
+import runpy
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["before_first_checkpoint", "during_save", "after_save"])
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, tmp_path):
+    ref = run_cli(_cli(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    if point == "during_save":
+        res = run_cli(["-c", _KILL_DURING_SAVE, *_cli(run)])
+        assert res.returncode == -signal.SIGKILL
+        assert steps_on_disk(run) == [10]  # the half-written step 20 is not a checkpoint
+    else:
+        proc = subprocess.Popen([sys.executable, *_cli(run)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = 0 if point == "before_first_checkpoint" else 20
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if target == 0 and (run / "metrics.jsonl").is_file():
+                break
+            if target and steps_on_disk(run) and steps_on_disk(run)[-1] >= target:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if target == 0:
+            assert steps_on_disk(run) == []
+    res = run_cli(_cli(run))
+    assert res.returncode == 0, res.stderr
+    assert records(run) == records(tmp_path / "ref")
+
+
+def _stopped_at(config, workdir: Path, step: int, monkeypatch) -> None:
+    """Train `config` until a SIGTERM stops it with a checkpoint at `step`: the signal comes
+    during the hooks of step - 1, so the loop stops after `step`."""
+    with monkeypatch.context() as m:
+        _sigterm_at(m, Progress, "advance", lambda info: info.step == step - 1)
+        assert trainer.train(config, workdir, one())["step"] == step
+
+
+def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumes(
+        config, reference, tmp_path, capsys, monkeypatch):
+    _stopped_at(config, tmp_path / "run", 8, monkeypatch)
+    files = sorted((tmp_path / "run" / "checkpoints" / "8").rglob("*"),
+                   key=lambda p: p.stat().st_size if p.is_file() else -1)
+    with open(files[-1], "r+b") as f:  # truncate the largest file of the latest step
+        f.truncate(16)
+    second = trainer.train(config, tmp_path / "run", one())
+    out = capsys.readouterr()
+    assert "checkpoint step 8" in out.out and "does not restore" in out.out
+    assert "Resumed from" in out.out and "at step 4" in out.out
+    assert (tmp_path / "run" / "damaged_checkpoints" / "8").is_dir()
+    assert second["step"] == STEPS
+    assert records(tmp_path / "run") == reference
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved(config, tmp_path):
+    config.steps = 4
+    trainer.train(config, tmp_path / "run", one())
+    for f in (tmp_path / "run" / "checkpoints" / "4" / "state").rglob("_METADATA"):
+        f.unlink()
+    with pytest.raises(RunError, match="no checkpoint in .* restores"):
+        trainer.train(config, tmp_path / "run", one())
+    assert steps_on_disk(tmp_path / "run") == [4]
+    assert not (tmp_path / "run" / "damaged_checkpoints").exists()
+
+
+def test_divergence_stops_keeps_the_good_checkpoints_and_the_next_run_continues(
+        config, reference, tmp_path, monkeypatch):
+    _stopped_at(config, tmp_path / "run", 8, monkeypatch)
+    config.learning_rate = 1e30
+    with pytest.raises(RunError, match=r"divergence at step (9|10|11|12): (loss|grad_norm) is "
+                                       r"nan; nothing after it was saved, the last checkpoint "
+                                       r"is step 8"):
+        trainer.train(config, tmp_path / "run", one())
+    assert steps_on_disk(tmp_path / "run") == [4, 8]
+    config.learning_rate = 1e-3
+    trainer.train(config, tmp_path / "run", one())
+    assert records(tmp_path / "run") == reference
+
+
+def test_skip_policy_drops_nonfinite_updates_and_stops_after_max_skipped(config, tmp_path):
+    config.learning_rate, config.warmup_steps = 1e30, 0
+    config.nan_policy, config.max_skipped = "skip", 3
+    with pytest.raises(RunError, match="3 updates in a row had a non-finite loss or gradient "
+                                       "norm and were skipped"):
+        trainer.train(config, tmp_path / "run", one())
+    recs = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert recs[-1]["skipped"] == 1 and recs[-1]["skipped_total"] >= 1
+    for step in steps_on_disk(tmp_path / "run"):  # whatever was saved is finite
+        assert step < recs[-1]["step"]
+
+
+def test_skipped_step_keeps_the_state(config, tmp_path):
+    from training.experiment import Experiment
+    config.nan_policy, config.warmup_steps = "skip", 0  # no zero learning rate at count 0
+    exp = Experiment.build(config, tmp_path, one())
+    state = exp.init_state()
+    before = jax.device_get(state.params)
+    batch = exp.train_source()[0]
+    bad = dict(batch, weights=np.full(batch["inputs"].shape, np.nan, np.float32))
+    state, metrics = exp.train_step(state, exp.to_global(bad))
+    assert int(metrics["skipped"]) == 1 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    good = dict(batch, weights=np.ones(batch["inputs"].shape, np.float32))
+    state, metrics = exp.train_step(state, exp.to_global(good))
+    assert int(metrics["skipped"]) == 0
+    assert not np.array_equal(jax.device_get(state.params)["embed"]["embedding"],
+                              before["embed"]["embedding"])
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_dead_holders_lock_is_taken(config,
+                                                                             tmp_path):
+    with rundir.lock(tmp_path / "run"):
+        with pytest.raises(ConfigError, match=r"workdir: .* is in use by another run \(host "
+                                              r".*, pid \d+, since"):
+            trainer.train(config, tmp_path / "run", one())
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # A lock file left by a process killed with -9 holds no lock: it is taken over.
+    (tmp_path / "run" / rundir.LOCK_FILE).write_text("host x, pid 999999, since then")
+    config.steps = 2
+    assert trainer.train(config, tmp_path / "run", one())["step"] == 2
+
+
+def test_resume_rules(config, tmp_path):
+    config.steps = 8
+    trainer.train(config, tmp_path / "run", one())
+    config.steps = 4
+    with pytest.raises(ConfigError, match="steps: is 4 but the run in .* is already at step 8"):
+        trainer.train(config, tmp_path / "run", one())
+    config.steps = 12
+    with pytest.raises(ConfigError, match="steps: is 12 but the run in .* was started with 8.*"
+                                          "--allow_schedule_change"):
+        trainer.train(config, tmp_path / "run", one())
+    # A refused resume reads no data: the tokenized corpus is not rebuilt.
+    data = tmp_path / "run" / "data"
+    for f in data.iterdir():
+        f.unlink()
+    with pytest.raises(ConfigError):
+        trainer.train(config, tmp_path / "run", one())
+    assert not any(data.iterdir())
+    config.steps = 8
+    summary = trainer.train(config, tmp_path / "run", one())  # finished: nothing to do
+    assert summary["step"] == 8 and not summary["interrupted"]
+
+
+def test_damaged_run_files_are_one_line_errors_or_warnings(config, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="workdir: .* is a file, not a directory"):
+        trainer.train(config, tmp_path / "file", one())
+    config.steps = 4
+    trainer.train(config, tmp_path / "run", one())
+    good = (tmp_path / "run" / "config.json").read_text()
+    (tmp_path / "run" / "config.json").write_text(good[:50])
+    with pytest.raises(ConfigError, match=r"config.json is damaged \(not JSON"):
+        trainer.train(config, tmp_path / "run", one())
+    (tmp_path / "run" / "config.json").write_text(good)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])  # a crash cut the last line short
+    capsys.readouterr()
+    config.steps = 6
+    trainer.train(config, tmp_path / "run", one(), allow_schedule_change=True)
+    assert f"dropped line 5 of {metrics}" in capsys.readouterr().out
+    assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == list(range(1, 7))
+
+
+def test_eval_results_are_strict_json():
+    line = json_line({"step": 3, "eval_loss": float("nan"), "perplexity": float("inf")})
+    assert json.loads(line) == {"step": 3, "eval_loss": None, "perplexity": None}
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"sampling": {"top_p": 0.0}}, "top_p: must be in (0, 1], got 0.0"),
+    ({"sampling": {"top_p": 1.5}}, "top_p: must be in (0, 1], got 1.5"),
+    ({"sampling": {"top_k": -1}}, "top_k: must be >= 0, got -1"),
+    ({"sampling": {"temperature": -0.5}}, "temperature: must be >= 0, got -0.5"),
+    ({"generate": {"length": -5}}, "length: must be a positive integer, got -5"),
+    ({"quantize": "int3"}, "quantize: unknown value 'int3'; choose one of ['int8', 'int4']"),
+])
+def test_bad_sampling_flags_are_refused(flags, message):
+    with pytest.raises(ConfigError) as err:
+        EvalRequest.parse({"workdir": "w", **flags})
+    assert str(err.value) == message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.foo=1"], "error: model.foo: unknown config key in --config override; "
+                               "did you mean"),
+    (["--config=configs/nope.py"], "error: config: no such file:"),
+    (["--cpu_devices=-1"], "error: cpu_devices: must be >= 0, got -1"),
+    (["--config.warmup_steps=50"], "error: warmup_steps: 50 warm-up steps are more than steps"),
+    (["--config.learning_rate=inf"], "error: learning_rate: must be a finite number, got inf"),
+    (["--config.data.path=EMPTY"], "error: data.path: "),
+])
+def test_cli_bad_input_is_one_line(args, message, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    args = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in args]
+    res = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny",
+                   f"--workdir={tmp_path / 'run'}", *args])
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith(message), res.stderr
