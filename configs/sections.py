@@ -290,6 +290,11 @@ class MoE(Section):
     num_shared_experts: NonNegativeInt = 0  # always-on experts, added to the routed ones
     d_ff: NonNegativeInt = 0  # per expert; 0 = model.d_ff
     capacity_factor: float = 0.0  # > 0: token dropping at this capacity; <= 0: dropless
+    # Tokens per capacity group (capacity_factor > 0): each group's experts take
+    # ceil(group_size * top_k / num_experts * capacity_factor) assignments. 0 = one sequence;
+    # else a divisor of seq_len (runs of positions) or a multiple (whole sequences). A
+    # model property: every layout forms the same groups and drops the same tokens.
+    group_size: NonNegativeInt = 0
     router_order: RouterOrder = "softmax_topk"
     renormalize: bool = True  # top-k weights sum to 1 (softmax_topk)
     jitter: UnitInterval = 0.0  # multiplicative router-input noise in training

@@ -38,6 +38,7 @@ class ModelConfig:
     moe_num_shared_experts: int = 0
     moe_d_ff: int = 0  # per expert; 0 = d_ff
     moe_capacity_factor: float = 0.0  # > 0: capacity dispatch; <= 0: dropless
+    moe_group_size: int = 0  # tokens per capacity group; 0 = one sequence
     moe_router_order: str = "softmax_topk"
     moe_renormalize: bool = True
     moe_jitter: float = 0.0
@@ -60,6 +61,14 @@ class ModelConfig:
     @property
     def num_units(self) -> int:
         return self.num_layers // self.layers_per_unit
+
+    def moe_group_rows(self, length: int) -> int:
+        """Sequences of `length` tokens per capacity group: > 1 only for capacity dispatch
+        with groups of several whole sequences. Batch splits (gradient accumulation and
+        pipeline micro-batches) move blocks of this many rows, so groups stay whole."""
+        if not self.moe_num_experts or self.moe_capacity_factor <= 0:
+            return 1
+        return max(1, self.moe_group_size // length)
 
     def is_moe_layer(self, index_in_unit: int) -> bool:
         """Within a unit of k layers, the last one is the MoE layer."""
