@@ -624,6 +624,10 @@ class Config(BaseModel):
             weights += [moe.load_balance_weight, moe.z_loss_weight]
         _check(any(w > 0 for w in weights), "loss.weights",
                "every term has weight 0: nothing to optimize")
+        if moe.num_experts and moe.group_size:
+            g, length = moe.group_size, self.train.seq_len
+            _check(length % g == 0 or g % length == 0, "model.moe.group_size",
+                   f"{g} tokens neither divide seq_len {length} nor are a multiple of it")
         return self
 
     def replace(self, **overrides: Any) -> "Config":
