@@ -18,14 +18,18 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def split_microbatches(batch: Batch, k: int) -> Batch:
-    """[B, ...] -> [k, B/k, ...], micro-batch i = rows i, i+k, i+2k, ...
+def split_microbatches(batch: Batch, k: int, block: int = 1) -> Batch:
+    """[B, ...] -> [k, B/k, ...], micro-batch i = blocks i, i+k, i+2k, ... of `block` rows.
 
     Strided rather than contiguous, so each micro-batch is spread evenly over the
-    data-parallel devices that hold the batch rows, and splitting moves no data.
+    data-parallel devices that hold the batch rows, and splitting moves no data. `block`
+    (`ModelConfig.moe_group_rows`) keeps MoE capacity groups of several sequences whole.
     """
     def split(x):
-        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        if block == 1:
+            return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        blocks = x.reshape(x.shape[0] // (k * block), k, block, *x.shape[1:])
+        return jnp.swapaxes(blocks, 0, 1).reshape(k, x.shape[0] // k, *x.shape[1:])
     return jax.tree.map(split, batch)
 
 
@@ -99,7 +103,8 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                     stats, grads = micro(i, mb)
                     return jax.tree.map(jnp.add, carry, (stats, grads)), None
 
-                mbs = split_microbatches(batch, grad_accum_steps)
+                block = model_cfg.moe_group_rows(batch["inputs"].shape[1])
+                mbs = split_microbatches(batch, grad_accum_steps, block)
                 shapes = jax.eval_shape(micro, 0, jax.tree.map(lambda x: x[0], mbs))
                 zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
                 (stats, grads), _ = jax.lax.scan(
