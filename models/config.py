@@ -1,5 +1,6 @@
 """The model's resolved hyper-parameters: the `model` config section plus what the data
-(vocabulary) and the layout (pipeline schedule) decide."""
+(vocabulary), the training sequence length (MoE capacity groups) and the layout (pipeline
+schedule) decide."""
 
 import dataclasses
 from typing import Any
@@ -43,6 +44,9 @@ class ModelConfig:
     moe_renormalize: bool = True
     moe_jitter: float = 0.0
     moe_grouped_matmul: str = "auto"  # auto | ragged_dot | blocks (dropless dispatch)
+    # The training sequence length (train.seq_len): capacity groups keep their sequences
+    # when the layer sees fewer tokens per sequence (decoding); 0 = the tokens it sees.
+    seq_len: int = 0
     # Set from the mesh and the pipeline section by the experiment, not by model config.
     pipeline_stages: int = 1
     pipeline_microbatches: int = 1
@@ -68,7 +72,7 @@ class ModelConfig:
         pipeline micro-batches) move blocks of this many rows, so groups stay whole."""
         if not self.moe_num_experts or self.moe_capacity_factor <= 0:
             return 1
-        return max(1, self.moe_group_size // length)
+        return max(1, self.moe_group_size // (self.seq_len or length))
 
     def is_moe_layer(self, index_in_unit: int) -> bool:
         """Within a unit of k layers, the last one is the MoE layer."""
@@ -77,7 +81,8 @@ class ModelConfig:
     @classmethod
     def from_section(cls, model: Model, data_vocab_size: int, quant: Quant | None = None,
                      **overrides: Any) -> "ModelConfig":
-        """Resolve derived fields: the vocabulary (padded), head_dim, per-expert d_ff."""
+        """Resolve derived fields: the vocabulary (padded), head_dim, per-expert d_ff.
+        `overrides` set the others, e.g. `seq_len`."""
         vocab = model.vocab_size or data_vocab_size
         padded = -(-vocab // model.vocab_multiple) * model.vocab_multiple
         names = {f.name for f in dataclasses.fields(cls)}

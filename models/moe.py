@@ -118,25 +118,27 @@ class CapacityGroups:
 
 
 def capacity_groups(rows: int, length: int, group_size: int, top_k: int, num_experts: int,
-                    factor: float) -> CapacityGroups:
-    """The capacity groups of `rows` sequences of `length` tokens (row-major tokens).
+                    factor: float, seq_len: int = 0) -> CapacityGroups:
+    """The capacity groups of `rows` sequences of `length` tokens each (row-major tokens).
 
-    group_size 0 is one sequence per group. A group_size up to `length` splits each
-    sequence into runs of group_size consecutive positions; a larger one takes whole
-    consecutive sequences, group_size // length of them. In training and evaluation
-    (`length` = seq_len) the config checks make every group full. In decoding, where the
-    layer sees fewer tokens, a sequence's last run or the last run of sequences may be
-    shorter; each group's capacity counts the tokens it has.
+    group_size 0 is one sequence per group; up to `seq_len` (the training sequence length;
+    0 = `length`) it splits each sequence into runs of group_size consecutive positions;
+    above, a group is group_size // seq_len whole consecutive sequences. In training and
+    evaluation (`length` = seq_len) the config checks make every group full. In decoding
+    the layer sees fewer tokens per sequence: each group keeps the tokens it has (a
+    sequence's last run, or the last run of sequences, may be shorter) and its capacity
+    counts them.
     """
     t = rows * length
-    g = group_size or length
-    if g <= length:
-        per_row = -(-length // g)
-        pos = np.arange(per_row * g).reshape(per_row, g)
+    seq_len = seq_len or length
+    if group_size <= seq_len:
+        run = min(group_size or length, length)
+        per_row = -(-length // run)
+        pos = np.arange(per_row * run).reshape(per_row, run)
         token = np.where(pos < length, np.arange(rows)[:, None, None] * length + pos, t)
-        token = token.reshape(rows * per_row, g)
+        token = token.reshape(rows * per_row, run)
     else:
-        rows_per_group = max(1, g // length)
+        rows_per_group = group_size // seq_len
         num_groups = -(-rows // rows_per_group)
         place = np.arange(num_groups * rows_per_group * length)
         token = np.where(place < t, place, t).reshape(num_groups, rows_per_group * length)
@@ -293,7 +295,7 @@ def moe_tokens(x_TxD: jax.Array, router_DxE: jax.Array, w: dict[str, jax.Array],
     if cfg.moe_capacity_factor > 0:
         length = length or t
         groups = capacity_groups(t // length, length, cfg.moe_group_size, cfg.moe_top_k,
-                                 cfg.moe_num_experts, cfg.moe_capacity_factor)
+                                 cfg.moe_num_experts, cfg.moe_capacity_factor, cfg.seq_len)
         y, kept = dispatch_capacity(x_TxD, r, w, cfg, groups, exchange)
     elif exchange is not None and ep_size > 1:
         y, kept = dispatch_capacity(x_TxD, r, w, cfg, t * cfg.moe_top_k, exchange)
