@@ -153,13 +153,14 @@ def _check_moe_groups(config: Config, mesh: Mesh, rules: Rules) -> None:
         if mesh.shape["pipeline"] > 1 else 1
     for key, batch in (("batch_size", train.batch_size // train.grad_accum_steps),
                        ("eval_batch_size", train.eval_batch_size)):
-        tokens = batch // (micro * dp) * train.seq_len
+        rows = batch // (micro * dp)
+        tokens = rows * train.seq_len
         if tokens % moe.group_size:
             raise ConfigError("model.moe.group_size",
                               f"{moe.group_size} tokens do not divide the {tokens} tokens a "
-                              f"device holds per micro-batch of {key} ({batch // (micro * dp)} "
-                              f"rows x seq_len {train.seq_len}): a group would straddle "
-                              f"devices")
+                              f"device holds per micro-batch of {key} ({rows} "
+                              f"row{'s' if rows != 1 else ''} x seq_len {train.seq_len}): a "
+                              f"group would straddle devices")
 
 
 def _check_data(config: Config, data: TokenData) -> None:
