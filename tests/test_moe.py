@@ -91,14 +91,14 @@ def test_capacity_per_group_matches_a_numpy_loop_per_group():
     logits = np.asarray(jax.random.normal(jax.random.key(0), (4 * 12, 4)) * 2)
     groups = capacity_groups(4, 12, 6, 2, 4, 0.75)  # 8 groups of 6 tokens, capacity 3
     r = route(jnp.asarray(logits), 2)
-    y, kept = dispatch_capacity(jnp.zeros((48, CFG.d_model)), r, expert_weights(CFG), CFG,
+    _, kept = dispatch_capacity(jnp.zeros((48, CFG.d_model)), r, expert_weights(CFG), CFG,
                                 groups)
     expected = np.concatenate([numpy_routing(logits[i:i + 6], 2, 3)[2]
                                for i in range(0, 48, 6)])
     np.testing.assert_array_equal(kept, expected)
     assert not expected.all()
     # Padding places (decoding) take no slot: a group's real tokens route as if alone.
-    slot, kept_pad = capacity_slots(jnp.array([[[1, 4], [4, 4], [1, 2]]]), 4, [1])
+    _, kept_pad = capacity_slots(jnp.array([[[1, 4], [4, 4], [1, 2]]]), 4, [1])
     np.testing.assert_array_equal(kept_pad, [[[True, False], [False, False], [False, True]]])
 
 
@@ -114,8 +114,13 @@ def test_the_same_tokens_drop_whether_the_batch_is_whole_or_split_in_halves(grou
         part = jax.tree.map(lambda a: a[lo:hi], r)
         return dispatch_capacity(x[lo:hi], part, w, CFG, groups)
 
+    def grouped(n):
+        return capacity_groups(n // length, length, group_size, 2, 4, factor)
+
+    def single(n):  # one group per share of the batch, as if a device's tokens were one
+        return CapacityGroups.single(n, capacity(n, 2, 4, factor))
+
     half = rows * length // 2
-    grouped = lambda n: capacity_groups(n // length, length, group_size, 2, 4, factor)  # noqa
     y, kept = run(0, 2 * half, grouped(2 * half))
     y0, kept0 = run(0, half, grouped(half))
     y1, kept1 = run(half, 2 * half, grouped(half))
@@ -123,7 +128,6 @@ def test_the_same_tokens_drop_whether_the_batch_is_whole_or_split_in_halves(grou
     np.testing.assert_allclose(np.concatenate([y0, y1]), y, rtol=1e-6, atol=1e-6)
     assert not kept.all()
     # One group per share of the batch (capacity from the share's token count) would not.
-    single = lambda n: CapacityGroups.single(n, capacity(n, 2, 4, factor))  # noqa: E731
     _, whole = run(0, 2 * half, single(2 * half))
     halves = np.concatenate([run(0, half, single(half))[1], run(half, 2 * half,
                                                                 single(half))[1]])
@@ -396,8 +400,8 @@ def test_capacity_model_decodes_with_a_kv_cache(group_size):
     ("z_loss_weight", -1.0, "model.moe.z_loss_weight: must be >= 0"),
     ("every", 3, "model.moe.every: num_layers 2 is not divisible by every=3"),
     ("group_size", -1, "model.moe.group_size: must be >= 0"),
-    ("group_size", 48, "model.moe.group_size: 48 tokens neither divide seq_len 32 nor are a "
-                       "multiple of it"),
+    ("group_size", 48, ("model.moe.group_size: 48 tokens neither divide seq_len 32 nor are a "
+                        "multiple of it")),
 ])
 def test_bad_moe_configs_are_rejected(key, value, message, tiny_config, tmp_path):
     c = moe_config(tiny_config)
