@@ -294,6 +294,11 @@ class MoE(Section):
     num_shared_experts: NonNegativeInt = 0  # always-on experts, added to the routed ones
     d_ff: NonNegativeInt = 0  # per expert; 0 = model.d_ff
     capacity_factor: float = 0.0  # > 0: token dropping at this capacity; <= 0: dropless
+    # Tokens per capacity group (capacity_factor > 0): each group's experts take
+    # ceil(group_size * top_k / num_experts * capacity_factor) assignments. 0 = one sequence;
+    # else a divisor of seq_len (runs of positions) or a multiple (whole sequences). A
+    # model property: every layout forms the same groups and drops the same tokens.
+    group_size: NonNegativeInt = 0
     router_order: RouterOrder = "softmax_topk"
     renormalize: bool = True  # top-k weights sum to 1 (softmax_topk)
     jitter: UnitInterval = 0.0  # multiplicative router-input noise in training
@@ -641,6 +646,10 @@ class Config(BaseModel):
             weights += [moe.load_balance_weight, moe.z_loss_weight]
         _check(any(w > 0 for w in weights), "loss.weights",
                "every term has weight 0: nothing to optimize")
+        if moe.num_experts and moe.group_size:
+            g, length = moe.group_size, self.train.seq_len
+            _check(length % g == 0 or g % length == 0, "model.moe.group_size",
+                   f"{g} tokens neither divide seq_len {length} nor are a multiple of it")
         return self
 
     def replace(self, **overrides: Any) -> "Config":

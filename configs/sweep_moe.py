@@ -9,7 +9,8 @@ the dense model's active MLP parameters per token.
 
 Arguments after the colon:
   (none)  num_experts {4, 8} x top_k {1, 2} x capacity_factor {0 (dropless), 1.25}:
-          8 variants.
+          8 variants. Capacity variants use the default capacity groups of one
+          sequence (`model.moe.group_size=0`).
   smoke   num_experts {4} x top_k {1, 2} x capacity_factor {0, 1.25} on `tiny`, 20 steps.
 """
 

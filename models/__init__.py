@@ -14,6 +14,7 @@ Shape suffixes. Array names end in their shape, one letter per axis (`x_BxLxD` i
   E  experts                            A  experts per token (top-k assignments)
   C  expert capacity (slots)            T  tokens of a flattened batch (B * L)
   N  rows of a flattened matrix (tokens, or token-expert pairs after dispatch)
+  P  capacity groups (MoE)              Q  token places in a capacity group
   I  input features of a weight matrix  O  output features of a weight matrix
   U  stacked layer units (the scanned axis)
 """

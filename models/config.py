@@ -1,5 +1,6 @@
 """The model's resolved hyper-parameters: the `model` config section plus what the data
-(vocabulary) and the layout (pipeline schedule) decide."""
+(vocabulary), the training sequence length (MoE capacity groups) and the layout (pipeline
+schedule) decide."""
 
 import dataclasses
 from typing import Any
@@ -38,10 +39,14 @@ class ModelConfig:
     moe_num_shared_experts: int = 0
     moe_d_ff: int = 0  # per expert; 0 = d_ff
     moe_capacity_factor: float = 0.0  # > 0: capacity dispatch; <= 0: dropless
+    moe_group_size: int = 0  # tokens per capacity group; 0 = one sequence
     moe_router_order: str = "softmax_topk"
     moe_renormalize: bool = True
     moe_jitter: float = 0.0
     moe_grouped_matmul: str = "auto"  # auto | ragged_dot | blocks (dropless dispatch)
+    # The training sequence length (train.seq_len): capacity groups keep their sequences
+    # when the layer sees fewer tokens per sequence (decoding); 0 = the tokens it sees.
+    seq_len: int = 0
     # Set from the mesh and the pipeline section by the experiment, not by model config.
     pipeline_stages: int = 1
     pipeline_microbatches: int = 1
@@ -61,6 +66,14 @@ class ModelConfig:
     def num_units(self) -> int:
         return self.num_layers // self.layers_per_unit
 
+    def moe_group_rows(self, length: int) -> int:
+        """Sequences of `length` tokens per capacity group: > 1 only for capacity dispatch
+        with groups of several whole sequences. Batch splits (gradient accumulation and
+        pipeline micro-batches) move blocks of this many rows, so groups stay whole."""
+        if not self.moe_num_experts or self.moe_capacity_factor <= 0:
+            return 1
+        return max(1, self.moe_group_size // (self.seq_len or length))
+
     def is_moe_layer(self, index_in_unit: int) -> bool:
         """Within a unit of k layers, the last one is the MoE layer."""
         return bool(self.moe_num_experts) and index_in_unit == self.layers_per_unit - 1
@@ -68,7 +81,8 @@ class ModelConfig:
     @classmethod
     def from_section(cls, model: Model, data_vocab_size: int, quant: Quant | None = None,
                      **overrides: Any) -> "ModelConfig":
-        """Resolve derived fields: the vocabulary (padded), head_dim, per-expert d_ff."""
+        """Resolve derived fields: the vocabulary (padded), head_dim, per-expert d_ff.
+        `overrides` set the others, e.g. `seq_len`."""
         vocab = model.vocab_size or data_vocab_size
         padded = -(-vocab // model.vocab_multiple) * model.vocab_multiple
         names = {f.name for f in dataclasses.fields(cls)}

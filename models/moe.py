@@ -2,13 +2,18 @@
 
 Routing (`route`) and dispatch are pure functions of the tokens a device holds. Under a
 mesh, `parallel.expert.expert_parallel` runs the layer per device with `shard_map`:
-experts are split over the `experts` logical axis, tokens travel to their experts and
-back with an all-to-all, and each device's tokens form one capacity group.
+experts are split over the `experts` logical axis, and tokens travel to their experts and
+back with an all-to-all.
 
 Dispatch:
-  * capacity_factor > 0: each expert takes at most C = ceil(T*k/E * capacity_factor)
+  * capacity_factor > 0: the tokens form capacity groups of `model.moe.group_size`
+    tokens (0 = one sequence; `capacity_groups`), a property of the model, never of the
+    layout: a group is a run of consecutive positions of one sequence or a run of whole
+    consecutive sequences, and every layout keeps groups whole on one device. Within a
+    group of n tokens each expert takes at most C = ceil(n*k/E * capacity_factor)
     assignments, first choices before second choices, in token order (GShard's
-    priority); overflow assignments are dropped (the token keeps its residual).
+    priority); overflow assignments are dropped (the token keeps its residual). So the
+    same tokens drop on one device and on any mesh.
   * capacity_factor <= 0: dropless. Assignments are sorted by expert and the experts run
     as one grouped matmul: `jax.lax.ragged_dot` on GPU/TPU, padded blocks on CPU, where
     ragged_dot is 10-20x slower (`model.moe.grouped_matmul`). With expert parallelism the exchange
@@ -16,11 +21,13 @@ Dispatch:
     implementation).
 """
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.layers import MLP, param
@@ -64,15 +71,81 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> in
     return max(1, math.ceil(num_tokens * top_k / num_experts * factor))
 
 
-def capacity_slots(experts_TxA: jax.Array, num_experts: int, cap: int
+def capacity_slots(experts_xQxA: jax.Array, num_experts: int, cap: Any
                    ) -> tuple[jax.Array, jax.Array]:
-    """(slot within its expert's buffer, kept?) for each assignment, GShard priority."""
-    t, k = experts_TxA.shape
-    flat = experts_TxA.T.reshape(-1)  # choice-major: all first choices, then second...
-    one_hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)
-    position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
-    slot = position.reshape(k, t).T
-    return slot, slot < cap
+    """(slot within its expert's buffer, kept?) for each assignment, GShard priority.
+
+    `experts_xQxA`: [..., Q, A] expert ids of Q tokens, one capacity group per leading
+    index ([Q, A]: one group). Ids outside [0, E) are padding: they take no slot and are not
+    kept. `cap`: the capacity, an int or one per group (shape of the leading axes).
+    """
+    *lead, q, k = experts_xQxA.shape
+    # Choice-major within each group: all first choices in token order, then second...
+    flat = jnp.swapaxes(experts_xQxA, -1, -2).reshape(*lead, k * q)
+    one_hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)  # padding: all zeros
+    position = jnp.sum((jnp.cumsum(one_hot, axis=-2) - 1) * one_hot, axis=-1)
+    slot = jnp.swapaxes(position.reshape(*lead, k, q), -1, -2)
+    cap = np.asarray(cap)
+    real = (experts_xQxA >= 0) & (experts_xQxA < num_experts)
+    return slot, real & (slot < cap.reshape(cap.shape + (1, 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityGroups:
+    """How the T tokens one device holds split into P capacity groups of Q places (static).
+
+    `token_PxQ`: the token in each place of a group, in token order; T marks an empty place
+    (a shorter group, only in decoding). `capacity_P`: each group's capacity,
+    ceil(its tokens * k / E * capacity_factor).
+    """
+    num_tokens: int
+    token_PxQ: np.ndarray
+    capacity_P: np.ndarray
+
+    @classmethod
+    def single(cls, num_tokens: int, cap: int) -> "CapacityGroups":
+        """All tokens in one group of capacity `cap`."""
+        return cls(num_tokens, np.arange(num_tokens)[None], np.array([cap]))
+
+    @property
+    def full(self) -> bool:
+        """Every place holds a token: the groups are consecutive runs of Q tokens."""
+        return self.token_PxQ.size == self.num_tokens
+
+    @property
+    def max_capacity(self) -> int:
+        return int(np.max(self.capacity_P))
+
+
+def capacity_groups(rows: int, length: int, group_size: int, top_k: int, num_experts: int,
+                    factor: float, seq_len: int = 0) -> CapacityGroups:
+    """The capacity groups of `rows` sequences of `length` tokens each (row-major tokens).
+
+    group_size 0 is one sequence per group; up to `seq_len` (the training sequence length;
+    0 = `length`) it splits each sequence into runs of group_size consecutive positions;
+    above, a group is group_size // seq_len whole consecutive sequences. In training and
+    evaluation (`length` = seq_len) the config checks make every group full. In decoding
+    the layer sees fewer tokens per sequence: each group keeps the tokens it has (a
+    sequence's last run, or the last run of sequences, may be shorter) and its capacity
+    counts them.
+    """
+    t = rows * length
+    seq_len = seq_len or length
+    if group_size <= seq_len:
+        run = min(group_size or length, length)
+        per_row = -(-length // run)
+        pos = np.arange(per_row * run).reshape(per_row, run)
+        token = np.where(pos < length, np.arange(rows)[:, None, None] * length + pos, t)
+        token = token.reshape(rows * per_row, run)
+    else:
+        rows_per_group = group_size // seq_len
+        num_groups = -(-rows // rows_per_group)
+        place = np.arange(num_groups * rows_per_group * length)
+        token = np.where(place < t, place, t).reshape(num_groups, rows_per_group * length)
+    counts = np.sum(token < t, axis=1)
+    caps = {int(n): capacity(int(n), top_k, num_experts, factor) for n in np.unique(counts)}
+    return CapacityGroups(num_tokens=t, token_PxQ=token,
+                          capacity_P=np.array([caps[int(n)] for n in counts]))
 
 
 def aux_statistics(r: Routing, num_experts: int, kept_TxA: jax.Array | None
@@ -114,23 +187,45 @@ def ragged_ffn(x_NxD: jax.Array, group_sizes_E: jax.Array, w: dict[str, jax.Arra
     return jax.lax.ragged_dot(h.astype(x_NxD.dtype), w["down"], group_sizes_E)
 
 
-def dispatch_capacity(x_TxD, r: Routing, w, cfg: Any, cap: int, exchange=None):
-    """Capacity dispatch: scatter into [E, C, D] buffers, run experts, gather back."""
+def dispatch_capacity(x_TxD, r: Routing, w, cfg: Any, groups: CapacityGroups | int,
+                      exchange=None):
+    """Capacity dispatch: scatter into [E, P*C, D] buffers, run experts, gather back.
+
+    `groups`: the capacity groups of the tokens, or an int capacity C for one group of
+    all of them. Expert e's buffer holds each group's C slots in turn (group p at rows
+    p*C .. p*C + C - 1), so an expert-parallel exchange moves all groups at once.
+    """
     t, d = x_TxD.shape
     e = cfg.moe_num_experts
-    slot, kept = capacity_slots(r.experts_TxA, e, cap)
-    index = jnp.where(kept, r.experts_TxA * cap + slot, e * cap)  # dropped -> spare row
-    token = jnp.broadcast_to(jnp.arange(t)[:, None], index.shape)
-    buf = jnp.zeros((e * cap + 1, d), x_TxD.dtype).at[index.reshape(-1)].set(
+    k = r.experts_TxA.shape[1]
+    if not isinstance(groups, CapacityGroups):
+        groups = CapacityGroups.single(t, groups)
+    num_groups, places = groups.token_PxQ.shape
+    cap = groups.max_capacity
+    if groups.full:
+        experts_PxQxA = r.experts_TxA.reshape(num_groups, places, k)
+    else:  # empty places get expert id E: they take no slot
+        padded = jnp.concatenate([r.experts_TxA, jnp.full((1, k), e, r.experts_TxA.dtype)])
+        experts_PxQxA = padded[groups.token_PxQ]
+    slot, kept = capacity_slots(experts_PxQxA, e, groups.capacity_P)
+    group = np.arange(num_groups)[:, None, None]
+    rows = e * num_groups * cap  # buffer rows, plus one spare row for dropped assignments
+    index = jnp.where(kept, (experts_PxQxA * num_groups + group) * cap + slot, rows)
+    index_TxA, kept_TxA = index.reshape(-1, k), kept.reshape(-1, k)
+    if not groups.full:  # back to token order: each token's place
+        place_T = np.argsort(groups.token_PxQ.reshape(-1), kind="stable")[:t]
+        index_TxA, kept_TxA = index_TxA[place_T], kept_TxA[place_T]
+    token = jnp.broadcast_to(jnp.arange(t)[:, None], index_TxA.shape)
+    buf = jnp.zeros((rows + 1, d), x_TxD.dtype).at[index_TxA.reshape(-1)].set(
         x_TxD[token.reshape(-1)], mode="drop")
-    buf = buf[:-1].reshape(e, cap, d)
+    buf = buf[:-1].reshape(e, num_groups * cap, d)
     if exchange is None:
         out = expert_ffn(buf, w, cfg.mlp)
     else:
         out = exchange(buf, lambda b: expert_ffn(b, w, cfg.mlp))
-    out = jnp.concatenate([out.reshape(e * cap, d), jnp.zeros((1, d), out.dtype)])
-    combine = jnp.where(kept, r.weights_TxA, 0.0).astype(x_TxD.dtype)
-    return jnp.einsum("tk,tkd->td", combine, out[index]), kept
+    out = jnp.concatenate([out.reshape(rows, d), jnp.zeros((1, d), out.dtype)])
+    combine = jnp.where(kept_TxA, r.weights_TxA, 0.0).astype(x_TxD.dtype)
+    return jnp.einsum("tk,tkd->td", combine, out[index_TxA]), kept_TxA
 
 
 def blocked_ffn(x_NxD: jax.Array, group_sizes_E: jax.Array, w: dict[str, jax.Array],
@@ -183,8 +278,13 @@ def _use_ragged_dot(cfg: Any) -> bool:
 
 
 def moe_tokens(x_TxD: jax.Array, router_DxE: jax.Array, w: dict[str, jax.Array], cfg: Any,
-               jitter_key: jax.Array | None = None, exchange=None, ep_size: int = 1):
-    """The routed experts on one device's tokens; returns (output, aux statistics)."""
+               jitter_key: jax.Array | None = None, exchange=None, ep_size: int = 1,
+               length: int | None = None):
+    """The routed experts on one device's tokens; returns (output, aux statistics).
+
+    `length`: tokens per sequence (the tokens are whole sequences, row-major); None = one
+    sequence of all T tokens. It places the capacity groups (`capacity_groups`).
+    """
     x_router = x_TxD.astype(jnp.float32)
     if jitter_key is not None and cfg.moe_jitter > 0:
         x_router = x_router * jax.random.uniform(jitter_key, x_router.shape, jnp.float32,
@@ -193,8 +293,10 @@ def moe_tokens(x_TxD: jax.Array, router_DxE: jax.Array, w: dict[str, jax.Array],
               cfg.moe_router_order, cfg.moe_renormalize)
     t = x_TxD.shape[0]
     if cfg.moe_capacity_factor > 0:
-        cap = capacity(t, cfg.moe_top_k, cfg.moe_num_experts, cfg.moe_capacity_factor)
-        y, kept = dispatch_capacity(x_TxD, r, w, cfg, cap, exchange)
+        length = length or t
+        groups = capacity_groups(t // length, length, cfg.moe_group_size, cfg.moe_top_k,
+                                 cfg.moe_num_experts, cfg.moe_capacity_factor, cfg.seq_len)
+        y, kept = dispatch_capacity(x_TxD, r, w, cfg, groups, exchange)
     elif exchange is not None and ep_size > 1:
         y, kept = dispatch_capacity(x_TxD, r, w, cfg, t * cfg.moe_top_k, exchange)
         kept = None  # sized so that nothing drops

@@ -5,8 +5,12 @@ over the mesh axes of the `experts` logical axis and, inside each expert, over t
 `mlp` (tensor parallelism: column-parallel up, row-parallel down, then a psum). FSDP
 shards of the expert weights are gathered by GSPMD before the layer. Dispatch buffers
 [E, C, D] go to the devices owning their experts with an all-to-all and come back the
-same way. Routing statistics are averaged over all tokens of the global batch, so the
-auxiliary losses equal those of one device.
+same way: with P capacity groups per device, [E, P*C, D]. The batch is split over devices
+by rows (sequences) and capacity groups are runs within one sequence or whole sequences;
+the config checks make each device hold whole groups, so every layout forms the same
+groups and drops the same tokens as one device. Routing statistics
+are averaged over all tokens of the global batch, so the auxiliary losses equal those of
+one device.
 """
 
 from collections.abc import Callable
@@ -25,11 +29,12 @@ def _spec(*axes: tuple[str, ...]) -> P:
 
 def expert_parallel(fn: Callable[..., Any], x_BxLxD: jax.Array, router_DxE: jax.Array,
                     w: dict[str, jax.Array], cfg: Any, key: jax.Array | None):
-    """fn(tokens_TxD, router, w, cfg, key, exchange=..., ep_size=...) on each device."""
+    """fn(tokens_TxD, router, w, cfg, key, exchange=..., ep_size=..., length=L) on each
+    device, where the tokens are the device's rows of `x_BxLxD`, row-major."""
     b, length, d = x_BxLxD.shape
     mesh, rules = current_mesh(), current_rules()
     if mesh is None or mesh.devices.size == 1:
-        y, aux = fn(x_BxLxD.reshape(-1, d), router_DxE, w, cfg, key)
+        y, aux = fn(x_BxLxD.reshape(-1, d), router_DxE, w, cfg, key, length=length)
         return y.reshape(b, length, d), aux
 
     batch = mesh_axes_of("act_batch", rules)
@@ -40,15 +45,16 @@ def expert_parallel(fn: Callable[..., Any], x_BxLxD: jax.Array, router_DxE: jax.
 
     def exchange(buf_ExCxD, compute):
         """Send each expert's buffer to its owner, compute there, and send results back."""
-        recv = jax.lax.all_to_all(buf_ExCxD, experts, 0, 1, tiled=True)  # [E/ep, ep*C, D]
+        # buf: [E, P*C, D] (each of the device's P groups has C slots per expert).
+        recv = jax.lax.all_to_all(buf_ExCxD, experts, 0, 1, tiled=True)  # [E/ep, ep*P*C, D]
         out = compute(recv)
-        return jax.lax.all_to_all(out, experts, 1, 0, tiled=True)  # [E, C, D]
+        return jax.lax.all_to_all(out, experts, 1, 0, tiled=True)  # [E, P*C, D]
 
     def body(x, router, w, key):
         if key is not None and batch_sharded:
             key = jax.random.fold_in(key, jax.lax.axis_index(batch_sharded))
         y, aux = fn(x.reshape(-1, d), router, w, cfg, key,
-                    exchange=exchange if ep > 1 else None, ep_size=ep)
+                    exchange=exchange if ep > 1 else None, ep_size=ep, length=length)
         if mlp:
             y = jax.lax.psum(y, mlp)  # the down projection was split over d_ff
         if batch:

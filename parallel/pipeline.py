@@ -44,13 +44,22 @@ def stage_major_permutation(num_layers: int, stages: int, repeats: int) -> np.nd
     return (r * stages * lc + s * lc + j).reshape(-1)
 
 
-def _split_microbatches(x: jax.Array, m: int) -> jax.Array:
-    """[B, ...] -> [M, B/M, ...]; micro-batch i = rows i, i+M, ... (no data movement)."""
-    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+def _split_microbatches(x: jax.Array, m: int, block: int = 1) -> jax.Array:
+    """[B, ...] -> [M, B/M, ...]; micro-batch i = blocks i, i+M, ... of `block` rows (no
+    data movement; blocks keep MoE capacity groups of several sequences whole)."""
+    if block == 1:
+        return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+    blocks = x.reshape(x.shape[0] // (m * block), m, block, *x.shape[1:])
+    return jnp.swapaxes(blocks, 0, 1).reshape(m, x.shape[0] // m, *x.shape[1:])
 
 
-def _merge_microbatches(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+def _merge_microbatches(x: jax.Array, block: int = 1) -> jax.Array:
+    """The inverse of `_split_microbatches`."""
+    if block == 1:
+        return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+    m, rows = x.shape[:2]
+    blocks = x.reshape(m, rows // block, block, *x.shape[2:])
+    return jnp.swapaxes(blocks, 0, 1).reshape(m * rows, *x.shape[2:])
 
 
 def pipeline_layers(layer: Callable[..., Any], state: Any, x_BxLxD: jax.Array,
@@ -71,8 +80,9 @@ def pipeline_layers(layer: Callable[..., Any], state: Any, x_BxLxD: jax.Array,
     # Model layer index of each stored layer, for dropout keys.
     layer_ids = jnp.asarray(stage_major_permutation(L, S, R).reshape(S, R, lc))
 
-    mb_x = _split_microbatches(x_BxLxD, M)  # [M, mb, L, D]
-    mb_rows = jax.tree.map(lambda a: _split_microbatches(a, M), rows)
+    block = cfg.moe_group_rows(x_BxLxD.shape[1])
+    mb_x = _split_microbatches(x_BxLxD, M, block)  # [M, mb, L, D]
+    mb_rows = jax.tree.map(lambda a: _split_microbatches(a, M, block), rows)
 
     def run_stage(stage_params, stage_layer_ids, x, stage_rows, repeat, micro, valid):
         """One stage's chunk of layers for one work item (a micro-batch at a repeat)."""
@@ -127,4 +137,4 @@ def pipeline_layers(layer: Callable[..., Any], state: Any, x_BxLxD: jax.Array,
     aux_sum = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
     (_, circ, aux_sum), _ = jax.lax.scan(iteration, (held, circ, aux_sum), jnp.arange(iters))
     aux = jax.tree.map(lambda a: a / (M * L), aux_sum)
-    return constrain(_merge_microbatches(circ), ("act_batch", "act_len", "act_embed")), aux
+    return constrain(_merge_microbatches(circ, block), ("act_batch", "act_len", "act_embed")), aux

@@ -10,10 +10,13 @@ from flax import nnx
 
 from configs.errors import ConfigError
 from models import ModelConfig, active_params, count_params, create_model, split_params
-from models.moe import (aux_statistics, capacity, dispatch_capacity, dispatch_dropless,
-                        expert_ffn, load_balance_loss, moe_tokens, route)
+from models.moe import (CapacityGroups, aux_statistics, capacity, capacity_groups,
+                        capacity_slots, dispatch_capacity, dispatch_dropless, expert_ffn,
+                        load_balance_loss, moe_tokens, route)
+from parallel.pipeline import _merge_microbatches, _split_microbatches
 from tests.helpers import assert_trees_close, run_steps
 from training.experiment import Experiment
+from training.steps import split_microbatches
 
 CFG = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=16, num_heads=2,
                   num_kv_heads=2, head_dim=8, d_ff=32, mlp="swiglu", moe_num_experts=4,
@@ -56,10 +59,91 @@ def test_routing_and_capacity_match_a_numpy_loop():
     experts, weights, kept = numpy_routing(logits, 2, cap)
     np.testing.assert_array_equal(r.experts_TxA, experts)
     np.testing.assert_allclose(r.weights_TxA, weights, rtol=1e-6)
-    from models.moe import capacity_slots
     _, kept_jax = capacity_slots(r.experts_TxA, 4, cap)
     np.testing.assert_array_equal(kept_jax, kept)
     assert not kept.all()  # the case really drops something
+
+
+def test_capacity_groups_are_runs_of_positions_or_whole_sequences():
+    # 3 sequences of 8 tokens; group_size 0 = one sequence, 4 = half a sequence.
+    for size, expected in ((0, np.arange(24).reshape(3, 8)), (8, np.arange(24).reshape(3, 8)),
+                           (4, np.arange(24).reshape(6, 4))):
+        g = capacity_groups(3, 8, size, 2, 4, 1.0)
+        np.testing.assert_array_equal(g.token_PxQ, expected)
+        assert g.full and list(g.capacity_P) == [capacity(expected.shape[1], 2, 4, 1.0)] * len(
+            expected)
+    g = capacity_groups(4, 8, 16, 2, 4, 1.0)  # two whole sequences per group
+    np.testing.assert_array_equal(g.token_PxQ, np.arange(32).reshape(2, 16))
+    # Decoding sees fewer tokens: shorter groups get the capacity of the tokens they have.
+    g = capacity_groups(2, 5, 4, 2, 4, 1.0)  # 5 tokens per sequence, runs of 4
+    np.testing.assert_array_equal(g.token_PxQ, [[0, 1, 2, 3], [4, 10, 10, 10],
+                                                [5, 6, 7, 8], [9, 10, 10, 10]])
+    assert list(g.capacity_P) == [2, 1, 2, 1] and not g.full
+    # One new token per sequence (training seq_len 8): groups keep their sequences.
+    g = capacity_groups(3, 1, 4, 2, 4, 1.0, seq_len=8)  # runs of 4 positions: alone
+    np.testing.assert_array_equal(g.token_PxQ, [[0], [1], [2]])
+    g = capacity_groups(3, 1, 16, 2, 4, 1.0, seq_len=8)  # two sequences per group
+    np.testing.assert_array_equal(g.token_PxQ, [[0, 1], [2, 3]])
+    assert list(g.capacity_P) == [1, 1]
+
+
+def test_capacity_per_group_matches_a_numpy_loop_per_group():
+    logits = np.asarray(jax.random.normal(jax.random.key(0), (4 * 12, 4)) * 2)
+    groups = capacity_groups(4, 12, 6, 2, 4, 0.75)  # 8 groups of 6 tokens, capacity 3
+    r = route(jnp.asarray(logits), 2)
+    _, kept = dispatch_capacity(jnp.zeros((48, CFG.d_model)), r, expert_weights(CFG), CFG,
+                                groups)
+    expected = np.concatenate([numpy_routing(logits[i:i + 6], 2, 3)[2]
+                               for i in range(0, 48, 6)])
+    np.testing.assert_array_equal(kept, expected)
+    assert not expected.all()
+    # Padding places (decoding) take no slot: a group's real tokens route as if alone.
+    _, kept_pad = capacity_slots(jnp.array([[[1, 4], [4, 4], [1, 2]]]), 4, [1])
+    np.testing.assert_array_equal(kept_pad, [[[True, False], [False, False], [False, True]]])
+
+
+@pytest.mark.parametrize("group_size", [0, 8, 32])
+def test_the_same_tokens_drop_whether_the_batch_is_whole_or_split_in_halves(group_size):
+    """The root property: a device's share of the batch does not change the routing."""
+    rows, length, factor = 4, 16, 0.75
+    x = jax.random.normal(jax.random.key(1), (rows * length, CFG.d_model))
+    w = expert_weights(CFG)
+    r = route(jax.random.normal(jax.random.key(2), (rows * length, 4)) * 2, 2)
+
+    def run(lo, hi, groups):
+        part = jax.tree.map(lambda a: a[lo:hi], r)
+        return dispatch_capacity(x[lo:hi], part, w, CFG, groups)
+
+    def grouped(n):
+        return capacity_groups(n // length, length, group_size, 2, 4, factor)
+
+    def single(n):  # one group per share of the batch, as if a device's tokens were one
+        return CapacityGroups.single(n, capacity(n, 2, 4, factor))
+
+    half = rows * length // 2
+    y, kept = run(0, 2 * half, grouped(2 * half))
+    y0, kept0 = run(0, half, grouped(half))
+    y1, kept1 = run(half, 2 * half, grouped(half))
+    np.testing.assert_array_equal(np.concatenate([kept0, kept1]), kept)
+    np.testing.assert_allclose(np.concatenate([y0, y1]), y, rtol=1e-6, atol=1e-6)
+    assert not kept.all()
+    # One group per share of the batch (capacity from the share's token count) would not.
+    _, whole = run(0, 2 * half, single(2 * half))
+    halves = np.concatenate([run(0, half, single(half))[1], run(half, 2 * half,
+                                                                single(half))[1]])
+    assert not np.array_equal(whole, halves)
+
+
+def test_micro_batches_keep_blocks_of_rows_together():
+    x = jnp.arange(16)[:, None]
+    np.testing.assert_array_equal(split_microbatches({"x": x}, 2)["x"][0, :, 0],
+                                  [0, 2, 4, 6, 8, 10, 12, 14])
+    np.testing.assert_array_equal(split_microbatches({"x": x}, 2, block=2)["x"][0, :, 0],
+                                  [0, 1, 4, 5, 8, 9, 12, 13])
+    for block in (1, 2, 4):
+        mb = _split_microbatches(x, 2, block)
+        np.testing.assert_array_equal(mb, split_microbatches({"x": x}, 2, block)["x"])
+        np.testing.assert_array_equal(_merge_microbatches(mb, block), x)
 
 
 def test_topk_softmax_order_renormalises_over_the_chosen_logits():
@@ -219,17 +303,126 @@ def test_moe_trains_with_metrics_and_pipeline(tiny_config, tmp_path):
     assert float(metrics["moe_drop_fraction"]) == 0.0
 
 
+def run_with_drops(config, workdir, devices):
+    """Train config.steps steps; returns (losses, drop fractions, parameters on host)."""
+    exp = Experiment.build(config, workdir, devices)
+    state, source = exp.init_state(), exp.train_source()
+    losses, drops = [], []
+    for step in range(config.steps):
+        state, metrics = exp.train_step(state, exp.to_global(source[step]))
+        losses.append(float(metrics["loss"]))
+        drops.append(float(metrics["moe_drop_fraction"]))
+    return np.array(losses), np.array(drops), jax.device_get(exp.to_checkpoint(state).params)
+
+
+def capacity_config(c, layout, group_size=0, grad_accum_steps=1):
+    """moe_config at capacity 1.25, which drops a few percent of the assignments."""
+    c = moe_config(c, capacity_factor=1.25)
+    c.model.moe.group_size = group_size
+    c.grad_accum_steps = grad_accum_steps
+    for k, v in layout.items():
+        c.mesh[k] = v
+    return c
+
+
+_CAPACITY_REFERENCES = {}
+
+
+def capacity_reference(group_size=0, grad_accum_steps=1, tmp_path_factory=None):
+    """One device's (losses, drops, params) at capacity 1.25, computed once per setting."""
+    key = (group_size, grad_accum_steps)
+    if key not in _CAPACITY_REFERENCES:
+        from configs.shakespeare_char import get_config
+        c = capacity_config(get_config("tiny"), {}, group_size, grad_accum_steps)
+        _CAPACITY_REFERENCES[key] = run_with_drops(c, tmp_path_factory.mktemp("cap"),
+                                                   jax.devices()[:1])
+    return _CAPACITY_REFERENCES[key]
+
+
+def assert_same_run(got, ref):
+    losses, drops, params = got
+    np.testing.assert_allclose(losses, ref[0], rtol=1e-5)
+    np.testing.assert_allclose(drops, ref[1], rtol=1e-5, atol=1e-7)
+    assert_trees_close(params, ref[2], rtol=1e-4, atol=1e-6)
+    assert np.all(ref[1] > 0)  # the runs really drop assignments
+
+
+@pytest.mark.parametrize("layout, group_size", [
+    pytest.param(dict(expert=4, data=2), 0, id="expert4_data2"),
+    pytest.param(dict(expert=2, tensor=2, data=2), 0, id="expert2_tensor2_data2",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(data=8), 0, id="data8", marks=pytest.mark.slow),
+    pytest.param(dict(expert=4, data=2), 64, id="expert4_data2_two_sequence_groups",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(expert=8), 8, id="expert8_quarter_sequence_groups",
+                 marks=pytest.mark.slow),
+])
+def test_capacity_layouts_match_one_device(layout, group_size, tiny_config, tmp_path,
+                                           tmp_path_factory):
+    """With a capacity factor, every layout drops the same tokens as one device."""
+    ref = capacity_reference(group_size, tmp_path_factory=tmp_path_factory)
+    c = capacity_config(tiny_config, layout, group_size)
+    assert_same_run(run_with_drops(c, tmp_path, jax.devices()), ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group_size", [0, 64])
+def test_capacity_pipeline_matches_one_device_with_the_same_micro_batches(
+        group_size, tiny_config, tmp_path, tmp_path_factory):
+    """pipeline=2 x expert=2 x data=2 (2 micro-batches) equals one device accumulating 2
+    micro-batches: the load-balance loss is per micro-batch in both."""
+    ref = capacity_reference(group_size, grad_accum_steps=2,
+                             tmp_path_factory=tmp_path_factory)
+    fresh = tiny_config.copy_and_resolve_references()
+    c = capacity_config(tiny_config, dict(pipeline=2, expert=2, data=2), group_size)
+    assert_same_run(run_with_drops(c, tmp_path, jax.devices()), ref)
+    # Gradient accumulation on the mesh splits the same way.
+    c = capacity_config(fresh, dict(expert=2, tensor=2, data=2), group_size, grad_accum_steps=2)
+    assert_same_run(run_with_drops(c, tmp_path / "accum", jax.devices()), ref)
+
+
+@pytest.mark.parametrize("group_size", [0, 4, 32])
+def test_capacity_model_decodes_with_a_kv_cache(group_size):
+    """Decoding runs the layer on a few tokens: groups of the tokens present."""
+    from configs.sections import Sampling
+    from inference.generate import Generator
+    cfg = dataclasses.replace(CFG, moe_capacity_factor=1.25, moe_group_size=group_size,
+                              seq_len=16)
+    graphdef, params = split_params(create_model(cfg, 0))
+    out, _ = Generator(graphdef, cfg, 16).generate(params, [[5, 9, 13], [1, 2, 3, 4, 5, 6, 7]],
+                                                   20, Sampling(temperature=1.0))
+    assert [len(o) for o in out] == [20, 20]
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("top_k", 9, "model.moe.top_k: top_k 9 > num_experts 8"),
     ("load_balance_weight", -0.1, "model.moe.load_balance_weight: must be >= 0"),
     ("z_loss_weight", -1.0, "model.moe.z_loss_weight: must be >= 0"),
     ("every", 3, "model.moe.every: num_layers 2 is not divisible by every=3"),
+    ("group_size", -1, "model.moe.group_size: must be >= 0"),
+    ("group_size", 48, ("model.moe.group_size: 48 tokens neither divide seq_len 32 nor are a "
+                        "multiple of it")),
 ])
 def test_bad_moe_configs_are_rejected(key, value, message, tiny_config, tmp_path):
     c = moe_config(tiny_config)
     c.model.moe[key] = value
     with pytest.raises(ConfigError, match=message):
         Experiment.build(c, tmp_path, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("key, value, rows", [("batch_size", 16, "2 rows"),
+                                               ("eval_batch_size", 8, "1 row")])
+def test_capacity_groups_must_not_straddle_devices(key, value, rows, tiny_config, tmp_path):
+    c = capacity_config(tiny_config, dict(expert=8), group_size=64)  # 2 sequences
+    c.eval_batch_size = 64
+    c[key] = value
+    if key == "batch_size":
+        c.model.moe.group_size = 128
+    tokens = int(rows.split()[0]) * 32
+    with pytest.raises(ConfigError, match=rf"model.moe.group_size: \d+ tokens do not divide "
+                                          rf"the {tokens} tokens a device holds per "
+                                          rf"micro-batch of {key} \({rows} x seq_len 32\)"):
+        Experiment.build(c, tmp_path, jax.devices())
 
 
 def test_experts_must_divide_over_the_expert_axis(tiny_config, tmp_path):

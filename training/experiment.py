@@ -66,6 +66,7 @@ class Experiment:
         data = resolve_data(config.data, workdir)
         teacher = Teacher.load(config.loss.distill, mesh) if needs_teacher(config) else None
         model_cfg = ModelConfig.from_section(config.model, data.vocab_size, quant=config.quant,
+                                             seq_len=config.train.seq_len,
                                              **pipeline_fields(config, mesh))
         graphdef, params, param_axes = abstract_params(model_cfg)
         check_layout(config, mesh, data, model_cfg, params, param_axes, teacher)

@@ -3,8 +3,9 @@
 `configs/sections.py` checks each config on its own; this module checks it against the
 mesh it will run on, the data it will read and the teacher it will distil from:
 mesh sizes vs devices, the attention kernel vs the platform, batch sizes vs the
-data-parallel size and the processes, the pipeline schedule, every sharded dimension vs
-its mesh axes, sequence length vs the data, vocabularies. The first problem raises
+data-parallel size and the processes, the pipeline schedule, MoE capacity groups vs each
+device's tokens, every sharded dimension vs its mesh axes, sequence length vs the data,
+vocabularies. The first problem raises
 ConfigError naming the key to change.
 """
 
@@ -73,6 +74,7 @@ def check_layout(config: Config, mesh: Mesh, data: TokenData, model_cfg: ModelCo
     _check_batch(config, mesh, rules, jax.process_count() if process_count is None
                  else process_count)
     _check_pipeline(config, mesh, rules, model_cfg)
+    _check_moe_groups(config, mesh, rules)
     _check_data(config, data)
     _check_model_split(config, mesh, rules)
     _check_divisible(params, param_axes, mesh, rules, "parameter")
@@ -138,6 +140,27 @@ def _check_pipeline(config: Config, mesh: Mesh, rules: Rules, model_cfg: ModelCo
         raise ConfigError("loss.weights.feature", "needs the student's hidden states, which "
                                                   "pipelined layers do not return; use "
                                                   "mesh.pipeline=1")
+
+
+def _check_moe_groups(config: Config, mesh: Mesh, rules: Rules) -> None:
+    """A capacity group of several sequences must not straddle devices or micro-batches:
+    each device's rows of a micro-batch hold a whole number of groups."""
+    moe, train = config.model.moe, config.train
+    if not moe.num_experts or moe.capacity_factor <= 0 or moe.group_size <= train.seq_len:
+        return  # groups within one sequence (seq_len % group_size == 0 is checked statically)
+    dp = mesh_axes_size(mesh, "act_batch", rules)
+    micro = (config.pipeline.microbatches or mesh.shape["pipeline"]) \
+        if mesh.shape["pipeline"] > 1 else 1
+    for key, batch in (("batch_size", train.batch_size // train.grad_accum_steps),
+                       ("eval_batch_size", train.eval_batch_size)):
+        rows = batch // (micro * dp)
+        tokens = rows * train.seq_len
+        if tokens % moe.group_size:
+            raise ConfigError("model.moe.group_size",
+                              f"{moe.group_size} tokens do not divide the {tokens} tokens a "
+                              f"device holds per micro-batch of {key} ({rows} "
+                              f"row{'s' if rows != 1 else ''} x seq_len {train.seq_len}): a "
+                              f"group would straddle devices")
 
 
 def _check_data(config: Config, data: TokenData) -> None:

@@ -18,14 +18,18 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def split_microbatches(batch: Batch, k: int) -> Batch:
-    """[B, ...] -> [k, B/k, ...], micro-batch i = rows i, i+k, i+2k, ...
+def split_microbatches(batch: Batch, k: int, block: int = 1) -> Batch:
+    """[B, ...] -> [k, B/k, ...], micro-batch i = blocks i, i+k, i+2k, ... of `block` rows.
 
     Strided rather than contiguous, so each micro-batch is spread evenly over the
-    data-parallel devices that hold the batch rows, and splitting moves no data.
+    data-parallel devices that hold the batch rows, and splitting moves no data. `block`
+    (`ModelConfig.moe_group_rows`) keeps MoE capacity groups of several sequences whole.
     """
     def split(x):
-        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        if block == 1:
+            return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        blocks = x.reshape(x.shape[0] // (k * block), k, block, *x.shape[1:])
+        return jnp.swapaxes(blocks, 0, 1).reshape(k, x.shape[0] // k, *x.shape[1:])
     return jax.tree.map(split, batch)
 
 
@@ -95,7 +99,8 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                 (total, stats), grads = grad_fn(state.params, mb, key, t_out, state.step)
                 return {**stats, "loss": total}, grads
 
-            stats, grads = _accumulate(micro, batch, grad_accum_steps)
+            block = model_cfg.moe_group_rows(batch["inputs"].shape[1])
+            stats, grads = _accumulate(micro, batch, grad_accum_steps, block)
             weight_sum = stats.pop("weight_sum")
             grads = jax.tree.map(lambda g: g / weight_sum, grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -118,8 +123,9 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
 
 
 def _accumulate(micro: Callable[[Any, Batch], tuple[Metrics, Any]], batch: Batch,
-                steps: int) -> tuple[Metrics, Any]:
-    """Sums of `micro(i, micro_batch)`'s (stats, grads) over `steps` micro-batches (a scan)."""
+                steps: int, block: int = 1) -> tuple[Metrics, Any]:
+    """Sums of `micro(i, micro_batch)`'s (stats, grads) over `steps` micro-batches (a scan);
+    micro-batches take whole blocks of `block` rows (MoE capacity groups)."""
     if steps == 1:
         return micro(0, batch)
 
@@ -127,7 +133,7 @@ def _accumulate(micro: Callable[[Any, Batch], tuple[Metrics, Any]], batch: Batch
         i, mb = xs
         return jax.tree.map(jnp.add, carry, micro(i, mb)), None
 
-    mbs = split_microbatches(batch, steps)
+    mbs = split_microbatches(batch, steps, block)
     shapes = jax.eval_shape(micro, 0, jax.tree.map(lambda x: x[0], mbs))
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
     return jax.lax.scan(body, zeros, (jnp.arange(steps), mbs))[0]

@@ -67,7 +67,8 @@ class Teacher:
                                 key="loss.distill.teacher_step", workdir_key=KEY)
         tdata = _teacher_data(tconfig, workdir)
         model_cfg = ModelConfig.from_section(tconfig.model, tdata.vocab_size,
-                                             quant=tconfig.quant, dropout=0.0)
+                                             quant=tconfig.quant, dropout=0.0,
+                                             seq_len=tconfig.train.seq_len)
         graphdef, abstract, axes = abstract_params(model_cfg)
         rules = tconfig.sharding.rules
         shardings = tree_shardings(mesh, axes, rules)
