@@ -62,3 +62,10 @@ def no_compilation():
         yield compiled
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def params_fast_only(values, fast):
+    """Parametrize over `values`, marking all but those in `fast` as `slow`: the fast tier
+    keeps a representative subset, the full suite runs them all."""
+    import pytest
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]

@@ -93,6 +93,7 @@ def test_no_gradient_reaches_the_teacher(tiny_config, teacher_dir, tmp_path):
     assert float(jnp.max(jnp.abs(g_student["blocks"]["mlp"]["up"]["kernel"]))) > 0
 
 
+@pytest.mark.slow
 def test_distillation_with_qat_sharded_equals_one_device(tiny_config, teacher_dir, tmp_path):
     """data x fsdp x tensor = 2 x 2 x 2: same losses as one device."""
     c = _student(tiny_config, teacher_dir, distill=0.7, feature=0.3)
@@ -147,6 +148,7 @@ def test_bad_config_is_a_clear_error_before_compiling(overrides, message, tiny_c
     assert compiled == []
 
 
+@pytest.mark.slow
 def test_cli_distill_flags_and_quantized_eval(teacher_dir, tmp_path):
     res = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny", "--cpu_devices=1",
                    f"--workdir={tmp_path}", "--config.steps=2", "--config.eval_max_batches=1",

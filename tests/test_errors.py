@@ -61,6 +61,7 @@ def test_tensor_size_must_divide_sharded_dims(tiny_config, tmp_path):
     ("--config.batch_size=12", "error: batch_size: batch_size is not divisible by the "
                                "data-parallel size 8"),
 ])
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_nonzero(flag, message, tmp_path):
     res = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny", "--cpu_devices=8",
                    f"--workdir={tmp_path}", flag])

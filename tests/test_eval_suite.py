@@ -29,6 +29,7 @@ def run_dir(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_all_steps_cli_writes_summary_and_plot(run_dir):
     res = run_cli(["eval.py", f"--workdir={run_dir}", "--all_steps"])
     assert res.returncode == 0, res.stderr

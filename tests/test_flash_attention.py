@@ -15,7 +15,6 @@ Sequence length 40 is not a multiple of any block, so every case also covers pad
 
 import functools
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -130,45 +129,32 @@ def _check(backend, *, causal, window, segments, empty_rows=False, heads=4, grou
         assert np.all(np.swapaxes(lse, 1, 2)[rows] == -np.inf)
 
 
-# The grid. The Triton kernel runs every combination of the mask features (causal x window
-# x segment ids), the slower-to-interpret Mosaic kernel a pairwise cover of them; the GQA
-# ratio (1, 2, 4) and the dtype are spread so that each ratio meets causal and full
-# attention and bfloat16 meets every mask feature, on both kernels. Two cases have query
-# rows that see no key. JAXLM_FULL_FLASH_GRID=1 runs the full product instead (96 cases,
-# 5-10 minutes on 2 cores; it passes).
-def _case(backend, causal, window, segments, ratio, dtype, empty_rows=False):
+# The grid: every combination of backend x causal x window x segment ids x GQA ratio x
+# dtype (96 cases, a few minutes on 2 cores) runs in the full suite. The fast tier keeps a
+# cover of it: on the Triton kernel each mask feature with and without the others, on the
+# slower-to-interpret Mosaic kernel a pairwise cover; each GQA ratio meets causal and full
+# attention, bfloat16 meets every mask feature. Two cases have query rows that see no key.
+def _case(backend, causal, window, segments, ratio, dtype, empty_rows=False, slow=False):
     name = "-".join([backend, "causal" if causal else "full", "win" if window else "nowin",
                      "seg" if segments else "noseg", f"r{ratio}", dtype]
                     + (["empty-rows"] if empty_rows else []))
     case = dict(causal=causal, window=WINDOW if window else None, segments=segments,
                 empty_rows=empty_rows, groups=4 // ratio, dtype=dtype)
-    return pytest.param(backend, case, id=name)
+    return pytest.param(backend, case, id=name, marks=[pytest.mark.slow] if slow else [])
 
 
-if os.environ.get("JAXLM_FULL_FLASH_GRID") == "1":
-    GRID = [_case(*c) for c in itertools.product(
+FAST_GRID = [
+    ("triton", True, False, False, 1, "float32"),
+    ("triton", True, True, True, 1, "bfloat16"),
+    ("triton", False, False, True, 4, "float32", True),
+    ("triton", False, True, False, 2, "float32"),
+    ("mosaic", True, True, True, 2, "float32", True),
+    ("mosaic", False, False, True, 4, "bfloat16"),
+]
+GRID = [_case(*c) for c in FAST_GRID] + [
+    _case(*c, slow=True) for c in itertools.product(
         ["triton", "mosaic"], [True, False], [False, True], [False, True], [1, 2, 4],
-        ["float32", "bfloat16"])]
-else:
-    GRID = [
-        # Triton kernel, Pallas HLO interpreter.
-        _case("triton", True, False, False, 1, "float32"),
-        _case("triton", True, False, True, 2, "float32"),
-        _case("triton", True, True, False, 4, "float32"),
-        _case("triton", True, True, True, 1, "bfloat16"),
-        _case("triton", False, False, False, 2, "bfloat16"),
-        _case("triton", False, False, True, 4, "float32", empty_rows=True),
-        _case("triton", False, True, False, 1, "float32"),
-        _case("triton", False, True, True, 2, "float32"),
-        _case("triton", True, False, False, 4, "bfloat16"),
-        _case("triton", False, True, True, 4, "bfloat16"),
-        # Mosaic kernel, TPU interpreter.
-        _case("mosaic", True, False, False, 1, "float32"),
-        _case("mosaic", True, True, True, 2, "float32", empty_rows=True),
-        _case("mosaic", True, True, False, 4, "bfloat16"),
-        _case("mosaic", False, False, True, 4, "float32"),
-        _case("mosaic", False, True, False, 2, "bfloat16"),
-    ]
+        ["float32", "bfloat16"]) if c not in FAST_GRID]
 
 
 @pytest.mark.parametrize("backend,case", GRID)
@@ -243,6 +229,7 @@ def xla_losses(tmp_path_factory):
     return losses
 
 
+@pytest.mark.slow
 def test_training_with_pallas_interpret_matches_xla(xla_losses, tiny_config, tmp_path):
     """The tiny model (2 scanned layers, GQA 4/2, full remat) on 8 devices, pipeline 2 x
     fsdp 2 x tensor 2, with the kernel trains to the losses of `xla` on one device."""

@@ -160,7 +160,7 @@ def dense_reference(x, r, w, cfg):
     return jnp.einsum("tk,tkd->td", r.weights_TxA, chosen)
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "blocks"])
+@pytest.mark.parametrize("impl", [pytest.param("ragged_dot", marks=pytest.mark.slow), "blocks"])
 def test_dropless_equals_dense_reference(impl):
     cfg = dataclasses.replace(CFG, moe_grouped_matmul=impl)
     x = jax.random.normal(jax.random.key(1), (40, CFG.d_model))
@@ -232,7 +232,7 @@ def test_moe_layer_statistics_and_jitter():
     assert not np.allclose(y, y2)
 
 
-@pytest.mark.parametrize("every, shared", [(1, 0), (2, 1)])
+@pytest.mark.parametrize("every, shared", [pytest.param(1, 0, marks=pytest.mark.slow), (2, 1)])
 def test_moe_model_runs_scanned_and_unrolled_alike(every, shared):
     cfg = dataclasses.replace(CFG, num_layers=4, moe_every=every,
                               moe_num_shared_experts=shared)
@@ -274,8 +274,8 @@ def moe_reference(tmp_path_factory):
     return losses, params
 
 
-@pytest.mark.parametrize("layout", [dict(expert=8), dict(expert=4, data=2),
-                                    dict(expert=2, fsdp=2, tensor=2)])
+@pytest.mark.parametrize("layout", [pytest.param(dict(expert=8), marks=pytest.mark.slow),
+                                    dict(expert=4, data=2), dict(expert=2, fsdp=2, tensor=2)])
 def test_expert_parallel_layouts_match_one_device(layout, moe_reference, tiny_config,
                                                   tmp_path):
     c = moe_config(tiny_config)
@@ -290,6 +290,7 @@ def test_expert_parallel_layouts_match_one_device(layout, moe_reference, tiny_co
     assert shard[2] == 32 // layout.get("fsdp", 1) and shard[3] == 64 // layout.get("tensor", 1)
 
 
+@pytest.mark.slow
 def test_moe_trains_with_metrics_and_pipeline(tiny_config, tmp_path):
     c = moe_config(tiny_config)
     c.model.num_layers, c.model.moe.every = 4, 2

@@ -9,7 +9,7 @@ from configs.errors import ConfigError
 from parallel.mesh import make_mesh
 from training.layout import resolve_mesh_shape
 from parallel.sharding import logical_to_spec
-from tests.helpers import assert_trees_close, run_steps
+from tests.helpers import assert_trees_close, params_fast_only, run_steps
 
 LAYOUTS = {
     "data8": dict(data=8),
@@ -33,7 +33,7 @@ def _config(c):
     return c
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", params_fast_only(sorted(LAYOUTS), fast={"data2_fsdp4"}))
 def test_layout_matches_single_device(layout, reference, tiny_config, tmp_path):
     c = _config(tiny_config)
     for axis, size in LAYOUTS[layout].items():
@@ -76,6 +76,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_config, tmp_path):
     assert_trees_close(params, ref_params, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_with_data_parallel(tiny_config, tmp_path):
     c = _config(tiny_config)
     c.mesh.data = 1

@@ -11,7 +11,7 @@ import pytest
 
 from configs.errors import ConfigError
 from parallel.pipeline import bubble_fraction, stage_major_permutation
-from tests.helpers import ROOT, assert_trees_close, run_cli, run_steps
+from tests.helpers import ROOT, assert_trees_close, params_fast_only, run_cli, run_steps
 from training import trainer
 from evaluation.restore import restore_run
 from training.evaluate import evaluate
@@ -54,7 +54,8 @@ def reference(tmp_path_factory):
     return losses, params
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", params_fast_only(
+    sorted(LAYOUTS), fast={"data2_fsdp2_tensor2", "pipeline2_data4"}))
 def test_layout_matches_single_device(layout, reference, tiny_config, tmp_path):
     c = apply_layout(model_config(tiny_config), LAYOUTS[layout])
     losses, params, exp, _ = run_steps(c, tmp_path, jax.devices())
@@ -64,6 +65,7 @@ def test_layout_matches_single_device(layout, reference, tiny_config, tmp_path):
     assert_trees_close(params, ref_params, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pipeline_with_grad_accumulation_and_no_remat(reference, tiny_config, tmp_path):
     c = apply_layout(model_config(tiny_config), dict(pipeline=2, data=2, fsdp=2))
     c.grad_accum_steps, c.pipeline_microbatches, c.model.remat = 2, 2, "none"
@@ -72,6 +74,7 @@ def test_pipeline_with_grad_accumulation_and_no_remat(reference, tiny_config, tm
     assert_trees_close(params, reference[1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tensor8_puts_one_eighth_of_each_sharded_weight_on_each_device(tiny_config, tmp_path):
     c = apply_layout(model_config(tiny_config), dict(tensor=8))
     exp = Experiment.build(c, tmp_path, jax.devices())
@@ -103,6 +106,7 @@ def test_vocab_sharded_logits_are_never_gathered(tiny_config, tmp_path):
     assert "f32[16,32,128]" not in hlo
 
 
+@pytest.mark.slow
 def test_fsdp_state_bytes_shrink_with_the_fsdp_degree(tiny_config, tmp_path):
     c = model_config(tiny_config)
     c.model.num_layers, c.model.d_model, c.model.d_ff = 2, 128, 512
@@ -121,6 +125,7 @@ def test_fsdp_state_bytes_shrink_with_the_fsdp_degree(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("layout", [dict(pipeline=2, data=4),
                                     dict(pipeline=2, fsdp=2, data=2, pipeline_repeats=2)])
+@pytest.mark.slow
 def test_pipelined_checkpoint_restores_on_data8(layout, tiny_config, tmp_path):
     c = apply_layout(model_config(tiny_config), layout)
     c.steps, c.eval_every, c.checkpoint_every = 3, 0, 3
@@ -174,6 +179,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     args = ["train.py", "--config=configs/shakespeare_char.py:tiny", "--config.steps=4",
             "--config.batch_size=16", "--config.log_every=1", "--config.eval_every=0",
@@ -203,6 +209,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert (tmp_path / "two" / "checkpoints" / "4" / "state").is_dir()
 
 
+@pytest.mark.slow
 def test_dry_run_plans_a_64_device_mesh(tmp_path):
     out = tmp_path / "plan.json"
     res = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny", "--cpu_devices=64",

@@ -30,7 +30,8 @@ def models():
     return (gt, pt), (gd, pd)
 
 
-@pytest.mark.parametrize("draft_context, k", [(CONTEXT, 3), (6, 4)])
+@pytest.mark.parametrize("draft_context, k", [pytest.param(CONTEXT, 3, marks=pytest.mark.slow),
+                                              (6, 4)])
 def test_greedy_output_is_the_targets_own_greedy_output(models, draft_context, k):
     """Across the target's cache boundary (context shifts), with a draft that disagrees
     often and one whose own (shorter) windows shift at other times."""
@@ -101,7 +102,7 @@ def _chi2(counts, expected):
     return float(((c[keep] - e[keep]) ** 2 / e[keep]).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize("sp", [Sampling(temperature=1.0),
+@pytest.mark.parametrize("sp", [pytest.param(Sampling(temperature=1.0), marks=pytest.mark.slow),
                                 Sampling(temperature=0.7, top_k=2)],
                          ids=["t1", "t0.7_top2"])
 def test_sampling_follows_the_target_distribution(sp):

@@ -218,6 +218,7 @@ def _read_jsonl(path):
     return [json.loads(ln) for ln in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_resumes_skips_records_failures_and_reports(tmp_path, monkeypatch):
     """Variant 1 finished, variant 2 half-trained, variant 3 broken: one more run of the
     sweep trains only what is missing, records the failure, and writes the tables."""

@@ -86,6 +86,7 @@ def test_resume_rejects_a_changed_model(loop_config, tmp_path):
         trainer.train(loop_config, tmp_path, one_device())
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_continues_from_last_checkpoint(tmp_path):
     args = ["train.py", "--config=configs/shakespeare_char.py:tiny", "--config.steps=300",
             "--config.checkpoint_every=5", "--config.log_every=10", "--config.eval_every=0",
@@ -111,6 +112,7 @@ def test_kill_9_then_rerun_continues_from_last_checkpoint(tmp_path):
     assert read_metrics(run) == read_metrics(tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_eval_cli_prints_one_json_line_and_samples(loop_config, tmp_path):
     loop_config.steps = 4
     trainer.train(loop_config, tmp_path, one_device())
@@ -140,6 +142,7 @@ def test_eval_matches_in_process_evaluation(loop_config, tmp_path):
                                                                     rel=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_cli_errors_on_workdir_without_checkpoints(tmp_path):
     res = run_cli(["eval.py", f"--workdir={tmp_path}"])
     assert res.returncode != 0 and "Traceback" not in res.stderr
