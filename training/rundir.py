@@ -41,8 +41,8 @@ def save_or_check_config(config: Config, workdir: Path, write: bool = True) -> N
     `write=False` checks only (processes other than 0 do not write)."""
     path = workdir / CONFIG_FILE
     current = config.to_dict()
-    if path.is_file():
-        saved = json.loads(path.read_text())
+    if path.is_file():  # keys an older config.json lacks have their defaults
+        saved = Config.from_dict(json.loads(path.read_text())).to_dict()
         for key in FROZEN_KEYS:
             a, b = saved.get(key), current.get(key)
             if isinstance(a, dict) and isinstance(b, dict):
