@@ -534,6 +534,15 @@ class Data(Section):
     prefetch: NonNegativeInt = 2
 
 
+class Init(Section):
+    """Where a new run's parameters start: a fresh random init, or another run's checkpoint
+    (any mesh; resharded onto this run's) with a fresh optimizer at step 0. Once the run
+    has checkpoints of its own, it resumes from those."""
+    KEY: ClassVar[str] = "init"
+    from_workdir: str = ""  # a run directory (trained here, or imported with convert.py)
+    step: NonNegativeInt = 0  # its checkpoint step; 0 = its latest
+
+
 class Sampling(Section):
     """How generation picks each token (the same rules for plain and speculative decoding)."""
     temperature: NonNegativeFloat = 0.0  # 0 = greedy
@@ -595,7 +604,7 @@ class EvalRequest(Section):
 SECTIONS: dict[str, type[Section]] = {
     "train": Train, "optim": Optim, "intervals": Intervals, "pipeline": Pipeline,
     "mesh": Mesh, "sharding": Sharding, "model": Model, "loss": Loss, "quant": Quant,
-    "data": Data,
+    "data": Data, "init": Init,
 }
 
 
@@ -614,6 +623,7 @@ class Config(BaseModel):
     loss: Loss = Loss()
     quant: Quant = Quant()
     data: Data = Data()
+    init: Init = Init()
 
     @classmethod
     def from_dict(cls, config: Any) -> "Config":

@@ -14,6 +14,7 @@ from typing import Any
 
 from configs.errors import ConfigError
 from configs.sections import Config
+from data.pipeline import TokenData, is_prepared
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -70,3 +71,14 @@ def pick_step(steps: list[int], step: int | None, workdir: Any, *, key: str = "s
     if step not in steps:
         raise ConfigError(key, f"no checkpoint for step {step} in {workdir}; have {steps}")
     return step
+
+
+def load_data(config: Config, workdir: str | os.PathLike, key: str = "workdir") -> TokenData:
+    """Another run's prepared data (its tokenizer and vocabulary): `data.path` when that is
+    a prepared directory, else the run's own `data/`; `key` names the flag in errors."""
+    path = Path(config.data.path) if config.data.path else None
+    directory = path if path is not None and is_prepared(path) else Path(workdir) / "data"
+    try:
+        return TokenData.load(directory)
+    except ConfigError as e:
+        raise ConfigError(key, f"cannot read the tokenizer of {workdir}: {e}") from None

@@ -13,6 +13,7 @@ from training import rundir
 from training.checkpoint import Checkpointer
 from training.experiment import Experiment
 from training.hooks import Checkpoints, Evaluation, Metrics, Progress, log, stop_on_sigterm
+from training.init_from import InitSource, check_source, restore_initial_state
 from training.loop import TrainLoop
 from training.metrics import MetricWriter
 
@@ -30,13 +31,14 @@ def train(config: Any, workdir: str | Path,
     workdir = Path(workdir).absolute()
     rundir.save_or_check_config(config, workdir, write=False)  # refuse a resume first
     exp = Experiment.build(config, workdir, devices)
+    source = _init_source(exp, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rundir.save_or_check_config(config, workdir, write=jax.process_index() == 0)
 
     ckpt = Checkpointer(rundir.checkpoint_dir(workdir), keep=config.intervals.keep_checkpoints)
     data_iter = train_iterator(exp.train_source(), config.data.prefetch)
     writer = MetricWriter(workdir)
-    state, start = _restore_or_init(exp, ckpt, data_iter, writer)
+    state, start = _restore_or_init(exp, ckpt, data_iter, writer, source)
     n_params = count_params(exp.abstract_state.params)
     log(describe(exp, n_params))
 
@@ -68,10 +70,26 @@ def train(config: Any, workdir: str | Path,
             "num_params": n_params, **evaluation.last, "interrupted": interrupted}
 
 
+def _init_source(exp: Experiment, workdir: Path) -> InitSource | None:
+    """The checked `init.from_workdir` run for a run without checkpoints (else None)."""
+    if not exp.config.init.from_workdir:
+        return None
+    with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
+        if ckpt.latest_step() is not None:
+            return None  # a resume: the run's own checkpoints win
+    return check_source(exp.config, exp.model_cfg)
+
+
 def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
-                     writer: MetricWriter) -> tuple[Any, int]:
-    """The latest checkpoint (and data position), or a fresh sharded init at step 0."""
+                     writer: MetricWriter, source: InitSource | None = None
+                     ) -> tuple[Any, int]:
+    """The latest checkpoint (and data position); else step 0 with the parameters of
+    `source` or a fresh sharded init."""
     start = ckpt.latest_step()
+    if start is None and source is not None:
+        log(f"Starting from the parameters of {source.workdir} (step {source.step}); "
+            "fresh optimizer, step 0.")
+        return restore_initial_state(exp, source), 0
     if start is None:
         return exp.init_state(), 0
     state = exp.from_checkpoint(ckpt.restore(start, exp.abstract_state, data_iter))
