@@ -6,7 +6,7 @@
 --from_hf reads DIR/config.json (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
 Qwen3ForCausalLM or GPT2LMHeadModel) and its safetensors files, and writes RUN as a run
 that trained for 0 steps: config.json (the model section from DIR, every other key from
-the base config and your --config overrides, e.g. the mesh and the data), a step-0
+configs/imported.py and your --config overrides, e.g. the mesh and the data), a step-0
 checkpoint built shard by shard on the mesh, and DIR's tokenizer and config files in
 RUN/hf/. eval.py, distillation (loss.distill.teacher_workdir), speculative decoding and
 init.from_workdir then take RUN as any other run.
@@ -23,13 +23,13 @@ from ml_collections import config_flags
 
 from checkpoints.hf_export import export_hf
 from checkpoints.hf_import import import_hf
-from configs.base import get_base_config
 from configs.errors import ConfigError
+from configs.imported import get_config
 from configs.sections import Config
 from parallel.distributed import initialize
 
 _CONFIG = config_flags.DEFINE_config_dict(
-    "config", get_base_config(), "Import: every key but the model's (mesh, data, training).")
+    "config", get_config(), "Import: every key but the model's (mesh, data, training).")
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Import this Hugging Face model directory.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Export into this directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory.", required=True)
