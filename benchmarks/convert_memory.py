@@ -4,12 +4,13 @@
 
 Builds a random GPT-2 (124M parameters: 12 layers, d_model 768, vocabulary 50257) with
 `transformers`, saves it with save_pretrained, then imports and exports it, each in a
-fresh process, and reports wall time and peak resident memory (ru_maxrss). On CPU the
-"device" arrays live in host memory too, so the report splits the peak into the
-process's baseline (Python, JAX, the compiled code), what the devices hold at the end
-(the parameters, plus the two AdamW moments of the step-0 checkpoint on import) and the
-rest: the conversion's own working memory, to compare with the largest tensor group
-(one parameter stacked over layers).
+fresh process, and reports wall time and peak resident memory (VmHWM). On CPU the
+"device" arrays live in host memory too, so the conversion steps themselves are also
+measured alone (the peak is reset before each): building the parameters from the
+safetensors files (import) and writing the safetensors files from the parameters
+(export). Their working memory is the step's peak minus the memory before it minus the
+parameters now (import) or already (export) on the devices, to compare with the
+largest tensor group (one parameter stacked over layers).
 """
 
 import argparse
@@ -33,7 +34,27 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _measured(fn, record: dict):
+    """`fn` with the peak memory of its call recorded (before, peak) in `record`."""
+    def wrapper(*args, **kwargs):
+        _reset_peak()
+        record["before_mb"] = _rss_mb()
+        out = fn(*args, **kwargs)
+        record["peak_mb"] = _peak_mb()
+        return out
+    return wrapper
 
 
 def build(out: Path, layers: int) -> None:
@@ -52,20 +73,24 @@ def child(mode: str, directory: Path) -> None:
     import numpy as np
     jax.config.update("jax_platforms", "cpu")
     jax.numpy.zeros(1).block_until_ready()
-    from checkpoints.hf_export import export_hf
-    from checkpoints.hf_import import import_hf
-    from configs.base import get_base_config
+    from checkpoints import hf_export, hf_import
+    from configs.imported import get_config
     baseline = _rss_mb()
+    step: dict = {}
     t0 = time.perf_counter()
     if mode == "import":
-        summary = import_hf(directory / "hf", directory / "run", get_base_config())
+        hf_import.place_params = _measured(hf_import.place_params, step)
+        summary = hf_import.import_hf(directory / "hf", directory / "run", get_config())
     else:
-        summary = export_hf(directory / "run", directory / "out")
+        hf_export.write_sharded = _measured(hf_export.write_sharded, step)
+        summary = hf_export.export_hf(directory / "run", directory / "out")
     seconds = time.perf_counter() - t0
-    live = sum(x.nbytes for x in jax.live_arrays()) / 2**20
+    params_mb = summary["num_params"] * 4 / 2**20 if "num_params" in summary else \
+        sum(f.stat().st_size for f in (directory / "out").glob("*.safetensors")) / 2**20
     print(json.dumps({"mode": mode, "seconds": round(seconds, 1), "baseline_mb": round(baseline),
-                      "peak_mb": round(_peak_mb()), "device_arrays_mb": round(live),
-                      "summary": {k: summary[k] for k in ("architecture", "step")}}))
+                      "peak_mb": round(_peak_mb()), "params_mb": round(params_mb),
+                      "step_before_mb": round(step["before_mb"]),
+                      "step_peak_mb": round(step["peak_mb"])}))
     del np
 
 
@@ -96,12 +121,15 @@ def main() -> None:
     size = sum(f.stat().st_size for f in (directory / "hf").glob("*.safetensors")) / 2**20
     print(f"model: {results['build']['params']:,} parameters, {size:.0f} MiB of float32 "
           f"safetensors; largest tensor group {largest:.0f} MiB")
-    for mode in ("import", "export"):
+    for mode, what in (("import", "building the parameters"),
+                       ("export", "writing the safetensors files")):
         r = results[mode]
-        work = r["peak_mb"] - r["baseline_mb"] - r["device_arrays_mb"]
-        print(f"{mode}: {r['seconds']} s, peak RSS {r['peak_mb']} MiB = baseline "
-              f"{r['baseline_mb']} + device arrays {r['device_arrays_mb']} + working "
-              f"{work} MiB ({work / largest:.2f}x the largest tensor group)")
+        added = r["params_mb"] if mode == "import" else 0
+        work = r["step_peak_mb"] - r["step_before_mb"] - added
+        print(f"{mode}: {r['seconds']} s in all, peak RSS {r['peak_mb']} MiB (baseline "
+              f"{r['baseline_mb']}); {what}: peak {r['step_peak_mb']} MiB from "
+              f"{r['step_before_mb']}, of which {added} MiB are the placed parameters and "
+              f"{work} MiB working memory = {work / largest:.2f}x the largest tensor group")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ MAX_SHARD_BYTES = 5 * 2**30
 
 def _as_hf(x: np.ndarray, t: Tensor, vocab_size: int) -> np.ndarray:
     """One layer of our parameter in the HF layout (one part of a fused tensor)."""
-    if t.vocab_axis is not None:
-        x = np.take(x, np.arange(vocab_size), axis=t.vocab_axis)
+    if t.vocab_axis is not None:  # a view: the padding rows are left out
+        x = x[(slice(None),) * t.vocab_axis + (slice(0, vocab_size),)]
     if t.in_ndim == 0:
         return x.reshape(-1)
     x = x.reshape(int(np.prod(x.shape[:t.in_ndim])), -1)

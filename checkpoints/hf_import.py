@@ -4,13 +4,15 @@
 it (the other sections are `config`'s: data, mesh, training), checks every tensor's name
 and shape, then builds each parameter shard by shard on the run's mesh: a device's
 shard is read from the memory-mapped safetensors files and converted (transposed,
-split, padded) on the host, so the host holds at most one parameter's shards at a time,
-never the whole model. It writes the run's `config.json`, a step-0 checkpoint (the
+split, padded) on the host a block of rows at a time, then copied to its devices, so the
+host holds one shard (at most one parameter) plus one block, never the whole model. It writes the run's `config.json`, a step-0 checkpoint (the
 parameters, a fresh optimizer state and the data position, as a run that trained for 0
 steps would) and copies the tokenizer and config files into `workdir/hf/`.
 """
 
+import functools
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ import jax
 import numpy as np
 
 from checkpoints.architectures import KEY, Tensor, hf_shape, model_section, tensor_table
-from checkpoints.safetensors_io import SafetensorsReader
+from checkpoints.safetensors_io import CHUNK_BYTES, SafetensorsReader
 from configs.errors import ConfigError
 from configs.sections import Config
 from data.pipeline import train_iterator
@@ -89,44 +91,77 @@ def tensor_names(reader: SafetensorsReader, t: Tensor, shape: tuple[int, ...], l
     return names
 
 
-def _as_ours(x: np.ndarray, t: Tensor, shape: tuple[int, ...]) -> np.ndarray:
-    """One layer of an HF tensor as a view in our layout (the vocabulary unpadded)."""
+def _as_ours(x: np.ndarray, t: Tensor, shape: list[int]) -> np.ndarray:
+    """Stored rows of an HF tensor as a view in our layout, `shape` (one layer)."""
     if t.part is not None:
         k, n = t.part
         width = x.shape[-1] // n
         x = x[..., k * width:(k + 1) * width]
-    if t.linear:
-        x = x.T
-    shape = list(shape)
-    if t.vocab_axis is not None:
-        shape[t.vocab_axis] = -1
-    return x.reshape(shape)
+    return (x.T if t.linear else x).reshape(shape)
 
 
-def shard_callback(reader: SafetensorsReader, t: Tensor, names: list[str],
-                   shape: tuple[int, ...]) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    """index -> that shard of our parameter (float32), read from the memory-mapped files.
+def _row_axis(t: Tensor, per_layer: tuple[int, ...]) -> tuple[int, int]:
+    """(our axis that the stored tensor's rows run along, stored rows per index of it).
 
-    Rows past the checkpoint's vocabulary (padding) are zero. Shards asked for twice
-    (replicas) are built once."""
-    built: dict[Any, np.ndarray] = {}
-    per_layer = shape[1:] if t.stacked else shape
+    A torch Linear stores [out, in], so its rows are our output axes; otherwise the rows
+    are our input axes."""
+    axis = t.in_ndim if t.linear else 0
+    last = len(per_layer) if t.linear else t.in_ndim
+    return axis, math.prod(per_layer[axis + 1:last])
 
-    def callback(index: tuple[slice, ...]) -> np.ndarray:
-        ranges = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
-        if ranges in built:
-            return built[ranges]
-        out = np.zeros([hi - lo for lo, hi in ranges], np.float32)
-        layers = range(*ranges[0]) if t.stacked else [0]
-        inner = ranges[1:] if t.stacked else ranges
-        for j, i in enumerate(layers):
-            view = _as_ours(reader.view(names[i]), t, per_layer)
-            src = tuple(slice(lo, min(hi, n)) for (lo, hi), n in zip(inner, view.shape))
-            dst = tuple(slice(0, max(0, s.stop - s.start)) for s in src)
-            (out[j] if t.stacked else out)[dst] = view[src]
-        built[ranges] = out
+
+def fill_layer(reader: SafetensorsReader, name: str, t: Tensor, per_layer: tuple[int, ...],
+               ranges: tuple[tuple[int, int], ...], out: np.ndarray) -> None:
+    """Write `ranges` of one layer of our parameter into `out`, mapping at most
+    CHUNK_BYTES of the file at a time. Rows past the stored vocabulary stay zero."""
+    if t.in_ndim == 0:  # a vector (small; a fused one splits along its rows)
+        view = _as_ours(reader.view(name), t, list(per_layer))
+        out[...] = view[tuple(slice(*r) for r in ranges)]
+        return
+    axis, per_row = _row_axis(t, per_layer)
+    lo, hi = ranges[axis]
+    stop = min(hi, reader.shape(name)[0] // per_row)
+    step = max(1, CHUNK_BYTES // max(1, per_row * reader.row_bytes(name)))
+    for a in range(lo, stop, step):
+        b = min(a + step, stop)
+        shape = list(per_layer)
+        shape[axis] = b - a
+        view = _as_ours(reader.view(name, a * per_row, b * per_row), t, shape)
+        src = tuple(slice(0, b - a) if d == axis else slice(*r) for d, r in enumerate(ranges))
+        dst = tuple(slice(a - lo, b - lo) if d == axis else slice(None)
+                    for d in range(len(ranges)))
+        out[dst] = view[src]
+        del view  # unmaps this block
+
+
+def build_shard(reader: SafetensorsReader, t: Tensor, names: list[str],
+                shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """The shard `index` of our parameter (float32), from the memory-mapped files."""
+    ranges = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+    out = np.zeros([hi - lo for lo, hi in ranges], np.float32)
+    if not t.stacked:
+        fill_layer(reader, names[0], t, shape, ranges, out)
         return out
-    return callback
+    for j, i in enumerate(range(*ranges[0])):
+        fill_layer(reader, names[i], t, shape[1:], ranges[1:], out[j])
+    return out
+
+
+def place(shape: tuple[int, ...], sharding: Any,
+          build: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A sharded jax.Array built one distinct shard at a time: each shard is made on the
+    host, copied to the devices that hold it, and dropped before the next."""
+    groups: dict[Any, tuple[tuple[slice, ...], list[jax.Device]]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        groups.setdefault(key, (index, []))[1].append(device)
+    arrays = []
+    for index, devices in groups.values():
+        host = build(index)
+        arrays += [jax.device_put(host, d) for d in devices]
+        jax.block_until_ready(arrays[-1])
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def place_params(exp: Experiment, reader: SafetensorsReader, arch: str) -> dict[str, Any]:
@@ -146,8 +181,8 @@ def place_params(exp: Experiment, reader: SafetensorsReader, arch: str) -> dict[
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jax.make_array_from_callback(
-            shape, shardings[path], shard_callback(reader, t, names, shape), dtype=np.float32)
+        node[path[-1]] = place(shape, shardings[path],
+                               functools.partial(build_shard, reader, t, names, shape))
     return params
 
 

@@ -29,6 +29,7 @@ DTYPES: dict[str, Any] = {
 }
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
+CHUNK_BYTES = 16 * 2**20  # the most a read or write converts at once
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -79,18 +80,29 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])
 
-    def view(self, name: str) -> np.ndarray:
-        """The tensor as a read-only memory map of its bytes (nothing is read yet)."""
-        path, info, start = self.entries[name]
+    def dtype(self, name: str) -> np.dtype:
+        path, info, _ = self.entries[name]
         if info["dtype"] not in DTYPES:
             raise ConfigError("from_hf", f"{name} in {path.name} has dtype {info['dtype']}, "
                                          f"which is not one of {sorted(DTYPES)}")
-        lo, hi = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if hi == lo:
-            return np.zeros(shape, DTYPES[info["dtype"]])
-        return np.memmap(path, dtype=DTYPES[info["dtype"]], mode="r", offset=start + lo,
-                         shape=shape)
+        return np.dtype(DTYPES[info["dtype"]])
+
+    def row_bytes(self, name: str) -> int:
+        """Bytes of one index along the tensor's first axis."""
+        return int(np.prod(self.shape(name)[1:], dtype=np.int64)) * self.dtype(name).itemsize
+
+    def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of the tensor (all by default) as a read-only memory map:
+        nothing is read until used, and dropping the array unmaps it."""
+        path, info, data_start = self.entries[name]
+        shape = self.shape(name)
+        stop = shape[0] if stop is None and shape else stop
+        rows = (stop - start,) if shape else ()
+        dtype = self.dtype(name)
+        if info["data_offsets"][1] == info["data_offsets"][0] or (shape and stop == start):
+            return np.zeros((*rows, *shape[1:]), dtype)
+        offset = data_start + info["data_offsets"][0] + start * self.row_bytes(name)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(*rows, *shape[1:]))
 
 
 Producer = Callable[[], np.ndarray]
@@ -116,10 +128,14 @@ def write_safetensors(path: str | os.PathLike,
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name, dtype, shape, produce in tensors:
-            array = np.ascontiguousarray(produce(), dtype=dtype)
+            array = np.asarray(produce()).astype(dtype, copy=False)
             if array.shape != tuple(shape):
                 raise ValueError(f"{name}: produced {array.shape}, declared {tuple(shape)}")
-            f.write(array.tobytes())
+            rows = max(1, CHUNK_BYTES // max(1, array[:1].nbytes)) if array.ndim else 1
+            for lo in range(0, max(1, len(array) if array.ndim else 1), rows):
+                # A transposed tensor becomes contiguous one block of rows at a time.
+                part = array[lo:lo + rows] if array.ndim else array
+                f.write(np.ascontiguousarray(part).reshape(-1).view(np.uint8).data)
     tmp.replace(path)
     return 8 + len(text) + offset
 

@@ -234,10 +234,13 @@ def test_import_equals_transformers_and_export_round_trips(variant, runs, tmp_pa
 
 
 @pytest.mark.slow
-def test_sharded_checkpoints_and_bfloat16_import(tmp_path):
-    """A bfloat16 model saved in several files with an index imports exactly."""
+def test_sharded_checkpoints_and_bfloat16_import(tmp_path, monkeypatch):
+    """A bfloat16 model saved in several files with an index imports exactly, read a few
+    rows at a time."""
     import torch
     import transformers
+    from checkpoints import hf_import
+    monkeypatch.setattr(hf_import, "CHUNK_BYTES", 200)
     build_hf("qwen3", tmp_path / "f32").to(torch.bfloat16).save_pretrained(
         tmp_path / "bf16", max_shard_size="20KB")
     assert (tmp_path / "bf16" / "model.safetensors.index.json").is_file()
