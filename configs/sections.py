@@ -63,6 +63,10 @@ DType = Literal["float32", "bfloat16", "float16"]
 AttentionImpl = Literal["xla", "pallas", "pallas_interpret", "cudnn"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 MlpKind = Literal["gelu", "swiglu"]
+NormKind = Literal["rmsnorm", "layernorm"]
+PositionKind = Literal["rope", "learned"]
+AttentionBias = Literal["none", "qkv", "all"]
+RopeScalingKind = Literal["none", "llama3"]
 RouterOrder = Literal["softmax_topk", "topk_softmax"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocks"]
 TokenizerKind = Literal["char", "byte"]
@@ -315,6 +319,25 @@ class MoE(Section):
         return self
 
 
+class RopeScaling(Section):
+    """RoPE frequency scaling. `llama3` is Llama 3.1's: wavelengths longer than
+    original_max_positions / low_freq_factor are divided by `factor`, those shorter than
+    original_max_positions / high_freq_factor are kept, and the band between is blended."""
+    type: RopeScalingKind = "none"
+    factor: PositiveFloat = 8.0
+    low_freq_factor: PositiveFloat = 1.0
+    high_freq_factor: PositiveFloat = 4.0
+    original_max_positions: PositiveInt = 8192
+
+    @model_validator(mode="after")
+    def _band(self) -> "RopeScaling":
+        if self.type == "llama3":
+            _check(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
+                   f"must be above low_freq_factor {self.low_freq_factor}, got "
+                   f"{self.high_freq_factor}")
+        return self
+
+
 class Model(Section):
     """The Transformer's shape and numerics."""
     KEY: ClassVar[str] = "model"
@@ -338,7 +361,23 @@ class Model(Section):
     remat: RematPolicy = "full"
     vocab_size: NonNegativeInt = 0  # 0 = the data's vocabulary
     vocab_multiple: PositiveInt = 128  # pad the vocabulary so every layout divides it
+    norm: NormKind = "rmsnorm"  # layernorm: with a bias (GPT-2)
+    position: PositionKind = "rope"  # learned: absolute position embeddings (GPT-2)
+    # Rows of the learned position table (required with position="learned"); with RoPE,
+    # the context the model was made for (0 = unknown), written out on export.
+    max_positions: NonNegativeInt = 0
+    rope_scaling: RopeScaling = RopeScaling()
+    attention_bias: AttentionBias = "none"  # qkv: q, k, v projections (Qwen2); all: + output
+    mlp_bias: bool = False  # biases in the MLP projections (GPT-2)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    sliding_window: NonNegativeInt = 0  # a query sees the last w positions (itself included); 0 = all
     moe: MoE = MoE()
+
+    # Keys that change how the model runs or starts, not the function its parameters
+    # compute: a run may start from another run's parameters with these different.
+    EXECUTION_KEYS: ClassVar[tuple[str, ...]] = (
+        "dropout", "init_std", "dtype", "attention_impl", "scan_layers", "remat",
+        "moe.jitter", "moe.grouped_matmul", "moe.load_balance_weight", "moe.z_loss_weight")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -353,7 +392,13 @@ class Model(Section):
                f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}; "
                "set model.head_dim")
         head_dim = self.resolved_head_dim
-        _check(head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {head_dim}")
+        if self.position == "rope":
+            _check(head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {head_dim}")
+        else:
+            _check(self.max_positions > 0, "max_positions",
+                   "required by position='learned' (the rows of the position table)")
+            _check(self.rope_scaling.type == "none", "rope_scaling.type",
+                   "scales RoPE; position='learned' has none")
         if self.attention_impl == "cudnn":
             _check(self.dtype in ("bfloat16", "float16"), "attention_impl",
                    f"'cudnn' runs in bfloat16 or float16 only; model.dtype is {self.dtype!r}")
@@ -362,6 +407,7 @@ class Model(Section):
         if self.moe.num_experts:
             _check(self.num_layers % self.moe.every == 0, "moe.every",
                    f"num_layers {self.num_layers} is not divisible by every={self.moe.every}")
+            _check(not self.mlp_bias, "mlp_bias", "experts have no biases; use a dense model")
         return self
 
 
@@ -497,6 +543,15 @@ class Data(Section):
     prefetch: NonNegativeInt = 2
 
 
+class Init(Section):
+    """Where a new run's parameters start: a fresh random init, or another run's checkpoint
+    (any mesh; resharded onto this run's) with a fresh optimizer at step 0. Once the run
+    has checkpoints of its own, it resumes from those."""
+    KEY: ClassVar[str] = "init"
+    from_workdir: str = ""  # a run directory (trained here, or imported with convert.py)
+    step: NonNegativeInt = 0  # its checkpoint step; 0 = its latest
+
+
 class Sampling(Section):
     """How generation picks each token (the same rules for plain and speculative decoding)."""
     temperature: NonNegativeFloat = 0.0  # 0 = greedy
@@ -573,7 +628,7 @@ class EvalRequest(Section):
 SECTIONS: dict[str, type[Section]] = {
     "train": Train, "optim": Optim, "intervals": Intervals, "pipeline": Pipeline,
     "mesh": Mesh, "sharding": Sharding, "model": Model, "loss": Loss, "quant": Quant,
-    "data": Data,
+    "data": Data, "init": Init,
 }
 
 
@@ -592,6 +647,7 @@ class Config(BaseModel):
     loss: Loss = Loss()
     quant: Quant = Quant()
     data: Data = Data()
+    init: Init = Init()
 
     @classmethod
     def from_dict(cls, config: Any) -> "Config":
@@ -640,6 +696,10 @@ class Config(BaseModel):
                f"{self.optim.warmup_steps} warm-up steps are more than steps "
                f"{self.train.steps}")
         self.quant.check_divides(self.model)
+        if self.model.position == "learned":
+            _check(self.train.seq_len <= self.model.max_positions, "seq_len",
+                   f"{self.train.seq_len} is longer than the {self.model.max_positions} "
+                   "learned positions (model.max_positions)")
         moe = self.model.moe
         weights = [self.loss.weights.ce, self.loss.weights.distill, self.loss.weights.feature]
         if moe.num_experts:

@@ -1,7 +1,8 @@
 """Grouped-query self-attention with RoPE, pluggable attention kernels and a KV cache.
 
 An attention implementation is a function
-    fn(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, *, causal, segment_ids_BxL) -> o_BxLxHxK
+    fn(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, *, causal, segment_ids_BxL, window) -> o_BxLxHxK
+(`window` = w: a query sees only the last w positions, itself included; None = all)
 registered under a name in ATTENTION_IMPLS and selected by `model.attention_impl`:
 
 * "xla": einsum + softmax (the reference; any backend);
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import flash_attention
-from models.layers import Linear, rope
+from models.layers import Linear, RMSNorm, rope
 from parallel.sharding import constrain, shard_map_logical
 
 AttentionFn = Callable[..., jax.Array]
@@ -77,8 +78,9 @@ def masked_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.
 
 def make_mask(q_pos_BxL: jax.Array, kv_pos_BxS: jax.Array, *, causal: bool,
               q_segment_BxL: jax.Array | None = None, kv_segment_BxS: jax.Array | None = None,
-              kv_valid_BxS: jax.Array | None = None) -> jax.Array | None:
-    """Boolean [B, L, S] mask: causal order, same segment, valid key slots."""
+              kv_valid_BxS: jax.Array | None = None, window: int | None = None
+              ) -> jax.Array | None:
+    """Boolean [B, L, S] mask: causal order, sliding window, same segment, valid key slots."""
     mask = None
 
     def both(a, m):
@@ -86,6 +88,8 @@ def make_mask(q_pos_BxL: jax.Array, kv_pos_BxS: jax.Array, *, causal: bool,
 
     if causal:
         mask = both(mask, kv_pos_BxS[:, None, :] <= q_pos_BxL[:, :, None])
+    if window is not None:
+        mask = both(mask, kv_pos_BxS[:, None, :] > q_pos_BxL[:, :, None] - window)
     if q_segment_BxL is not None:
         mask = both(mask, q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :])
     if kv_valid_BxS is not None:
@@ -97,12 +101,13 @@ def make_mask(q_pos_BxL: jax.Array, kv_pos_BxS: jax.Array, *, causal: bool,
 
 @register_attention("xla")
 def xla_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
-                  causal: bool = True, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+                  causal: bool = True, segment_ids_BxL: jax.Array | None = None,
+                  window: int | None = None) -> jax.Array:
     """Reference attention: einsum + softmax; materialises the [L, S] scores."""
     t, s = q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
     pos_1xL = jnp.arange(t)[None]
     pos_1xS = jnp.arange(s)[None]
-    mask = make_mask(pos_1xL, pos_1xS, causal=causal)
+    mask = make_mask(pos_1xL, pos_1xS, causal=causal, window=window)
     if segment_ids_BxL is not None:
         seg_mask = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
         mask = seg_mask if mask is None else mask & seg_mask
@@ -131,10 +136,11 @@ def _per_shard(local_fn: AttentionFn, q: jax.Array, k: jax.Array, v: jax.Array,
 
 def _pallas_attention(interpret: bool) -> AttentionFn:
     def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
-               causal: bool = True, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+               causal: bool = True, segment_ids_BxL: jax.Array | None = None,
+               window: int | None = None) -> jax.Array:
         def local(q, k, v, segment_ids=None):
             return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                                   interpret=interpret)
+                                   window_size=window, interpret=interpret)
 
         return _per_shard(local, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL)
     return attend
@@ -146,15 +152,20 @@ register_attention("pallas_interpret")(_pallas_attention(interpret=True))
 
 @register_attention("cudnn")
 def cudnn_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
-                    causal: bool = True, segment_ids_BxL: jax.Array | None = None
-                    ) -> jax.Array:
-    """cuDNN's fused attention; segment ids become a (materialised) [B, 1, T, S] mask."""
+                    causal: bool = True, segment_ids_BxL: jax.Array | None = None,
+                    window: int | None = None, implementation: str = "cudnn") -> jax.Array:
+    """cuDNN's fused attention; segment ids become a (materialised) [B, 1, T, S] mask, and
+    a window w is cuDNN's local window of w - 1 earlier keys (`implementation="xla"`
+    runs the same call anywhere, for tests)."""
+    local_window = None if window is None else (window - 1, 0 if causal else window - 1)
+
     def local(q, k, v, segment_ids=None):
         mask = None
         if segment_ids is not None:
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                            implementation="cudnn")
+                                            local_window_size=local_window,
+                                            implementation=implementation)
 
     return _per_shard(local, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL)
 
@@ -170,22 +181,29 @@ IMPL_PLATFORMS = {
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with grouped KV heads, RoPE and an optional KV cache."""
+    """Multi-head attention with grouped KV heads, RoPE, an optional sliding window and a
+    KV cache; q/k/v (and output) biases and per-head q/k RMSNorm as `cfg` asks."""
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rope_theta: float, impl: str, std: float, out_std: float,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope_theta = rope_theta
-        self.impl = impl
-        kw: dict[str, Any] = dict(std=std, dtype=dtype, rngs=rngs)
-        self.q = Linear((d_model,), (num_heads, head_dim), ("embed", "heads", "head_dim"), **kw)
-        self.k = Linear((d_model,), (num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                        **kw)
-        self.v = Linear((d_model,), (num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                        **kw)
-        self.o = Linear((num_heads, head_dim), (d_model,), ("heads", "head_dim", "embed"),
-                        std=out_std, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: Any, *, std: float, out_std: float, rngs: nnx.Rngs):
+        d, h, g, kd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dtype = cfg.compute_dtype
+        self.num_heads, self.num_kv_heads, self.head_dim = h, g, kd
+        self.rope_theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
+        self.use_rope = cfg.position == "rope"
+        self.window = cfg.window
+        self.impl = cfg.attention_impl
+        qkv_bias = cfg.attention_bias in ("qkv", "all")
+        kw: dict[str, Any] = dict(std=std, dtype=dtype, rngs=rngs, bias=qkv_bias)
+        self.q = Linear((d,), (h, kd), ("embed", "heads", "head_dim"), **kw)
+        self.k = Linear((d,), (g, kd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v = Linear((d,), (g, kd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o = Linear((h, kd), (d,), ("heads", "head_dim", "embed"), std=out_std,
+                        dtype=dtype, rngs=rngs, bias=cfg.attention_bias == "all")
+        self.use_qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(kd, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(kd, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, *,
                  segment_ids_BxL: jax.Array | None = None,
@@ -196,11 +214,15 @@ class Attention(nnx.Module):
         q = constrain(self.q(x_BxLxD), ("act_batch", "act_len", "act_heads", None))
         k = constrain(self.k(x_BxLxD), ("act_batch", "act_len", "act_kv_heads", None))
         v = constrain(self.v(x_BxLxD), ("act_batch", "act_len", "act_kv_heads", None))
-        q = rope(q, positions_BxL, self.rope_theta)
-        k = rope(k, positions_BxL, self.rope_theta)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling)
+            k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling)
         if cache is None:
+            kwargs = {} if self.window is None else {"window": self.window}
             out = ATTENTION_IMPLS[self.impl](q, k, v, causal=True,
-                                             segment_ids_BxL=segment_ids_BxL)
+                                             segment_ids_BxL=segment_ids_BxL, **kwargs)
             new_cache = None
         else:
             out, new_cache = self._attend_cached(q, k, v, cache, cache_index, kv_valid_BxS)
@@ -208,7 +230,9 @@ class Attention(nnx.Module):
         return self.o(out), new_cache
 
     def _attend_cached(self, q, k, v, cache, cache_index, kv_valid_BxS):
-        """Write this chunk's K/V at `cache_index`, then attend over the whole cache."""
+        """Write this chunk's K/V at `cache_index`, then attend over the whole cache.
+
+        Slots hold consecutive tokens, so the sliding window counts slots."""
         k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
                                                       cache_index, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
@@ -217,7 +241,8 @@ class Attention(nnx.Module):
         s = k_cache.shape[1]
         q_slot_BxL = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
         kv_slot_BxS = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
-        mask = make_mask(q_slot_BxL, kv_slot_BxS, causal=True, kv_valid_BxS=kv_valid_BxS)
+        mask = make_mask(q_slot_BxL, kv_slot_BxS, causal=True, kv_valid_BxS=kv_valid_BxS,
+                         window=self.window)
         out = masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
                                zero_empty_rows=True)
         return out, {"k": k_cache, "v": v_cache}

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from configs.sections import Model, Quant
+from models.layers import RopeScaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -32,6 +33,18 @@ class ModelConfig:
     attention_impl: str = "xla"
     scan_layers: bool = True
     remat: str = "none"
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    position: str = "rope"  # rope | learned
+    max_positions: int = 0  # rows of the learned position table
+    rope_scaling_type: str = "none"  # none | llama3 (model.rope_scaling.*)
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_positions: int = 8192
+    attention_bias: str = "none"  # none | qkv | all
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int = 0  # 0 = every earlier position is visible
     # Mixture of experts (model.moe.*); moe_num_experts = 0 is a dense model.
     moe_num_experts: int = 0
     moe_top_k: int = 2
@@ -56,6 +69,20 @@ class ModelConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def rope_scaling(self) -> RopeScaling | None:
+        """Llama 3 RoPE scaling parameters, or None for plain RoPE."""
+        if self.rope_scaling_type == "none":
+            return None
+        return RopeScaling(self.rope_scaling_factor, self.rope_scaling_low_freq_factor,
+                           self.rope_scaling_high_freq_factor,
+                           self.rope_scaling_original_max_positions)
+
+    @property
+    def window(self) -> int | None:
+        """The sliding attention window, or None."""
+        return self.sliding_window or None
 
     @property
     def layers_per_unit(self) -> int:
@@ -87,8 +114,10 @@ class ModelConfig:
         padded = -(-vocab // model.vocab_multiple) * model.vocab_multiple
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: getattr(model, k) for k in type(model).model_fields if k in names}
-        kwargs.update({f"moe_{k}": getattr(model.moe, k) for k in type(model.moe).model_fields
-                       if f"moe_{k}" in names})
+        for sub in ("moe", "rope_scaling"):
+            section = getattr(model, sub)
+            kwargs.update({f"{sub}_{k}": getattr(section, k) for k in type(section).model_fields
+                           if f"{sub}_{k}" in names})
         kwargs["moe_d_ff"] = model.moe.d_ff or model.d_ff
         kwargs.update(vocab_size=vocab, padded_vocab=padded, head_dim=model.resolved_head_dim,
                       quant=quant if quant is not None and quant.enabled else None, **overrides)

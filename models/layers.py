@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,8 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):
-    """y = x @ W over the trailing `len(in_shape)` dims of x; W is `in_shape + out_shape`.
+    """y = x @ W (+ b) over the trailing `len(in_shape)` dims of x; W is `in_shape +
+    out_shape`, the optional bias b is `out_shape` (initialised to zero).
 
     `quant` (set by `models.quant.set_quant`) fake-quantizes W and/or x; W may also hold
     real integer weights (a `QTensor`). Without either, the float path is unchanged.
@@ -63,10 +65,14 @@ class Linear(nnx.Module):
     quant = None
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str],
-                 *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+                 *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False):
         self.in_ndim = len(in_shape)
         self.dtype = dtype
         self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), axes)
+        self.use_bias = bias
+        if bias:
+            self.bias = param(rngs, nnx.initializers.zeros, tuple(out_shape),
+                              tuple(axes[len(in_shape):]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.kernel.get_value()
@@ -79,8 +85,10 @@ class Linear(nnx.Module):
             w2 = w.reshape(math.prod(in_shape), -1)
         else:
             x2, w2, out_shape = linear_operands(x2, w, self.quant, n, self.dtype)
-        y = matmul(x2, w2)
-        return y.reshape(*batch_shape, *out_shape)
+        y = matmul(x2, w2).reshape(*batch_shape, *out_shape)
+        if self.use_bias:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
 
 
 class RMSNorm(nnx.Module):
@@ -95,6 +103,31 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (x32 * self.scale[...]).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Layer norm with a learned scale and bias (GPT-2's), computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",))
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def make_norm(kind: str, dim: int, *, eps: float, dtype: jnp.dtype,
+              rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+    """`rmsnorm` or `layernorm` over the last axis."""
+    norm = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}[kind]
+    return norm(dim, eps=eps, dtype=dtype, rngs=rngs)
 
 
 class Embed(nnx.Module):
@@ -122,10 +155,51 @@ class Embed(nnx.Module):
         return jnp.einsum("bld,vd->blv", x_BxLxD, self.table().astype(self.dtype))
 
 
-def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+class PositionEmbed(nnx.Module):
+    """Learned absolute position embeddings (GPT-2's): row p is added at position p.
+
+    The table's position axis has no logical name: it is small and never split."""
+
+    def __init__(self, max_positions: int, dim: int, *, std: float, dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, nnx.initializers.normal(std), (max_positions, dim),
+                               (None, "embed"))
+
+    def __call__(self, positions_BxL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], positions_BxL, axis=0).astype(self.dtype)
+
+
+class RopeScaling(NamedTuple):
+    """Llama 3.1's RoPE frequency scaling (`rope_scaling` of type `llama3`)."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
+
+
+def rope_frequencies(half: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """The `half` inverse frequencies of RoPE, scaled as Llama 3 does when `scaling` is set:
+    long wavelengths are divided by `factor`, short ones kept, the band between blended."""
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_positions / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_positions / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_positions / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, blended, scaled)
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float,
+         scaling: RopeScaling | None = None) -> jax.Array:
     """Rotary position embedding (rotate-half form), computed in float32."""
     half = x_BxLxHxK.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    inv_freq = rope_frequencies(half, theta, scaling)
     angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * inv_freq
     sin = jnp.sin(angle_BxLxK)[:, :, None, :]
     cos = jnp.cos(angle_BxLxK)[:, :, None, :]
@@ -136,23 +210,24 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
 
 
 class MLP(nnx.Module):
-    """Feed-forward block: SwiGLU (gated) or GELU."""
+    """Feed-forward block: SwiGLU (gated) or GELU (tanh approximation, as GPT-2's)."""
 
     def __init__(self, d_model: int, d_ff: int, kind: str, *, std: float, out_std: float,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
+                 dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False):
         self.kind = kind
         if kind == "swiglu":
             self.gate = Linear((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype,
-                               rngs=rngs)
-        self.up = Linear((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
+                               rngs=rngs, bias=bias)
+        self.up = Linear((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype, rngs=rngs,
+                         bias=bias)
         self.down = Linear((d_ff,), (d_model,), ("mlp", "embed"), std=out_std, dtype=dtype,
-                           rngs=rngs)
+                           rngs=rngs, bias=bias)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         if self.kind == "swiglu":
             h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
         else:
-            h_BxLxF = jax.nn.gelu(self.up(x_BxLxD))
+            h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
         h_BxLxF = constrain(h_BxLxF, ("act_batch", "act_len", "act_mlp"))
         return self.down(h_BxLxF)
 

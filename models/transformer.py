@@ -13,7 +13,7 @@ from flax import nnx
 
 from models.attention import Attention
 from models.config import ModelConfig
-from models.layers import MLP, Embed, Linear, RMSNorm, residual_std
+from models.layers import MLP, Embed, Linear, PositionEmbed, make_norm, residual_std
 from models.moe import MoE, load_balance_loss
 from parallel.pipeline import pipeline_layers
 from parallel.sharding import constrain
@@ -44,23 +44,23 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class Block(nnx.Module):
-    """x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
+    """x + Attn(Norm(x)), then x + MLP(Norm(x)); Norm is RMSNorm or LayerNorm."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
         dtype = cfg.compute_dtype
         out_std = residual_std(cfg.init_std, cfg.num_layers)
         self.dropout = cfg.dropout
         self.moe = moe
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                              rope_theta=cfg.rope_theta, impl=cfg.attention_impl,
-                              std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
+                                   rngs=rngs)
+        self.attn = Attention(cfg, std=cfg.init_std, out_std=out_std, rngs=rngs)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
+                                  rngs=rngs)
         if moe:
             self.mlp = MoE(cfg, std=cfg.init_std, out_std=out_std, rngs=rngs)
         else:
             self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, std=cfg.init_std, out_std=out_std,
-                           dtype=dtype, rngs=rngs)
+                           dtype=dtype, rngs=rngs, bias=cfg.mlp_bias)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, *,
                  segment_ids_BxL: jax.Array | None = None,
@@ -109,13 +109,16 @@ class BlockGroup(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Token embedding -> `num_layers` blocks -> RMSNorm -> logits."""
+    """Token embedding (+ learned positions) -> `num_layers` blocks -> norm -> logits."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype = cfg.compute_dtype
         self.embed = Embed(cfg.padded_vocab, cfg.d_model, std=cfg.init_std, dtype=dtype,
                            rngs=rngs)
+        if cfg.position == "learned":
+            self.pos_embed = PositionEmbed(cfg.max_positions, cfg.d_model, std=cfg.init_std,
+                                           dtype=dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_units)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -125,7 +128,8 @@ class Transformer(nnx.Module):
             return Block(cfg, rngs, moe=cfg.is_moe_layer(0))
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
+                                    rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = Linear((cfg.d_model,), (cfg.padded_vocab,), ("embed", "vocab"),
                                   std=cfg.init_std, dtype=dtype, rngs=rngs)
@@ -140,7 +144,10 @@ class Transformer(nnx.Module):
         b, length = tokens_BxL.shape
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (b, length))
-        x = constrain(self.embed(tokens_BxL), ACT_BxLxD)
+        x = self.embed(tokens_BxL)
+        if self.cfg.position == "learned":
+            x = x + self.pos_embed(positions_BxL)
+        x = constrain(x, ACT_BxLxD)
         if dropout_key is not None:
             emb_key, dropout_key = jax.random.split(dropout_key)
             x = dropout(x, self.cfg.dropout, emb_key)

@@ -8,8 +8,8 @@ import pytest
 from tests.helpers import ROOT
 
 PACKAGES = ("configs", "models", "parallel", "kernels", "data", "losses", "training",
-            "evaluation", "inference", "sweeps")
-ENTRY_POINTS = ("train.py", "eval.py", "sweep.py")
+            "evaluation", "inference", "sweeps", "checkpoints")
+ENTRY_POINTS = ("train.py", "eval.py", "sweep.py", "convert.py")
 
 
 def _modules() -> dict[str, Path]:

@@ -18,9 +18,13 @@ def learning_rate_schedule(optim: Optim, steps: int) -> optax.Schedule:
 
 
 def decay_mask(logical_axes: Any) -> Any:
-    """True for matrices: parameters with two or more axes besides the stacked `layers` axis."""
-    return jax.tree.map(lambda spec: sum(a != "layers" for a in spec) >= 2, logical_axes,
-                        is_leaf=lambda x: isinstance(x, P))
+    """True for matrices: parameters with two or more axes besides the stacked `layers` axis,
+    except biases (a per-head bias is [heads, head_dim] but still a bias)."""
+    def is_matrix(path: Any, spec: P) -> bool:
+        is_bias = bool(path) and getattr(path[-1], "key", None) == "bias"
+        return not is_bias and sum(a != "layers" for a in spec) >= 2
+    return jax.tree_util.tree_map_with_path(is_matrix, logical_axes,
+                                            is_leaf=lambda x: isinstance(x, P))
 
 
 def make_optimizer(optim: Optim, steps: int, logical_axes: Any) -> optax.GradientTransformation:

@@ -21,6 +21,7 @@ from typing import Any
 
 from configs.errors import ConfigError
 from configs.sections import Config
+from data.pipeline import TokenData, is_prepared
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -72,7 +73,9 @@ def check_resume(config: Config, workdir: Path, latest_step: int | None,
     path = workdir / CONFIG_FILE
     if not path.is_file():
         return []
-    saved, current = _read_json(path, "workdir"), config.to_dict()
+    # Keys an older config.json lacks compare as their defaults.
+    saved = Config.from_dict(_read_json(path, "workdir")).to_dict()
+    current = config.to_dict()
     for key in FROZEN_KEYS:
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -143,3 +146,14 @@ def pick_step(steps: list[int], step: int | None, workdir: Any, *, key: str = "s
     if step not in steps:
         raise ConfigError(key, f"no checkpoint for step {step} in {workdir}; have {steps}")
     return step
+
+
+def load_data(config: Config, workdir: str | os.PathLike, key: str = "workdir") -> TokenData:
+    """Another run's prepared data (its tokenizer and vocabulary): `data.path` when that is
+    a prepared directory, else the run's own `data/`; `key` names the flag in errors."""
+    path = Path(config.data.path) if config.data.path else None
+    directory = path if path is not None and is_prepared(path) else Path(workdir) / "data"
+    try:
+        return TokenData.load(directory)
+    except ConfigError as e:
+        raise ConfigError(key, f"cannot read the tokenizer of {workdir}: {e}") from None

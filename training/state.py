@@ -29,19 +29,30 @@ def state_logical_axes(optimizer: optax.GradientTransformation, abstract_state: 
     return TrainState(step=P(), params=param_axes, opt_state=opt_axes)
 
 
-def make_init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                 seed: int, extra_params: Callable[[jax.Array], Any] | None = None
-                 ) -> Callable[[], TrainState]:
-    """`extra_params(key)`, if given, adds trained parameters beside the model's under
-    params["objective"] (e.g. a distillation projection)."""
-    def init() -> TrainState:
-        _, params = split_params(create_model(model_cfg, seed))
+def make_state_fn(optimizer: optax.GradientTransformation, seed: int,
+                  extra_params: Callable[[jax.Array], Any] | None = None
+                  ) -> Callable[[Any], TrainState]:
+    """model params -> a step-0 TrainState with a fresh optimizer. `extra_params(key)`, if
+    given, adds trained parameters beside the model's under params["objective"] (e.g. a
+    distillation projection)."""
+    def build(params: Any) -> TrainState:
         extra = None if extra_params is None else extra_params(
             jax.random.fold_in(jax.random.key(seed), 1))
         if extra is not None:
             params = {**params, "objective": extra}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params))
+    return build
+
+
+def make_init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                 seed: int, extra_params: Callable[[jax.Array], Any] | None = None
+                 ) -> Callable[[], TrainState]:
+    """A fresh random init of the model, as `make_state_fn`'s step-0 state."""
+    build = make_state_fn(optimizer, seed, extra_params)
+
+    def init() -> TrainState:
+        return build(split_params(create_model(model_cfg, seed))[1])
     return init
 
 

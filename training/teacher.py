@@ -19,7 +19,6 @@ from jax.sharding import Mesh
 
 from configs.errors import ConfigError
 from configs.sections import Config, Distill
-from data.pipeline import TokenData, is_prepared
 from data.tokenizers import Tokenizer
 from models import ModelConfig, Output, abstract_params
 from parallel.sharding import Rules, constrain, tree_shardings, use_rules
@@ -28,15 +27,6 @@ from training.checkpoint import Checkpointer
 from training.state import abstract_with_shardings
 
 KEY = "loss.distill.teacher_workdir"
-
-
-def _teacher_data(config: Config, workdir: Path) -> TokenData:
-    path = Path(config.data.path) if config.data.path else None
-    directory = path if path is not None and is_prepared(path) else workdir / "data"
-    try:
-        return TokenData.load(directory)
-    except ConfigError as e:
-        raise ConfigError(KEY, f"cannot read the teacher's tokenizer: {e}") from None
 
 
 @dataclasses.dataclass
@@ -65,7 +55,7 @@ class Teacher:
             steps = ckpt.all_steps()
         step = rundir.pick_step(steps, distill.teacher_step or None, distill.teacher_workdir,
                                 key="loss.distill.teacher_step", workdir_key=KEY)
-        tdata = _teacher_data(tconfig, workdir)
+        tdata = rundir.load_data(tconfig, workdir, key=KEY)
         model_cfg = ModelConfig.from_section(tconfig.model, tdata.vocab_size,
                                              quant=tconfig.quant, dropout=0.0,
                                              seq_len=tconfig.train.seq_len)

@@ -16,6 +16,7 @@ from training.checkpoint import Checkpointer
 from training.experiment import Experiment
 from training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress, log,
                             stop_on_signals)
+from training.init_from import InitSource, check_source, restore_initial_state
 from training.loop import TrainLoop
 from training.metrics import MetricWriter
 
@@ -40,19 +41,23 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
         for notice in rundir.check_resume(config, workdir, latest, allow_schedule_change):
             log(notice)  # checked before the data is read or anything is built
         exp = Experiment.build(config, workdir, devices)
+        # init.from_workdir starts a new run; a resume continues from its own checkpoints.
+        source = check_source(config, exp.model_cfg) if config.init.from_workdir and \
+            latest is None else None
         if primary:
             rundir.save_config(config, workdir)
-        return _run(exp, workdir, t_start)
+        return _run(exp, workdir, t_start, source)
 
 
-def _run(exp: Experiment, workdir: Path, t_start: float) -> dict[str, Any]:
+def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | None
+         ) -> dict[str, Any]:
     """Restore or initialise, then train to `steps` with the hooks; the summary."""
     config = exp.config
     ckpt = Checkpointer(rundir.checkpoint_dir(workdir), keep=config.intervals.keep_checkpoints)
     data_iter = train_iterator(exp.train_source(), config.data.prefetch)
     writer = MetricWriter(workdir)
     try:
-        state, start = _restore_or_init(exp, ckpt, data_iter, writer)
+        state, start = _restore_or_init(exp, ckpt, data_iter, writer, source)
         n_params = count_params(exp.abstract_state.params)
         log(describe(exp, n_params))
         loop, metrics, evaluation, progress = _loop(exp, ckpt, data_iter, writer, start, t_start)
@@ -104,13 +109,18 @@ def _loop(exp: Experiment, ckpt: Checkpointer, data_iter: Any, writer: MetricWri
 
 
 def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
-                     writer: MetricWriter) -> tuple[Any, int]:
-    """The newest checkpoint that restores (and its data position), or a fresh sharded init
-    at step 0. Records of metrics.jsonl after the restored step are dropped: the run
-    writes them again, identically."""
+                     writer: MetricWriter, source: InitSource | None = None
+                     ) -> tuple[Any, int]:
+    """The newest checkpoint that restores (and its data position); else step 0 with the
+    parameters of `source` or a fresh sharded init. Records of metrics.jsonl after the
+    restored step are dropped: the run writes them again, identically."""
     restored = ckpt.restore_latest(exp.abstract_state, data_iter, move_aside=True, warn=log)
     if restored is None:  # also drops records of a run killed before its first checkpoint
         writer.truncate_after(0, warn=log)
+        if source is not None:
+            log(f"Starting from the parameters of {source.workdir} (step {source.step}); "
+                "fresh optimizer, step 0.")
+            return restore_initial_state(exp, source), 0
         return exp.init_state(), 0
     state, start = restored
     writer.truncate_after(start, warn=log)

@@ -1,0 +1,167 @@
+"""Export a run's checkpoint as a Hugging Face model directory.
+
+`export_hf(workdir, out_dir)` picks the architecture that expresses the run's model
+exactly (`checkpoints.architectures.architecture_for`; a model none expresses is an
+error naming the key), restores the parameters on one device, then streams the
+safetensors files one tensor at a time: each tensor is one layer's slice of a parameter,
+copied to the host only while it is written. The padded vocabulary is cut to
+`model.vocab_size` (the padding rows' logits are masked, so this is exact). It writes
+`config.json`, and copies the tokenizer files a run imported from Hugging Face keeps in
+`workdir/hf/`.
+"""
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from checkpoints.architectures import Tensor, architecture_for, hf_config, hf_shape, \
+    tensor_table
+from checkpoints.hf_import import HF_DIR
+from checkpoints.safetensors_io import write_sharded
+from configs.errors import ConfigError
+from models import ModelConfig, abstract_params
+from parallel.mesh import make_mesh
+from parallel.sharding import tree_shardings
+from training import rundir
+from training.checkpoint import Checkpointer
+from training.state import abstract_with_shardings
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "generation_config.json")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+def _as_hf(x: np.ndarray, t: Tensor, vocab_size: int) -> np.ndarray:
+    """One layer of our parameter in the HF layout (one part of a fused tensor)."""
+    if t.vocab_axis is not None:  # a view: the padding rows are left out
+        x = x[(slice(None),) * t.vocab_axis + (slice(0, vocab_size),)]
+    if t.in_ndim == 0:
+        return x.reshape(-1)
+    x = x.reshape(int(np.prod(x.shape[:t.in_ndim])), -1)
+    return x.T if t.linear else x
+
+
+def _get(params: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        params = params[key]
+    return params
+
+
+def _has(params: Any, path: tuple[str, ...]) -> bool:
+    for key in path:
+        if not isinstance(params, dict) or key not in params:
+            return False
+        params = params[key]
+    return True
+
+
+def tensor_plan(arch: str, params: Any, num_layers: int, vocab_size: int, dtype: Any
+                ) -> list[tuple[str, Any, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(name, dtype, shape, producer) of every HF tensor, in the usual order: embeddings,
+    layer 0, layer 1, ..., final norm, output head. A producer copies only its layer."""
+    groups: dict[str, list[Tensor]] = {}
+    for t in tensor_table(arch):
+        if _has(params, t.path):
+            groups.setdefault(t.name, []).append(t)
+    per_layer = [n for n in groups if "{i}" in n]
+    head = [n for n, ts in groups.items() if ts[0].path[0] in ("embed", "pos_embed")]
+    tail = [n for n in groups if "{i}" not in n and n not in head]
+    plan = []
+
+    def entry(name: str, ts: list[Tensor], layer: int | None):
+        def produce() -> np.ndarray:
+            parts = []
+            for t in sorted(ts, key=lambda t: t.part or (0, 1)):
+                leaf = _get(params, t.path)
+                x = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
+                parts.append(_as_hf(x, t, vocab_size))
+            return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        leaf = _get(params, ts[0].path)
+        shape = leaf.shape[1:] if layer is not None else leaf.shape
+        return (name.format(i=layer), dtype, hf_shape(ts[0], shape, vocab_size), produce)
+
+    plan += [entry(n, groups[n], None) for n in head]
+    for i in range(num_layers):
+        plan += [entry(n, groups[n], i) for n in per_layer]
+    plan += [entry(n, groups[n], None) for n in tail]
+    return plan
+
+
+def _token_ids(workdir: Path) -> dict[str, Any]:
+    """bos/eos/pad ids of a run imported from Hugging Face (its saved config.json)."""
+    saved = workdir / HF_DIR / "config.json"
+    if not saved.is_file():
+        return {}
+    hf = json.loads(saved.read_text())
+    return {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}
+
+
+def _check_tokenizer(workdir: Path, vocab_size: int) -> None:
+    """The run's Hugging Face tokenizer must fit the vocabulary written out."""
+    path = workdir / HF_DIR / "tokenizer.json"
+    if not path.is_file():
+        return
+    spec = json.loads(path.read_text())
+    ids = list(spec.get("model", {}).get("vocab", {}).values()) if isinstance(
+        spec.get("model", {}).get("vocab"), dict) else []
+    ids += [t["id"] for t in spec.get("added_tokens", [])]
+    if ids and max(ids) >= vocab_size:
+        raise ConfigError("model.vocab_size", f"the run's tokenizer ({path}) has token id "
+                                              f"{max(ids)}, beyond the model's vocabulary of "
+                                              f"{vocab_size}")
+
+
+def restore_run_params(workdir: Path, step: int | None, devices: list[jax.Device]
+                       ) -> tuple[Any, ModelConfig, Any, int]:
+    """(the run's Config, ModelConfig, parameters on one device, step)."""
+    config = rundir.load_config(workdir)
+    architecture_for(config.model)  # refuse before reading anything
+    if config.quant.enabled:
+        raise ConfigError("quant", "a quantization-aware run computes with fake-quantized "
+                                   "weights and activations, which no Hugging Face "
+                                   "architecture here does")
+    vocab = rundir.load_data(config, workdir).vocab_size
+    model_cfg = ModelConfig.from_section(config.model, vocab)
+    _, abstract, axes = abstract_params(model_cfg)
+    mesh = make_mesh({}, devices[:1])
+    shardings = tree_shardings(mesh, axes, config.sharding.rules)
+    with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
+        step = rundir.pick_step(ckpt.all_steps(), step, workdir)
+        params = ckpt.restore_params(step, abstract_with_shardings(abstract, shardings))
+    return config, model_cfg, params, step
+
+
+def export_hf(workdir: str | Path, out_dir: str | Path, step: int | None = None,
+              dtype: str = "float32", devices: list[jax.Device] | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, Any]:
+    """Write the Hugging Face model directory `out_dir` for a checkpoint of `workdir`
+    (default: the latest). Returns a summary: architecture, step, files."""
+    workdir, out_dir = Path(workdir).absolute(), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"unknown value {dtype!r}; choose one of {list(DTYPES)}")
+    config, model_cfg, params, step = restore_run_params(
+        workdir, step, list(jax.devices() if devices is None else devices))
+    arch = architecture_for(config.model)
+    _check_tokenizer(workdir, model_cfg.vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = tensor_plan(arch, params, model_cfg.num_layers, model_cfg.vocab_size, DTYPES[dtype])
+    files = write_sharded(out_dir, plan, max_shard_bytes)
+    hf = hf_config(config.model, model_cfg.vocab_size, config.train.seq_len)
+    hf.update(_token_ids(workdir), torch_dtype=dtype)
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (workdir / HF_DIR / name).is_file():
+            shutil.copyfile(workdir / HF_DIR / name, out_dir / name)
+            copied.append(name)
+    return {"architecture": arch, "step": step, "out_dir": str(out_dir),
+            "files": files + ["config.json"] + copied, "dtype": dtype}

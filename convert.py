@@ -1,0 +1,62 @@
+"""Import a Hugging Face model as a run directory, or export a run as a Hugging Face model.
+
+  python convert.py --from_hf=DIR --workdir=RUN [--config.KEY=VALUE ...] [--cpu_devices=N]
+  python convert.py --to_hf=DIR --workdir=RUN [--step=N] [--dtype=bfloat16]
+
+--from_hf reads DIR/config.json (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM or GPT2LMHeadModel) and its safetensors files, and writes RUN as a run
+that trained for 0 steps: config.json (the model section from DIR, every other key from
+configs/imported.py and your --config overrides, e.g. the mesh and the data), a step-0
+checkpoint built shard by shard on the mesh, and DIR's tokenizer and config files in
+RUN/hf/. eval.py, distillation (loss.distill.teacher_workdir), speculative decoding and
+init.from_workdir then take RUN as any other run.
+
+--to_hf writes DIR for transformers.AutoModelForCausalLM.from_pretrained: safetensors,
+config.json, and the tokenizer files of a run imported from Hugging Face.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from checkpoints.hf_export import export_hf
+from checkpoints.hf_import import import_hf
+from configs.errors import ConfigError
+from configs.imported import get_config
+from configs.sections import Config
+from parallel.distributed import initialize
+
+_CONFIG = config_flags.DEFINE_config_dict(
+    "config", get_config(), "Import: every key but the model's (mesh, data, training).")
+_FROM_HF = flags.DEFINE_string("from_hf", None, "Import this Hugging Face model directory.")
+_TO_HF = flags.DEFINE_string("to_hf", None, "Export into this directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Export: float32 | bfloat16 | float16.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if logging.get_verbosity() == logging.INFO:  # orbax logs every save step at INFO
+        logging.set_verbosity(logging.WARNING)
+    try:
+        if bool(_FROM_HF.value) == bool(_TO_HF.value):
+            raise ConfigError("from_hf", "give exactly one of --from_hf=DIR (import) and "
+                                         "--to_hf=DIR (export)")
+        config = Config.from_dict(_CONFIG.value)
+        initialize(_CPU_DEVICES.value)
+        if _FROM_HF.value:
+            summary = import_hf(_FROM_HF.value, _WORKDIR.value, config)
+        else:
+            summary = export_hf(_WORKDIR.value, _TO_HF.value, _STEP.value, _DTYPE.value)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)

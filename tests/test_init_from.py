@@ -1,0 +1,108 @@
+"""Starting a run from another run's parameters (`init.from_workdir`): checks before any
+compilation, resharding onto another mesh, a fresh optimizer, and resume precedence."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs.errors import ConfigError
+from configs.finetune import get_config as finetune_config
+from configs.sections import Config
+from evaluation.restore import restore_run
+from tests.helpers import assert_trees_close, no_compilation
+from training import rundir, trainer
+from training.checkpoint import Checkpointer
+from training.experiment import Experiment
+from training.init_from import check_source, first_model_difference, restore_initial_state
+
+
+def _fast(c):
+    c.steps, c.batch_size, c.eval_every, c.checkpoint_every, c.log_every = 2, 8, 0, 0, 1
+    c.eval_batch_size, c.eval_max_batches = 8, 1
+    return c
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A run with one step-0 checkpoint of a random init (written without training)."""
+    from configs.shakespeare_char import get_config
+    workdir = tmp_path_factory.mktemp("source")
+    config = Config.from_dict(_fast(get_config("tiny")))
+    exp = Experiment.build(config, workdir, jax.devices()[:1])
+    rundir.save_config(config, workdir)
+    with Checkpointer(rundir.checkpoint_dir(workdir)) as ckpt:
+        ckpt.save(0, exp.init_state())
+        ckpt.wait()
+    return workdir
+
+
+def test_the_first_differing_model_key_is_named(tiny_config, source_run, tmp_path):
+    c = _fast(tiny_config)
+    c.init.from_workdir = str(source_run)
+    c.model.d_ff, c.model.remat = 96, "none"  # remat is how it runs, not what it computes
+    config = Config.from_dict(c)
+    exp = Experiment.build(config, tmp_path, jax.devices()[:1])
+    with no_compilation() as compiled, pytest.raises(ConfigError) as err:
+        check_source(config, exp.model_cfg)
+    assert str(err.value) == (f"init.from_workdir: model.d_ff is 96 here but 64 in "
+                              f"{source_run}; the model must match")
+    assert not compiled
+    assert first_model_difference(config.model, config.model) is None
+
+
+@pytest.mark.parametrize("what, message", [
+    ("missing", "init.from_workdir: no such directory"),
+    ("step", "init.step: no checkpoint for step 7 in"),
+    ("vocab", "init.from_workdir: model.vocab_size is 80 here but 0 in"),
+])
+def test_bad_sources_are_one_line_errors(tiny_config, source_run, tmp_path, what, message):
+    c = _fast(tiny_config)
+    c.init.from_workdir = str(tmp_path / "nowhere" if what == "missing" else source_run)
+    if what == "step":
+        c.init.step = 7
+    if what == "vocab":
+        c.model.vocab_size = 80
+    with pytest.raises(ConfigError, match=message):
+        trainer.train(c, tmp_path / "run", jax.devices()[:1])
+    assert not (tmp_path / "run" / "config.json").exists()  # checked before the run starts
+
+
+def test_finetune_config_copies_the_model_and_names_the_source(source_run):
+    c = finetune_config(str(source_run))
+    config = Config.from_dict(c)
+    assert config.model == rundir.load_config(source_run).model
+    assert config.init.from_workdir == str(source_run)
+    assert config.train == Config().train  # everything else is the base config's
+
+
+@pytest.mark.slow
+def test_start_from_a_run_on_another_mesh_then_resume_from_own_checkpoints(tiny_config,
+                                                                          tmp_path):
+    a = _fast(tiny_config.copy_and_resolve_references())
+    a.steps, a.mesh.data, a.mesh.fsdp = 3, 2, 4
+    trainer.train(a, tmp_path / "a", jax.devices())
+    a_params = restore_run(tmp_path / "a", devices=jax.devices()[:1])[1].params
+
+    b = _fast(tiny_config.copy_and_resolve_references())
+    b.init.from_workdir = str(tmp_path / "a")
+    b.mesh.data, b.mesh.tensor = 4, 2
+    b.steps, b.checkpoint_every = 2, 1
+    config = Config.from_dict(b)
+    exp = Experiment.build(config, tmp_path / "b", jax.devices())
+    source = check_source(config, exp.model_cfg)
+    assert source.step == 3
+    state = restore_initial_state(exp, source)
+    assert int(state.step) == 0
+    assert_trees_close(jax.device_get(state.params), a_params, rtol=0, atol=0)
+    assert all(float(np.abs(x).max()) == 0.0 for x in jax.tree.leaves(state.opt_state)
+               if np.ndim(x) > 0)  # fresh AdamW moments
+    q = state.params["blocks"]["attn"]["q"]["kernel"]
+    assert q.sharding.spec == exp.state_shardings.params["blocks"]["attn"]["q"]["kernel"].spec
+
+    summary = trainer.train(config, tmp_path / "b", jax.devices())
+    assert summary["step"] == 2
+    b.steps = 3  # resume: the run's own checkpoint at step 2 wins over the source
+    shutil.rmtree(tmp_path / "a")
+    assert trainer.train(Config.from_dict(b), tmp_path / "b", jax.devices())["step"] == 3

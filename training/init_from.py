@@ -1,0 +1,83 @@
+"""Start a new run from another run's parameters (`init.from_workdir`, `init.step`).
+
+The source is any run directory: trained here on any mesh, or imported from Hugging Face
+with `convert.py`. Its model must be the new run's (the keys of `configs.sections.Model`,
+except those in `Model.EXECUTION_KEYS`, and the resolved vocabulary). Only its parameters
+are read (`Checkpointer.restore_params`), straight into the new run's shardings; the
+optimizer starts fresh and the step is 0. `check_source` runs before anything compiles.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from configs import keys
+from configs.errors import ConfigError
+from configs.sections import Config, Model
+from losses.objectives import split_objective_params
+from models import ModelConfig
+from training import rundir
+from training.checkpoint import Checkpointer
+from training.experiment import Experiment
+from training.state import TrainState, make_state_fn
+
+KEY = "init.from_workdir"
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """A checked source run: its directory and the checkpoint step to start from."""
+    workdir: Path
+    step: int
+
+
+def first_model_difference(a: Model, b: Model) -> tuple[str, Any, Any] | None:
+    """(dotted key, a's value, b's value) of the first architecture key that differs."""
+    for key in keys.flat_keys(a):
+        if key in Model.EXECUTION_KEYS:
+            continue
+        va, vb = keys.get(a, key), keys.get(b, key)
+        if not hasattr(va, "model_fields") and va != vb:
+            return key, va, vb
+    return None
+
+
+def check_source(config: Config, model_cfg: ModelConfig) -> InitSource:
+    """The source run of `config.init`; ConfigError if it is missing, has no such step, or
+    its model differs from `model_cfg`'s (naming the first differing key)."""
+    init = config.init
+    workdir = Path(init.from_workdir).absolute()
+    if not workdir.is_dir():
+        raise ConfigError(KEY, f"no such directory: {init.from_workdir}")
+    source = rundir.load_config(workdir, key=KEY)
+    diff = first_model_difference(config.model, source.model)
+    if diff is not None:
+        key, ours, theirs = diff
+        raise ConfigError(KEY, f"model.{key} is {ours!r} here but {theirs!r} in "
+                               f"{init.from_workdir}; the model must match")
+    vocab = rundir.load_data(source, workdir, key=KEY).vocab_size
+    theirs = ModelConfig.from_section(source.model, vocab)
+    if (theirs.vocab_size, theirs.padded_vocab) != (model_cfg.vocab_size,
+                                                    model_cfg.padded_vocab):
+        raise ConfigError(KEY, f"model.vocab_size: {model_cfg.vocab_size} here (padded to "
+                               f"{model_cfg.padded_vocab}) but {theirs.vocab_size} (padded to "
+                               f"{theirs.padded_vocab}) in {init.from_workdir}; the model "
+                               "must match")
+    with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
+        step = rundir.pick_step(ckpt.all_steps(), init.step or None, init.from_workdir,
+                                key="init.step", workdir_key=KEY)
+    return InitSource(workdir, step)
+
+
+def restore_initial_state(exp: Experiment, source: InitSource) -> TrainState:
+    """A step-0 train state: the source's parameters on this run's mesh, fresh optimizer
+    (and fresh objective parameters, e.g. a distillation projection)."""
+    abstract, _ = split_objective_params(exp.abstract_state.params)
+    with Checkpointer(rundir.checkpoint_dir(source.workdir), read_only=True) as ckpt:
+        params = ckpt.restore_params(source.step, abstract)
+    build = make_state_fn(exp.optimizer, exp.config.train.seed,
+                          exp.objective and exp.objective.init_params)
+    state = jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=0)(params)
+    return exp.from_checkpoint(state)  # checkpoints hold layers in model order
