@@ -8,11 +8,13 @@
 * The per-block FlashAttention-2 math (`fwd_block`, `dkdv_block`, `dq_block`), written
   with jnp ops that both Pallas lowerings (and the interpreters) accept.
 
-Masking convention: query position p and key position s (both counted from 0) see each
-other iff s < kv_len (padding) and
+Masking convention: query position p and key position s (both counted from 0, or given
+as position arrays) see each other iff the key's index is below kv_len (padding) and
   causal:          s <= p
   window w:        p - w < s            (and, when not causal, also s < p + w)
   segment ids:     q_segment[p] == kv_segment[s].
+With position arrays (e.g. the chunks of a context-parallel shard, which are not
+consecutive) any element may be masked, so no block is skipped and every block is masked.
 Masked logits are -inf. A row with no visible key gets output 0 and log-sum-exp -inf;
 the guards below keep every intermediate finite, so no NaN is ever produced.
 """
@@ -72,6 +74,17 @@ class Static:
     interpret: bool
     num_warps: int | None = None  # Triton only
     num_stages: int | None = None
+    has_positions: bool = False  # position arrays decide the causal and window masks
+
+
+def unpack_refs(refs, n: int, st: Static):
+    """(the first n refs, the (query, key) segment-id refs, the (query, key) position
+    refs, the remaining refs); absent segment or position refs are (None, None)."""
+    refs = list(refs)
+    head, rest = refs[:n], refs[n:]
+    segs = (rest.pop(0), rest.pop(0)) if st.has_segments else (None, None)
+    pos = (rest.pop(0), rest.pop(0)) if st.has_positions else (None, None)
+    return head, segs, pos, rest
 
 
 def div(a, b):
@@ -105,6 +118,9 @@ def kv_range(i, bq: int, bk: int, st: Static):
 
     All values are int32 scalars (traced from the program id). lo <= ulo <= uhi <= hi.
     """
+    if st.has_positions:  # any block may hold visible keys, none is known to be unmasked
+        zero = jnp.int32(0)
+        return zero, zero, zero, jnp.int32(cdiv(st.kv_len, bk))
     i = jnp.asarray(i, jnp.int32)
     first_q = i * bq
     last_q = first_q + (bq - 1)
@@ -132,6 +148,9 @@ def kv_range(i, bq: int, bk: int, st: Static):
 
 def q_range(j, bq: int, bk: int, st: Static):
     """Query blocks for key block `j`: [lo, hi), of which [ulo, uhi) need no mask."""
+    if st.has_positions:
+        zero = jnp.int32(0)
+        return zero, zero, zero, jnp.int32(cdiv(st.q_len, bq))
     j = jnp.asarray(j, jnp.int32)
     first_k = j * bk
     last_k = first_k + (bk - 1)
@@ -160,15 +179,18 @@ def q_range(j, bq: int, bk: int, st: Static):
     return lo, ulo, uhi, hi
 
 
-def visible(q_pos, k_pos, st: Static, q_seg=None, kv_seg=None):
-    """Boolean mask from broadcastable query and key positions (and segment ids)."""
+def visible(q_idx, k_idx, st: Static, q_seg=None, kv_seg=None, q_pos=None, k_pos=None):
+    """Boolean mask from broadcastable query and key indices (and segment ids); the
+    causal and window masks compare `q_pos`/`k_pos` when given, else the indices."""
     mask = None
 
     def both(m):
         return m if mask is None else mask & m
 
     if st.kv_len < st.kv_pad:
-        mask = both(k_pos < st.kv_len)
+        mask = both(k_idx < st.kv_len)
+    if q_pos is None:
+        q_pos, k_pos = q_idx, k_idx
     if st.causal:
         mask = both(k_pos <= q_pos)
     if st.window is not None:

@@ -14,7 +14,7 @@ the running statistics live in VMEM scratch across those grid steps.
 Blocks the mask excludes are skipped twice over: the index maps clamp the block index
 into the needed range (the pipeline sees the same block again and issues no copy) and the
 body is guarded by `pl.when`. Fully visible blocks skip the element mask.
-Per-row vectors (L, delta, segment ids) are [.., 1] columns or [1, ..] rows so that they
+Per-row vectors (L, delta, segment ids, positions) are [.., 1] columns or [1, ..] rows so that they
 broadcast against [bq, bk] (forward, dQ) or [bk, bq] (dK/dV) tiles without a transpose.
 """
 
@@ -26,23 +26,39 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels._common import (NEG_INF, Static, dkdv_block, dq_block, fwd_block, fwd_finish,
-                             div, kv_range, q_range, rem, visible)
+                             div, kv_range, q_range, rem, unpack_refs, visible)
 
 SQ = pl.squeezed
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def _tile_mask(i, j, bq: int, bk: int, st: Static, seg_refs, transposed: bool = False):
+def _tile_mask(i, j, bq: int, bk: int, st: Static, seg_refs, pos_refs,
+               transposed: bool = False):
     """Visibility of query tile i x key tile j: [bq, bk], or [bk, bq] if `transposed`.
 
-    `seg_refs`: None, or the (query, key) segment-id refs shaped to match ([bq, 1] and
-    [1, bk], or the transposes).
+    `seg_refs`, `pos_refs`: the (query, key) segment-id and position refs shaped to match
+    ([bq, 1] and [1, bk], or the transposes), or (None, None).
     """
     shape, q_dim = ((bk, bq), 1) if transposed else ((bq, bk), 0)
-    q_pos = i * bq + jax.lax.broadcasted_iota(jnp.int32, shape, q_dim)
-    k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_dim)
-    q_seg, kv_seg = (None, None) if seg_refs is None else (r[...] for r in seg_refs)
-    return visible(q_pos, k_pos, st, q_seg, kv_seg)
+    q_idx = i * bq + jax.lax.broadcasted_iota(jnp.int32, shape, q_dim)
+    k_idx = j * bk + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_dim)
+    q_seg, kv_seg = (None if r is None else r[...] for r in seg_refs)
+    q_pos, k_pos = (None if r is None else r[...] for r in pos_refs)
+    return visible(q_idx, k_idx, st, q_seg, kv_seg, q_pos, k_pos)
+
+
+def _row_specs(st: Static, q_spec, kv_spec) -> list:
+    """Specs of the per-row inputs (segment ids, then positions) that the kernel takes."""
+    return [q_spec, kv_spec] * (int(st.has_segments) + int(st.has_positions))
+
+
+def _row_args(st: Static, q_seg, kv_seg, q_pos, kv_pos, q_axis: int, kv_axis: int) -> list:
+    """Segment ids, then positions, as columns or rows: `q_axis`/`kv_axis` is where the
+    unit axis goes ([B, L, 1] is 2, [B, 1, L] is 1)."""
+    pairs = ([(q_seg, kv_seg)] if st.has_segments else []) + \
+        ([(q_pos, kv_pos)] if st.has_positions else [])
+    return [x for qa, ka in pairs
+            for x in (jnp.expand_dims(qa, q_axis), jnp.expand_dims(ka, kv_axis))]
 
 
 def _call(kernel, st: Static, **kwargs):
@@ -75,10 +91,8 @@ def _when_in_range(idx, lo, ulo, uhi, hi, compute):
 # Forward.
 
 def _fwd_kernel(*refs, st: Static):
-    if st.has_segments:
-        q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    (q_ref, k_ref, v_ref), seg_refs, pos_refs, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = \
+        unpack_refs(refs, 3, st)
     bq, bk = st.blocks.block_q, st.blocks.block_kv
     i, j = pl.program_id(2), pl.program_id(3)
 
@@ -89,10 +103,7 @@ def _fwd_kernel(*refs, st: Static):
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     def compute(masked):
-        mask = None
-        if masked:
-            segs = (qseg_ref, kvseg_ref) if st.has_segments else None
-            mask = _tile_mask(i, j, bq, bk, st, segs)
+        mask = _tile_mask(i, j, bq, bk, st, seg_refs, pos_refs) if masked else None
         m, l, acc = fwd_block(q_ref[...], k_ref[...], v_ref[...], m_sc[...], l_sc[...],
                               acc_sc[...], mask, st.scale)
         m_sc[...] = m
@@ -108,10 +119,10 @@ def _fwd_kernel(*refs, st: Static):
         lse_ref[...] = lse
 
 
-def forward(q, k, v, q_seg, kv_seg, st: Static):
+def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, st: Static):
     """q [B, H, Tp, D], k/v [B, G, Sp, D] -> (o [B, H, Tp, D], lse [B, H, Lp] f32).
 
-    q_seg is [B, Lp] and kv_seg [B, Sp] (int32) or None.
+    q_seg, q_pos are [B, Lp] and kv_seg, kv_pos [B, Sp] (int32) or None.
     """
     b, h, t, d = q.shape
     s = k.shape[2]
@@ -128,12 +139,10 @@ def forward(q, k, v, q_seg, kv_seg, st: Static):
 
     q_spec = pl.BlockSpec((SQ, SQ, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0))
     kv_spec = pl.BlockSpec((SQ, SQ, bk, d), kv_index)
-    in_specs = [q_spec, kv_spec, kv_spec]
-    args = [q, k, v]
-    if st.has_segments:
-        in_specs += [pl.BlockSpec((SQ, bq, 1), lambda b_, h_, i, j: (b_, i, 0)),
-                     pl.BlockSpec((SQ, 1, bk), kv_seg_index)]
-        args += [q_seg[:, :, None], kv_seg[:, None, :]]
+    in_specs = [q_spec, kv_spec, kv_spec,
+                *_row_specs(st, pl.BlockSpec((SQ, bq, 1), lambda b_, h_, i, j: (b_, i, 0)),
+                            pl.BlockSpec((SQ, 1, bk), kv_seg_index))]
+    args = [q, k, v, *_row_args(st, q_seg, kv_seg, q_pos, kv_pos, 2, 1)]
     o, lse = _call(
         functools.partial(_fwd_kernel, st=st), st,
         grid=(b, h, t // bq, s // bk),
@@ -152,11 +161,8 @@ def forward(q, k, v, q_seg, kv_seg, st: Static):
 # Backward.
 
 def _dkdv_kernel(*refs, st: Static):
-    if st.has_segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref,
-         dk_ref, dv_ref, dk_sc, dv_sc) = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+    ((q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg_refs, pos_refs,
+     (dk_ref, dv_ref, dk_sc, dv_sc)) = unpack_refs(refs, 6, st)
     bq, bk = st.blocks.block_q_dkv, st.blocks.block_kv_dkv
     j, step = pl.program_id(2), pl.program_id(3)
     nq = st.q_pad // bq
@@ -170,8 +176,7 @@ def _dkdv_kernel(*refs, st: Static):
     def compute(masked):
         mask_t = None
         if masked:
-            segs = (qseg_ref, kvseg_ref) if st.has_segments else None
-            mask_t = _tile_mask(i, j, bq, bk, st, segs, transposed=True)
+            mask_t = _tile_mask(i, j, bq, bk, st, seg_refs, pos_refs, transposed=True)
         dk, dv = dkdv_block(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
                             delta_ref[...], mask_t, st.scale)
         dk_sc[...] += dk
@@ -186,11 +191,8 @@ def _dkdv_kernel(*refs, st: Static):
 
 
 def _dq_kernel(*refs, st: Static):
-    if st.has_segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref,
-         dq_ref, dq_sc) = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
+    ((q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), seg_refs, pos_refs,
+     (dq_ref, dq_sc)) = unpack_refs(refs, 6, st)
     bq, bk = st.blocks.block_q_dq, st.blocks.block_kv_dq
     i, j = pl.program_id(2), pl.program_id(3)
 
@@ -199,10 +201,7 @@ def _dq_kernel(*refs, st: Static):
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
     def compute(masked):
-        mask = None
-        if masked:
-            segs = (qseg_ref, kvseg_ref) if st.has_segments else None
-            mask = _tile_mask(i, j, bq, bk, st, segs)
+        mask = _tile_mask(i, j, bq, bk, st, seg_refs, pos_refs) if masked else None
         dq_sc[...] += dq_block(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
                                delta_ref[...], mask, st.scale)
 
@@ -213,7 +212,7 @@ def _dq_kernel(*refs, st: Static):
         dq_ref[...] = (dq_sc[...] * st.scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
+def backward(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, st: Static):
     """Gradients from the saved log-sum-exp; lse/delta are [B, H, Lp] f32."""
     b, h, t, d = q.shape
     g, s = k.shape[1], k.shape[2]
@@ -238,13 +237,11 @@ def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
     q_spec = pl.BlockSpec((SQ, SQ, bq, d), q_index)
     row_spec = pl.BlockSpec((SQ, SQ, 1, bq), row_index)
     kv_spec = pl.BlockSpec((SQ, SQ, bk, d), lambda b_, g_, j, step: (b_, g_, j, 0))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-    args = [q, k, v, do, lse_row, delta_row]
-    if st.has_segments:
-        in_specs += [
-            pl.BlockSpec((SQ, 1, bq), lambda b_, g_, j, step: (b_, 0, q_block(b_, g_, j, step))),
-            pl.BlockSpec((SQ, bk, 1), lambda b_, g_, j, step: (b_, j, 0))]
-        args += [q_seg[:, None, :], kv_seg[:, :, None]]
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *_row_specs(
+        st, pl.BlockSpec((SQ, 1, bq), lambda b_, g_, j, step: (b_, 0, q_block(b_, g_, j, step))),
+        pl.BlockSpec((SQ, bk, 1), lambda b_, g_, j, step: (b_, j, 0)))]
+    args = [q, k, v, do, lse_row, delta_row,
+            *_row_args(st, q_seg, kv_seg, q_pos, kv_pos, 1, 2)]
     dk, dv = _call(
         functools.partial(_dkdv_kernel, st=st), st,
         grid=(b, g, s // bk, r * nq),
@@ -267,13 +264,11 @@ def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
     col_spec = pl.BlockSpec((SQ, SQ, bq, 1), lambda b_, h_, i, j: (b_, h_, i, 0))
     kv_spec = pl.BlockSpec((SQ, SQ, bk, d),
                            lambda b_, h_, i, j: (b_, div(h_, r), kv_block(b_, h_, i, j), 0))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec]
-    args = [q, k, v, do, lse_col, delta_col]
-    if st.has_segments:
-        in_specs += [
-            pl.BlockSpec((SQ, bq, 1), lambda b_, h_, i, j: (b_, i, 0)),
-            pl.BlockSpec((SQ, 1, bk), lambda b_, h_, i, j: (b_, 0, kv_block(b_, h_, i, j)))]
-        args += [q_seg[:, :, None], kv_seg[:, None, :]]
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec, *_row_specs(
+        st, pl.BlockSpec((SQ, bq, 1), lambda b_, h_, i, j: (b_, i, 0)),
+        pl.BlockSpec((SQ, 1, bk), lambda b_, h_, i, j: (b_, 0, kv_block(b_, h_, i, j))))]
+    args = [q, k, v, do, lse_col, delta_col,
+            *_row_args(st, q_seg, kv_seg, q_pos, kv_pos, 2, 1)]
     dq = _call(
         functools.partial(_dq_kernel, st=st), st,
         grid=(b, h, t // bq, s // bk),

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels._common import (NEG_INF, Static, dkdv_block, dq_block, fwd_block, fwd_finish,
-                             div, kv_range, q_range, visible)
+                             div, kv_range, q_range, unpack_refs, visible)
 
 SQ = pl.squeezed
 
@@ -54,15 +54,14 @@ def _block_loops(lo, ulo, uhi, hi, body, carry):
 # Forward.
 
 def _fwd_kernel(*refs, st: Static):
-    if st.has_segments:
-        q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    (q_ref, k_ref, v_ref), (qseg_ref, kvseg_ref), (qpos_ref, kvpos_ref), (o_ref, lse_ref) = \
+        unpack_refs(refs, 3, st)
     bq, bk = st.blocks.block_q, st.blocks.block_kv
     i = pl.program_id(0)
     q = q_ref[...]
-    q_pos = (i * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]
+    q_idx = (i * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]
     q_seg = qseg_ref[...][:, None] if st.has_segments else None
+    q_pos = qpos_ref[...][:, None] if st.has_positions else None
     lo, ulo, uhi, hi = kv_range(i, bq, bk, st)
 
     def body(masked, j, carry):
@@ -72,9 +71,10 @@ def _fwd_kernel(*refs, st: Static):
         v = v_ref[pl.ds(start, bk), :]
         mask = None
         if masked:
-            k_pos = (start + jnp.arange(bk, dtype=jnp.int32))[None, :]
+            k_idx = (start + jnp.arange(bk, dtype=jnp.int32))[None, :]
             kv_seg = kvseg_ref[pl.ds(start, bk)][None, :] if st.has_segments else None
-            mask = visible(q_pos, k_pos, st, q_seg, kv_seg)
+            k_pos = kvpos_ref[pl.ds(start, bk)][None, :] if st.has_positions else None
+            mask = visible(q_idx, k_idx, st, q_seg, kv_seg, q_pos, k_pos)
         return fwd_block(q, k, v, m, l, acc, mask, st.scale)
 
     d = q.shape[-1]
@@ -86,7 +86,17 @@ def _fwd_kernel(*refs, st: Static):
     lse_ref[...] = lse[:, 0]
 
 
-def forward(q, k, v, q_seg, kv_seg, st: Static):
+def _row_specs(st: Static, q_spec, kv_spec) -> list:
+    """Specs of the per-row inputs (segment ids, then positions) that the kernel takes."""
+    return [q_spec, kv_spec] * (int(st.has_segments) + int(st.has_positions))
+
+
+def _row_args(st: Static, q_seg, kv_seg, q_pos, kv_pos) -> list:
+    return ([q_seg, kv_seg] if st.has_segments else []) + \
+        ([q_pos, kv_pos] if st.has_positions else [])
+
+
+def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, st: Static):
     """q [B, Lp, H, K], k/v [B, Sp, G, K] -> (o [B, Lp, H, K], lse [B, H, Lp] f32)."""
     b, t, h, d = q.shape
     s = k.shape[1]
@@ -98,11 +108,9 @@ def forward(q, k, v, q_seg, kv_seg, st: Static):
         pl.BlockSpec((SQ, s, SQ, d), lambda i, b_, h_: (b_, 0, div(h_, r), 0)),
         pl.BlockSpec((SQ, s, SQ, d), lambda i, b_, h_: (b_, 0, div(h_, r), 0)),
     ]
-    args = [q, k, v]
-    if st.has_segments:
-        in_specs += [pl.BlockSpec((SQ, bq), lambda i, b_, h_: (b_, i)),
-                     pl.BlockSpec((SQ, s), lambda i, b_, h_: (b_, 0))]
-        args += [q_seg, kv_seg]
+    in_specs += _row_specs(st, pl.BlockSpec((SQ, bq), lambda i, b_, h_: (b_, i)),
+                           pl.BlockSpec((SQ, s), lambda i, b_, h_: (b_, 0)))
+    args = [q, k, v, *_row_args(st, q_seg, kv_seg, q_pos, kv_pos)]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         grid=grid,
@@ -120,18 +128,16 @@ def forward(q, k, v, q_seg, kv_seg, st: Static):
 # Backward.
 
 def _dkdv_kernel(*refs, st: Static):
-    if st.has_segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref,
-         dk_ref, dv_ref) = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+    ((q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (qseg_ref, kvseg_ref),
+     (qpos_ref, kvpos_ref), (dk_ref, dv_ref)) = unpack_refs(refs, 6, st)
     bq, bk = st.blocks.block_q_dkv, st.blocks.block_kv_dkv
     r = st.group
     j, g = pl.program_id(0), pl.program_id(2)
     k = k_ref[...]
     v = v_ref[...]
-    k_pos = (j * bk + jnp.arange(bk, dtype=jnp.int32))[:, None]
+    k_idx = (j * bk + jnp.arange(bk, dtype=jnp.int32))[:, None]
     kv_seg = kvseg_ref[...][:, None] if st.has_segments else None
+    k_pos = kvpos_ref[...][:, None] if st.has_positions else None
     lo, ulo, uhi, hi = q_range(j, bq, bk, st)
 
     def head(hh, carry):
@@ -146,9 +152,10 @@ def _dkdv_kernel(*refs, st: Static):
             delta = delta_ref[head_idx, pl.ds(start, bq)][None, :]
             mask_t = None
             if masked:
-                q_pos = (start + jnp.arange(bq, dtype=jnp.int32))[None, :]
+                q_idx = (start + jnp.arange(bq, dtype=jnp.int32))[None, :]
                 q_seg = qseg_ref[pl.ds(start, bq)][None, :] if st.has_segments else None
-                mask_t = visible(q_pos, k_pos, st, q_seg, kv_seg)
+                q_pos = qpos_ref[pl.ds(start, bq)][None, :] if st.has_positions else None
+                mask_t = visible(q_idx, k_idx, st, q_seg, kv_seg, q_pos, k_pos)
             ddk, ddv = dkdv_block(q, k, v, do, lse, delta, mask_t, st.scale)
             return dk + ddk, dv + ddv
 
@@ -162,19 +169,17 @@ def _dkdv_kernel(*refs, st: Static):
 
 
 def _dq_kernel(*refs, st: Static):
-    if st.has_segments:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref,
-         dq_ref) = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+    ((q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (qseg_ref, kvseg_ref),
+     (qpos_ref, kvpos_ref), (dq_ref,)) = unpack_refs(refs, 6, st)
     bq, bk = st.blocks.block_q_dq, st.blocks.block_kv_dq
     i = pl.program_id(0)
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...][:, None]
     delta = delta_ref[...][:, None]
-    q_pos = (i * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]
+    q_idx = (i * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]
     q_seg = qseg_ref[...][:, None] if st.has_segments else None
+    q_pos = qpos_ref[...][:, None] if st.has_positions else None
     lo, ulo, uhi, hi = kv_range(i, bq, bk, st)
 
     def body(masked, j, dq):
@@ -183,16 +188,17 @@ def _dq_kernel(*refs, st: Static):
         v = v_ref[pl.ds(start, bk), :]
         mask = None
         if masked:
-            k_pos = (start + jnp.arange(bk, dtype=jnp.int32))[None, :]
+            k_idx = (start + jnp.arange(bk, dtype=jnp.int32))[None, :]
             kv_seg = kvseg_ref[pl.ds(start, bk)][None, :] if st.has_segments else None
-            mask = visible(q_pos, k_pos, st, q_seg, kv_seg)
+            k_pos = kvpos_ref[pl.ds(start, bk)][None, :] if st.has_positions else None
+            mask = visible(q_idx, k_idx, st, q_seg, kv_seg, q_pos, k_pos)
         return dq + dq_block(q, k, v, do, lse, delta, mask, st.scale)
 
     dq = _block_loops(lo, ulo, uhi, hi, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
+def backward(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, st: Static):
     """Gradients from the saved log-sum-exp; lse/delta are [B, H, Lp] f32."""
     b, t, h, d = q.shape
     s, g = k.shape[1], k.shape[2]
@@ -201,12 +207,11 @@ def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
     full_q = pl.BlockSpec((SQ, t, h, d), lambda j, b_, g_: (b_, 0, 0, 0))
     full_row = pl.BlockSpec((SQ, h, t), lambda j, b_, g_: (b_, 0, 0))
     kv_tile = pl.BlockSpec((SQ, bk, SQ, d), lambda j, b_, g_: (b_, j, g_, 0))
-    in_specs = [full_q, kv_tile, kv_tile, full_q, full_row, full_row]
-    args = [q, k, v, do, lse, delta]
-    if st.has_segments:
-        in_specs += [pl.BlockSpec((SQ, t), lambda j, b_, g_: (b_, 0)),
-                     pl.BlockSpec((SQ, bk), lambda j, b_, g_: (b_, j))]
-        args += [q_seg, kv_seg]
+    in_specs = [full_q, kv_tile, kv_tile, full_q, full_row, full_row,
+                *_row_specs(st, pl.BlockSpec((SQ, t), lambda j, b_, g_: (b_, 0)),
+                            pl.BlockSpec((SQ, bk), lambda j, b_, g_: (b_, j)))]
+    rows = _row_args(st, q_seg, kv_seg, q_pos, kv_pos)
+    args = [q, k, v, do, lse, delta, *rows]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
         grid=(s // bk, b, g),
@@ -223,12 +228,10 @@ def backward(q, k, v, do, lse, delta, q_seg, kv_seg, st: Static):
     q_tile = pl.BlockSpec((SQ, bq, SQ, d), lambda i, b_, h_: (b_, i, h_, 0))
     full_kv = pl.BlockSpec((SQ, s, SQ, d), lambda i, b_, h_: (b_, 0, div(h_, r), 0))
     row_tile = pl.BlockSpec((SQ, SQ, bq), lambda i, b_, h_: (b_, h_, i))
-    in_specs = [q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
-    args = [q, k, v, do, lse, delta]
-    if st.has_segments:
-        in_specs += [pl.BlockSpec((SQ, bq), lambda i, b_, h_: (b_, i)),
-                     pl.BlockSpec((SQ, s), lambda i, b_, h_: (b_, 0))]
-        args += [q_seg, kv_seg]
+    in_specs = [q_tile, full_kv, full_kv, q_tile, row_tile, row_tile,
+                *_row_specs(st, pl.BlockSpec((SQ, bq), lambda i, b_, h_: (b_, i)),
+                            pl.BlockSpec((SQ, s), lambda i, b_, h_: (b_, 0)))]
+    args = [q, k, v, do, lse, delta, *rows]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(t // bq, b, h),

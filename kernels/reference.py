@@ -9,18 +9,20 @@ import jax.numpy as jnp
 
 
 def reference_mask(t: int, s: int, *, causal: bool, window_size: int | None = None,
-                   segment_ids=None, kv_segment_ids=None):
+                   segment_ids=None, kv_segment_ids=None, q_positions=None,
+                   kv_positions=None):
     """Boolean [B or 1, T, S]: which keys each query may see."""
-    p = jnp.arange(t)[:, None]
-    j = jnp.arange(s)[None, :]
-    mask = jnp.ones((t, s), bool)
+    if q_positions is None:
+        p, j = jnp.arange(t)[None, :, None], jnp.arange(s)[None, None, :]
+    else:
+        p, j = q_positions[:, :, None], kv_positions[:, None, :]
+    mask = jnp.ones((1, t, s), bool)
     if causal:
         mask &= j <= p
     if window_size is not None:
         mask &= j > p - window_size
         if not causal:
             mask &= j < p + window_size
-    mask = mask[None]
     if segment_ids is not None:
         kv = segment_ids if kv_segment_ids is None else kv_segment_ids
         mask = mask & (segment_ids[:, :, None] == kv[:, None, :])
@@ -28,6 +30,7 @@ def reference_mask(t: int, s: int, *, causal: bool, window_size: int | None = No
 
 
 def reference_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None,
+                        q_positions=None, kv_positions=None,
                         window_size: int | None = None, softmax_scale: float | None = None,
                         return_lse: bool = False):
     """Same contract as `kernels.flash_attention`: rows that see no key give 0 / -inf."""
@@ -38,7 +41,8 @@ def reference_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_se
     logits = jnp.einsum("btgrd,bsgd->bgrts", qf, k.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) * scale
     mask = reference_mask(t, s, causal=causal, window_size=window_size,
-                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+                          segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                          q_positions=q_positions, kv_positions=kv_positions)
     mask = mask[:, None, None]  # [B, 1, 1, T, S]
     any_visible = mask.any(-1)
     # Rows that see no key get logits 0 before the logsumexp, so no NaN enters jax.grad.

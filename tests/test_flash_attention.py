@@ -24,12 +24,11 @@ import pytest
 import models.attention
 from configs.base import DEFAULT_RULES
 from configs.errors import ConfigError
-from kernels import BlockSizes, flash_attention, reference_attention
+from kernels import BlockSizes, flash_attention, flash_attention_backward, reference_attention
 from models.attention import ATTENTION_IMPLS, xla_attention
 from parallel.mesh import make_mesh
 from parallel.sharding import use_rules
-from tests.helpers import run_steps
-from tests.helpers import no_compilation
+from tests.helpers import no_compilation, params_fast_only, run_steps
 
 # XLA:CPU spends most of these tests compiling the interpreted kernels. LLVM optimisation
 # level 0 and the classic (non-MLIR) fusion emitters compile them ~3x faster, same results.
@@ -171,6 +170,74 @@ def test_head_dims_and_default_blocks(backend, d):
            scale=0.3 if d == 40 else None)
 
 
+def _chunk_positions(b: int):
+    """Query positions of two non-adjacent chunks (a zig-zag shard) and key positions of
+    two other chunks, overlapping the queries': masks no block range can describe."""
+    q_pos = np.concatenate([np.arange(8, 28), np.arange(60, 80)])
+    kv_pos = np.concatenate([np.arange(0, 20), np.arange(50, 70)])
+    return (jnp.asarray(np.broadcast_to(q_pos, (b, T)), jnp.int32),
+            jnp.asarray(np.broadcast_to(kv_pos, (b, T)), jnp.int32))
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_positions_decide_the_causal_and_window_masks(backend):
+    """With query and key position arrays the kernel equals the reference that masks by
+    those positions (causal, window, segment ids): output, lse and gradients."""
+    b = 1 if backend == "mosaic" else 2
+    q, k, v, do, dlse = _inputs(b, T, 4, 2, 64, jnp.float32)
+    q_pos, kv_pos = _chunk_positions(b)
+    seg = _segments(b, T)
+    kwargs = dict(causal=True, window_size=WINDOW, q_positions=q_pos, kv_positions=kv_pos)
+    got = jax.jit(_vjp_fn(flash_attention, backend=backend, interpret=True,
+                          block_sizes=BLOCKS[backend], **kwargs),
+                  compiler_options=FAST_COMPILE)(q, k, v, seg, seg, do, dlse)
+    want = _vjp_fn(reference_attention, **kwargs)(q, k, v, seg, seg, do, dlse)
+    for name, x, ref in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        limit = TOL["float32"]["grad" if name.startswith("d") else "out"]
+        assert _rel_err(x, ref) <= limit, name
+
+
+@pytest.mark.parametrize("backend", params_fast_only(["triton", "mosaic"], fast={"triton"}))
+def test_blocks_merged_by_lse_and_backward_from_the_whole_rows_lse(backend):
+    """Ring attention's two rules, on the kernel: key blocks attended separately and merged
+    by their log-sum-exp give the whole attention, and `flash_attention_backward` of each
+    block, given the whole rows' lse and delta, gives gradients that add up to the whole
+    attention's."""
+    b = 1 if backend == "mosaic" else 2
+    q, k, v, do, _ = _inputs(b, T, 4, 2, 64, jnp.float32)
+    q_pos, kv_pos = _chunk_positions(b)
+    seg = _segments(b, T)
+    common = dict(causal=True, window_size=WINDOW, segment_ids=seg, q_positions=q_pos,
+                  backend=backend, interpret=True, block_sizes=BLOCKS[backend])
+    halves = (slice(0, T // 2), slice(T // 2, T))
+
+    def run(q, k, v, do):
+        def whole(q, k, v):
+            return flash_attention(q, k, v, kv_segment_ids=seg, kv_positions=kv_pos,
+                                   return_lse=True, **common)
+        (o, lse), vjp = jax.vjp(whole, q, k, v)
+        grads = vjp((do, jnp.zeros_like(lse)))
+        parts = [flash_attention(q, k[:, h], v[:, h], kv_segment_ids=seg[:, h],
+                                 kv_positions=kv_pos[:, h], return_lse=True, **common)
+                 for h in halves]
+        merged_lse = jnp.logaddexp(parts[0][1], parts[1][1])
+        merged = sum(jnp.exp(l - merged_lse)[..., None].swapaxes(1, 2) * p for p, l in parts)
+        delta = jnp.sum(o * do, axis=-1).swapaxes(1, 2)
+        block_grads = [flash_attention_backward(q, k[:, h], v[:, h], do, lse, delta,
+                                                kv_segment_ids=seg[:, h],
+                                                kv_positions=kv_pos[:, h], **common)
+                       for h in halves]
+        return o, lse, grads, merged, merged_lse, block_grads
+
+    o, lse, (dq, dk, dv), merged, merged_lse, ((dq0, dk0, dv0), (dq1, dk1, dv1)) = jax.jit(
+        run, compiler_options=FAST_COMPILE)(q, k, v, do)
+    np.testing.assert_allclose(merged, o, atol=2e-5)
+    np.testing.assert_allclose(merged_lse, lse, atol=2e-5)
+    np.testing.assert_allclose(dq0 + dq1, dq, atol=1e-4)
+    np.testing.assert_allclose(jnp.concatenate([dk0, dk1], 1), dk, atol=1e-4)
+    np.testing.assert_allclose(jnp.concatenate([dv0, dv1], 1), dv, atol=1e-4)
+
+
 def test_sharded_kernel_equals_one_device(monkeypatch):
     """On 8 devices (data 4 x tensor 2) the kernel runs per shard with equal results."""
     mesh = make_mesh(dict(data=4, tensor=2), jax.devices())
@@ -272,20 +339,24 @@ def test_direct_call_without_accelerator_says_so():
         flash_attention(q, q, q)
 
 
+@pytest.mark.parametrize("positions", [False, True], ids=["index-masks", "position-masks"])
 @pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic", "tpu")])
-def test_kernels_lower_for_their_accelerator(backend, platform):
+def test_kernels_lower_for_their_accelerator(backend, platform, positions):
     """Forward + backward lower through Pallas's Triton / Mosaic pipelines at the default
-    blocks (bf16, head_dim 128, GQA, segment ids). This checks the lowering rules and the
-    TPU tiling constraints, not the device compilers (no GPU or TPU here)."""
+    blocks (bf16, head_dim 128, GQA, segment ids; masks from the indices or from position
+    arrays). This checks the lowering rules and the TPU tiling constraints, not the device
+    compilers (no GPU or TPU here)."""
     b, t, h, g, d = 2, 1024, 8, 2, 128
     q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((b, t, g, d), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
 
     def f(q, k, v, seg):
+        pos = dict(q_positions=seg, kv_positions=seg) if positions else {}
+
         def loss(q, k, v):
             o = flash_attention(q, k, v, causal=True, segment_ids=seg, window_size=300,
-                                backend=backend)
+                                backend=backend, **pos)
             return jnp.sum(o.astype(jnp.float32))
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
