@@ -29,8 +29,10 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 UnitInterval = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
 
-# Outermost to innermost: tensor parallelism talks most, so its devices are adjacent.
-MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")
+# Outermost to innermost: tensor parallelism talks most, so its devices are adjacent;
+# context parallelism passes key/value blocks to a ring neighbour N-1 times in every
+# attention layer, so its devices come next.
+MESH_AXES = ("pipeline", "data", "fsdp", "expert", "context", "tensor")
 
 # Logical axis -> mesh axes: the one place where the model's axis names meet the mesh
 # (`parallel/sharding.py` applies them). The first rule naming a logical axis wins, and a
@@ -50,7 +52,7 @@ DEFAULT_RULES = (
     # Activations.
     ("act_stages", "pipeline"),
     ("act_batch", ("data", "fsdp", "expert")),  # the expert axis is data-parallel outside MoE
-    ("act_len", None),
+    ("act_len", "context"),  # context parallelism: the sequence split between devices
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -61,6 +63,7 @@ LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttentionImpl = Literal["xla", "pallas", "pallas_interpret", "cudnn"]
+ContextAttention = Literal["ring", "allgather"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 MlpKind = Literal["gelu", "swiglu"]
 NormKind = Literal["rmsnorm", "layernorm"]
@@ -248,6 +251,7 @@ class Mesh(Section):
     tensor: Annotated[int, Field(ge=-1)] = 1
     pipeline: Annotated[int, Field(ge=-1)] = 1
     expert: Annotated[int, Field(ge=-1)] = 1
+    context: Annotated[int, Field(ge=-1)] = 1  # the sequence split (rule act_len -> context)
 
     @model_validator(mode="after")
     def _sizes(self) -> "Mesh":
@@ -355,6 +359,9 @@ class Model(Section):
     init_std: NonNegativeFloat = 0.02
     dtype: DType = "float32"  # compute dtype; parameters are always float32
     attention_impl: AttentionImpl = "xla"
+    # With the sequence split (mesh.context > 1): `ring` passes key/value blocks around
+    # the devices (no device holds all of them); `allgather` gathers them in every layer.
+    context_attention: ContextAttention = "ring"
     scan_layers: bool = True
     # Rematerialise each block in the backward pass: with scanned layers this is also
     # the fastest choice on CPU (no stacked per-layer residual buffers).
@@ -376,8 +383,8 @@ class Model(Section):
     # Keys that change how the model runs or starts, not the function its parameters
     # compute: a run may start from another run's parameters with these different.
     EXECUTION_KEYS: ClassVar[tuple[str, ...]] = (
-        "dropout", "init_std", "dtype", "attention_impl", "scan_layers", "remat",
-        "moe.jitter", "moe.grouped_matmul", "moe.load_balance_weight", "moe.z_loss_weight")
+        "dropout", "init_std", "dtype", "attention_impl", "context_attention", "scan_layers",
+        "remat", "moe.jitter", "moe.grouped_matmul", "moe.load_balance_weight", "moe.z_loss_weight")
 
     @property
     def resolved_head_dim(self) -> int:

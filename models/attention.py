@@ -12,7 +12,9 @@ registered under a name in ATTENTION_IMPLS and selected by `model.attention_impl
 
 The kernels run once per shard (`shard_map` over the batch and head axes, from the
 logical rules); their Pallas backends load only when one is traced, so the model imports
-on a machine without an accelerator. `IMPL_PLATFORMS` says which devices each
+on a machine without an accelerator. When the rules split the sequence itself (context
+parallelism), `parallel.context.context_attention` runs instead: a ring or an all-gather
+of key/value blocks, each block attended by the XLA path or the Pallas kernel. `IMPL_PLATFORMS` says which devices each
 implementation needs (`training/layout.py` checks it). Decoding with a KV cache always
 uses the XLA path with an explicit mask.
 """
@@ -26,6 +28,7 @@ from flax import nnx
 
 from kernels import flash_attention
 from models.layers import Linear, RMSNorm, rope
+from parallel.context import context_attention, context_shards
 from parallel.sharding import constrain, shard_map_logical
 
 AttentionFn = Callable[..., jax.Array]
@@ -193,6 +196,7 @@ class Attention(nnx.Module):
         self.use_rope = cfg.position == "rope"
         self.window = cfg.window
         self.impl = cfg.attention_impl
+        self.context_mode = cfg.context_attention
         qkv_bias = cfg.attention_bias in ("qkv", "all")
         kw: dict[str, Any] = dict(std=std, dtype=dtype, rngs=rngs, bias=qkv_bias)
         self.q = Linear((d,), (h, kd), ("embed", "heads", "head_dim"), **kw)
@@ -219,7 +223,11 @@ class Attention(nnx.Module):
         if self.use_rope:
             q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling)
             k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling)
-        if cache is None:
+        if cache is None and context_shards() > 1:  # the sequence is split: zig-zag order
+            out = context_attention(q, k, v, impl=self.impl, mode=self.context_mode,
+                                    segment_ids_BxL=segment_ids_BxL, window=self.window)
+            new_cache = None
+        elif cache is None:
             kwargs = {} if self.window is None else {"window": self.window}
             out = ATTENTION_IMPLS[self.impl](q, k, v, causal=True,
                                              segment_ids_BxL=segment_ids_BxL, **kwargs)

@@ -31,6 +31,7 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"
     attention_impl: str = "xla"
+    context_attention: str = "ring"  # ring | allgather, when the sequence is split
     scan_layers: bool = True
     remat: str = "none"
     norm: str = "rmsnorm"  # rmsnorm | layernorm

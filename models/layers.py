@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.quant import QTensor, embedding_table, fake_quant_activation, linear_operands
+from parallel.context import context_shards
 from parallel.sharding import constrain
 
 Initializer = nnx.initializers.Initializer
@@ -29,7 +30,8 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
 
 @jax.custom_vjp
 def matmul(x_NxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
-    """x @ w, with a backward pass that computes dW as (g^T x)^T.
+    """x @ w, with a backward pass that computes dW as (g^T x)^T; x may have several
+    leading dims ([..., I]).
 
     XLA:CPU otherwise computes dW = x^T g by materialising g^T, the big [N, O]
     activation gradient, inside an elementwise fusion that writes it transposed; that
@@ -47,7 +49,7 @@ def _matmul_fwd(x, w):
 def _matmul_bwd(res, g_NxO):
     x_NxI, w_IxO = res
     dx = g_NxO @ w_IxO.T
-    dw_OxI = jax.lax.optimization_barrier(jnp.einsum("no,ni->oi", g_NxO, x_NxI))
+    dw_OxI = jax.lax.optimization_barrier(jnp.einsum("...o,...i->oi", g_NxO, x_NxI))
     return dx, dw_OxI.T
 
 
@@ -78,7 +80,11 @@ class Linear(nnx.Module):
         w = self.kernel.get_value()
         n = self.in_ndim
         batch_shape, in_shape = x.shape[:x.ndim - n], x.shape[x.ndim - n:]
-        x2 = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
+        # The leading dims merge into one (a plain 2-D matmul) unless the sequence is split
+        # over devices: GSPMD cannot merge a split length axis with the batch axis without
+        # gathering the whole sequence.
+        lead = batch_shape if context_shards() > 1 else (-1,)
+        x2 = x.astype(self.dtype).reshape(*lead, math.prod(in_shape))
         if self.quant is None and not isinstance(w, QTensor):
             w = w.astype(self.dtype)
             out_shape = w.shape[n:]

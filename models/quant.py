@@ -167,7 +167,7 @@ def quantize_matrix(w_IxO: jax.Array, cfg: Quant, shape: tuple[int, ...] | None 
 
 def linear_operands(x_NxI: jax.Array, w: Any, cfg: Quant | None, in_ndim: int,
                     dtype: Any) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
-    """(x, w as [I, O], output feature shape) for a quantized Linear.
+    """(x, w as [I, O], output feature shape) for a quantized Linear (x is [..., I]).
 
     `w` is the float kernel (fake-quantized if cfg has weight bits) or a QTensor (real
     integer weights, dequantized here). Activations are fake-quantized per token."""
@@ -176,7 +176,7 @@ def linear_operands(x_NxI: jax.Array, w: Any, cfg: Quant | None, in_ndim: int,
         out_shape = w.shape[in_ndim:]
     else:
         out_shape = w.shape[in_ndim:]
-        w2 = w.reshape(x_NxI.shape[1], -1)
+        w2 = w.reshape(x_NxI.shape[-1], -1)
         if cfg is not None and cfg.weight_bits:
             w2 = fake_quant_weight(w2, cfg)
         w2 = w2.astype(dtype)

@@ -15,6 +15,7 @@ from models.attention import Attention
 from models.config import ModelConfig
 from models.layers import MLP, Embed, Linear, PositionEmbed, make_norm, residual_std
 from models.moe import MoE, load_balance_loss
+from parallel.context import default_positions
 from parallel.pipeline import pipeline_layers
 from parallel.sharding import constrain
 
@@ -142,8 +143,8 @@ class Transformer(nnx.Module):
                  dropout_key: jax.Array | None = None,
                  return_hidden: bool = False) -> Output:
         b, length = tokens_BxL.shape
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(length)[None], (b, length))
+        if positions_BxL is None:  # 0..L-1, in the layout's order when the sequence is split
+            positions_BxL = default_positions(b, length)
         x = self.embed(tokens_BxL)
         if self.cfg.position == "learned":
             x = x + self.pos_embed(positions_BxL)

@@ -6,11 +6,13 @@ over the mesh axes of the `experts` logical axis and, inside each expert, over t
 shards of the expert weights are gathered by GSPMD before the layer. Dispatch buffers
 [E, C, D] go to the devices owning their experts with an all-to-all and come back the
 same way: with P capacity groups per device, [E, P*C, D]. The batch is split over devices
-by rows (sequences) and capacity groups are runs within one sequence or whole sequences;
-the config checks make each device hold whole groups, so every layout forms the same
-groups and drops the same tokens as one device. Routing statistics
-are averaged over all tokens of the global batch, so the auxiliary losses equal those of
-one device.
+by rows (sequences) and, with context parallelism, each sequence over the devices of its
+length axis: a device routes the tokens it holds, like any others. Capacity groups are
+runs within one sequence or whole sequences; the config checks make each device hold
+whole groups (with the sequence split: runs within one zig-zag chunk, whose tokens are
+consecutive), so every layout forms the same groups and drops the same tokens as one
+device. Routing statistics are averaged over all tokens of the global batch, so the
+auxiliary losses equal those of one device.
 """
 
 from collections.abc import Callable
@@ -30,7 +32,8 @@ def _spec(*axes: tuple[str, ...]) -> P:
 def expert_parallel(fn: Callable[..., Any], x_BxLxD: jax.Array, router_DxE: jax.Array,
                     w: dict[str, jax.Array], cfg: Any, key: jax.Array | None):
     """fn(tokens_TxD, router, w, cfg, key, exchange=..., ep_size=..., length=L) on each
-    device, where the tokens are the device's rows of `x_BxLxD`, row-major."""
+    device, where the tokens are the device's block of `x_BxLxD` (its rows, and its part
+    of each row when the sequence is split), row-major, and L the tokens per row there."""
     b, length, d = x_BxLxD.shape
     mesh, rules = current_mesh(), current_rules()
     if mesh is None or mesh.devices.size == 1:
@@ -38,10 +41,12 @@ def expert_parallel(fn: Callable[..., Any], x_BxLxD: jax.Array, router_DxE: jax.
         return y.reshape(b, length, d), aux
 
     batch = mesh_axes_of("act_batch", rules)
+    seq = tuple(a for a in mesh_axes_of("act_len", rules) if a not in batch)
     experts = mesh_axes_of("experts", rules)
     mlp = mesh_axes_of("mlp", rules)
     ep = math.prod(mesh.shape[a] for a in experts)
-    batch_sharded = tuple(a for a in batch if mesh.shape[a] > 1)
+    token_axes = batch + seq  # every device holds different tokens along these
+    token_sharded = tuple(a for a in token_axes if mesh.shape[a] > 1)
 
     def exchange(buf_ExCxD, compute):
         """Send each expert's buffer to its owner, compute there, and send results back."""
@@ -51,19 +56,19 @@ def expert_parallel(fn: Callable[..., Any], x_BxLxD: jax.Array, router_DxE: jax.
         return jax.lax.all_to_all(out, experts, 1, 0, tiled=True)  # [E, P*C, D]
 
     def body(x, router, w, key):
-        if key is not None and batch_sharded:
-            key = jax.random.fold_in(key, jax.lax.axis_index(batch_sharded))
+        if key is not None and token_sharded:
+            key = jax.random.fold_in(key, jax.lax.axis_index(token_sharded))
         y, aux = fn(x.reshape(-1, d), router, w, cfg, key,
-                    exchange=exchange if ep > 1 else None, ep_size=ep, length=length)
+                    exchange=exchange if ep > 1 else None, ep_size=ep, length=x.shape[1])
         if mlp:
             y = jax.lax.psum(y, mlp)  # the down projection was split over d_ff
-        if batch:
-            aux = jax.tree.map(lambda a: jax.lax.pmean(a, batch), aux)
+        if token_axes:
+            aux = jax.tree.map(lambda a: jax.lax.pmean(a, token_axes), aux)
         return y.reshape(x.shape), aux
 
     w_specs = {name: _spec(experts, (), mlp) if name != "down" else _spec(experts, mlp, ())
                for name in w}
-    x_spec = _spec(batch, (), ())
+    x_spec = _spec(batch, seq, ())
     # Every mesh axis is manual; inside a pipeline stage (a vmap over the stage axis)
     # the pipeline axis must be manual too for the batching rule to place the stages.
     manual = set(mesh.axis_names)

@@ -64,7 +64,8 @@ class Experiment:
         mesh = make_mesh(resolve_mesh_shape(config.mesh, len(devices)), devices)
         rules = config.sharding.rules
         data = resolve_data(config.data, workdir)
-        teacher = Teacher.load(config.loss.distill, mesh) if needs_teacher(config) else None
+        teacher = Teacher.load(config.loss.distill, mesh, rules,
+                               config.model.context_attention) if needs_teacher(config) else None
         model_cfg = ModelConfig.from_section(config.model, data.vocab_size, quant=config.quant,
                                              seq_len=config.train.seq_len,
                                              **pipeline_fields(config, mesh))

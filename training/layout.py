@@ -3,9 +3,10 @@
 `configs/sections.py` checks each config on its own; this module checks it against the
 mesh it will run on, the data it will read and the teacher it will distil from:
 mesh sizes vs devices, the attention kernel vs the platform, batch sizes vs the
-data-parallel size and the processes, the pipeline schedule, MoE capacity groups vs each
-device's tokens, every sharded dimension vs its mesh axes, sequence length vs the data,
-vocabularies. The first problem raises
+data-parallel size and the processes, the pipeline schedule, the sequence split (context
+parallelism) vs the sequence length, the attention and the MoE groups, MoE capacity groups
+vs each device's tokens, every sharded dimension vs its mesh axes, sequence length vs the
+data, vocabularies. The first problem raises
 ConfigError naming the key to change.
 """
 
@@ -20,7 +21,9 @@ from configs.sections import MESH_AXES, Config
 from data.pipeline import TokenData
 from models import ModelConfig
 from models.attention import IMPL_PLATFORMS
-from parallel.sharding import Rules, indivisible_dims, mesh_axes_of, mesh_axes_size
+from parallel.context import BLOCK_IMPLS
+from parallel.sharding import (Rules, indivisible_dims, logical_to_spec, mesh_axes_of,
+                               mesh_axes_size)
 
 
 def resolve_mesh_shape(mesh: Any, num_devices: int) -> dict[str, int]:
@@ -70,6 +73,7 @@ def check_layout(config: Config, mesh: Mesh, data: TokenData, model_cfg: ModelCo
     `teacher`: a `training.teacher.Teacher` when the objective distils from one.
     """
     rules = config.sharding.rules
+    _check_context(config, mesh, rules, teacher)
     _check_platform(config, mesh)
     _check_batch(config, mesh, rules, jax.process_count() if process_count is None
                  else process_count)
@@ -140,6 +144,47 @@ def _check_pipeline(config: Config, mesh: Mesh, rules: Rules, model_cfg: ModelCo
         raise ConfigError("loss.weights.feature", "needs the student's hidden states, which "
                                                   "pipelined layers do not return; use "
                                                   "mesh.pipeline=1")
+
+
+def sequence_split(mesh: Mesh, rules: Rules) -> tuple[tuple[str, ...], int]:
+    """(mesh axes, devices) that split each sequence: the length of a [B, L] batch array."""
+    axes = logical_to_spec(("act_batch", "act_len"), rules)[1]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def _check_context(config: Config, mesh: Mesh, rules: Rules, teacher: Any) -> None:
+    """A split sequence: 2 zig-zag chunks per device, attention that works block by block,
+    MoE capacity groups inside one chunk; a context axis that some rule uses."""
+    used = {a for _, axes in rules for a in ((axes,) if isinstance(axes, str) else axes or ())}
+    if mesh.shape["context"] > 1 and "context" not in used:
+        raise ConfigError("mesh.context", f"{mesh.shape['context']} devices would split "
+                                          "nothing: no sharding rule maps a logical axis to "
+                                          "'context' (the default is ('act_len', 'context'))")
+    axes, n = sequence_split(mesh, rules)
+    if n == 1:
+        return
+    split = f"{n} devices ({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)})"
+    length = config.train.seq_len
+    if length % (2 * n):
+        raise ConfigError("seq_len", f"{length} is not divisible by 2 x {n} = {2 * n}: the "
+                                     f"sequence is split over {split}, two chunks each")
+    impls = [("model.attention_impl", "", config.model.attention_impl)]
+    if teacher is not None:
+        impls.append(("loss.distill.teacher_workdir", "the teacher's attention_impl ",
+                      teacher.config.model.attention_impl))
+    for key, whose, impl in impls:
+        if impl not in BLOCK_IMPLS:
+            raise ConfigError(key, f"{whose}{impl!r} cannot attend across a sequence split "
+                                   f"over {split}; use one of {list(BLOCK_IMPLS)}")
+    moe, chunk = config.model.moe, length // (2 * n)
+    if moe.num_experts and moe.capacity_factor > 0 and (not moe.group_size
+                                                        or chunk % moe.group_size):
+        groups = f"{moe.group_size} tokens" if moe.group_size else "one sequence (0)"
+        raise ConfigError("model.moe.group_size",
+                          f"capacity groups of {groups} straddle devices: the sequence is "
+                          f"split over {split} in chunks of {chunk} tokens; use a divisor "
+                          f"of {chunk}")
 
 
 def _check_moe_groups(config: Config, mesh: Mesh, rules: Rules) -> None:

@@ -2,8 +2,10 @@
 
 No data is read and nothing runs: the step is lowered on abstract, sharded inputs and
 compiled. Per device it reports parameter, optimizer, batch and temporary bytes (the
-last from `compiled.memory_analysis()`), FLOPs, and the collectives in the compiled HLO
-(each counted as often as the loops around it run).
+last from `compiled.memory_analysis()`: activations and workspace), FLOPs, and the
+collectives in the compiled HLO (each counted as often as the loops around it run). With
+the sequence split (context parallelism) it adds each device's causal attention FLOPs
+under the zig-zag order and under a contiguous split, to show the balance.
 """
 
 import math
@@ -15,9 +17,11 @@ import jax
 import numpy as np
 
 from configs.sections import Config
+from parallel.context import causal_pairs_per_shard, computed_pairs_per_shard
 from parallel.pipeline import bubble_fraction
-from parallel.sharding import named_sharding
+from parallel.sharding import mesh_axes_size, named_sharding
 from training.experiment import BATCH_AXES, Experiment
+from training.layout import sequence_split
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                "collective-permute")
@@ -33,6 +37,32 @@ def model_flops_per_token(cfg: Any, seq_len: int) -> float:
     matmul_params = cfg.num_layers * (attn + mlp) + d * cfg.padded_vocab
     attention = cfg.num_layers * 2 * seq_len * cfg.num_heads * cfg.head_dim  # QK^T + PV, causal
     return 6 * matmul_params + 6 * attention
+
+
+def attention_flops_per_pair(cfg: Any) -> float:
+    """Training FLOPs of one causal query-key pair, all layers and heads: QK^T and PV
+    forward (2 x 2K) and their four backward matmuls (4 x 2K)."""
+    return 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+
+
+def context_plan(exp: Experiment, batch_size: int, seq_len: int) -> dict[str, Any] | None:
+    """The sequence split and each of its devices' attention work (None when unsplit)."""
+    axes, n = sequence_split(exp.mesh, exp.rules)
+    if n == 1:
+        return None
+    rows = batch_size // mesh_axes_size(exp.mesh, "act_batch", exp.rules)  # per device
+    mc = exp.model_cfg
+    flops = attention_flops_per_pair(mc) * rows
+    window = mc.sliding_window or None
+    return {
+        "devices": n, "axes": list(axes), "attention": mc.context_attention,
+        "chunk_tokens": seq_len // (2 * n),
+        "attention_flops_per_device": [
+            float(x) * flops for x in causal_pairs_per_shard(seq_len, n, window)],
+        "contiguous_attention_flops_per_device": [
+            float(x) * flops for x in causal_pairs_per_shard(seq_len, n, window, "contiguous")],
+        "computed_attention_flops_per_device": computed_pairs_per_shard(seq_len, n) * flops,
+    }
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -137,6 +167,7 @@ def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> 
         "pipeline_bubble": bubble_fraction(mc.pipeline_stages, mc.pipeline_microbatches,
                                            mc.pipeline_repeats),
         "pipeline": exp.describe_pipeline(),
+        "context": context_plan(exp, b, t),
     }
     return result
 
@@ -172,4 +203,22 @@ def format_plan(r: dict[str, Any]) -> str:
         lines.append(f"    {kind:<19} {s['count']:>6} ops  {_mib(s['bytes']):>14}")
     lines.append(f"Pipeline bubble: {r['pipeline_bubble']:.1%}"
                  + (f" ({r['pipeline']})" if r["pipeline"] else " (no pipeline)"))
+    if r.get("context"):
+        lines += format_context(r["context"])
     return "\n".join(lines)
+
+
+def format_context(c: dict[str, Any]) -> list[str]:
+    """The sequence split's lines of the dry-run report."""
+    def spread(flops: list[float]) -> str:
+        lo, hi, mean = min(flops), max(flops), sum(flops) / len(flops)
+        return (f"{lo / 1e9:,.3f}-{hi / 1e9:,.3f} GFLOP, max/mean {hi / mean:.2f}")
+    return [
+        f"Context parallelism: {c['attention']} attention over {c['devices']} devices "
+        f"({' x '.join(c['axes'])}), zig-zag chunks of {c['chunk_tokens']} tokens.",
+        f"  causal attention per device   {spread(c['attention_flops_per_device'])}",
+        f"  with a contiguous split       {spread(c['contiguous_attention_flops_per_device'])}",
+        f"  computed by the block loop    "
+        f"{c['computed_attention_flops_per_device'] / 1e9:,.3f} GFLOP on every device "
+        "(masked halves of the diagonal blocks included)",
+    ]

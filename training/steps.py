@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from losses.objectives import Objective, cross_entropy_objective, split_objective_params
 from models import ModelConfig
+from parallel.context import to_context_order
 from parallel.sharding import Rules, constrain, use_rules
 from training.state import TrainState
 
@@ -43,7 +44,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     stat except `weight_sum` are sums over target tokens (means such as MoE statistics are
     multiplied by the token count), so micro-batches add up and dividing by the total
     `weight_sum` gives token-weighted means. Stats: `loss/<term>` for every term and the
-    model's MoE diagnostics `moe_*`.
+    model's MoE diagnostics `moe_*`. The batch's optional `positions` and `segment_ids`
+    go to the model; with the sequence split, every [B, L] array is in the layout's order
+    (`parallel.context.to_context_order`).
     """
     objective = objective or cross_entropy_objective(model_cfg)
     return_hidden = objective.needs_hidden
@@ -53,7 +56,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
         model_params, objective_params = split_objective_params(params)
         model = nnx.merge(graphdef, model_params)
         tokens = constrain(batch["inputs"], ("act_batch", "act_len"))
-        out = model(tokens, segment_ids_BxL=batch.get("segment_ids"),
+        out = model(tokens, positions_BxL=batch.get("positions"),
+                    segment_ids_BxL=batch.get("segment_ids"),
                     dropout_key=dropout_key, return_hidden=return_hidden)
         total, (weight_sum, terms) = objective(out, batch, teacher, objective_params, step)
         stats = {"weight_sum": weight_sum, **{f"loss/{k}": v for k, v in terms.items()}}
@@ -80,7 +84,8 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old
     parameters and optimizer state (metric `skipped` = 1). Metrics: `loss` (the weighted
     objective), `loss/<term>` for every term, the objective's scheduled values, MoE
-    diagnostics.
+    diagnostics. With the sequence split over devices (context parallelism) the batch is
+    put in the zig-zag order first, so the student, the teacher and the loss see one order.
     """
     objective = objective or cross_entropy_objective(model_cfg)
     loss_fn = make_loss_fn(graphdef, model_cfg, objective)
@@ -90,6 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     def train_step(state: TrainState, batch: Batch, teacher_params: Any = None
                    ) -> tuple[TrainState, Metrics]:
         with use_rules(mesh, rules):
+            batch = to_context_order(batch)
             step_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
             def micro(i, mb):
@@ -146,7 +152,7 @@ def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: Mesh,
 
     def eval_step(params, batch: Batch):
         with use_rules(mesh, rules):
-            _, stats = loss_fn(params, batch, None)
+            _, stats = loss_fn(params, to_context_order(batch), None)
             return stats["loss/ce"], stats["weight_sum"]
 
     return eval_step

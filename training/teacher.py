@@ -38,15 +38,20 @@ class Teacher:
     model_cfg: ModelConfig
     graphdef: nnx.GraphDef
     mesh: Mesh
-    rules: Rules  # the teacher's logical rules, on the student's mesh
+    rules: Rules  # the teacher's logical rules on the student's mesh (length split: student's)
     param_axes: Any  # logical PartitionSpecs of the parameters
     shardings: Any  # NamedShardings of the parameters
     abstract_params: Any  # ShapeDtypeStructs with shardings
 
     @classmethod
-    def load(cls, distill: Distill, mesh: Mesh) -> "Teacher":
+    def load(cls, distill: Distill, mesh: Mesh, student_rules: Rules = (),
+             context_attention: str = "ring") -> "Teacher":
         """Find the teacher run and its checkpoint; loads no weights (`check_layout` checks
-        its vocabulary and layout against the student's)."""
+        its vocabulary and layout against the student's).
+
+        The teacher reads the student's batches, so it splits the sequence as the student's
+        rules do (`act_len`, the order of the tokens) and attends across the split by the
+        student's `context_attention`."""
         workdir = Path(distill.teacher_workdir).absolute()
         if not workdir.is_dir():
             raise ConfigError(KEY, f"no such directory: {distill.teacher_workdir}")
@@ -58,9 +63,11 @@ class Teacher:
         tdata = rundir.load_data(tconfig, workdir, key=KEY)
         model_cfg = ModelConfig.from_section(tconfig.model, tdata.vocab_size,
                                              quant=tconfig.quant, dropout=0.0,
-                                             seq_len=tconfig.train.seq_len)
+                                             seq_len=tconfig.train.seq_len,
+                                             context_attention=context_attention)
         graphdef, abstract, axes = abstract_params(model_cfg)
-        rules = tconfig.sharding.rules
+        student_len = [rule for rule in student_rules if rule[0] == "act_len"][:1]
+        rules = tuple(student_len) + tuple(tconfig.sharding.rules)  # the first rule wins
         shardings = tree_shardings(mesh, axes, rules)
         return cls(workdir=workdir, step=step, config=tconfig, tokenizer=tdata.tokenizer,
                    model_cfg=model_cfg, graphdef=graphdef, mesh=mesh, rules=rules,
@@ -79,6 +86,6 @@ class Teacher:
         with use_rules(self.mesh, self.rules):
             model = nnx.merge(self.graphdef, params)
             tokens = constrain(batch["inputs"], ("act_batch", "act_len"))
-            out = model(tokens, segment_ids_BxL=batch.get("segment_ids"),
-                        return_hidden=return_hidden)
+            out = model(tokens, positions_BxL=batch.get("positions"),
+                        segment_ids_BxL=batch.get("segment_ids"), return_hidden=return_hidden)
         return jax.tree.map(jax.lax.stop_gradient, out._replace(cache=None))
