@@ -39,7 +39,7 @@ from data.pipeline import Batch, EvalBatches, TokenData, TrainBatches, target_by
 
 PACKINGS = ("windows", "documents")
 ROW_KEYS = ("source", "target_bytes")  # per-row [rows] arrays, not model inputs
-DEFAULT_PACKING_BINS = 64
+DEFAULT_PACKING_BINS = 128
 
 
 def check_packing(packing: str, seq_len: int) -> None:
@@ -85,10 +85,11 @@ def bits_per_byte(loss_sum: float, num_bytes: float) -> float:
 
 def check_documents(data: TokenData | Mixture, split: str = "train") -> None:
     """ConfigError when a split has no document of at least 2 tokens (nothing to predict)."""
+    key = "data.mixture" if isinstance(data, Mixture) else "data.path"
     for source in _sources(data)[0]:
         if not np.any(np.diff(source.docs(split)) >= 2):
-            raise ConfigError("data.path", f"the {split} split of {source.path} has no "
-                                           f"document of 2 or more tokens")
+            raise ConfigError(key, f"the {split} split of {source.path} has no document "
+                                   f"of 2 or more tokens")
 
 
 # Documents: grain pipeline over token positions.
@@ -264,8 +265,9 @@ def _windows_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int,
 # Public entry points.
 
 def _check_lengths(data: TokenData | Mixture, seq_len: int, packing: str) -> None:
-    for source in _sources(data)[0]:
-        if packing == "windows" and len(source.train) < seq_len + 1:
+    sources, weights, _ = _sources(data)
+    for source, w in zip(sources, weights):
+        if packing == "windows" and w > 0 and len(source.train) < seq_len + 1:
             raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the train split "
                                          f"({len(source.train)} tokens) of {source.path}")
 

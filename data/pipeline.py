@@ -1,9 +1,12 @@
-"""Token data sets and grain pipelines for training and evaluation.
+"""Token data sets and the window pipelines for training and evaluation.
 
 Training draws random windows of `seq_len + 1` tokens. The windows of global step `s`
 depend only on (`seed`, `s`), and each process takes its rows of the global batch, so
 the data order is the same for any number of processes and survives restarts exactly.
 Evaluation walks the whole validation split in non-overlapping windows.
+
+Packed documents, mixtures and per-source evaluation build on these in data/packing.py
+and data/mixture.py.
 """
 
 import dataclasses

@@ -38,7 +38,7 @@ from configs.errors import ConfigError
 from data.readers import Task, expand_inputs, file_format, parse_task, read_tasks
 from data.tokenizers import (DEFAULT_BPE_VOCAB, HF_FILE, SENTENCEPIECE_FILE, TOKENIZERS,
                              ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer,
-                             fit_tokenizer, load_hf_tokenizer,
+                             encode_documents_flat, fit_tokenizer, load_hf_tokenizer,
                              load_sentencepiece, parse_tokenizer_spec, tokenizer_from_dict,
                              train_bpe)
 
@@ -220,14 +220,7 @@ def _op_tokenize(task: Task) -> _Tokenized:
     texts = [t for t in p.texts if t]
     raw = [t.encode("utf-8", "surrogatepass") for t in texts]
     dtype = np.dtype(_STATE["dtype"])
-    tok = _STATE["tok"]
-    ids = tok.encode_batch(texts) if texts else []
-    head = [] if tok.bos_id is None else [np.array([tok.bos_id], dtype)]
-    tail = [] if tok.eos_id is None else [np.array([tok.eos_id], dtype)]
-    # One concatenation per task: [BOS] ids [EOS] for every document.
-    parts = [p for x in ids for p in (*head, x, *tail)]
-    tokens = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-    lengths = np.array([len(x) for x in ids], np.int64) + len(head) + len(tail)
+    tokens, lengths = encode_documents_flat(_STATE["tok"], texts, dtype)
     is_val = np.array([_is_val(r, _STATE["val_fraction"]) for r in raw], bool)
     return _Tokenized(tokens, lengths, is_val, np.array([len(r) for r in raw], np.int64),
                       p.bad, len(p.texts) - len(texts), p.error)

@@ -22,6 +22,7 @@ tiny-Shakespeare default) keeps its vocabulary and ids.
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -383,6 +384,26 @@ def _with_specials(tok: Tokenizer, ids: np.ndarray) -> np.ndarray:
 def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
     """`encode_document` for a batch (HF tokenizers encode it in parallel)."""
     return [_with_specials(tok, ids) for ids in tok.encode_batch(texts)]
+
+
+def encode_documents_flat(tok: Tokenizer, texts: Sequence[str],
+                          dtype: Any = np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [total], lengths [documents]) of `encode_documents`, concatenated in one pass
+    (what preparation writes; avoids one small array per document)."""
+    head = [] if tok.bos_id is None else [tok.bos_id]
+    tail = [] if tok.eos_id is None else [tok.eos_id]
+    if isinstance(tok, HFTokenizer):
+        encs = tok.tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        lengths = np.fromiter((len(e) for e in encs), np.int64, len(encs))
+        flat = itertools.chain.from_iterable((*head, *e.ids, *tail) for e in encs) \
+            if head or tail else itertools.chain.from_iterable(e.ids for e in encs)
+        total = int(lengths.sum()) + len(encs) * (len(head) + len(tail))
+        return np.fromiter(flat, dtype, total), lengths + len(head) + len(tail)
+    ids = tok.encode_batch(texts)
+    h, t = np.asarray(head, dtype), np.asarray(tail, dtype)
+    parts = [p for x in ids for p in (h, x, t)]
+    flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    return flat, np.array([len(x) for x in ids], np.int64) + len(head) + len(tail)
 
 
 def fit_tokenizer(kind: str, text: str, vocab_size: int = DEFAULT_BPE_VOCAB,

@@ -115,3 +115,16 @@ def test_specs_and_errors(tmp_path):
         load_sentencepiece(tmp_path / "bad.model")
     with pytest.raises(ConfigError, match="data.vocab_size: 100 is too small"):
         train_bpe(iter(["abc"]), 100, tmp_path / "t.json")
+
+
+def test_flat_document_encoding_matches_per_document(bpe, sp, tmp_path):
+    from data.tokenizers import encode_documents_flat
+    for kind, tok in _all(bpe, sp, tmp_path).items():
+        texts = [TEXT, "hello", "東京"]
+        flat, lengths = encode_documents_flat(tok, texts, np.uint16)
+        assert flat.dtype == np.uint16
+        want = encode_documents(tok, texts)
+        np.testing.assert_array_equal(lengths, [len(w) for w in want])
+        np.testing.assert_array_equal(flat, np.concatenate(want))
+        empty, none = encode_documents_flat(tok, [])
+        assert empty.size == 0 and none.size == 0
