@@ -200,12 +200,12 @@ def _parse(task: Task):
     return parse_task(task, _STATE["text_field"], _STATE["skip_bad"])
 
 
-def _op_chars(task: Task) -> tuple[set[str], int, tuple[str, str] | None]:
+def _op_chars(task: Task) -> tuple[set[str], tuple[str, str] | None]:
     p = _parse(task)
     chars: set[str] = set()
     for t in p.texts:
         chars.update(t)
-    return chars, len([t for t in p.texts if t]), p.error
+    return chars, p.error
 
 
 def _op_train_texts(task: Task) -> tuple[list[str], tuple[str, str] | None]:
@@ -350,8 +350,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale(out: Path) -> None:
-    """Remove partial outputs left by crashed runs (their process is gone)."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
+    """Remove partial (and replaced) outputs left by crashed runs (their process is gone)."""
+    for p in [*out.parent.glob(f".{out.name}.partial-*"),
+              *out.parent.glob(f".{out.name}.old-*")]:
         try:
             pid = int(p.name.rsplit("-", 1)[1])
         except ValueError:
@@ -400,9 +401,14 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
         given = load_hf_tokenizer(tok_path, "--tokenizer")
     elif kind == "sentencepiece":
         given = load_sentencepiece(tok_path, "--tokenizer")
-    files = expand_inputs(inputs, "--input")
+    # Never read the output (or its staging directories) back as input.
+    files = [f for f in expand_inputs(inputs, "--input")
+             if output not in f.parents and not f.parent.name.startswith(f".{output.name}.")]
+    if not files:
+        raise ConfigError("--input", f"no input files outside --output {output}")
     settings = {"format_version": CORPUS_FORMAT_VERSION, "tokenizer": kind,
-                "tokenizer_sha256": getattr(given, "sha256", None),
+                "tokenizer_file": None if given is None else
+                {k: v for k, v in given.to_dict().items() if k != "file"},
                 "vocab_size": vocab_size if kind == "bpe" else None,
                 "text_field": text_field, "val_fraction": val_fraction,
                 "split_blank_lines": split_blank_lines, "skip_bad": skip_bad}
@@ -430,12 +436,14 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
         meta.update(fingerprint=fingerprint, inputs=[str(f) for f in files],
                     settings=settings)
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        if output.exists():
+        if is_prepared(output):  # --overwrite: swap the old set out, then delete it
             old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old) if is_prepared(output) else output.rmdir()
+            os.replace(output, old)
             os.replace(tmp, output)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            if output.exists():
+                output.rmdir()  # an empty directory (checked above)
             os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -458,7 +466,7 @@ def _build(files: list[Path], tmp: Path, kind: str, given: Tokenizer | None,
         chars: set[str] = set()
         bar = _progress(progress, total, "characters")
         try:
-            for found, _, error in _map_ordered(read_tasks(files, **read), "chars", base,
+            for found, error in _map_ordered(read_tasks(files, **read), "chars", base,
                                                 workers, bar):
                 _raise(error)
                 chars |= found

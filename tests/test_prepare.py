@@ -317,3 +317,15 @@ def test_one_text_with_bpe_and_resolve_data_with_tokenizer_specs(tmp_path):
     cfg.tokenizer = "char"
     with pytest.raises(ConfigError, match="data.tokenizer: .*prepared with the 'hf' tokenizer"):
         resolve_data(cfg, tmp_path / "wd2")
+
+
+def test_output_inside_an_input_directory_is_not_read_back(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    for i, t in enumerate(docs_of(40)):
+        (tmp_path / "corpus" / f"{i:03d}.txt").write_text(t)
+    out = tmp_path / "corpus" / "prepared"
+    prepare_corpus([tmp_path / "corpus"], out, tokenizer="byte", workers=0, progress=False)
+    stamp = (out / META).stat().st_mtime_ns
+    prepare_corpus([tmp_path / "corpus"], out, tokenizer="byte", workers=0, progress=False)
+    assert (out / META).stat().st_mtime_ns == stamp
+    assert sum(json.loads((out / META).read_text())["documents"].values()) == 40
