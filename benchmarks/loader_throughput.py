@@ -62,10 +62,11 @@ def main() -> None:
     one_text = TokenData.load(prepare(EMBEDDED_CORPUS, work / "shakespeare_char"))
     corpus = make_jsonl(work / "corpus_16mb.jsonl", 16_000_000)
     docs = TokenData.load(prepare_corpus([corpus], work / "docs_char", tokenizer="char",
-                                         workers=1, progress=False))
+                                         workers=1, progress=False, overwrite=True))
     short = make_jsonl(work / "corpus_paragraphs_4mb.jsonl", 4_000_000, max_paragraphs=1)
     paragraphs = TokenData.load(prepare_corpus([short], work / "paragraphs_char",
-                                               tokenizer="char", workers=1, progress=False))
+                                               tokenizer="char", workers=1, progress=False,
+                                               overwrite=True))
     mixture = Mixture.parse(f"{work / 'docs_char'}:0.7,{work / 'paragraphs_char'}:0.3")
     mean_doc = float(np.diff(docs.train_docs).mean())
     mean_par = float(np.diff(paragraphs.train_docs).mean())

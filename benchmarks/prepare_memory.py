@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--bpe_max_mb", type=float, default=100,
                     help="skip BPE above this size (it tokenizes at a few MB/s here)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--bpe_train_mb", type=float, default=0,
+                    help="passed to data.prepare: train the BPE on a prefix (0: all)")
     ap.add_argument("--vocab_size", type=int, default=4096)
     ap.add_argument("--workdir", default="/tmp/jaxlm_bench")
     ap.add_argument("--keep", action="store_true", help="keep the prepared outputs")
@@ -100,9 +102,12 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "data.prepare", f"--input={corpus}",
                    f"--output={out}", f"--tokenizer={kind}", f"--workers={args.workers}",
-                   f"--vocab_size={args.vocab_size}", "--quiet"]
+                   f"--vocab_size={args.vocab_size}", f"--bpe_train_mb={args.bpe_train_mb}",
+                   "--quiet"]
             r = run_measured(cmd, work / f"memory_{kind}_{size:g}mb.log")
             mb = corpus.stat().st_size / 1e6
+            if kind == "bpe" and args.bpe_train_mb:
+                kind = f"bpe (trained on {args.bpe_train_mb:g}M chars)"
             rows.append({"size_mb": round(mb, 1), "tokenizer": kind, "workers": args.workers,
                          **{k: round(v, 1) for k, v in r.items()}})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

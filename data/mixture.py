@@ -1,7 +1,6 @@
 """Mixtures of prepared data sets: `data.mixture = "DIR_A:0.7,DIR_B:0.3"`."""
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ class Mixture:
         return cls(names, sources, np.asarray(weights, np.float64) / total)
 
 
-def resolve_mixture(data_cfg: Any, workdir: str | os.PathLike | None = None) -> Mixture:
+def resolve_mixture(data_cfg: Any) -> Mixture:
     """`data.mixture` as a Mixture, checking its tokenizer against `data.tokenizer`."""
     mixture = Mixture.parse(data_cfg.mixture)
     wanted = tokenizer_kind(data_cfg.tokenizer)

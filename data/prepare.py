@@ -2,7 +2,7 @@
 
   python -m data.prepare --input=PATH_OR_GLOB [--input=...] --output=DIR --tokenizer=KIND
       [--vocab_size=N] [--text_field=text] [--workers=N] [--val_fraction=F]
-      [--split_blank_lines] [--skip_bad] [--overwrite]
+      [--split_blank_lines] [--skip_bad] [--overwrite] [--bpe_train_mb=N] [--shard_mb=N]
 
 Two layouts:
 
@@ -374,7 +374,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
                    text_field: str = "text", workers: int = 1, val_fraction: float = 0.1,
                    split_blank_lines: bool = False, skip_bad: bool = False,
                    overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, bpe_train_chars: int = 0) -> Path:
     """Stream a corpus of documents into `output` (format 2); returns `output`.
 
     Idempotent: the same inputs (paths, sizes, mtimes) and settings reuse `output`; an
@@ -382,7 +382,9 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
     written into a hidden sibling directory renamed into place at the end, so a crash
     never leaves an `output` that looks prepared. `workers=0` tokenizes in this process.
     Char and byte reserve an end-of-document id (the corpus has several documents);
-    bpe trains on the training documents (streamed) with `vocab_size` ids.
+    bpe trains on the training documents (streamed) with `vocab_size` ids, or on their
+    first `bpe_train_chars` characters when > 0: the trainer's memory is its table of
+    distinct pre-tokenized words, which grows with the text it sees.
     """
     output = Path(output).absolute()
     kind, tok_path = parse_tokenizer_spec(tokenizer, "--tokenizer")
@@ -390,6 +392,8 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
         raise ConfigError("--val_fraction", f"must be in (0, 1), got {val_fraction}")
     if workers < 0:
         raise ConfigError("--workers", f"must be >= 0, got {workers}")
+    if bpe_train_chars < 0:
+        raise ConfigError("--bpe_train_mb", f"must be >= 0, got {bpe_train_chars / 1e6}")
     if shard_bytes <= 0:
         raise ConfigError("--shard_mb", f"must be > 0, got {shard_bytes} bytes")
     if kind == "bpe" and vocab_size < 257:
@@ -410,6 +414,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
                 "tokenizer_file": None if given is None else
                 {k: v for k, v in given.to_dict().items() if k != "file"},
                 "vocab_size": vocab_size if kind == "bpe" else None,
+                "bpe_train_chars": bpe_train_chars if kind == "bpe" else 0,
                 "text_field": text_field, "val_fraction": val_fraction,
                 "split_blank_lines": split_blank_lines, "skip_bad": skip_bad}
     fingerprint = _corpus_fingerprint(files, settings)
@@ -479,10 +484,14 @@ def _build(files: list[Path], tmp: Path, kind: str, given: Tokenizer | None,
         bar = _progress(progress, total, "train bpe")
 
         def texts() -> Iterator[str]:
+            seen = 0
             for batch, error in _map_ordered(read_tasks(files, **read), "train_texts", base,
                                              workers, bar):
                 _raise(error)
                 yield from batch
+                seen += sum(len(t) for t in batch)
+                if 0 < settings["bpe_train_chars"] <= seen:
+                    return  # trained on a prefix of the training documents
         try:
             tok = train_bpe(texts(), vocab_size, tmp / HF_FILE, "--vocab_size")
         finally:
@@ -549,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tokenizer", default="char",
                     help="char | byte | bpe | hf:PATH | sentencepiece:PATH")
     ap.add_argument("--vocab_size", type=int, default=DEFAULT_BPE_VOCAB, help="bpe only")
+    ap.add_argument("--bpe_train_mb", type=float, default=0,
+                    help="bpe only: train on the first N million characters of the "
+                         "training documents (0: all)")
     ap.add_argument("--text_field", default="text", help="JSON / Parquet field of the text")
     ap.add_argument("--workers", type=int, default=1,
                     help="tokenizer processes (0: tokenize in this process)")
@@ -578,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             out = prepare_corpus(args.input, args.output, tokenizer=args.tokenizer,
                                  vocab_size=args.vocab_size, text_field=args.text_field,
+                                 bpe_train_chars=int(args.bpe_train_mb * 1e6),
                                  workers=args.workers, val_fraction=args.val_fraction,
                                  split_blank_lines=args.split_blank_lines,
                                  skip_bad=args.skip_bad, overwrite=args.overwrite,
