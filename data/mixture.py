@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from configs.errors import ConfigError
-from data.pipeline import TokenData
+from configs.sections import parse_mixture
+from data.pipeline import TokenData, resolve_data
 from data.prepare import META, is_prepared
 from data.tokenizers import Tokenizer, tokenizer_kind
 
@@ -38,25 +39,10 @@ class Mixture:
     @classmethod
     def parse(cls, spec: str, key: str = "data.mixture") -> "Mixture":
         """`DIR:WEIGHT,DIR:WEIGHT,...` -> a Mixture of the prepared directories."""
-        paths, weights = [], []
-        for item in [s.strip() for s in spec.split(",") if s.strip()]:
-            path, sep, weight = item.rpartition(":")
-            if not sep or not path:
-                raise ConfigError(key, f"{item!r} is not DIR:WEIGHT")
-            try:
-                w = float(weight)
-            except ValueError:
-                raise ConfigError(key, f"weight {weight!r} of {path} is not a number") from None
-            if not np.isfinite(w) or w < 0:
-                raise ConfigError(key, f"weight of {path} must be a finite number >= 0, "
-                                       f"got {weight}")
-            paths.append(Path(path))
-            weights.append(w)
-        if not paths:
-            raise ConfigError(key, "no sources; expected DIR:WEIGHT,DIR:WEIGHT,...")
+        items = parse_mixture(spec, key)
+        paths = [Path(p) for p, _ in items]
+        weights = [w for _, w in items]
         total = float(sum(weights))
-        if total <= 0:
-            raise ConfigError(key, f"the weights sum to zero ({spec})")
         sources = []
         for p in paths:
             if not is_prepared(p):
@@ -87,3 +73,11 @@ def resolve_mixture(data_cfg: Any) -> Mixture:
                                             f"{mixture.tokenizer.kind!r} tokenizer, not "
                                             f"{data_cfg.tokenizer!r}")
     return mixture
+
+
+def resolve_sources(data_cfg: Any, workdir: str | Path) -> TokenData | Mixture:
+    """The training data of a `data` config section: `data.mixture` when set, else
+    `data.path` (prepared under `workdir` when it is text)."""
+    if data_cfg.mixture.strip():
+        return resolve_mixture(data_cfg)
+    return resolve_data(data_cfg, workdir)

@@ -3,9 +3,11 @@ set or a mixture, as grain datasets whose iterator state is checkpointable.
 
 Every batch is a dict of [rows, seq_len] arrays: int32 `inputs`, `targets`,
 `segment_ids`, `positions` and float32 `weights`; a mixture adds int32 `source` [rows]
-(index into `Mixture.names`), and evaluation batches add float32 `target_bytes` [rows]
-(UTF-8 bytes of each row's weighted targets, for bits per byte). `split_row_info`
-separates the per-row keys (host-side bookkeeping) from what the model takes.
+(index into `Mixture.names`) and, in training, float64 `tokens_seen` [sources] (weighted
+targets of the global batches so far, per source, kept in the iterator's state), and
+evaluation batches add float32 `target_bytes` [rows] (UTF-8 bytes of each row's weighted
+targets, for bits per byte). `split_row_info` separates these host-side keys from what
+the model takes.
 
 `packing="windows"`: today's random windows of seq_len + 1 tokens (for one set exactly
 `TrainBatches`), segment_ids 1, positions 0..seq_len-1, weights 1.
@@ -38,7 +40,8 @@ from data.mixture import Mixture
 from data.pipeline import Batch, EvalBatches, TokenData, TrainBatches, target_bytes
 
 PACKINGS = ("windows", "documents")
-ROW_KEYS = ("source", "target_bytes")  # per-row [rows] arrays, not model inputs
+# Host-side bookkeeping, not model inputs: [rows] (`source`, `target_bytes`) or per batch.
+ROW_KEYS = ("source", "target_bytes", "tokens_seen")
 DEFAULT_PACKING_BINS = 128
 
 
@@ -63,9 +66,22 @@ def _sources(data: TokenData | Mixture) -> tuple[list[TokenData], np.ndarray, bo
     return [data], np.ones(1), False
 
 
+def named_sources(data: TokenData | Mixture) -> list[tuple[str, TokenData, float]]:
+    """(name, prepared set, weight) of every source: one for a set, each of a mixture's."""
+    if isinstance(data, Mixture):
+        return list(zip(data.names, data.sources, data.weights.tolist()))
+    return [(data.path.name, data, 1.0)]
+
+
+def stores_documents(data: TokenData | Mixture) -> bool:
+    """Whether the data is a corpus of documents (stored as [BOS] tokens [EOS])."""
+    return all(s.train_docs is not None for _, s, _ in named_sources(data))
+
+
 def split_row_info(batch: Batch) -> tuple[Batch, Batch]:
-    """(model batch, per-row info): `source` / `target_bytes` [rows] are host-side
-    bookkeeping and must not be sharded like the [rows, seq_len] arrays."""
+    """(model batch, host info): `source` / `target_bytes` [rows] and `tokens_seen`
+    [sources] are host-side bookkeeping and must not be sharded like the [rows, seq_len]
+    arrays."""
     model = {k: v for k, v in batch.items() if k not in ROW_KEYS}
     return model, {k: v for k, v in batch.items() if k in ROW_KEYS}
 
@@ -162,6 +178,9 @@ class _ReadPackedRows(grain.transforms.Map):
             pad = lambda x: np.concatenate([x, np.zeros((short, *x.shape[1:]), x.dtype)])  # noqa: E731
             idx_BxL, seg_BxL, pos_BxL, source_B = map(pad, (idx_BxL, seg_BxL, pos_BxL,
                                                             source_B))
+        # Weighted targets per source of the whole global batch (every process agrees).
+        source_tokens = np.bincount(source_B, weights=(seg_BxL > 0).sum(axis=1),
+                                    minlength=len(self.tokens))
         idx_BxL, seg_BxL = idx_BxL[self.rows], seg_BxL[self.rows]
         pos_BxL, source_B = pos_BxL[self.rows], source_B[self.rows]
         valid_BxL = seg_BxL > 0
@@ -179,6 +198,7 @@ class _ReadPackedRows(grain.transforms.Map):
                  "weights": valid_BxL.astype(np.float32)}
         if self.mixture:
             batch["source"] = source_B.astype(np.int32)
+            batch["source_tokens"] = source_tokens
         return batch
 
 
@@ -199,7 +219,8 @@ def _document_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int
     else:
         ds = streams["0"]
     ds = ds.batch(global_batch, drop_remainder=False)
-    return ds.map(_ReadPackedRows([s.train for s in sources], global_batch, rows, mixture))
+    ds = ds.map(_ReadPackedRows([s.train for s in sources], global_batch, rows, mixture))
+    return _CountTokens(ds, len(sources)) if mixture else ds
 
 
 # Windows.
@@ -236,6 +257,8 @@ class _ReadWindows(grain.transforms.Map):
         self.offsets = np.arange(seq_len + 1)
 
     def map(self, plan: dict[str, np.ndarray]) -> Batch:
+        source_tokens = np.bincount(plan["source"], minlength=len(self.tokens)) * \
+            float(len(self.offsets) - 1)  # every row of the global batch: seq_len targets
         start_B, source_B = plan["start"][self.rows], plan["source"][self.rows]
         windows = np.zeros((len(start_B), len(self.offsets)), np.int32)
         for s in np.unique(source_B):
@@ -243,7 +266,39 @@ class _ReadWindows(grain.transforms.Map):
             windows[rows] = self.tokens[s][start_B[rows, None] + self.offsets]
         batch = _window_keys({"inputs": windows[:, :-1], "targets": windows[:, 1:]})
         batch["source"] = source_B.astype(np.int32)
+        batch["source_tokens"] = source_tokens
         return batch
+
+
+class _CountTokens(grain.IterDataset):
+    """Turns each mixture batch's `source_tokens` (weighted targets of the global batch per
+    source) into `tokens_seen`, the running total, which the iterator's state keeps: a
+    resumed run continues the count exactly."""
+
+    def __init__(self, parent: grain.IterDataset, num_sources: int):
+        super().__init__(parent)
+        self.num_sources = num_sources
+
+    def __iter__(self) -> "_CountTokensIterator":
+        return _CountTokensIterator(self._parent.__iter__(), self.num_sources)
+
+
+class _CountTokensIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, num_sources: int):
+        super().__init__(parent)
+        self.seen = np.zeros(num_sources, np.float64)
+
+    def __next__(self) -> Batch:
+        batch = dict(next(self._parent))
+        self.seen = self.seen + batch.pop("source_tokens")
+        return {**batch, "tokens_seen": self.seen.copy()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "tokens_seen": self.seen.tolist()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.seen = np.asarray(state["tokens_seen"], np.float64)
 
 
 def _windows_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int, seed: int,
@@ -258,8 +313,8 @@ def _windows_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int,
              for i, s in enumerate(data.sources) if data.weights[i] > 0]
     kept = [w for w in data.weights if w > 0]
     ds = grain.MapDataset.mix(plans, [float(w) for w in kept]).batch(global_batch)
-    return ds.map(_ReadWindows([s.train for s in data.sources], seq_len, rows)) \
-        .to_iter_dataset(read)
+    ds = ds.map(_ReadWindows([s.train for s in data.sources], seq_len, rows))
+    return _CountTokens(ds.to_iter_dataset(read), len(data.sources))
 
 
 # Public entry points.

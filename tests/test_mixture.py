@@ -60,8 +60,15 @@ def test_mixture_is_deterministic_split_over_processes_and_resumes(sets):
     for step in range(10):
         got = [next(p) for p in parts]
         for k in whole[step]:
+            if k == "tokens_seen":  # a count over the global batch: every process agrees
+                for g in got:
+                    np.testing.assert_array_equal(g[k], whole[step][k])
+                continue
             np.testing.assert_array_equal(np.concatenate([g[k] for g in got]),
                                           whole[step][k])
+    # tokens_seen is the running total of the weighted targets per source.
+    totals = np.cumsum([tokens_per_source(b, 2) for b in whole], axis=0)
+    np.testing.assert_array_equal([b["tokens_seen"] for b in whole], totals)
     it = train_batches(mix, **kw)
     for _ in range(5):
         next(it)
@@ -69,7 +76,9 @@ def test_mixture_is_deterministic_split_over_processes_and_resumes(sets):
     it2 = train_batches(mix, **kw)
     it2.set_state(state)
     for step in range(5, 10):
-        np.testing.assert_array_equal(next(it2)["inputs"], whole[step]["inputs"])
+        b = next(it2)
+        np.testing.assert_array_equal(b["inputs"], whole[step]["inputs"])
+        np.testing.assert_array_equal(b["tokens_seen"], whole[step]["tokens_seen"])
 
 
 def test_zero_weight_is_evaluation_only_and_eval_is_per_source(sets):

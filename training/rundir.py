@@ -72,7 +72,9 @@ def check_resume(config: Config, workdir: Path, latest_step: int | None,
     path = workdir / CONFIG_FILE
     if not path.is_file():
         return []
-    saved, current = _read_json(path, "workdir"), config.to_dict()
+    # The saved config with today's defaults for keys it predates (e.g. data.packing).
+    saved = Config.from_dict(_read_json(path, "workdir")).to_dict()
+    current = config.to_dict()
     for key in FROZEN_KEYS:
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

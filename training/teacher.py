@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from configs.errors import ConfigError
-from configs.sections import Config, Distill
+from configs.sections import Config, Distill, parse_mixture
 from data.pipeline import TokenData, is_prepared
 from data.tokenizers import Tokenizer
 from models import ModelConfig, Output, abstract_params
@@ -31,7 +31,10 @@ KEY = "loss.distill.teacher_workdir"
 
 
 def _teacher_data(config: Config, workdir: Path) -> TokenData:
+    """The teacher run's prepared data (one mixture source: they share the tokenizer)."""
     path = Path(config.data.path) if config.data.path else None
+    if config.data.mixture.strip():
+        path = Path(parse_mixture(config.data.mixture)[0][0])
     directory = path if path is not None and is_prepared(path) else workdir / "data"
     try:
         return TokenData.load(directory)
@@ -88,6 +91,6 @@ class Teacher:
         with use_rules(self.mesh, self.rules):
             model = nnx.merge(self.graphdef, params)
             tokens = constrain(batch["inputs"], ("act_batch", "act_len"))
-            out = model(tokens, segment_ids_BxL=batch.get("segment_ids"),
-                        return_hidden=return_hidden)
+            out = model(tokens, positions_BxL=batch.get("positions"),
+                        segment_ids_BxL=batch.get("segment_ids"), return_hidden=return_hidden)
         return jax.tree.map(jax.lax.stop_gradient, out._replace(cache=None))
