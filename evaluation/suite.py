@@ -1,6 +1,7 @@
 """Every kept checkpoint, other data, bits per character or byte, and the plots."""
 
 import csv
+import dataclasses
 import math
 import re
 import sys
@@ -28,18 +29,23 @@ LN2 = math.log(2.0)
 def load_eval_data(exp: Any, path: str | Path) -> tuple[TokenData | np.ndarray, str]:
     """(data, label) for `--data=PATH`, with the run's tokenizer.
 
-    PATH is a text file (tokenized whole: an ndarray of ids) or a prepared token directory
-    (a TokenData whose validation split is evaluated, packed as the run packs). A prepared
-    set must use the run's tokenizer: token ids mean nothing under another vocabulary.
+    PATH is a text file (tokenized whole: an ndarray of ids), a prepared token directory
+    (a TokenData whose validation split is evaluated, packed as the run packs), or the
+    `train.bin` / `val.bin` of a prepared directory whose split is one file (that split).
+    A prepared set must use the run's tokenizer: token ids mean nothing under another
+    vocabulary.
     """
     path = Path(path)
     if not path.exists():
         raise ConfigError("data", f"no such file or directory: {path}")
     if path.is_file() and is_prepared(path.parent):
-        raise ConfigError("data", f"{path} is one file of a prepared directory; pass the "
-                                  f"directory {path.parent} (its validation split is "
-                                  f"evaluated)")
-    if is_prepared(path):
+        if path.name not in ("train.bin", "val.bin"):
+            raise ConfigError("data", f"{path} is not a split of {path.parent}: pass the "
+                                      f"directory (its validation split), or its train.bin "
+                                      f"or val.bin where a split is one file")
+        data, label = _split(_prepared(exp, path.parent), path.stem), f"{path.parent.name}_"
+        label += path.stem
+    elif is_prepared(path):
         data, label = _prepared(exp, path), f"{path.name}_val"
     elif path.is_file():
         data, label = _text_tokens(exp, path), path.stem
@@ -58,6 +64,13 @@ def _prepared(exp: Any, root: Path) -> TokenData:
                                   f"({data.tokenizer.kind}, {data.vocab_size} tokens) than "
                                   f"the run ({tok.kind}, {tok.vocab_size} tokens)")
     return data
+
+
+def _split(data: TokenData, split: str) -> TokenData:
+    """The set with `split` in the place evaluation reads (the validation split)."""
+    if split == "val":
+        return data
+    return dataclasses.replace(data, val=data.train, val_docs=data.train_docs)
 
 
 def _text_tokens(exp: Any, path: Path) -> np.ndarray:

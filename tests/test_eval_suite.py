@@ -83,11 +83,18 @@ def test_other_text_and_prepared_data_with_bits_per_byte(run_dir, tmp_path):
     assert results[0]["num_tokens"] == len(np.fromfile(run_dir / "data" / "val.bin",
                                                         np.uint16)) - 1
     assert out == run_dir / "eval" / "data_val"
-    # One token file of a prepared directory is not data on its own.
-    with pytest.raises(ConfigError, match=r"data: .*val.bin is one file of a prepared "
-                                          r"directory; pass the directory .*data \(its "
-                                          r"validation split is evaluated\)"):
-        evaluate_checkpoints(run_dir, [2], str(run_dir / "data" / "val.bin"), one)
+    # The same split by its file; the training split by its file.
+    by_file, _ = evaluate_checkpoints(run_dir, [2], str(run_dir / "data" / "val.bin"), one)
+    assert by_file[0]["eval_loss"] == results[0]["eval_loss"]
+    train, out = evaluate_checkpoints(run_dir, [2], str(run_dir / "data" / "train.bin"), one)
+    assert train[0]["num_tokens"] == len(np.fromfile(run_dir / "data" / "train.bin",
+                                                      np.uint16)) - 1
+    assert out == run_dir / "eval" / "data_train"
+    # Any other file of a prepared directory is not a split.
+    with pytest.raises(ConfigError, match=r"data: .*meta.json is not a split of .*data: pass "
+                                          r"the directory \(its validation split\), or its "
+                                          r"train.bin or val.bin where a split is one file"):
+        evaluate_checkpoints(run_dir, [2], str(run_dir / "data" / "meta.json"), one)
 
 
 @pytest.mark.parametrize("content, message", [
