@@ -17,10 +17,11 @@ The run's saved config is used; no --config is needed. --all_steps prints one li
 checkpoint (char runs add bits_per_char) and writes WORKDIR/eval/summary.csv and
 eval_loss.png; with --data=PATH (a text file, or a directory prepared with the run's
 tokenizer: its validation split) the files go to WORKDIR/eval/<data name>/. Generated
-text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4 the weights are quantized after
-training (with the run's `quant` granularity and symmetry unless overridden), stored as
-integers plus scales, and the line adds `weight_bytes` (vs `float_weight_bytes`); the
-result goes to WORKDIR/eval/step_<N>_int8.json (or _int4).
+text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4
+the weights are quantized after training (with the run's `quant` granularity and
+symmetry unless overridden), stored as integers plus scales, and the line adds
+`weight_bytes` (vs `float_weight_bytes`); the result goes to
+WORKDIR/eval/step_<N>_int8.json (or _int4).
 """
 
 import sys
