@@ -20,6 +20,7 @@ import numpy as np
 
 from configs.errors import ConfigError
 from data.prepare import EMBEDDED_CORPUS, META, is_prepared, prepare
+from data.readers import COMPRESSED, file_format
 from data.shards import ShardedTokens
 from data.tokenizers import DEFAULT_BPE_VOCAB, Tokenizer, tokenizer_from_dict, tokenizer_kind
 
@@ -117,6 +118,11 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
                               f"{source} was prepared with the {data.tokenizer.kind!r} "
                               f"tokenizer, not {data_cfg.tokenizer!r}")
         return data
+    if source.is_file() and (file_format(source) != "text" or
+                             source.name.lower().endswith(COMPRESSED)):
+        raise ConfigError("data.path", f"{source} is a corpus file, not text: prepare it "
+                                       f"once with python -m data.prepare --input={source} "
+                                       f"--output=DIR --tokenizer=... and set data.path=DIR")
     out = prepare(source, Path(workdir) / "data", tokenizer=data_cfg.tokenizer,
                   val_fraction=data_cfg.val_fraction,
                   vocab_size=getattr(data_cfg, "vocab_size", DEFAULT_BPE_VOCAB))

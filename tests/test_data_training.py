@@ -281,7 +281,13 @@ def test_data_checks_name_the_file_or_key(corpora, tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="data.tokenizer: no such tokenizer file: "
                                           "/no/such/tokenizer.json"):
         Experiment.build(c, tmp_path / "a", one())
-    c.data.path, c.data.tokenizer = str(corpora["plays"]), "bpe"
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "a document"}\n')
+    c.data.path, c.data.tokenizer = str(jsonl), "bpe"
+    with pytest.raises(ConfigError, match="data.path: .*docs.jsonl is a corpus file, not "
+                                          "text: prepare it once with python -m data.prepare"):
+        Experiment.build(c, tmp_path / "j", one())
+    c.data.path = str(corpora["plays"])
     with pytest.raises(ConfigError, match="data.tokenizer: .*plays was prepared with the "
                                           "'byte' tokenizer, not 'bpe'"):
         Experiment.build(c, tmp_path / "b", one())
