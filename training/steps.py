@@ -53,8 +53,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
         model_params, objective_params = split_objective_params(params)
         model = nnx.merge(graphdef, model_params)
         tokens = constrain(batch["inputs"], ("act_batch", "act_len"))
-        out = model(tokens, segment_ids_BxL=batch.get("segment_ids"),
-                    dropout_key=dropout_key, return_hidden=return_hidden)
+        out = model(tokens, positions_BxL=batch.get("positions"),
+                    segment_ids_BxL=batch.get("segment_ids"), dropout_key=dropout_key,
+                    return_hidden=return_hidden)
         total, (weight_sum, terms) = objective(out, batch, teacher, objective_params, step)
         stats = {"weight_sum": weight_sum, **{f"loss/{k}": v for k, v in terms.items()}}
         if out.aux:

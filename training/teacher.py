@@ -79,6 +79,6 @@ class Teacher:
         with use_rules(self.mesh, self.rules):
             model = nnx.merge(self.graphdef, params)
             tokens = constrain(batch["inputs"], ("act_batch", "act_len"))
-            out = model(tokens, segment_ids_BxL=batch.get("segment_ids"),
-                        return_hidden=return_hidden)
+            out = model(tokens, positions_BxL=batch.get("positions"),
+                        segment_ids_BxL=batch.get("segment_ids"), return_hidden=return_hidden)
         return jax.tree.map(jax.lax.stop_gradient, out._replace(cache=None))
