@@ -139,9 +139,10 @@ def _absolute_rope(monkeypatch):
     reach the model and restart at 0 for each piece."""
     relative = models.attention.rope
 
-    def absolute(x_BxLxHxK, positions_BxL, theta):
+    def absolute(x_BxLxHxK, positions_BxL, theta, scaling=None):
         shift = positions_BxL[:, :, None, None].astype(jnp.float32)
-        return (relative(x_BxLxHxK, positions_BxL, theta) + shift).astype(x_BxLxHxK.dtype)
+        return (relative(x_BxLxHxK, positions_BxL, theta, scaling) + shift
+                ).astype(x_BxLxHxK.dtype)
     monkeypatch.setattr(models.attention, "rope", absolute)
 
 
