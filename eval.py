@@ -5,20 +5,23 @@
   python eval.py --workdir=runs/shakespeare_char --sample --prompt="ROMEO:" --length=300 \
       --temperature=0.8 --top_k=40
   python eval.py --workdir=runs/shakespeare_char --all_steps      # every kept checkpoint
-  python eval.py --workdir=runs/shakespeare_char --data=other.txt  # + bits per char/byte
+  python eval.py --workdir=runs/shakespeare_char --data=other.txt  # a text or prepared dir
   python eval.py --workdir=runs/big --noeval --sample --temperature=0 \
       --draft_workdir=runs/small --draft_tokens=4                 # speculative decoding
   python eval.py --workdir=runs/shakespeare_char --quantize=int4   # real int4 weights
 
-Prints one JSON line with step, eval_loss, perplexity and num_tokens, and writes it to
-WORKDIR/eval/step_<N>.json. The run's saved config is used; no --config is needed.
---all_steps prints one line per checkpoint and writes WORKDIR/eval/summary.csv and
-eval_loss.png; with --data=PATH (a text file, a prepared token directory or one of its
-.bin files) the lines add bits_per_char or bits_per_byte and the files go to
-WORKDIR/eval/<data name>/. With --quantize=int8|int4 the weights are quantized after
-training (with the run's `quant` granularity and symmetry unless overridden), stored as
-integers plus scales, and the line adds `weight_bytes` (vs `float_weight_bytes`); the
-result goes to WORKDIR/eval/step_<N>_int8.json (or _int4).
+Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
+summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
+tokenizers; per source too for a mixture), and writes it to WORKDIR/eval/step_<N>.json.
+The run's saved config is used; no --config is needed. --all_steps prints one line per
+checkpoint (char runs add bits_per_char) and writes WORKDIR/eval/summary.csv and
+eval_loss.png; with --data=PATH (a text file, or a directory prepared with the run's
+tokenizer: its validation split) the files go to WORKDIR/eval/<data name>/. Generated
+text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4
+the weights are quantized after training (with the run's `quant` granularity and
+symmetry unless overridden), stored as integers plus scales, and the line adds
+`weight_bytes` (vs `float_weight_bytes`); the result goes to
+WORKDIR/eval/step_<N>_int8.json (or _int4).
 """
 
 import sys
@@ -44,7 +47,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _ALL_STEPS = flags.DEFINE_bool("all_steps", False, "Evaluate every kept checkpoint; write "
                                "eval/summary.csv and eval/eval_loss.png.")
 _DATA = flags.DEFINE_string("data", None, "Evaluate on this text file or prepared token "
-                            "directory/file instead of the validation split.")
+                            "directory (its validation split) instead of the run's.")
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "A smaller run with the same "
                                      "tokenizer: sample with speculative decoding.")
 _DRAFT_STEP = flags.DEFINE_integer("draft_step", None, "The draft's checkpoint step.")

@@ -25,7 +25,6 @@ from checkpoints.architectures import KEY, Tensor, hf_shape, model_section, tens
 from checkpoints.safetensors_io import CHUNK_BYTES, SafetensorsReader
 from configs.errors import ConfigError
 from configs.sections import Config
-from data.pipeline import train_iterator
 from losses.objectives import OBJECTIVE_PARAMS
 from training import rundir
 from training.checkpoint import Checkpointer
@@ -211,6 +210,10 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: Any,
         if ckpt.all_steps():
             raise ConfigError("workdir", f"{workdir} already holds a run with checkpoints; "
                                          "import into a new directory")
+    copied = copy_hf_files(hf_dir, workdir) if jax.process_index() == 0 else []
+    if (workdir / HF_DIR / "tokenizer.json").is_file() and config.data.tokenizer == "char":
+        # The model's own tokenizer (kept in the run) encodes the data, prompts and samples.
+        config = config.replace(**{"data.tokenizer": f"hf:{workdir / HF_DIR / 'tokenizer.json'}"})
     exp = Experiment.build(config, workdir, devices)
     if OBJECTIVE_PARAMS in exp.abstract_state.params:
         raise ConfigError("loss.weights", "an imported run has no objective parameters; set "
@@ -221,11 +224,10 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: Any,
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         rundir.save_config(config, workdir)
-    data_iter = train_iterator(exp.train_source(), config.data.prefetch)
+    data_iter = exp.train_batches()
     with Checkpointer(rundir.checkpoint_dir(workdir)) as ckpt:
         ckpt.save(0, state, data_iter)
         ckpt.wait()
-    copied = copy_hf_files(hf_dir, workdir) if jax.process_index() == 0 else []
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     return {"architecture": arch, "workdir": str(workdir), "step": 0,
             "num_params": n_params, "vocab_size": exp.model_cfg.vocab_size,

@@ -14,6 +14,7 @@ may name its ConfigDict key with an alias (`pipeline_repeats` -> `Pipeline.repea
 the command line exactly when it is declared here.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
@@ -72,7 +73,9 @@ AttentionBias = Literal["none", "qkv", "all"]
 RopeScalingKind = Literal["none", "llama3"]
 RouterOrder = Literal["softmax_topk", "topk_softmax"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocks"]
-TokenizerKind = Literal["char", "byte"]
+Packing = Literal["windows", "documents"]
+TOKENIZER_FORMS = "char, byte, bpe, hf:PATH, sentencepiece:PATH"
+MIN_BPE_VOCAB = 257  # the 256 byte symbols of a byte-level BPE + end-of-document
 KlKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl"]
 FeatureKind = Literal["mse", "cosine"]
 ScheduleKind = Literal["constant", "linear", "cosine"]
@@ -541,13 +544,71 @@ class Quant(Section):
                    f"of {name}")
 
 
+def parse_mixture(spec: str, key: str = "data.mixture") -> list[tuple[str, float]]:
+    """`DIR:WEIGHT,DIR:WEIGHT,...` -> [(DIR, weight)]; weights finite, >= 0, not all zero."""
+    items = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        path, sep, weight = item.rpartition(":")
+        _check(bool(sep and path), key, f"{item!r} is not DIR:WEIGHT")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ConfigError(key, f"weight {weight!r} of {path} is not a number") from None
+        _check(math.isfinite(w) and w >= 0, key, f"weight of {path} must be a finite number "
+                                                 f">= 0, got {weight}")
+        items.append((path, w))
+    _check(bool(items), key, "no sources; expected DIR:WEIGHT,DIR:WEIGHT,...")
+    _check(sum(w for _, w in items) > 0, key, f"the weights sum to zero ({spec})")
+    return items
+
+
 class Data(Section):
-    """The corpus and its tokenizer."""
+    """The corpus, its tokenizer, and how training rows are cut from it (docs/data.md)."""
     KEY: ClassVar[str] = "data"
-    path: str = ""  # "" = the embedded tiny-Shakespeare corpus
-    tokenizer: TokenizerKind = "char"
+    # A text file, a directory of text files (concatenated) or a directory prepared by
+    # `python -m data.prepare`; "" = the embedded tiny-Shakespeare corpus.
+    path: str = ""
+    # char | byte | bpe | hf:PATH (a tokenizer.json, or a directory holding one) |
+    # sentencepiece:PATH (a .model file). A prepared directory must have been made with it.
+    tokenizer: str = "char"
+    vocab_size: Annotated[int, Field(lt=2**31)] = 4096  # bpe: ids of the BPE trained on path
+    # windows: random windows of the token stream; documents: whole documents packed into
+    # rows, with no attention and no loss across documents.
+    packing: Packing = "windows"
+    # "DIR:WEIGHT,DIR:WEIGHT,...": prepared directories sampled by weight, instead of path.
+    mixture: str = ""
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     prefetch: NonNegativeInt = 2
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_form(cls, spec: str) -> str:
+        kind, sep, path = spec.partition(":")
+        ok = spec in ("char", "byte", "bpe") or (kind in ("hf", "sentencepiece") and
+                                                 bool(path.strip()))
+        _check(ok, "", f"unknown tokenizer {spec!r}; choose one of {TOKENIZER_FORMS}")
+        return spec
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _holds_the_bytes(cls, size: int) -> int:
+        _check(size >= MIN_BPE_VOCAB, "", f"{size} is too small for a byte-level BPE: it needs "
+                                          f"at least {MIN_BPE_VOCAB} ids (256 bytes + "
+                                          f"end-of-document)")
+        return size
+
+    @field_validator("mixture")
+    @classmethod
+    def _mixture_syntax(cls, spec: str) -> str:
+        if spec.strip():
+            parse_mixture(spec, "")
+        return spec
+
+    @model_validator(mode="after")
+    def _one_corpus(self) -> "Data":
+        _check(not (self.mixture.strip() and self.path), "mixture",
+               "set data.path or data.mixture, not both")
+        return self
 
 
 class Init(Section):
@@ -707,6 +768,9 @@ class Config(BaseModel):
             _check(self.train.seq_len <= self.model.max_positions, "seq_len",
                    f"{self.train.seq_len} is longer than the {self.model.max_positions} "
                    "learned positions (model.max_positions)")
+        _check(self.data.packing == "windows" or self.train.seq_len >= 2, "seq_len",
+               f"packing=documents needs seq_len >= 2, got {self.train.seq_len}: a row of one "
+               f"token has no context inside a document")
         moe = self.model.moe
         weights = [self.loss.weights.ce, self.loss.weights.distill, self.loss.weights.feature]
         if moe.num_experts:

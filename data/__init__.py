@@ -1,1 +1,1 @@
-"""Tokenizers, token-file preparation and grain input pipelines."""
+"""Tokenizers, corpus preparation and grain input pipelines (see data/README.md)."""

@@ -1,9 +1,12 @@
-"""Token data sets and grain pipelines for training and evaluation.
+"""Token data sets and the window pipelines for training and evaluation.
 
 Training draws random windows of `seq_len + 1` tokens. The windows of global step `s`
 depend only on (`seed`, `s`), and each process takes its rows of the global batch, so
 the data order is the same for any number of processes and survives restarts exactly.
 Evaluation walks the whole validation split in non-overlapping windows.
+
+Packed documents, mixtures and per-source evaluation build on these in data/packing.py
+and data/mixture.py.
 """
 
 import dataclasses
@@ -17,20 +20,31 @@ import numpy as np
 
 from configs.errors import ConfigError
 from data.prepare import EMBEDDED_CORPUS, META, is_prepared, prepare
-from data.tokenizers import Tokenizer, tokenizer_from_dict
+from data.readers import COMPRESSED, file_format
+from data.shards import ShardedTokens
+from data.tokenizers import DEFAULT_BPE_VOCAB, Tokenizer, tokenizer_from_dict, tokenizer_kind
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
 class TokenData:
-    """A prepared data set: memory-mapped token splits plus its tokenizer."""
+    """A prepared data set: memory-mapped token splits plus its tokenizer.
+
+    `train` / `val` are the splits' token streams (a memmap, or a ShardedTokens over
+    several shard files). Corpora of documents (format 2) also have `train_docs` /
+    `val_docs`, int64 document offsets into those streams [documents + 1]; one-text sets
+    (format 1) have None there, and `docs()` then treats each split as one document.
+    """
 
     path: Path
     tokenizer: Tokenizer
     vocab_size: int
-    train: np.ndarray
-    val: np.ndarray
+    train: Any
+    val: Any
+    train_docs: np.ndarray | None = None
+    val_docs: np.ndarray | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TokenData":
@@ -40,21 +54,56 @@ class TokenData:
                                            f"(no {META})")
         try:
             meta = json.loads((path / META).read_text())
-            tok = tokenizer_from_dict(meta["tokenizer"])
             vocab, dtype = int(meta["vocab_size"]), np.dtype(meta["dtype"])
+            layout = {s: meta["splits"][s] for s in ("train", "val")} if "splits" in meta \
+                else {s: {"shards": [f"{s}.bin"]} for s in ("train", "val")}
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError("data.path", f"{path / META} is malformed: {e}") from None
-        splits = {}
+        try:
+            tok = tokenizer_from_dict(meta["tokenizer"], path)
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise ConfigError("data.path", f"{path / META}: cannot load its tokenizer: "
+                                           f"{e}") from None
+        splits, docs = {}, {}
         for split in ("train", "val"):
-            f = path / f"{split}.bin"
-            if not f.is_file():
-                raise ConfigError("data.path", f"missing token file {f}")
-            arr = np.memmap(f, dtype=dtype, mode="r")
-            if arr.size and int(arr.max()) >= vocab:
-                raise ConfigError("data.path", f"{f} has token id {int(arr.max())} >= vocab "
+            files = [path / f for f in layout[split]["shards"]]
+            for f in files:
+                if not f.is_file():
+                    raise ConfigError("data.path", f"missing token file {f}")
+            arr = ShardedTokens.open(files, dtype)
+            if len(arr) and int(arr.max()) >= vocab:
+                bad = files[0] if len(files) == 1 else path / f"{split} shards"
+                raise ConfigError("data.path", f"{bad} has token id {int(arr.max())} >= vocab "
                                                f"size {vocab} from {path / META}")
             splits[split] = arr
-        return cls(path, tok, vocab, splits["train"], splits["val"])
+            docs[split] = None
+            if "index" in layout[split]:
+                f = path / layout[split]["index"]
+                if not f.is_file():
+                    raise ConfigError("data.path", f"missing document index {f}")
+                offsets = np.fromfile(f, dtype=np.int64)
+                if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(arr) or \
+                        np.any(np.diff(offsets) < 0):
+                    raise ConfigError("data.path", f"{f} does not index {split}'s "
+                                                   f"{len(arr)} tokens")
+                docs[split] = offsets
+        return cls(path, tok, vocab, splits["train"], splits["val"], docs["train"],
+                   docs["val"], meta)
+
+    def tokens(self, split: str) -> Any:
+        return {"train": self.train, "val": self.val}[split]
+
+    def docs(self, split: str) -> np.ndarray:
+        """int64 document offsets [documents + 1] of a split (one document if unindexed)."""
+        offsets = {"train": self.train_docs, "val": self.val_docs}[split]
+        if offsets is None:
+            return np.array([0, len(self.tokens(split))], np.int64)
+        return offsets
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        """[vocab] int32: UTF-8 bytes of each token's text (0 for special tokens)."""
+        return self.tokenizer.token_bytes
 
 
 def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
@@ -64,14 +113,26 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
         raise ConfigError("data.path", f"no such file or directory: {source}")
     if is_prepared(source):
         data = TokenData.load(source)
-        if data.tokenizer.kind != data_cfg.tokenizer:
+        if data.tokenizer.kind != tokenizer_kind(data_cfg.tokenizer):
             raise ConfigError("data.tokenizer",
                               f"{source} was prepared with the {data.tokenizer.kind!r} "
                               f"tokenizer, not {data_cfg.tokenizer!r}")
         return data
+    if source.is_file() and (file_format(source) != "text" or
+                             source.name.lower().endswith(COMPRESSED)):
+        raise ConfigError("data.path", f"{source} is a corpus file, not text: prepare it "
+                                       f"once with python -m data.prepare --input={source} "
+                                       f"--output=DIR --tokenizer=... and set data.path=DIR")
     out = prepare(source, Path(workdir) / "data", tokenizer=data_cfg.tokenizer,
-                  val_fraction=data_cfg.val_fraction)
+                  val_fraction=data_cfg.val_fraction,
+                  vocab_size=getattr(data_cfg, "vocab_size", DEFAULT_BPE_VOCAB))
     return TokenData.load(out)
+
+
+def target_bytes(batch: Batch, token_bytes: np.ndarray) -> np.ndarray:
+    """float32 [rows]: UTF-8 bytes of the weighted targets of each row."""
+    per_token_BxL = np.asarray(token_bytes)[batch["targets"]] * batch["weights"]
+    return per_token_BxL.sum(axis=1).astype(np.float32)
 
 
 class TrainBatches:
@@ -101,12 +162,18 @@ class TrainBatches:
 
 
 class EvalBatches:
-    """Non-overlapping windows covering every validation target once; padding has weight 0."""
+    """Non-overlapping windows covering every validation target once; padding has weight 0.
+
+    With `token_bytes` ([vocab], from the tokenizer) batches also carry `target_bytes`
+    (float32 [rows]): the UTF-8 bytes of each row's weighted targets, for bits per byte.
+    """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int,
-                 process_index: int = 0, process_count: int = 1, max_batches: int = 0):
+                 process_index: int = 0, process_count: int = 1, max_batches: int = 0,
+                 token_bytes: np.ndarray | None = None):
         assert global_batch % process_count == 0, (global_batch, process_count)  # layout.py
         self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
+        self.token_bytes = token_bytes
         self.num_targets = len(tokens) - 1
         self.num_windows = -(-self.num_targets // seq_len)
         n = -(-self.num_windows // global_batch)
@@ -122,8 +189,11 @@ class EvalBatches:
         pos = window[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         valid = pos < len(self.tokens)
         windows = self.tokens[np.where(valid, pos, 0)].astype(np.int32)
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
-                "weights": valid[:, 1:].astype(np.float32)}
+        batch = {"inputs": windows[:, :-1], "targets": windows[:, 1:],
+                 "weights": valid[:, 1:].astype(np.float32)}
+        if self.token_bytes is not None:
+            batch["target_bytes"] = target_bytes(batch, self.token_bytes)
+        return batch
 
 
 def train_iterator(source: TrainBatches, prefetch: int = 2) -> grain.DatasetIterator:

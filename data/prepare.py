@@ -1,32 +1,64 @@
-"""Prepare text into token files: `train.bin`, `val.bin` (memory-mapped) and `meta.json`.
+"""Prepare text into memory-mapped token files plus `meta.json`.
 
-  python -m data.prepare --input=corpus.txt --output=/data/corpus_char [--tokenizer=byte]
+  python -m data.prepare --input=PATH_OR_GLOB [--input=...] --output=DIR --tokenizer=KIND
+      [--vocab_size=N] [--text_field=text] [--workers=N] [--val_fraction=F]
+      [--split_blank_lines] [--skip_bad] [--overwrite] [--bpe_train_mb=N] [--shard_mb=N]
 
-The split is the first (1 - val_fraction) of the token stream for training and the rest
-for validation, in file order (nanoGPT's split). A directory input is every regular,
-non-hidden file under it, sorted by path, concatenated.
+Two layouts:
+
+* One text (`prepare`, used for `data.path` = a text file or a directory of text files
+  concatenated, and the embedded corpus; the CLI uses it for a single plain-text file):
+  `train.bin`, `val.bin`, the first (1 - val_fraction) of the token stream for training
+  and the rest for validation (nanoGPT's split). Format version 1.
+* A corpus of documents (`prepare_corpus`: JSON lines, Parquet, text files or
+  blank-line-separated blocks): streamed through worker processes, written as token
+  shards `{split}-NNNNN.bin` (`{split}.bin` when one is enough) with a document index
+  `{split}.idx` (int64 offsets, [documents + 1]), split train/validation by document by
+  a hash of each document's text. Format version 2.
+
+Token files are uint16 when the vocabulary fits, else uint32. A file-backed tokenizer
+(bpe, hf:, sentencepiece:) is kept in the directory, so evaluation decodes with it.
 """
 
 import argparse
+import collections
+import dataclasses
 import hashlib
 import json
+import multiprocessing as mp
 import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from configs.errors import ConfigError
-from data.tokenizers import TOKENIZERS, fit_tokenizer
+from data.readers import Task, expand_inputs, file_format, parse_task, read_tasks
+from data.tokenizers import (DEFAULT_BPE_VOCAB, HF_FILE, SENTENCEPIECE_FILE, TOKENIZERS,
+                             ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer,
+                             encode_documents_flat, file_sha256, fit_tokenizer,
+                             load_hf_tokenizer, load_sentencepiece, parse_tokenizer_spec,
+                             tokenizer_from_dict, train_bpe)
 
 META = "meta.json"
 EMBEDDED_CORPUS = Path(__file__).parent / "corpora" / "tinyshakespeare.txt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one text, split by token position
+CORPUS_FORMAT_VERSION = 2  # documents, sharded, split by document
+SHARD_BYTES = 256 << 20
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / META).is_file()
 
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+# One text (format 1).
 
 def _text_files(path: Path) -> list[Path]:
     if path.is_file():
@@ -39,27 +71,57 @@ def _text_files(path: Path) -> list[Path]:
     return files
 
 
-def _fingerprint(files: list[Path], tokenizer: str, val_fraction: float) -> str:
+def _fingerprint(files: list[Path], tokenizer: str, val_fraction: float,
+                 extra: str = "") -> str:
     h = hashlib.sha256(f"{FORMAT_VERSION}|{tokenizer}|{val_fraction}".encode())
+    if extra:  # only for tokenizers beyond char/byte: their fingerprints stay as they were
+        h.update(extra.encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
+def _tokenizer_extra(tokenizer: str, vocab_size: int) -> str:
+    kind, path = parse_tokenizer_spec(tokenizer)
+    if kind == "bpe":
+        return f"|vocab={vocab_size}"
+    if path is not None:
+        file = Path(path) / HF_FILE if kind == "hf" and Path(path).is_dir() else Path(path)
+        return f"|{file_sha256(file)}" if file.is_file() else ""
+    return ""
+
+
+def _keep_tokenizer(tok: Tokenizer, out_dir: Path) -> Tokenizer:
+    """Copy a file-backed tokenizer into `out_dir` and return it loaded from the copy."""
+    if isinstance(tok, HFTokenizer):
+        dst = out_dir / HF_FILE
+        if tok.path.resolve() != dst.resolve():
+            shutil.copyfile(tok.path, dst)
+        return HFTokenizer(dst, kind=tok.kind, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                           sha256=tok.sha256)
+    if tok.kind == "sentencepiece":
+        dst = out_dir / SENTENCEPIECE_FILE
+        shutil.copyfile(tok.path, dst)
+        return tokenizer_from_dict({**tok.to_dict(), "file": SENTENCEPIECE_FILE}, out_dir)
+    return tok
+
+
 def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer: str = "char",
-            val_fraction: float = 0.1) -> Path:
-    """Tokenize `source` (file or directory) into `out_dir`; reuse it if already up to date."""
+            val_fraction: float = 0.1, vocab_size: int = DEFAULT_BPE_VOCAB) -> Path:
+    """Tokenize `source` (file or directory, concatenated) into `out_dir` as one text;
+    reuse it if already up to date. `vocab_size` is used by bpe only."""
     source, out_dir = Path(source), Path(out_dir)
     if not source.exists():
         raise ConfigError("data.path", f"no such file or directory: {source}")
     if tokenizer not in TOKENIZERS:
         raise ConfigError("data.tokenizer", f"unknown tokenizer {tokenizer!r}; "
-                                            f"choose one of {TOKENIZERS}")
+                                            f"choose one of {tuple(TOKENIZERS)}")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError("data.val_fraction", f"must be in (0, 1), got {val_fraction}")
     files = _text_files(source)
-    fingerprint = _fingerprint(files, tokenizer, val_fraction)
+    fingerprint = _fingerprint(files, tokenizer, val_fraction,
+                               _tokenizer_extra(tokenizer, vocab_size))
     if is_prepared(out_dir):
         meta = json.loads((out_dir / META).read_text())
         if meta.get("fingerprint") == fingerprint:
@@ -71,11 +133,17 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
         raise ConfigError("data.path", f"{source} is not UTF-8 text ({e})") from None
     if not text:
         raise ConfigError("data.path", f"{source} is empty: no text to train on")
-    tok = fit_tokenizer(tokenizer, text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "bpe":
+        staged = out_dir / f".{HF_FILE}.{os.getpid()}.tmp"
+        trained = train_bpe([text], vocab_size, staged)
+        os.replace(staged, out_dir / HF_FILE)
+        tok: Tokenizer = HFTokenizer(out_dir / HF_FILE, kind="bpe", eos_id=trained.eos_id)
+    else:
+        tok = _keep_tokenizer(fit_tokenizer(tokenizer, text, vocab_size), out_dir)
     ids = tok.encode(text)
     n_train = int(len(ids) * (1.0 - val_fraction))
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
     for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
         tmp = out_dir / f".{split}.bin.{os.getpid()}.tmp"  # processes may race here
         part.astype(dtype).tofile(tmp)
@@ -96,20 +164,447 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
     return out_dir
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input", required=True, help="a text file or a directory of text files")
-    ap.add_argument("--output", required=True, help="directory for train.bin, val.bin, meta.json")
-    ap.add_argument("--tokenizer", default="char", choices=TOKENIZERS)
-    ap.add_argument("--val_fraction", type=float, default=0.1)
-    args = ap.parse_args()
+# A corpus of documents (format 2).
+
+@dataclasses.dataclass
+class _Tokenized:
+    """One task's documents, tokenized: tokens of every kept document concatenated."""
+
+    tokens: np.ndarray  # [sum of lengths], the storage dtype
+    lengths: np.ndarray  # int64 [documents]
+    is_val: np.ndarray  # bool [documents]
+    text_bytes: np.ndarray  # int64 [documents]: UTF-8 bytes of each document's text
+    bad: int
+    empty: int
+    error: tuple[str, str] | None
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(settings: dict[str, Any], threads: int | None = None) -> None:
+    """Per-process setup: the tokenizer (if any) and the reading settings."""
+    if threads:  # the HF tokenizers' thread pool, read when it first starts
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    _STATE.clear()
+    _STATE.update(settings)
+    if settings.get("tokenizer") is not None:
+        _STATE["tok"] = tokenizer_from_dict(settings["tokenizer"], settings["root"])
+
+
+def _is_val(text_bytes: bytes, val_fraction: float) -> bool:
+    """Split by content: a 64-bit hash of the document's UTF-8 text below the fraction."""
+    h = int.from_bytes(hashlib.blake2b(text_bytes, digest_size=8).digest(), "little")
+    return h < val_fraction * 2.0**64
+
+
+def _parse(task: Task):
+    return parse_task(task, _STATE["text_field"], _STATE["skip_bad"])
+
+
+def _op_chars(task: Task) -> tuple[set[str], tuple[str, str] | None]:
+    p = _parse(task)
+    chars: set[str] = set()
+    for t in p.texts:
+        chars.update(t)
+    return chars, p.error
+
+
+def _op_train_texts(task: Task) -> tuple[list[str], tuple[str, str] | None]:
+    p = _parse(task)
+    vf = _STATE["val_fraction"]
+    return [t for t in p.texts if t and not _is_val(t.encode("utf-8", "surrogatepass"), vf)], \
+        p.error
+
+
+def _op_tokenize(task: Task) -> _Tokenized:
+    p = _parse(task)
+    texts = [t for t in p.texts if t]
+    raw = [t.encode("utf-8", "surrogatepass") for t in texts]
+    dtype = np.dtype(_STATE["dtype"])
+    tokens, lengths = encode_documents_flat(_STATE["tok"], texts, dtype)
+    is_val = np.array([_is_val(r, _STATE["val_fraction"]) for r in raw], bool)
+    return _Tokenized(tokens, lengths, is_val, np.array([len(r) for r in raw], np.int64),
+                      p.bad, len(p.texts) - len(texts), p.error)
+
+
+_OPS: dict[str, Callable[[Task], Any]] = {
+    "chars": _op_chars, "train_texts": _op_train_texts, "tokenize": _op_tokenize}
+
+
+def _work(op: str, task: Task) -> Any:
+    return _OPS[op](task)
+
+
+def _map_ordered(tasks: Iterator[Task], op: str, settings: dict[str, Any], workers: int,
+                 progress: Any) -> Iterator[Any]:
+    """Results of `op` over `tasks`, in order. Workers (spawned processes) each take a
+    task at a time; at most 2 per worker are in flight, so memory stays bounded."""
+    if workers == 0:
+        _init_worker(settings)
+        for task in tasks:
+            result = _work(op, task)
+            progress.update(task.nbytes)
+            yield result
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(settings, threads)) as pool:
+        pending: collections.deque = collections.deque()
+        for task in tasks:
+            pending.append((task.nbytes, pool.apply_async(_work, (op, task))))
+            if len(pending) >= 2 * workers:
+                nbytes, result = pending.popleft()
+                yield result.get()
+                progress.update(nbytes)
+        while pending:
+            nbytes, result = pending.popleft()
+            yield result.get()
+            progress.update(nbytes)
+
+
+def _raise(error: tuple[str, str] | None) -> None:
+    if error is not None:
+        raise ConfigError(*error)
+
+
+class _SplitWriter:
+    """Appends whole documents to token shards and their end offsets to `{split}.idx`."""
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_bytes: int):
+        self.root, self.split, self.dtype, self.shard_bytes = root, split, dtype, shard_bytes
+        self.shards: list[str] = []
+        self.tokens = self.documents = self.text_bytes = 0
+        self._file: Any = None
+        self._file_bytes = 0
+        self._index = open(root / f"{split}.idx", "wb")
+        self._index.write(np.zeros(1, np.int64).tobytes())
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, text_bytes: np.ndarray) -> None:
+        if not len(lengths):
+            return
+        ends = np.cumsum(lengths)
+        self._index.write((self.tokens + ends).astype(np.int64).tobytes())
+        self.tokens += int(ends[-1])
+        self.documents += len(lengths)
+        self.text_bytes += int(text_bytes.sum())
+        done = 0  # documents of this batch written so far
+        while done < len(lengths):
+            if self._file is None or self._file_bytes >= self.shard_bytes:
+                self._next_shard()
+            # The documents that fit in this shard (at least one: a shard is never empty).
+            room = (self.shard_bytes - self._file_bytes) // self.dtype.itemsize
+            base = ends[done - 1] if done else 0
+            n = max(int(np.searchsorted(ends[done:] - base, room, side="right")),
+                    1 if self._file_bytes == 0 else 0)
+            if n == 0:
+                self._file_bytes = self.shard_bytes  # full: the next document starts one
+                continue
+            stop = ends[done + n - 1]
+            chunk = tokens[base:stop]
+            self._file.write(chunk.tobytes())
+            self._file_bytes += chunk.nbytes
+            done += n
+
+    def _next_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.shards.append(name)
+        self._file = open(self.root / name, "wb")
+        self._file_bytes = 0
+
+    def close(self) -> dict[str, Any]:
+        if self._file is not None:
+            self._file.close()
+        self._index.close()
+        if len(self.shards) == 1:  # one shard: the same name as a one-text split
+            os.replace(self.root / self.shards[0], self.root / f"{self.split}.bin")
+            self.shards = [f"{self.split}.bin"]
+        return {"shards": self.shards, "index": f"{self.split}.idx", "tokens": self.tokens,
+                "documents": self.documents, "bytes": self.text_bytes}
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int | None, desc: str) -> Any:
+    if not enabled:
+        return _NoProgress()
+    # Deferred: only the command line draws progress bars.
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        out = prepare(args.input, args.output, tokenizer=args.tokenizer,
-                      val_fraction=args.val_fraction)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove partial (and replaced) outputs left by crashed runs (their process is gone)."""
+    for p in [*out.parent.glob(f".{out.name}.partial-*"),
+              *out.parent.glob(f".{out.name}.old-*")]:
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _corpus_fingerprint(files: list[Path], settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *,
+                   tokenizer: str = "bpe", vocab_size: int = DEFAULT_BPE_VOCAB,
+                   text_field: str = "text", workers: int = 1, val_fraction: float = 0.1,
+                   split_blank_lines: bool = False, skip_bad: bool = False,
+                   overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
+                   progress: bool = True, bpe_train_chars: int = 0) -> Path:
+    """Stream a corpus of documents into `output` (format 2); returns `output`.
+
+    Idempotent: the same inputs (paths, sizes, mtimes) and settings reuse `output`; an
+    `output` prepared from anything else is refused unless `overwrite`. Everything is
+    written into a hidden sibling directory renamed into place at the end, so a crash
+    never leaves an `output` that looks prepared. `workers=0` tokenizes in this process.
+    Char and byte reserve an end-of-document id (the corpus has several documents);
+    bpe trains on the training documents (streamed) with `vocab_size` ids, or on their
+    first `bpe_train_chars` characters when > 0: the trainer's memory is its table of
+    distinct pre-tokenized words, which grows with the text it sees.
+    """
+    output = Path(output).absolute()
+    kind, tok_path = parse_tokenizer_spec(tokenizer, "--tokenizer")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError("--val_fraction", f"must be in (0, 1), got {val_fraction}")
+    if workers < 0:
+        raise ConfigError("--workers", f"must be >= 0, got {workers}")
+    if bpe_train_chars < 0:
+        raise ConfigError("--bpe_train_mb", f"must be >= 0, got {bpe_train_chars / 1e6}")
+    if shard_bytes <= 0:
+        raise ConfigError("--shard_mb", f"must be > 0, got {shard_bytes} bytes")
+    if kind == "bpe" and vocab_size < 257:
+        raise ConfigError("--vocab_size", f"{vocab_size} is too small for a byte-level BPE: "
+                                          f"it needs at least 257 ids (256 bytes + "
+                                          f"end-of-document)")
+    given: Tokenizer | None = None
+    if kind == "hf":
+        given = load_hf_tokenizer(tok_path, "--tokenizer")
+    elif kind == "sentencepiece":
+        given = load_sentencepiece(tok_path, "--tokenizer")
+    # Never read the output (or its staging directories) back as input.
+    files = [f for f in expand_inputs(inputs, "--input")
+             if output not in f.parents and not f.parent.name.startswith(f".{output.name}.")]
+    if not files:
+        raise ConfigError("--input", f"no input files outside --output {output}")
+    settings = {"format_version": CORPUS_FORMAT_VERSION, "tokenizer": kind,
+                "tokenizer_file": None if given is None else
+                {k: v for k, v in given.to_dict().items() if k != "file"},
+                "vocab_size": vocab_size if kind == "bpe" else None,
+                "bpe_train_chars": bpe_train_chars if kind == "bpe" else 0,
+                "text_field": text_field, "val_fraction": val_fraction,
+                "split_blank_lines": split_blank_lines, "skip_bad": skip_bad}
+    fingerprint = _corpus_fingerprint(files, settings)
+    if is_prepared(output):
+        meta = json.loads((output / META).read_text())
+        if meta.get("fingerprint") == fingerprint:
+            return output
+        if not overwrite:
+            raise ConfigError("--output", f"{output} holds data prepared from other inputs "
+                                          f"or settings; pass --overwrite to rebuild it, or "
+                                          f"choose another --output")
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError("--output", f"{output} exists and is not a prepared data "
+                                      f"directory; choose another --output")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(output)
+    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _build(files, tmp, kind, given, settings, vocab_size, workers, shard_bytes,
+                      progress)
+        meta.update(fingerprint=fingerprint, inputs=[str(f) for f in files],
+                    settings=settings)
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        if is_prepared(output):  # --overwrite: swap the old set out, then delete it
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if output.exists():
+                output.rmdir()  # an empty directory (checked above)
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _build(files: list[Path], tmp: Path, kind: str, given: Tokenizer | None,
+           settings: dict[str, Any], vocab_size: int, workers: int, shard_bytes: int,
+           progress: bool) -> dict[str, Any]:
+    """Fit the tokenizer (char: collect characters; bpe: train), then tokenize and write."""
+    compressed = any(f.name.lower().endswith((".gz", ".zst")) or file_format(f) == "parquet"
+                     for f in files)
+    total = None if compressed else sum(f.stat().st_size for f in files)
+    read = dict(text_field=settings["text_field"], split_blank_lines=settings["split_blank_lines"])
+    base = {"text_field": settings["text_field"], "skip_bad": settings["skip_bad"],
+            "val_fraction": settings["val_fraction"], "tokenizer": None, "root": str(tmp)}
+
+    if kind == "char":
+        chars: set[str] = set()
+        bar = _progress(progress, total, "characters")
+        try:
+            for found, error in _map_ordered(read_tasks(files, **read), "chars", base,
+                                                workers, bar):
+                _raise(error)
+                chars |= found
+        finally:
+            bar.close()
+        tok: Tokenizer = CharTokenizer(sorted(chars), eos=True)
+    elif kind == "byte":
+        tok = ByteTokenizer(eos=True)
+    elif kind == "bpe":
+        bar = _progress(progress, total, "train bpe")
+
+        def texts() -> Iterator[str]:
+            seen = 0
+            for batch, error in _map_ordered(read_tasks(files, **read), "train_texts", base,
+                                             workers, bar):
+                _raise(error)
+                yield from batch
+                seen += sum(len(t) for t in batch)
+                if 0 < settings["bpe_train_chars"] <= seen:
+                    return  # trained on a prefix of the training documents
+        try:
+            tok = train_bpe(texts(), vocab_size, tmp / HF_FILE, "--vocab_size")
+        finally:
+            bar.close()
+    else:
+        assert given is not None
+        tok = _keep_tokenizer(given, tmp)
+
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: _SplitWriter(tmp, s, dtype, shard_bytes) for s in ("train", "val")}
+    settings_tok = {**base, "tokenizer": tok.to_dict(), "dtype": dtype.name}
+    bad = empty = 0
+    bar = _progress(progress, total, "tokenize")
+    try:
+        for r in _map_ordered(read_tasks(files, **read), "tokenize", settings_tok, workers,
+                              bar):
+            _raise(r.error)
+            bad, empty = bad + r.bad, empty + r.empty
+            ends = np.cumsum(r.lengths)
+            starts = ends - r.lengths
+            for split, mask in (("train", ~r.is_val), ("val", r.is_val)):
+                if not mask.any():
+                    continue
+                if mask.all():
+                    toks = r.tokens
+                else:
+                    toks = np.concatenate([r.tokens[a:b] for a, b in
+                                           zip(starts[mask], ends[mask])])
+                writers[split].add(toks, r.lengths[mask], r.text_bytes[mask])
+    finally:
+        bar.close()
+        splits = {s: w.close() for s, w in writers.items()}
+    docs = splits["train"]["documents"] + splits["val"]["documents"]
+    if docs == 0:
+        raise ConfigError("--input", f"empty corpus: no non-empty documents in "
+                                     f"{len(files)} file(s)" +
+                          (f" ({bad} bad ones skipped)" if bad else ""))
+    for split in ("train", "val"):
+        if splits[split]["documents"] == 0:
+            raise ConfigError("--val_fraction", f"the {split} split is empty ({docs} "
+                                                f"documents, val_fraction "
+                                                f"{settings['val_fraction']}); a corpus "
+                                                f"needs documents in both splits")
+    return {"format_version": CORPUS_FORMAT_VERSION, "tokenizer": tok.to_dict(),
+            "vocab_size": tok.vocab_size, "dtype": dtype.name, "splits": splits,
+            "counts": {s: splits[s]["tokens"] for s in splits},
+            "documents": {s: splits[s]["documents"] for s in splits},
+            "skipped": {"bad": bad, "empty": empty},
+            "val_fraction": settings["val_fraction"]}
+
+
+# Command line.
+
+_CONFIG_TO_FLAG = {"data.path": "--input", "data.tokenizer": "--tokenizer",
+                   "data.val_fraction": "--val_fraction", "data.vocab_size": "--vocab_size"}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--input", action="append", required=True,
+                    help="a file, directory or glob (repeatable)")
+    ap.add_argument("--output", required=True, help="the prepared directory")
+    ap.add_argument("--tokenizer", default="char",
+                    help="char | byte | bpe | hf:PATH | sentencepiece:PATH")
+    ap.add_argument("--vocab_size", type=int, default=DEFAULT_BPE_VOCAB, help="bpe only")
+    ap.add_argument("--bpe_train_mb", type=float, default=0,
+                    help="bpe only: train on the first N million characters of the "
+                         "training documents (0: all)")
+    ap.add_argument("--text_field", default="text", help="JSON / Parquet field of the text")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="tokenizer processes (0: tokenize in this process)")
+    ap.add_argument("--val_fraction", type=float, default=0.1)
+    ap.add_argument("--split_blank_lines", action="store_true",
+                    help="plain text: one document per blank-line-separated block")
+    ap.add_argument("--skip_bad", action="store_true",
+                    help="count and skip non-UTF-8 documents and invalid JSON lines")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="rebuild an output prepared from other inputs or settings")
+    ap.add_argument("--shard_mb", type=float, default=SHARD_BYTES / 2**20,
+                    help="token shard size in MiB")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        single = (len(args.input) == 1 and Path(args.input[0]).is_file() and
+                  file_format(Path(args.input[0])) == "text" and
+                  not args.input[0].lower().endswith((".gz", ".zst")) and
+                  not args.split_blank_lines)
+        if single:  # one text: the nanoGPT split by token position (format 1)
+            try:
+                out = prepare(args.input[0], args.output, tokenizer=args.tokenizer,
+                              val_fraction=args.val_fraction, vocab_size=args.vocab_size)
+            except ConfigError as e:
+                flag = _CONFIG_TO_FLAG.get(e.key, e.key)
+                raise ConfigError(flag, str(e).split(": ", 1)[1]) from None
+        else:
+            out = prepare_corpus(args.input, args.output, tokenizer=args.tokenizer,
+                                 vocab_size=args.vocab_size, text_field=args.text_field,
+                                 bpe_train_chars=int(args.bpe_train_mb * 1e6),
+                                 workers=args.workers, val_fraction=args.val_fraction,
+                                 split_blank_lines=args.split_blank_lines,
+                                 skip_bad=args.skip_bad, overwrite=args.overwrite,
+                                 shard_bytes=int(args.shard_mb * 2**20),
+                                 progress=not args.quiet)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     meta = json.loads((out / META).read_text())
-    print(json.dumps({"output": str(out), "vocab_size": meta["vocab_size"], **meta["counts"]}))
+    summary = {"output": str(out), "vocab_size": meta["vocab_size"], **meta["counts"]}
+    if "documents" in meta:
+        summary.update(documents=meta["documents"], skipped=meta["skipped"])
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from typing import Any
 
 from configs.errors import ConfigError
 from configs.sections import Sampling
+from data.packing import stores_documents
 from evaluation.restore import restore_run
 from inference.generate import Generator
 from inference.speculative import SpeculativeGenerator
@@ -12,8 +13,12 @@ from training.experiment import Experiment
 
 
 def encode_prompts(exp: Experiment, prompts: list[str]) -> list[list[int]]:
+    """The prompts in the run's tokenizer; a run trained on documents stored as [BOS]
+    tokens [EOS] gets the BOS first, as every training document began."""
+    tok = exp.data.tokenizer
+    head = [tok.bos_id] if tok.bos_id is not None and stores_documents(exp.data) else []
     try:
-        return [exp.data.tokenizer.encode(p).tolist() for p in prompts]
+        return [head + tok.encode(p).tolist() for p in prompts]
     except ValueError as e:
         raise ConfigError("prompt", str(e)) from None
 

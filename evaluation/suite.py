@@ -1,6 +1,7 @@
 """Every kept checkpoint, other data, bits per character or byte, and the plots."""
 
 import csv
+import dataclasses
 import math
 import re
 import sys
@@ -25,55 +26,85 @@ LN2 = math.log(2.0)
 
 # Data.
 
-def load_eval_tokens(exp: Any, path: str | Path) -> tuple[np.ndarray, str]:
-    """(tokens, label) for `--data=PATH`, with the run's tokenizer.
+def load_eval_data(exp: Any, path: str | Path) -> tuple[TokenData | np.ndarray, str]:
+    """(data, label) for `--data=PATH`, with the run's tokenizer.
 
-    PATH is a text file (tokenized whole), a prepared token directory (its `val.bin`),
-    or one token file inside a prepared directory (`.../train.bin`). A prepared set must
-    use the run's tokenizer: token ids mean nothing under another vocabulary.
+    PATH is a text file (tokenized whole: an ndarray of ids), a prepared token directory
+    (a TokenData whose validation split is evaluated, packed as the run packs), or the
+    `train.bin` / `val.bin` of a prepared directory whose split is one file (that split).
+    A prepared set must use the run's tokenizer: token ids mean nothing under another
+    vocabulary.
     """
     path = Path(path)
     if not path.exists():
         raise ConfigError("data", f"no such file or directory: {path}")
-    tok = exp.data.tokenizer
-    if is_prepared(path) or (path.suffix == ".bin" and is_prepared(path.parent)):
-        root = path if path.is_dir() else path.parent
-        data = TokenData.load(root)  # checks ids against its own vocabulary
-        if data.tokenizer.to_dict() != tok.to_dict():
-            raise ConfigError("data", f"{root} was prepared with another tokenizer "
-                                      f"({data.tokenizer.kind}, {data.vocab_size} tokens) than "
-                                      f"the run ({tok.kind}, {tok.vocab_size} tokens)")
-        split = "val" if path.is_dir() else path.stem
-        if split not in ("train", "val"):
-            raise ConfigError("data", f"{path}: expected train.bin or val.bin next to {META}")
-        tokens = np.asarray(data.train if split == "train" else data.val)
-        label = f"{root.name}_{split}"
+    if path.is_file() and is_prepared(path.parent):
+        if path.name not in ("train.bin", "val.bin"):
+            raise ConfigError("data", f"{path} is not a split of {path.parent}: pass the "
+                                      f"directory (its validation split), or its train.bin "
+                                      f"or val.bin where a split is one file")
+        data, label = _split(_prepared(exp, path.parent), path.stem), f"{path.parent.name}_"
+        label += path.stem
+    elif is_prepared(path):
+        data, label = _prepared(exp, path), f"{path.name}_val"
     elif path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError("data", f"{path} is not UTF-8 text ({e})") from None
-        try:
-            tokens = tok.encode(text)
-        except ValueError as e:
-            raise ConfigError("data", f"{path}: {e} (the run's {tok.kind} tokenizer)") from None
-        label = path.stem
+        data, label = _text_tokens(exp, path), path.stem
     else:
         raise ConfigError("data", f"{path} is a directory but not a prepared token directory "
                                   f"(no {META})")
-    if len(tokens) < 2:
-        raise ConfigError("data", f"{path} has {len(tokens)} tokens; at least 2 are needed")
-    return tokens, re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+    _check_targets(exp, data, path)
+    return data, re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
 
-def bits_key(exp: Any) -> str:
-    """`bits_per_char` or `bits_per_byte`: what one token of the run's tokenizer is."""
-    return "bits_per_byte" if exp.data.tokenizer.kind == "byte" else "bits_per_char"
+def _prepared(exp: Any, root: Path) -> TokenData:
+    tok = exp.data.tokenizer
+    data = TokenData.load(root)  # checks ids against its own vocabulary
+    if data.tokenizer.to_dict() != tok.to_dict():
+        raise ConfigError("data", f"{root} was prepared with another tokenizer "
+                                  f"({data.tokenizer.kind}, {data.vocab_size} tokens) than "
+                                  f"the run ({tok.kind}, {tok.vocab_size} tokens)")
+    return data
+
+
+def _split(data: TokenData, split: str) -> TokenData:
+    """The set with `split` in the place evaluation reads (the validation split)."""
+    if split == "val":
+        return data
+    return dataclasses.replace(data, val=data.train, val_docs=data.train_docs)
+
+
+def _text_tokens(exp: Any, path: Path) -> np.ndarray:
+    tok = exp.data.tokenizer
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("data", f"{path} is not UTF-8 text ({e})") from None
+    try:
+        return tok.encode(text)
+    except ValueError as e:
+        raise ConfigError("data", f"{path}: {e} (the run's {tok.kind} tokenizer)") from None
+
+
+def _check_targets(exp: Any, data: TokenData | np.ndarray, path: Path) -> None:
+    """At least one target: 2 tokens of text, or of one validation document when packed."""
+    if isinstance(data, np.ndarray):
+        if len(data) < 2:
+            raise ConfigError("data", f"{path} has {len(data)} tokens; at least 2 are needed")
+    elif exp.config.data.packing == "documents":
+        if not np.any(np.diff(data.docs("val")) >= 2):
+            raise ConfigError("data", f"the validation split of {path} has no document of "
+                                      f"2 or more tokens")
+    elif len(data.val) < 2:
+        raise ConfigError("data", f"the validation split of {path} has {len(data.val)} "
+                                  f"tokens; at least 2 are needed")
 
 
 def with_bits(exp: Any, result: dict[str, Any]) -> dict[str, Any]:
-    # Char and byte tokenizers emit one token per character / byte: bits = nats / ln 2.
-    return {**result, bits_key(exp): result["eval_loss"] / LN2}
+    """`bits_per_byte` is in every result; char runs also get `bits_per_char` (one token
+    per character: bits = nats / ln 2)."""
+    if exp.data.tokenizer.kind != "char" or "eval_loss" not in result:
+        return result
+    return {**result, "bits_per_char": result["eval_loss"] / LN2}
 
 
 # Checkpoints.
@@ -89,7 +120,7 @@ def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
     workdir = Path(workdir)
     # Other data is evaluated whole; the validation split as in training (eval_max_batches).
     exp = load_run(workdir, devices, None if data is None else {"eval_max_batches": 0})
-    tokens, label = (None, None) if data is None else load_eval_tokens(exp, data)
+    other, label = (None, None) if data is None else load_eval_data(exp, data)
     out_dir = workdir / "eval" if label is None else workdir / "eval" / label
     results = []
     with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
@@ -97,7 +128,7 @@ def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
             if state is None:  # damaged: an error row, the others still run
                 result = {"step": step, "error": error}
             else:
-                result = with_bits(exp, {"step": step, **evaluate(exp, state.params, tokens)})
+                result = with_bits(exp, {"step": step, **evaluate(exp, state.params, other)})
                 if label is not None:
                     result["data"] = str(data)
                 if jax.process_index() == 0:
@@ -107,7 +138,7 @@ def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
             if on_result is not None:
                 on_result(result)
     if steps == "all" and jax.process_index() == 0:
-        write_summary(results, out_dir, bits_key(exp))
+        write_summary(results, out_dir)
         plot_eval_loss(results, out_dir / "eval_loss.png",
                        training_evals=None if label else _training_evals(workdir),
                        title=f"{workdir.name}: eval loss on {label or 'the validation split'}")
@@ -144,11 +175,16 @@ def _checkpoints(ckpt: Checkpointer, exp: Any, workdir: Path, steps: str | list[
         raise RunError(f"no checkpoint in {ckpt.directory} restores")
 
 
-def write_summary(results: list[dict[str, Any]], out_dir: Path, bits: str) -> Path:
+def write_summary(results: list[dict[str, Any]], out_dir: Path) -> Path:
+    """summary.csv: one row per step; bits per character for char runs, per-source columns
+    for mixtures, an error column when a step did not restore."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "summary.csv"
-    cols = ["step", "eval_loss", "perplexity", bits, "num_tokens"]
-    cols += ["error"] if any("error" in r for r in results) else []
+    keys = {k for r in results for k in r}
+    cols = ["step", "eval_loss", "perplexity", "bits_per_byte"]
+    cols += ["bits_per_char"] if "bits_per_char" in keys else []
+    cols += ["num_tokens", *sorted(k for k in keys if "/" in k)]
+    cols += ["error"] if "error" in keys else []
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

@@ -47,7 +47,8 @@ def run_variant(sweep: Sweep, name: str, workdir: str, log=print,
                 # The loop's final evaluation is eval.py's, on the same checkpointed params.
                 final = {"step": summary["step"], "eval_loss": summary["eval_loss"],
                          "perplexity": summary["perplexity"],
-                         "num_tokens": summary["num_tokens"]}
+                         "num_tokens": summary["num_tokens"],
+                         "bits_per_byte": summary["bits_per_byte"]}
             else:  # trained earlier, results not written: evaluate the last checkpoint
                 exp, state, step = restore_run(vdir, devices=devices)
                 final = {"step": step, **evaluate(exp, state.params)}

@@ -13,7 +13,7 @@ from data.prepare import prepare
 from tests.helpers import run_cli
 from training import trainer
 from evaluation.restore import restore_run
-from evaluation.suite import evaluate_checkpoints, load_eval_tokens
+from evaluation.suite import evaluate_checkpoints, load_eval_data
 from training.evaluate import evaluate
 
 
@@ -35,14 +35,17 @@ def test_all_steps_cli_writes_summary_and_plot(run_dir):
     assert res.returncode == 0, res.stderr
     lines = [json.loads(ln) for ln in res.stdout.strip().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6]
-    assert all(set(r) == {"step", "eval_loss", "perplexity", "num_tokens", "bits_per_char"}
-               for r in lines)
+    assert all(set(r) == {"step", "eval_loss", "perplexity", "num_tokens", "bits_per_byte",
+                          "bits_per_char"} for r in lines)
     rows = list(csv.DictReader((run_dir / "eval" / "summary.csv").open()))
-    assert list(rows[0]) == ["step", "eval_loss", "perplexity", "bits_per_char", "num_tokens"]
+    assert list(rows[0]) == ["step", "eval_loss", "perplexity", "bits_per_byte",
+                             "bits_per_char", "num_tokens"]
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     for row, line in zip(rows, lines):
         assert float(row["eval_loss"]) == pytest.approx(line["eval_loss"])
         assert float(row["bits_per_char"]) == pytest.approx(line["eval_loss"] / math.log(2))
+        # ASCII text: a byte per character.
+        assert float(row["bits_per_byte"]) == pytest.approx(float(row["bits_per_char"]))
         assert json.loads((run_dir / "eval" / f"step_{line['step']}.json").read_text()) == line
     assert lines[-1]["eval_loss"] < lines[0]["eval_loss"]
     assert (run_dir / "eval" / "eval_loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -52,31 +55,47 @@ def test_all_steps_cli_writes_summary_and_plot(run_dir):
                                                   rel=1e-5)
 
 
-def test_other_text_and_prepared_data_with_bits_per_char(run_dir, tmp_path):
+def test_other_text_and_prepared_data_with_bits_per_byte(run_dir, tmp_path):
     one = jax.devices()[:1]
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+    text_bytes = len(text.encode()) - 1  # every target once: all but the first character
     (tmp_path / "other.txt").write_text(text)
     results, out = evaluate_checkpoints(run_dir, "latest", str(tmp_path / "other.txt"), one)
     (r,) = results
     assert r["step"] == 6 and r["num_tokens"] == len(text) - 1  # every target, once
     assert r["bits_per_char"] == pytest.approx(r["eval_loss"] / math.log(2))
+    assert r["bits_per_byte"] == pytest.approx(r["eval_loss"] * r["num_tokens"] / math.log(2)
+                                               / text_bytes, rel=1e-6)
     assert r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
     assert out == run_dir / "eval" / "other"
     assert json.loads((out / "step_6.json").read_text()) == r
 
     # The same text, prepared into token files with the run's tokenizer: same loss.
     exp = restore_run(run_dir, devices=one)[0]
-    assert load_eval_tokens(exp, tmp_path / "other.txt")[0].tolist() == \
+    assert load_eval_data(exp, tmp_path / "other.txt")[0].tolist() == \
         exp.data.tokenizer.encode(text).tolist()
     # A byte-level prepared set is another vocabulary.
     prepare(tmp_path / "other.txt", tmp_path / "bytes", tokenizer="byte")
     with pytest.raises(ConfigError, match="data: .*bytes was prepared with another tokenizer "
                                           r"\(byte, 256 tokens\) than the run \(char, 65"):
-        load_eval_tokens(exp, tmp_path / "bytes")
-    # The run's own validation file, by path, equals the default evaluation (whole split).
-    results, _ = evaluate_checkpoints(run_dir, [2], str(run_dir / "data" / "val.bin"), one)
+        load_eval_data(exp, tmp_path / "bytes")
+    # The run's own prepared directory: its whole validation split.
+    results, out = evaluate_checkpoints(run_dir, [2], str(run_dir / "data"), one)
     assert results[0]["num_tokens"] == len(np.fromfile(run_dir / "data" / "val.bin",
                                                         np.uint16)) - 1
+    assert out == run_dir / "eval" / "data_val"
+    # The same split by its file; the training split by its file.
+    by_file, _ = evaluate_checkpoints(run_dir, [2], str(run_dir / "data" / "val.bin"), one)
+    assert by_file[0]["eval_loss"] == results[0]["eval_loss"]
+    train, out = evaluate_checkpoints(run_dir, [2], str(run_dir / "data" / "train.bin"), one)
+    assert train[0]["num_tokens"] == len(np.fromfile(run_dir / "data" / "train.bin",
+                                                      np.uint16)) - 1
+    assert out == run_dir / "eval" / "data_train"
+    # Any other file of a prepared directory is not a split.
+    with pytest.raises(ConfigError, match=r"data: .*meta.json is not a split of .*data: pass "
+                                          r"the directory \(its validation split\), or its "
+                                          r"train.bin or val.bin where a split is one file"):
+        evaluate_checkpoints(run_dir, [2], str(run_dir / "data" / "meta.json"), one)
 
 
 @pytest.mark.parametrize("content, message", [

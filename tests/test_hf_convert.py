@@ -261,7 +261,7 @@ def test_an_imported_model_trains_alike_on_8_devices_and_on_one(runs, tmp_path):
         for key, value in rundir_model(run).items():
             c.model[key] = value
         c.init.from_workdir = str(run)
-        c.batch_size, c.steps, c.mesh.data = 8, 3, 1
+        c.batch_size, c.steps, c.warmup_steps, c.mesh.data = 8, 3, 1, 1
         c.mesh.fsdp, c.mesh.tensor = mesh
         config = Config.from_dict(c)
         exp = Experiment.build(config, tmp_path / f"{mesh}", devices)
@@ -287,7 +287,8 @@ def rundir_model(run: Path) -> dict:
 def test_distillation_from_an_imported_teacher(runs, tiny_config, tmp_path):
     _, _, run = runs("llama")
     c = tiny_config
-    c.steps, c.batch_size, c.model.vocab_size = 2, 8, VOCAB  # the teacher's vocabulary
+    c.steps, c.warmup_steps, c.batch_size = 2, 1, 8
+    c.model.vocab_size = VOCAB  # the teacher's vocabulary
     c.loss.weights.distill = 1.0
     c.loss.distill.teacher_workdir = str(run)
     summary = train(c, tmp_path / "student", jax.devices()[:1])

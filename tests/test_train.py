@@ -121,8 +121,10 @@ def test_eval_cli_prints_one_json_line_and_samples(loop_config, tmp_path):
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result) == {"step", "eval_loss", "perplexity", "num_tokens"}
+    assert set(result) == {"step", "eval_loss", "perplexity", "num_tokens", "bits_per_byte"}
     assert result["step"] == 4 and result["num_tokens"] > 0
+    # Tiny Shakespeare is ASCII: one character, one byte.
+    assert result["bits_per_byte"] == pytest.approx(result["eval_loss"] / np.log(2), rel=1e-6)
     assert result["perplexity"] == pytest.approx(np.exp(result["eval_loss"]), rel=1e-6)
     assert json.loads((tmp_path / "eval" / "step_4.json").read_text()) == result
 

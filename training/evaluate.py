@@ -1,24 +1,56 @@
-"""Mean token loss over a whole split: the loop's eval hook and every eval mode use it."""
+"""Mean token loss and bits per byte over whole splits: the loop's eval hook and every eval
+mode use it."""
 
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from data.packing import bits_per_byte
+from data.pipeline import TokenData
 from training.experiment import Experiment
 
 
-def evaluate(exp: Experiment, params: Any, tokens: np.ndarray | None = None,
+def evaluate(exp: Experiment, params: Any, data: TokenData | np.ndarray | None = None,
              eval_step: Any = None) -> dict[str, float]:
-    """Mean token loss over every target of `tokens` (default: the validation split)."""
-    source = exp.eval_source(tokens)
-    eval_step = eval_step or exp.eval_step
+    """Mean token loss and bits per byte over every target of the run's validation split
+    (default), another prepared set's (`data`: TokenData) or a text's tokens (ndarray).
+
+    `bits_per_byte` is the summed loss in bits over the UTF-8 bytes of the evaluated
+    targets, comparable across tokenizers. A mixture adds `eval_loss/<source>` and
+    `bits_per_byte/<source>` for each source; the totals cover all of them.
+    """
+    sums = {name: _sums(exp, params, batches, eval_step or exp.eval_step)
+            for name, batches in exp.eval_sources(data).items()}
+    result = _result(*(sum(s[i] for s in sums.values()) for i in range(3)))
+    if len(sums) > 1:
+        for name, (l, c, b) in sums.items():
+            result[f"eval_loss/{name}"] = float(l / c)
+            result[f"bits_per_byte/{name}"] = bits_per_byte(float(l), b)
+    return result
+
+
+def _sums(exp: Experiment, params: Any, batches: Any, eval_step: Any
+          ) -> tuple[jax.Array, jax.Array, float]:
+    """(summed token loss, weighted targets) on the device, and the UTF-8 bytes of those
+    targets (all processes') of one source."""
     loss_sum = jnp.zeros((), jnp.float32)
     count = jnp.zeros((), jnp.float32)
-    for i in range(len(source)):
-        l, c = eval_step(params, exp.to_global(source[i]))
+    num_bytes = 0.0
+    for i in range(len(batches)):
+        batch, host = exp.to_device(batches[i])
+        l, c = eval_step(params, batch)
         loss_sum, count = loss_sum + l, count + c  # stays on device: no sync per batch
+        num_bytes += float(host["target_bytes"].sum())  # this process's rows
+    if jax.process_count() > 1:
+        num_bytes = float(np.sum(multihost_utils.process_allgather(np.float64(num_bytes))))
+    return loss_sum, count, num_bytes
+
+
+def _result(loss_sum: jax.Array, count: jax.Array, num_bytes: float) -> dict[str, float]:
     loss = float(loss_sum / count)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "num_tokens": int(count)}
+            "num_tokens": int(count), "bits_per_byte": bits_per_byte(float(loss_sum), num_bytes)}

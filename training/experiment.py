@@ -18,7 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from configs.sections import Config
-from data.pipeline import EvalBatches, TokenData, TrainBatches, resolve_data
+from data.mixture import Mixture, resolve_sources
+from data.packing import eval_sources, split_row_info, train_batches
+from data.pipeline import Batch, EvalBatches, TokenData, TrainBatches
 from losses.objectives import OBJECTIVE_PARAMS, Objective, build_objective, needs_teacher
 from models import ModelConfig, abstract_params
 from parallel.mesh import make_mesh
@@ -32,6 +34,10 @@ from training.steps import make_eval_step, make_train_step
 from training.teacher import Teacher
 
 BATCH_AXES = ("act_batch", "act_len")
+# Training windows are one segment at positions 0..L-1 with every weight 1: the model's and
+# the loss's defaults. Those keys stay on the host, so the step is the program it was
+# before packing existed (sending them changes XLA's fusions and the float rounding).
+WINDOW_DEFAULT_KEYS = ("segment_ids", "positions", "weights")
 
 
 @dataclasses.dataclass
@@ -40,7 +46,7 @@ class Experiment:
     workdir: str
     mesh: Mesh
     rules: Rules
-    data: TokenData
+    data: TokenData | Mixture
     model_cfg: ModelConfig
     graphdef: nnx.GraphDef
     optimizer: optax.GradientTransformation
@@ -63,7 +69,7 @@ class Experiment:
         devices = list(jax.devices() if devices is None else devices)
         mesh = make_mesh(resolve_mesh_shape(config.mesh, len(devices)), devices)
         rules = config.sharding.rules
-        data = resolve_data(config.data, workdir)
+        data = resolve_sources(config.data, workdir)
         teacher = Teacher.load(config.loss.distill, mesh, rules,
                                config.model.context_attention) if needs_teacher(config) else None
         model_cfg = ModelConfig.from_section(config.model, data.vocab_size, quant=config.quant,
@@ -168,16 +174,44 @@ class Experiment:
         return jax.jit(step, in_shardings=(self.state_shardings.params, self.batch_sharding))
 
     # Data.
+    def train_batches(self) -> Any:
+        """This process's rows of every training batch: a checkpointable grain iterator
+        (windows or packed documents, one set or a mixture; data/packing.py)."""
+        train, data = self.config.train, self.config.data
+        return train_batches(self.data, seq_len=train.seq_len, global_batch=train.batch_size,
+                             seed=train.seed, packing=data.packing,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count(), prefetch=data.prefetch)
+
     def train_source(self) -> TrainBatches:
+        """Random access to the training windows of one set (benchmarks and tests): step s
+        -> the same inputs and targets as `train_batches` with packing=windows."""
         train = self.config.train
         return TrainBatches(self.data.train, train.seq_len, train.batch_size, train.seed,
                             jax.process_index(), jax.process_count())
 
-    def eval_source(self, tokens: np.ndarray | None = None) -> EvalBatches:
-        tokens = self.data.val if tokens is None else tokens
+    def eval_sources(self, data: TokenData | np.ndarray | None = None) -> dict[str, Any]:
+        """{source name: evaluation batches} covering every target once, with
+        `target_bytes`: the run's validation split(s) (one per mixture source), another
+        prepared set's, or the tokens of a text (windows)."""
         train = self.config.train
-        return EvalBatches(tokens, train.seq_len, train.eval_batch_size, jax.process_index(),
-                           jax.process_count(), train.eval_max_batches)
+        kw = dict(seq_len=train.seq_len, global_batch=train.eval_batch_size,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  max_batches=train.eval_max_batches)
+        if isinstance(data, np.ndarray):
+            return {"text": EvalBatches(data, token_bytes=self.data.token_bytes, **kw)}
+        return eval_sources(self.data if data is None else data,
+                            packing=self.config.data.packing, **kw)
+
+    def to_device(self, batch: Batch, *, train: bool = False
+                  ) -> tuple[dict[str, jax.Array], Batch]:
+        """(the model's keys as global arrays, the host-side keys: `source`,
+        `target_bytes`, `tokens_seen`). For training windows the keys equal to the
+        defaults (WINDOW_DEFAULT_KEYS) stay on the host too."""
+        model, host = split_row_info(batch)
+        if train and self.config.data.packing == "windows":
+            model = {k: v for k, v in model.items() if k not in WINDOW_DEFAULT_KEYS}
+        return self.to_global(model), host
 
     def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the batch axes."""

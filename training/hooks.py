@@ -44,7 +44,8 @@ class Metrics:
         self.start_time = start_time
         self.compile_seconds: float | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self.extras: list[Callable[[], dict[str, Any]]] = []  # more values for each record
+        # More values for each record: extra(step) -> {name: value}.
+        self.extras: list[Callable[[int], dict[str, Any]]] = []
         self._pending: tuple[int, Any] | None = None
         self._clock: tuple[float, int] | None = None  # (time, step) the throughput counts from
 
@@ -73,7 +74,7 @@ class Metrics:
                                         / (now - self._clock[0]))
         self._clock = (now, step)
         for extra in self.extras:
-            values.update(extra())
+            values.update(extra(step))
         self.writer.write(step, **values)
         for listener in self.listeners:
             listener(values)
@@ -157,8 +158,34 @@ class Progress:
         self.bar.close()
 
 
+class SourceTokens:
+    """`tokens/<source>` in the training records of a mixture: the weighted target tokens
+    seen so far from each source. The data pipeline counts them on the host (`tokens_seen`,
+    kept in the iterator's state, so a resumed run continues the count); `read` takes each
+    batch's count as the loop fetches it and the hook files it under its step."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self._latest: np.ndarray | None = None
+        self._by_step: dict[int, np.ndarray] = {}
+
+    def read(self, host: dict[str, np.ndarray]) -> None:
+        self._latest = host["tokens_seen"]
+
+    def __call__(self, info: StepInfo) -> None:
+        self._by_step[info.step] = self._latest
+
+    def values(self, step: int) -> dict[str, float]:
+        seen = self._by_step.get(step)
+        self._by_step = {s: v for s, v in self._by_step.items() if s > step}
+        if seen is None:
+            return {}
+        return {f"tokens/{name}": float(n) for name, n in zip(self.names, seen)}
+
+
 class Evaluation:
-    """Evaluates on the validation split and writes an eval record."""
+    """Evaluates on the validation split(s) and writes an eval record: eval_loss and
+    bits_per_byte (and both per source for a mixture)."""
 
     def __init__(self, exp: Experiment, metrics: Metrics):
         self.exp, self.metrics = exp, metrics
@@ -167,9 +194,11 @@ class Evaluation:
     def __call__(self, info: StepInfo) -> None:
         self.metrics.flush()  # this step's training record comes before its eval record
         self.last = evaluate(self.exp, info.state.params)
-        self.metrics.writer.write(info.step, eval_loss=self.last["eval_loss"])
+        self.metrics.writer.write(info.step, **{k: v for k, v in self.last.items()
+                                                if k.startswith(("eval_loss", "bits_per"))})
         log(f"step {info.step}: eval_loss {self.last['eval_loss']:.4f} "
-            f"(perplexity {self.last['perplexity']:.2f}, {self.last['num_tokens']:,} tokens)")
+            f"(perplexity {self.last['perplexity']:.2f}, {self.last['num_tokens']:,} tokens, "
+            f"{self.last['bits_per_byte']:.4f} bits per byte)")
         self.metrics.reset_clock(info.step)  # eval time is not train time
 
 

@@ -5,8 +5,8 @@ mesh it will run on, the data it will read and the teacher it will distil from:
 mesh sizes vs devices, the attention kernel vs the platform, batch sizes vs the
 data-parallel size and the processes, the pipeline schedule, the sequence split (context
 parallelism) vs the sequence length, the attention and the MoE groups, MoE capacity groups
-vs each device's tokens, every sharded dimension vs its mesh axes, sequence length vs the
-data, vocabularies. The first problem raises
+vs each device's tokens, every sharded dimension vs its mesh axes, sequence length and
+packing vs the data, vocabularies. The first problem raises
 ConfigError naming the key to change.
 """
 
@@ -14,10 +14,13 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from configs.errors import ConfigError
 from configs.sections import MESH_AXES, Config
+from data.mixture import Mixture
+from data.packing import named_sources
 from data.pipeline import TokenData
 from models import ModelConfig
 from models.attention import IMPL_PLATFORMS
@@ -64,7 +67,7 @@ def pipeline_fields(config: Config, mesh: Mesh) -> dict[str, int]:
             "pipeline_repeats": config.pipeline.repeats}
 
 
-def check_layout(config: Config, mesh: Mesh, data: TokenData, model_cfg: ModelConfig,
+def check_layout(config: Config, mesh: Mesh, data: TokenData | Mixture, model_cfg: ModelConfig,
                  params: Any, param_axes: Any, teacher: Any = None,
                  process_count: int | None = None) -> None:
     """Raise ConfigError for the first way `config` does not fit the mesh, data or teacher.
@@ -208,12 +211,20 @@ def _check_moe_groups(config: Config, mesh: Mesh, rules: Rules) -> None:
                               f"group would straddle devices")
 
 
-def _check_data(config: Config, data: TokenData) -> None:
-    seq_len = config.train.seq_len
-    for split, tokens in (("train", data.train), ("val", data.val)):
-        if len(tokens) < seq_len + 1:
-            raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the {split} split "
-                                         f"({len(tokens)} tokens) of {data.path}")
+def _check_data(config: Config, data: TokenData | Mixture) -> None:
+    """Windows need seq_len + 1 tokens in each split they read; packed documents need a
+    document of 2 or more tokens there (a target). Every source has a validation split."""
+    seq_len, packing = config.train.seq_len, config.data.packing
+    key = "data.mixture" if isinstance(data, Mixture) else "data.path"
+    for _, source, weight in named_sources(data):
+        for split in ("train", "val") if weight > 0 else ("val",):
+            tokens = source.tokens(split)
+            if packing == "windows" and len(tokens) < seq_len + 1:
+                raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the {split} "
+                                             f"split ({len(tokens)} tokens) of {source.path}")
+            if packing == "documents" and not np.any(np.diff(source.docs(split)) >= 2):
+                raise ConfigError(key, f"the {split} split of {source.path} has no document "
+                                       f"of 2 or more tokens")
     vocab = config.model.vocab_size
     if vocab and vocab < data.vocab_size:
         raise ConfigError("model.vocab_size", f"{vocab} is smaller than the data's vocabulary "
@@ -246,7 +257,7 @@ def _check_divisible(params: Any, param_axes: Any, mesh: Mesh, rules: Rules,
                                   f"divisible by mesh axes {'x'.join(axes)}={shards}")
 
 
-def _check_teacher(config: Config, data: TokenData, model_cfg: ModelConfig, teacher: Any,
+def _check_teacher(config: Config, data: TokenData | Mixture, model_cfg: ModelConfig, teacher: Any,
                    mesh: Mesh) -> None:
     key = "loss.distill.teacher_workdir"
     s_tok, t_tok = data.tokenizer.to_dict(), teacher.tokenizer.to_dict()

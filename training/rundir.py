@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import ConfigError
-from configs.sections import Config
+from configs.sections import Config, parse_mixture
 from data.pipeline import TokenData, is_prepared
 
 CONFIG_FILE = "config.json"
@@ -152,6 +152,8 @@ def load_data(config: Config, workdir: str | os.PathLike, key: str = "workdir") 
     """Another run's prepared data (its tokenizer and vocabulary): `data.path` when that is
     a prepared directory, else the run's own `data/`; `key` names the flag in errors."""
     path = Path(config.data.path) if config.data.path else None
+    if config.data.mixture.strip():  # the first source: mixture sources share the tokenizer
+        path = Path(parse_mixture(config.data.mixture)[0][0])
     directory = path if path is not None and is_prepared(path) else Path(workdir) / "data"
     try:
         return TokenData.load(directory)

@@ -57,8 +57,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
         model = nnx.merge(graphdef, model_params)
         tokens = constrain(batch["inputs"], ("act_batch", "act_len"))
         out = model(tokens, positions_BxL=batch.get("positions"),
-                    segment_ids_BxL=batch.get("segment_ids"),
-                    dropout_key=dropout_key, return_hidden=return_hidden)
+                    segment_ids_BxL=batch.get("segment_ids"), dropout_key=dropout_key,
+                    return_hidden=return_hidden)
         total, (weight_sum, terms) = objective(out, batch, teacher, objective_params, step)
         stats = {"weight_sum": weight_sum, **{f"loss/{k}": v for k, v in terms.items()}}
         if out.aux:

@@ -9,13 +9,14 @@ import jax
 
 from configs.errors import RunError
 from configs.sections import Config
-from data.pipeline import train_iterator
+from data.mixture import Mixture
+from data.packing import named_sources
 from models import active_params, count_params
 from training import rundir
 from training.checkpoint import Checkpointer
 from training.experiment import Experiment
-from training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress, log,
-                            stop_on_signals)
+from training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress,
+                            SourceTokens, log, stop_on_signals)
 from training.init_from import InitSource, check_source, restore_initial_state
 from training.loop import TrainLoop
 from training.metrics import MetricWriter
@@ -54,7 +55,7 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
     """Restore or initialise, then train to `steps` with the hooks; the summary."""
     config = exp.config
     ckpt = Checkpointer(rundir.checkpoint_dir(workdir), keep=config.intervals.keep_checkpoints)
-    data_iter = train_iterator(exp.train_source(), config.data.prefetch)
+    data_iter = exp.train_batches()
     writer = MetricWriter(workdir)
     try:
         state, start = _restore_or_init(exp, ckpt, data_iter, writer, source)
@@ -90,14 +91,25 @@ def _loop(exp: Experiment, ckpt: Checkpointer, data_iter: Any, writer: MetricWri
     """The loop and its hooks, in the order they run after each step."""
     config = exp.config
     intervals, train = config.intervals, config.train
-    loop = TrainLoop(exp.train_step, lambda: exp.to_global(next(data_iter)), train.steps)
+    counter = SourceTokens(exp.data.names) if isinstance(exp.data, Mixture) else None
+
+    def next_batch() -> dict[str, jax.Array]:
+        batch, host = exp.to_device(next(data_iter), train=True)
+        if counter is not None:
+            counter.read(host)
+        return batch
+
+    loop = TrainLoop(exp.train_step, next_batch, train.steps)
     guard = DivergenceGuard(train.nan_policy, train.max_skipped)
     metrics = Metrics(writer, intervals.log_every, train.batch_size * train.seq_len, t_start)
     progress = Progress(start, train.steps)
     metrics.listeners.append(progress.show)
     if train.nan_policy == "skip":
-        metrics.extras.append(lambda: {"skipped_total": guard.skipped_total})
+        metrics.extras.append(lambda step: {"skipped_total": guard.skipped_total})
     evaluation = Evaluation(exp, metrics)
+    if counter is not None:
+        loop.add_hook(counter, every=1)
+        metrics.extras.append(counter.values)
     loop.add_hook(guard, every=1)
     loop.add_hook(metrics.collect, every=1)
     loop.add_hook(progress.advance, every=1)
@@ -138,8 +150,17 @@ def describe(exp: Experiment, n_params: int) -> str:
                      f"parameters in total, {active_params(m, n_params):,} active per token.")
     lines.append(f"Model: {n_params:,} parameters ({m.num_layers} layers, d_model {m.d_model}, "
                  f"vocab {m.vocab_size} padded to {m.padded_vocab}). Mesh: {mesh}. Data: "
-                 f"{exp.data.path} ({len(exp.data.train):,} train / {len(exp.data.val):,} val "
-                 f"tokens).")
+                 f"{describe_data(exp)}.")
     if exp.describe_pipeline():
         lines.append(exp.describe_pipeline())
     return "\n".join(lines)
+
+
+def describe_data(exp: Experiment) -> str:
+    """Each source's path, tokens (and mixture weight), the tokenizer and the packing."""
+    sources = named_sources(exp.data)
+    parts = [f"{s.path} ({len(s.train):,} train / {len(s.val):,} val tokens"
+             + (f", weight {w:.2f})" if len(sources) > 1 else ")") for _, s, w in sources]
+    tok = exp.data.tokenizer
+    return (f"{' + '.join(parts)}, {tok.kind} tokenizer of {tok.vocab_size:,} ids, "
+            f"packing={exp.config.data.packing}")

@@ -1,0 +1,448 @@
+"""Training and evaluation batches: random windows or packed documents, from one prepared
+set or a mixture, as grain datasets whose iterator state is checkpointable.
+
+Every batch is a dict of [rows, seq_len] arrays: int32 `inputs`, `targets`,
+`segment_ids`, `positions` and float32 `weights`; a mixture adds int32 `source` [rows]
+(index into `Mixture.names`) and, in training, float64 `tokens_seen` [sources] (weighted
+targets of the global batches so far, per source, kept in the iterator's state), and
+evaluation batches add float32 `target_bytes` [rows] (UTF-8 bytes of each row's weighted
+targets, for bits per byte). `split_row_info` separates these host-side keys from what
+the model takes.
+
+`packing="windows"`: today's random windows of seq_len + 1 tokens (for one set exactly
+`TrainBatches`), segment_ids 1, positions 0..seq_len-1, weights 1.
+
+`packing="documents"`: each document's inputs and targets are shifted within the
+document (inputs d[:-1], targets d[1:]), cut into pieces of at most seq_len pairs
+(consecutive pieces overlap by one token, so every target is predicted once), and
+pieces are packed first-fit into rows (grain's FirstFitPackIterDataset). `segment_ids`
+number the pieces of a row from 1 (0 = padding), `positions` restart at 0 for every
+piece, and `weights` are 1 on real targets and 0 on padding. A document's first token is
+never a target: nothing is predicted across a document boundary.
+
+Order and processes: documents are shuffled per epoch by (seed, epoch) (grain's
+shuffle + repeat); the packing plan works on token *positions* only, so every process
+computes the same global batch of positions cheaply and then reads the tokens of its
+own rows (process_index / process_count) alone. The global batch is identical for any
+number of processes, and the iterator's state (get_state / set_state, or
+grain.checkpoint.CheckpointSave / CheckpointRestore with orbax) resumes exactly.
+"""
+
+import collections.abc
+import math
+from typing import Any
+
+import grain
+import numpy as np
+
+from configs.errors import ConfigError
+from data.mixture import Mixture
+from data.pipeline import Batch, EvalBatches, TokenData, TrainBatches, target_bytes
+
+PACKINGS = ("windows", "documents")
+# Host-side bookkeeping, not model inputs: [rows] (`source`, `target_bytes`) or per batch.
+ROW_KEYS = ("source", "target_bytes", "tokens_seen")
+DEFAULT_PACKING_BINS = 128
+
+
+def check_packing(packing: str, seq_len: int) -> None:
+    """ConfigError for an unknown `data.packing` or documents with seq_len < 2."""
+    if packing not in PACKINGS:
+        raise ConfigError("data.packing", f"unknown value {packing!r}; choose one of "
+                                          f"{list(PACKINGS)}")
+    if packing == "documents" and seq_len < 2:
+        raise ConfigError("seq_len", f"packing=documents needs seq_len >= 2, got {seq_len}: "
+                                     f"a row of one token has no context inside a document")
+
+
+def _seed32(*parts: int) -> int:
+    """A 32-bit seed (grain's shuffle takes [0, 2**32)) from a seed and stream ids."""
+    return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1)[0])
+
+
+def _sources(data: TokenData | Mixture) -> tuple[list[TokenData], np.ndarray, bool]:
+    if isinstance(data, Mixture):
+        return data.sources, data.weights, True
+    return [data], np.ones(1), False
+
+
+def named_sources(data: TokenData | Mixture) -> list[tuple[str, TokenData, float]]:
+    """(name, prepared set, weight) of every source: one for a set, each of a mixture's."""
+    if isinstance(data, Mixture):
+        return list(zip(data.names, data.sources, data.weights.tolist()))
+    return [(data.path.name, data, 1.0)]
+
+
+def stores_documents(data: TokenData | Mixture) -> bool:
+    """Whether the data is a corpus of documents (stored as [BOS] tokens [EOS])."""
+    return all(s.train_docs is not None for _, s, _ in named_sources(data))
+
+
+def split_row_info(batch: Batch) -> tuple[Batch, Batch]:
+    """(model batch, host info): `source` / `target_bytes` [rows] and `tokens_seen`
+    [sources] are host-side bookkeeping and must not be sharded like the [rows, seq_len]
+    arrays."""
+    model = {k: v for k, v in batch.items() if k not in ROW_KEYS}
+    return model, {k: v for k, v in batch.items() if k in ROW_KEYS}
+
+
+def tokens_per_source(batch: Batch, num_sources: int) -> np.ndarray:
+    """float64 [sources]: weighted target tokens of this batch's rows from each source."""
+    per_row = batch["weights"].sum(axis=1)
+    source = batch.get("source", np.zeros(len(per_row), np.int32))
+    return np.bincount(source, weights=per_row, minlength=num_sources)
+
+
+def bits_per_byte(loss_sum: float, num_bytes: float) -> float:
+    """Summed token loss (nats) over the UTF-8 bytes of the evaluated targets, in bits:
+    comparable across tokenizers (char, byte, BPE)."""
+    return float(loss_sum) / math.log(2.0) / max(float(num_bytes), 1e-12)
+
+
+def check_documents(data: TokenData | Mixture, split: str = "train") -> None:
+    """ConfigError when a split has no document of at least 2 tokens (nothing to predict)."""
+    key = "data.mixture" if isinstance(data, Mixture) else "data.path"
+    for source in _sources(data)[0]:
+        if not np.any(np.diff(source.docs(split)) >= 2):
+            raise ConfigError(key, f"the {split} split of {source.path} has no document "
+                                   f"of 2 or more tokens")
+
+
+# Documents: grain pipeline over token positions.
+
+class _Pieces(collections.abc.Sequence):
+    """A document's pieces, made on demand: {"idx": int64 [n]}, the stream positions of
+    the piece's inputs (its targets are at idx + 1), n <= seq_len."""
+
+    def __init__(self, start: int, stop: int, seq_len: int):
+        self.start, self.stop, self.seq_len = start, stop, seq_len
+
+    def __len__(self) -> int:
+        return max(0, -(-(self.stop - self.start) // self.seq_len))
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a = self.start + i * self.seq_len
+        return {"idx": np.arange(a, min(a + self.seq_len, self.stop), dtype=np.int64)}
+
+
+class _DocumentPieces(grain.experimental.FlatMapTransform):
+    """Document index -> its pieces (documents of fewer than 2 tokens have none)."""
+
+    def __init__(self, offsets: np.ndarray, seq_len: int):
+        self.offsets, self.seq_len = offsets, seq_len
+        pairs = np.diff(offsets) - 1
+        self.max_fan_out = max(1, int(-(-pairs.max() // seq_len))) if len(pairs) else 1
+
+    def flat_map(self, doc: int) -> _Pieces:
+        doc = int(doc)
+        return _Pieces(int(self.offsets[doc]), int(self.offsets[doc + 1]) - 1, self.seq_len)
+
+
+def _tag_source(row: dict[str, np.ndarray], source: int) -> dict[str, Any]:
+    return {**row, "source": np.int32(source)}
+
+
+def packed_rows(offsets: np.ndarray, seq_len: int, seed: int,
+                num_epochs: int | None = None,
+                num_packing_bins: int = DEFAULT_PACKING_BINS) -> grain.IterDataset:
+    """Rows of packed token positions: {"idx": int64 [L], "idx_segment_ids",
+    "idx_positions": int32 [L]}; documents in a (seed, epoch) shuffle per epoch."""
+    num_docs = len(offsets) - 1
+    ds = grain.MapDataset.range(num_docs).shuffle(seed=_seed32(seed, 0)).repeat(num_epochs)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    ds = grain.experimental.FlatMapIterDataset(ds, _DocumentPieces(offsets, seq_len))
+    return grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"idx": seq_len}, num_packing_bins=num_packing_bins,
+        seed=_seed32(seed, 1), shuffle_bins=True)
+
+
+class _ReadPackedRows(grain.transforms.Map):
+    """A global batch of packed positions -> this process's rows of tokens.
+
+    Hand-written: grain packs the positions, but reading only this process's rows of
+    several memory-mapped sources is specific to this layout."""
+
+    def __init__(self, tokens: list[Any], global_batch: int, rows: slice, mixture: bool):
+        self.tokens, self.global_batch, self.rows, self.mixture = \
+            tokens, global_batch, rows, mixture
+
+    def map(self, plan: dict[str, np.ndarray]) -> Batch:
+        idx_BxL = plan["idx"]
+        seg_BxL = plan["idx_segment_ids"]
+        pos_BxL = plan["idx_positions"]
+        source_B = plan["source"] if self.mixture else np.zeros(len(idx_BxL), np.int32)
+        short = self.global_batch - len(idx_BxL)
+        if short:  # the last batch of a finite run: pad with empty rows
+            pad = lambda x: np.concatenate([x, np.zeros((short, *x.shape[1:]), x.dtype)])  # noqa: E731
+            idx_BxL, seg_BxL, pos_BxL, source_B = map(pad, (idx_BxL, seg_BxL, pos_BxL,
+                                                            source_B))
+        # Weighted targets per source of the whole global batch (every process agrees).
+        source_tokens = np.bincount(source_B, weights=(seg_BxL > 0).sum(axis=1),
+                                    minlength=len(self.tokens))
+        idx_BxL, seg_BxL = idx_BxL[self.rows], seg_BxL[self.rows]
+        pos_BxL, source_B = pos_BxL[self.rows], source_B[self.rows]
+        valid_BxL = seg_BxL > 0
+        inputs_BxL = np.zeros(idx_BxL.shape, np.int32)
+        targets_BxL = np.zeros(idx_BxL.shape, np.int32)
+        for s in np.unique(source_B):
+            rows = source_B == s
+            at = np.where(valid_BxL[rows], idx_BxL[rows], 0)
+            toks = self.tokens[s]
+            inputs_BxL[rows] = np.where(valid_BxL[rows], toks[at], 0)
+            targets_BxL[rows] = np.where(valid_BxL[rows], toks[at + valid_BxL[rows]], 0)
+        batch = {"inputs": inputs_BxL, "targets": targets_BxL,
+                 "segment_ids": seg_BxL.astype(np.int32),
+                 "positions": np.where(valid_BxL, pos_BxL, 0).astype(np.int32),
+                 "weights": valid_BxL.astype(np.float32)}
+        if self.mixture:
+            batch["source"] = source_B.astype(np.int32)
+            batch["source_tokens"] = source_tokens
+        return batch
+
+
+def _document_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int, seed: int,
+                      rows: slice, num_epochs: int | None,
+                      num_packing_bins: int) -> grain.IterDataset:
+    sources, weights, mixture = _sources(data)
+    check_documents(data)
+    streams = {}
+    for i, (source, w) in enumerate(zip(sources, weights)):
+        if w <= 0:
+            continue  # evaluation-only source
+        ds = packed_rows(source.docs("train"), seq_len, _seed32(seed, 2, i), num_epochs,
+                         num_packing_bins)
+        streams[str(i)] = ds.map(lambda row, i=i: _tag_source(row, i)) if mixture else ds
+    if mixture:
+        ds = grain.IterDataset.mix(streams, {k: float(weights[int(k)]) for k in streams})
+    else:
+        ds = streams["0"]
+    ds = ds.batch(global_batch, drop_remainder=False)
+    ds = ds.map(_ReadPackedRows([s.train for s in sources], global_batch, rows, mixture))
+    return _CountTokens(ds, len(sources)) if mixture else ds
+
+
+# Windows.
+
+def _window_keys(batch: Batch) -> Batch:
+    rows, seq_len = batch["inputs"].shape
+    return {**batch, "segment_ids": np.ones((rows, seq_len), np.int32),
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                         (rows, seq_len)).copy(),
+            "weights": np.ones((rows, seq_len), np.float32)}
+
+
+class _WindowStarts:
+    """Random-access window plans of one mixture source: row k -> a start in [0, n - L)."""
+
+    def __init__(self, num_tokens: int, seq_len: int, seed: int, source: int):
+        self.num_tokens, self.seq_len, self.seed, self.source = \
+            num_tokens, seq_len, seed, source
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.source, int(k)])
+        return {"start": rng.integers(0, self.num_tokens - self.seq_len),
+                "source": np.int32(self.source)}
+
+
+class _ReadWindows(grain.transforms.Map):
+    """A global batch of window plans -> this process's rows of tokens."""
+
+    def __init__(self, tokens: list[Any], seq_len: int, rows: slice):
+        self.tokens, self.rows = tokens, rows
+        self.offsets = np.arange(seq_len + 1)
+
+    def map(self, plan: dict[str, np.ndarray]) -> Batch:
+        source_tokens = np.bincount(plan["source"], minlength=len(self.tokens)) * \
+            float(len(self.offsets) - 1)  # every row of the global batch: seq_len targets
+        start_B, source_B = plan["start"][self.rows], plan["source"][self.rows]
+        windows = np.zeros((len(start_B), len(self.offsets)), np.int32)
+        for s in np.unique(source_B):
+            rows = source_B == s
+            windows[rows] = self.tokens[s][start_B[rows, None] + self.offsets]
+        batch = _window_keys({"inputs": windows[:, :-1], "targets": windows[:, 1:]})
+        batch["source"] = source_B.astype(np.int32)
+        batch["source_tokens"] = source_tokens
+        return batch
+
+
+class _CountTokens(grain.IterDataset):
+    """Turns each mixture batch's `source_tokens` (weighted targets of the global batch per
+    source) into `tokens_seen`, the running total, which the iterator's state keeps: a
+    resumed run continues the count exactly."""
+
+    def __init__(self, parent: grain.IterDataset, num_sources: int):
+        super().__init__(parent)
+        self.num_sources = num_sources
+
+    def __iter__(self) -> "_CountTokensIterator":
+        return _CountTokensIterator(self._parent.__iter__(), self.num_sources)
+
+
+class _CountTokensIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, num_sources: int):
+        super().__init__(parent)
+        self.seen = np.zeros(num_sources, np.float64)
+
+    def __next__(self) -> Batch:
+        batch = dict(next(self._parent))
+        self.seen = self.seen + batch.pop("source_tokens")
+        return {**batch, "tokens_seen": self.seen.copy()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "tokens_seen": self.seen.tolist()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.seen = np.asarray(state["tokens_seen"], np.float64)
+
+
+def _windows_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int, seed: int,
+                     process_index: int, process_count: int, rows: slice,
+                     prefetch: int) -> grain.IterDataset:
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
+    if not isinstance(data, Mixture):
+        source = TrainBatches(data.train, seq_len, global_batch, seed, process_index,
+                              process_count)
+        return grain.MapDataset.source(source).map(_window_keys).to_iter_dataset(read)
+    plans = [grain.MapDataset.source(_WindowStarts(len(s.train), seq_len, seed, i))
+             for i, s in enumerate(data.sources) if data.weights[i] > 0]
+    kept = [w for w in data.weights if w > 0]
+    ds = grain.MapDataset.mix(plans, [float(w) for w in kept]).batch(global_batch)
+    ds = ds.map(_ReadWindows([s.train for s in data.sources], seq_len, rows))
+    return _CountTokens(ds.to_iter_dataset(read), len(data.sources))
+
+
+# Public entry points.
+
+def _check_lengths(data: TokenData | Mixture, seq_len: int, packing: str) -> None:
+    sources, weights, _ = _sources(data)
+    for source, w in zip(sources, weights):
+        if packing == "windows" and w > 0 and len(source.train) < seq_len + 1:
+            raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the train split "
+                                         f"({len(source.train)} tokens) of {source.path}")
+
+
+def train_dataset(data: TokenData | Mixture, *, seq_len: int, global_batch: int, seed: int,
+                  packing: str = "windows", process_index: int = 0, process_count: int = 1,
+                  num_epochs: int | None = None, prefetch: int = 2,
+                  num_packing_bins: int = DEFAULT_PACKING_BINS) -> grain.IterDataset:
+    """This process's rows of every global training batch, as a grain IterDataset.
+
+    `num_epochs` (documents only; None = endless) ends after that many passes, the last
+    batch padded with empty rows. Windows are endless."""
+    check_packing(packing, seq_len)
+    _check_lengths(data, seq_len, packing)
+    if global_batch % process_count:
+        raise ConfigError("batch_size", f"{global_batch} is not divisible by the "
+                                        f"{process_count} processes")
+    per = global_batch // process_count
+    rows = slice(process_index * per, (process_index + 1) * per)
+    if packing == "windows":
+        return _windows_dataset(data, seq_len, global_batch, seed, process_index,
+                                process_count, rows, prefetch)
+    ds = _document_dataset(data, seq_len, global_batch, seed, rows, num_epochs,
+                           num_packing_bins)
+    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+
+
+def train_batches(data: TokenData | Mixture, **kwargs: Any) -> grain.DatasetIterator:
+    """`iter(train_dataset(data, **kwargs))`: a checkpointable iterator of batches."""
+    return iter(train_dataset(data, **kwargs))
+
+
+class PackedEvalBatches:
+    """Evaluation documents packed into rows in file order, each target exactly once.
+
+    Random access (`len`, `[i]`) like EvalBatches, so it needs the whole plan up front:
+    grain's packers are iterators, so this next-fit plan is computed here (positions
+    only: 4 int64 per piece). Rows and keys as the training documents batches, plus
+    `target_bytes` when `token_bytes` is given."""
+
+    def __init__(self, tokens: Any, offsets: np.ndarray, seq_len: int, global_batch: int,
+                 process_index: int = 0, process_count: int = 1, max_batches: int = 0,
+                 token_bytes: np.ndarray | None = None):
+        check_packing("documents", seq_len)
+        if global_batch % process_count:
+            raise ConfigError("eval_batch_size", f"{global_batch} is not divisible by the "
+                                                 f"{process_count} processes")
+        self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
+        self.token_bytes = token_bytes
+        per = global_batch // process_count
+        self.rows = np.arange(process_index * per, (process_index + 1) * per)
+        starts, rows, cols, lens = [], [], [], []
+        row, col = 0, 0
+        for a, b in zip(offsets[:-1].tolist(), (offsets[1:] - 1).tolist()):
+            for s in range(a, b, seq_len):
+                n = min(seq_len, b - s)
+                if col + n > seq_len:
+                    row, col = row + 1, 0
+                starts.append(s), rows.append(row), cols.append(col), lens.append(n)
+                col += n
+        self.piece_start = np.asarray(starts, np.int64)
+        self.piece_row = np.asarray(rows, np.int64)
+        self.piece_col = np.asarray(cols, np.int64)
+        self.piece_len = np.asarray(lens, np.int64)
+        self.num_targets = int(self.piece_len.sum())
+        num_rows = int(self.piece_row[-1]) + 1 if starts else 0
+        n = -(-num_rows // global_batch)
+        self.num_batches = min(n, max_batches) if max_batches > 0 else n
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, index: int) -> Batch:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(index)
+        L = self.seq_len
+        global_rows = index * self.global_batch + self.rows
+        idx_BxL = np.zeros((len(global_rows), L), np.int64)
+        seg_BxL = np.zeros((len(global_rows), L), np.int32)
+        pos_BxL = np.zeros((len(global_rows), L), np.int32)
+        lo, hi = np.searchsorted(self.piece_row, [global_rows[0], global_rows[-1] + 1])
+        first_of_row = np.r_[True, self.piece_row[lo + 1:hi] != self.piece_row[lo:hi - 1]] \
+            if hi > lo else np.zeros(0, bool)
+        segment = 0
+        for k, p in enumerate(range(lo, hi)):
+            segment = 1 if first_of_row[k] else segment + 1
+            r = int(self.piece_row[p] - global_rows[0])
+            c, n = int(self.piece_col[p]), int(self.piece_len[p])
+            idx_BxL[r, c:c + n] = np.arange(self.piece_start[p], self.piece_start[p] + n)
+            seg_BxL[r, c:c + n] = segment
+            pos_BxL[r, c:c + n] = np.arange(n)
+        valid_BxL = seg_BxL > 0
+        at = np.where(valid_BxL, idx_BxL, 0)
+        batch = {"inputs": np.where(valid_BxL, self.tokens[at], 0).astype(np.int32),
+                 "targets": np.where(valid_BxL, self.tokens[at + valid_BxL], 0).astype(np.int32),
+                 "segment_ids": seg_BxL, "positions": pos_BxL,
+                 "weights": valid_BxL.astype(np.float32)}
+        if self.token_bytes is not None:
+            batch["target_bytes"] = target_bytes(batch, self.token_bytes)
+        return batch
+
+
+def eval_batches(data: TokenData, *, seq_len: int, global_batch: int,
+                 packing: str = "windows", split: str = "val", process_index: int = 0,
+                 process_count: int = 1, max_batches: int = 0
+                 ) -> EvalBatches | PackedEvalBatches:
+    """Every target of a split once, with `target_bytes` for bits per byte: windows
+    (EvalBatches) or packed documents (PackedEvalBatches)."""
+    check_packing(packing, seq_len)
+    tokens = data.tokens(split)
+    if packing == "windows":
+        return EvalBatches(tokens, seq_len, global_batch, process_index, process_count,
+                           max_batches, token_bytes=data.token_bytes)
+    return PackedEvalBatches(tokens, data.docs(split), seq_len, global_batch, process_index,
+                             process_count, max_batches, token_bytes=data.token_bytes)
+
+
+def eval_sources(data: TokenData | Mixture, **kwargs: Any
+                 ) -> dict[str, EvalBatches | PackedEvalBatches]:
+    """Per-source evaluation batches: {source name: batches} (one entry for one set)."""
+    if isinstance(data, Mixture):
+        return {name: eval_batches(s, **kwargs) for name, s in zip(data.names, data.sources)}
+    return {data.path.name: eval_batches(data, **kwargs)}
