@@ -33,10 +33,10 @@ def start_wandb(workdir: str | Path, project: str, entity: str = "",
     import wandb  # noqa: PLC0415
     workdir = Path(workdir)
     id_file = workdir / WANDB_RUN_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else None  # None: a new id
     run = wandb.init(project=project, entity=entity or None, id=run_id, resume="allow",
                      dir=str(workdir), name=workdir.name, config=config)
-    id_file.write_text(run_id + "\n")
+    id_file.write_text(run.id + "\n")
     return run
 
 
