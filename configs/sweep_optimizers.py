@@ -6,11 +6,11 @@
 
 Arguments after the colon:
   (none)  the default recipe shortened to 300 steps (100 warm-up steps, then cosine to
-          lr / 10 unless stated): AdamW at its default 1e-3; Lion, Adafactor, Muon and SGD
-          each at 3 peak learning rates around their authors' recommendations; AdamW under
-          the wsd (decay over the last 20%), linear, constant and rsqrt schedules.
-          17 variants.
-  lr      only the 12 learning-rate variants of Lion, Adafactor, Muon and SGD.
+          lr / 10 unless stated): AdamW at its default 1e-3 and at 3e-3; Lion, Adafactor,
+          Muon and SGD each at 3-4 peak learning rates around their authors'
+          recommendations; AdamW under the wsd (decay over the last 20%), linear, constant
+          and rsqrt schedules. 20 variants.
+  lr      only the 15 learning-rate variants besides AdamW at 1e-3.
   smoke   every optimizer for 20 steps of the `tiny` preset.
 
 Weight decay stays AdamW's 0.1 except where the optimizer's authors scale it: Lion keeps
@@ -25,8 +25,8 @@ from configs.shakespeare_char import get_config as shakespeare_config
 
 # Peak learning rates per optimizer (the floor of the decay is a tenth of each).
 SMOKE = {"adamw": 1e-3, "lion": 3e-4, "adafactor": 3e-3, "muon": 0.02, "sgd": 0.3}
-SCAN = {"lion": (1e-4, 3e-4, 1e-3), "adafactor": (1e-3, 3e-3, 1e-2),
-        "muon": (0.01, 0.02, 0.05), "sgd": (0.1, 0.3, 1.0)}
+SCAN = {"adamw": (3e-3,), "lion": (1e-4, 3e-4, 1e-3, 3e-3), "adafactor": (1e-3, 3e-3, 1e-2),
+        "muon": (0.01, 0.02, 0.05, 0.1), "sgd": (0.1, 0.3, 1.0)}
 
 
 def get_config(arg: str | None = None):

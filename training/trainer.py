@@ -24,7 +24,7 @@ from training.metrics import MetricWriter, start_wandb
 
 PROFILE_DIR = "profile"
 
-__all__ = ["log", "train"]
+__all__ = ["describe_devices", "log", "train"]
 
 
 def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = None, *,
@@ -162,6 +162,18 @@ def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
     writer.truncate_after(start, warn=log)
     log(f"Resumed from {ckpt.directory} at step {start}.")
     return exp.from_checkpoint(state), start
+
+
+def describe_devices() -> str:
+    """The devices this run uses, e.g. `Devices: 8 x NVIDIA H100 80GB HBM3 (gpu), 1 process;
+    peak 989 TFLOP/s bf16 each`."""
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    peak = peak_flops_per_device(0.0, devices[0].device_kind)
+    return (f"Devices: {len(devices)} x {', '.join(kinds)} ({jax.default_backend()}), "
+            f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; "
+            + (f"peak {peak / 1e12:,.0f} TFLOP/s bf16 each." if peak else
+               "no peak FLOP/s known (no MFU unless log.peak_flops_per_device is set)."))
 
 
 def describe(exp: Experiment, n_params: int) -> str:
