@@ -13,6 +13,8 @@ from typing import Any
 import jax
 
 METRICS_FILE = "metrics.jsonl"
+# Record fields measured on the wall clock: the only ones that differ between identical runs.
+WALL_CLOCK_KEYS = ("tokens_per_sec", "flops_per_sec_per_device", "mfu")
 WANDB_RUN_ID_FILE = "wandb_run_id"  # a resumed run logs to the same wandb run
 
 
