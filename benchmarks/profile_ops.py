@@ -79,7 +79,10 @@ def format_table(rows: list[dict], steps: int, top: int) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         sys.exit("usage: python benchmarks/profile_ops.py WORKDIR/profile [--top=N]")
-    trace = newest_trace(argv[1])
+    try:
+        trace = newest_trace(argv[1])
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     rows, steps = op_table(trace, _MODULE.value)
     print(f"# {trace}")
     print(format_table(rows, steps, _TOP.value))

@@ -775,6 +775,10 @@ class Config(BaseModel):
                f"{self.optim.warmup_steps} warm-up steps are more than steps "
                f"{self.train.steps}")
         self.quant.check_divides(self.model)
+        if self.profile.num_steps:
+            _check(self.profile.start_step <= self.train.steps, "profile.start_step",
+                   f"{self.profile.start_step} is beyond steps {self.train.steps}: nothing "
+                   "would be traced")
         if self.model.position == "learned":
             _check(self.train.seq_len <= self.model.max_positions, "seq_len",
                    f"{self.train.seq_len} is longer than the {self.model.max_positions} "

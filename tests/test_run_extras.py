@@ -158,3 +158,10 @@ def test_wandb_missing_is_a_config_error_before_compiling(tiny_config, tmp_path,
         trainer.train(c, tmp_path, jax.devices()[:1])
     assert err.value.key == "log.wandb_project" and "pip install" in str(err.value)
     assert compiled == []
+
+
+def test_a_window_beyond_the_run_is_a_config_error():
+    from configs.sections import Config
+    with pytest.raises(ConfigError) as err:
+        Config().replace(**{"profile.start_step": 5000, "profile.num_steps": 2})
+    assert err.value.key == "profile.start_step" and "beyond steps 2000" in str(err.value)
