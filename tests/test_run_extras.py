@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.profile_ops import newest_trace, op_table
 from configs.errors import ConfigError
-from tests.helpers import no_compilation
+from tests.helpers import no_compilation, run_cli
 from training import trainer
 from training.hooks import Checkpoints, ProfileWindow
 from training.loop import TrainLoop
@@ -165,3 +165,17 @@ def test_a_window_beyond_the_run_is_a_config_error():
     with pytest.raises(ConfigError) as err:
         Config().replace(**{"profile.start_step": 5000, "profile.num_steps": 2})
     assert err.value.key == "profile.start_step" and "beyond steps 2000" in str(err.value)
+
+
+@pytest.mark.slow
+def test_cli_prints_its_devices_and_logs_mfu_for_a_configured_peak(tmp_path):
+    res = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny", "--cpu_devices=2",
+                   f"--workdir={tmp_path}", "--config.steps=4", "--config.log_every=1",
+                   "--config.eval_every=0", "--config.log.peak_flops_per_device=1e11"])
+    assert res.returncode == 0, res.stderr
+    assert "Devices: 2 x cpu (cpu), 1 process" in res.stdout + res.stderr
+    timed = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if "tokens_per_sec" in r]
+    assert len(timed) == 3
+    for r in timed:
+        assert r["mfu"] == pytest.approx(r["flops_per_sec_per_device"] / 1e11, rel=1e-9)
