@@ -136,3 +136,13 @@ def test_bad_optimizer_keys_name_the_key(key, value, message):
     with pytest.raises(ConfigError) as err:
         Config().replace(**{key: value})
     assert err.value.key == key and message in str(err.value)
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path):
+    from training import rundir
+    rundir.save_config(Config(), tmp_path)
+    with pytest.raises(ConfigError) as err:
+        rundir.check_resume(Config().replace(**{"optimizer.name": "lion"}), tmp_path, 100)
+    assert err.value.key == "optimizer.name" and "use a new --workdir" in str(err.value)
+    notices = rundir.check_resume(Config().replace(schedule="wsd"), tmp_path, 100)
+    assert notices == ["Resuming with a changed schedule: schedule cosine -> wsd"]
