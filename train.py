@@ -19,7 +19,7 @@ from configs.errors import ConfigError, RunError
 from configs.sections import Config, Launch
 from parallel.distributed import initialize
 from training.planner import format_plan, plan
-from training.trainer import log, train
+from training.trainer import describe_devices, log, train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "shakespeare_char.py")
@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
                 with open(_DRY_RUN_JSON.value, "w") as f:
                     json.dump(result, f, indent=2)
             return
+        log(describe_devices())
         summary = train(config, workdir, allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
     except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")

@@ -4,6 +4,7 @@
   python benchmarks/attention.py --seqs=1024,4096 --head_dims=128 --causal=true
   python benchmarks/attention.py --tune               # also sweep our block sizes
   python benchmarks/attention.py --nospeed --mem_seqs=256,512,1024,2048,4096
+  python benchmarks/attention.py --cpu_smoke --json_out=rows.jsonl   # the speed path on CPU
 
 Speed (GPU or TPU only): forward and forward+backward time and TFLOP/s in bfloat16 for
   ours      kernels.flash_attention (Pallas: Triton on GPU, Mosaic on TPU)
@@ -19,6 +20,10 @@ forward+backward 3.5x that (the backward has 5 matmuls to the forward's 2).
 Memory (any backend): `compiled.memory_analysis().temp_size_in_bytes` of the jitted
 forward and forward+backward, ours vs xla, at growing sequence length: O(S) vs O(S^2).
 On CPU "ours" is the kernel in Pallas interpret mode (what `pallas_interpret` runs).
+
+`--cpu_smoke` runs the speed table on CPU at tiny sizes (ours interpreted, xla; seq 64,
+head_dim 64) to check the script itself. `--json_out` appends one JSON line per speed
+cell; `--strict` exits 1 when any implementation asked for fails or is unavailable.
 """
 
 import functools
@@ -44,6 +49,12 @@ _MEM_SEQS = flags.DEFINE_list("mem_seqs", ["256", "512", "1024", "2048", "4096"]
                               "Sequence lengths for the memory table.")
 _MEM_SHAPE = flags.DEFINE_list("mem_shape", ["1", "4", "64"],
                                "batch, heads, head_dim for the memory table.")
+_MEMORY = flags.DEFINE_boolean("memory", True, "Run the memory table.")
+_CPU_SMOKE = flags.DEFINE_boolean("cpu_smoke", False, "Speed table on CPU at tiny sizes "
+                                  "(ours interpreted, xla); no memory table.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per speed cell.")
+_STRICT = flags.DEFINE_boolean("strict", False, "Exit 1 if any implementation fails.")
+FAILURES: list[str] = []
 
 
 def attention_flops(b, h, t, d, causal: bool, backward: bool) -> float:
@@ -57,9 +68,10 @@ def make_impls(platform: str):
     from kernels import flash_attention
     from models.attention import xla_attention
 
+    interpret = platform not in ("gpu", "tpu")
     impls = {
         "ours": lambda q, k, v, causal, blocks=None: flash_attention(
-            q, k, v, causal=causal, block_sizes=blocks),
+            q, k, v, causal=causal, block_sizes=blocks, interpret=interpret),
         "xla": lambda q, k, v, causal: xla_attention(q, k, v, causal=causal),
         "cudnn": None,
         "jax": None,
@@ -132,10 +144,15 @@ def speed_table(platform: str) -> None:
                     fn = impls.get(name)
                     if fn is None:
                         print(f"| {name} | {causal} | {d} | {t} | n/a on {platform} | | | |")
+                        _record(dict(impl=name, causal=causal, head_dim=d, seq=t,
+                                     error=f"not available on {platform}"))
                         continue
-                    row = _measure(functools.partial(fn, causal=causal), q, k, v, do,
-                                   b, h, t, d, causal)
-                    print(f"| {name} | {causal} | {d} | {t} | {row} |", flush=True)
+                    cells = _measure(functools.partial(fn, causal=causal), q, k, v, do,
+                                     b, h, t, d, causal)
+                    print(f"| {name} | {causal} | {d} | {t} | "
+                          + " | ".join(cells.pop("text")) + " |", flush=True)
+                    _record(dict(impl=name, causal=causal, head_dim=d, seq=t, batch=b,
+                                 heads=h, **cells))
                 if _TUNE.value:
                     default = DEFAULT_BLOCK_SIZES["triton" if platform == "gpu" else "mosaic"]
                     best = None
@@ -159,17 +176,32 @@ def speed_table(platform: str) -> None:
                               " |", flush=True)
 
 
-def _measure(fn, q, k, v, do, b, h, t, d, causal) -> str:
+def _record(row: dict) -> None:
+    """Append a speed cell to --json_out; remember failures for --strict."""
+    import json
+    if "error" in row:
+        FAILURES.append(f"{row['impl']} causal={row['causal']} d={row['head_dim']} "
+                        f"seq={row['seq']}: {row['error']}")
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _measure(fn, q, k, v, do, b, h, t, d, causal) -> dict:
+    """{fwd_ms, fwd_tflops, fwd_bwd_ms, fwd_bwd_tflops, text: table cells}, or an error."""
     f1, f2 = _fwd_and_fwdbwd(fn)
-    cells = []
+    out: dict = {"text": []}
     for f, args, backward in ((f1, (q, k, v), False), (f2, (q, k, v, do), True)):
+        key = "fwd_bwd" if backward else "fwd"
         try:
             sec = _time(f, *args, repeats=_REPEATS.value)
             tflops = attention_flops(b, h, t, d, causal, backward) / sec / 1e12
-            cells += [f"{1e3 * sec:.3f}", f"{tflops:.1f}"]
+            out.update({f"{key}_ms": 1e3 * sec, f"{key}_tflops": tflops})
+            out["text"] += [f"{1e3 * sec:.3f}", f"{tflops:.1f}"]
         except Exception as e:  # noqa: BLE001  (OOM, unsupported shape, ...)
-            cells += [type(e).__name__, ""]
-    return " | ".join(cells)
+            out["error"] = f"{key}: {type(e).__name__}: {str(e)[:300]}"
+            out["text"] += [type(e).__name__, ""]
+    return out
 
 
 def memory_table(platform: str) -> None:
@@ -206,13 +238,23 @@ def main(argv):
     platform = jax.default_backend()
     device = jax.devices()[0].device_kind
     print(f"# Attention benchmark: jax {jax.__version__}, {platform} ({device})")
-    if platform in ("gpu", "tpu"):
+    if _CPU_SMOKE.value:
+        flags.FLAGS.seqs, flags.FLAGS.head_dims, flags.FLAGS.impls = ["64"], ["64"], \
+            ["ours", "xla"]
+        flags.FLAGS.tokens, flags.FLAGS.hidden, flags.FLAGS.repeats = 128, 128, 2
+        speed_table(platform)
+    elif platform in ("gpu", "tpu"):
         if _SPEED.value:
             speed_table(platform)
     else:
         print(f"No GPU or TPU here (backend {platform!r}): the Pallas kernels only run "
               "interpreted, so there is no speed table; running the memory part only.")
-    memory_table(platform)
+        FAILURES.append(f"no speed table on {platform} (no GPU or TPU; --cpu_smoke runs it "
+                        "at tiny sizes)")
+    if _MEMORY.value and not _CPU_SMOKE.value:
+        memory_table(platform)
+    if _STRICT.value and FAILURES:
+        sys.exit("error: attention benchmark cells failed:\n  " + "\n  ".join(FAILURES))
 
 
 if __name__ == "__main__":

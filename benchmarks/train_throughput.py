@@ -1,12 +1,19 @@
-"""Training throughput for any config: step time, tokens/s, compile time, GFLOP/s, memory.
+"""Training throughput for any config: step time, tokens/s, compile time, model FLOP/s and
+MFU per device, memory.
 
   python benchmarks/train_throughput.py                                  # default recipe
   python benchmarks/train_throughput.py --config=configs/shakespeare_char.py:large \
       --steps=20 --config.batch_size=16
   python benchmarks/train_throughput.py --cpu_devices=8 --config.mesh.fsdp=8
+  python benchmarks/train_throughput.py --config=configs/gpt_1b.py --synthetic \
+      --config.batch_size=8 --steps=10 --json_out=results.jsonl
 
-Times `--steps` jitted train steps after `--warmup` steps, on synthetic batches drawn
-from the configured data. Prints one table and one JSON line.
+Times `--steps` jitted train steps after `--warmup` steps, on batches of the configured
+data, or with `--synthetic` on uniformly random token ids over the model's vocabulary
+(`model.vocab_size`, or the data's when it is 0). Model FLOPs are `training.flops`'s count;
+MFU divides them by the device's peak (`--peak_flops_per_device`, else the table in
+`training/flops.py`; none on CPU). Prints one table and one JSON line (also appended to
+`--json_out`).
 """
 
 import json
@@ -27,17 +34,26 @@ _STEPS = flags.DEFINE_integer("steps", 200, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed steps after compilation.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the best is reported.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
+_SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Random token ids over model.vocab_size "
+                               "instead of the configured data.")
+_PEAK = flags.DEFINE_float("peak_flops_per_device", 0.0, "Peak FLOP/s for MFU; 0 = the "
+                           "device table (none on CPU).")
+_LABEL = flags.DEFINE_string("label", None, "Name of this row in the JSON (default: the "
+                             "config name).")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Append the JSON line to this file.")
 
 
-def model_flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (matmul params) + causal attention scores and values."""
-    d, L = cfg.d_model, cfg.num_layers
-    attn = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    mlp = d * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
-    head = d * cfg.padded_vocab
-    matmul_params = L * (attn + mlp) + head
-    attention = L * 2 * 2 * seq_len * cfg.num_heads * cfg.head_dim / 2  # causal: half
-    return 6 * matmul_params + 3 * attention
+def _batches(exp, synthetic: bool, n: int = 8):
+    """`n` global batches: the data's first windows, or random ids over the vocabulary."""
+    import numpy as np
+    train = exp.config.train
+    if not synthetic:
+        source = exp.train_source()
+        return [exp.to_global(source[i]) for i in range(n)]
+    rng = np.random.default_rng(0)
+    shape = (train.batch_size, train.seq_len)
+    return [exp.to_global({k: rng.integers(0, exp.model_cfg.vocab_size, shape, np.int32)
+                           for k in ("inputs", "targets")}) for _ in range(n)]
 
 
 def main(argv):
@@ -47,6 +63,7 @@ def main(argv):
     import jax
     import numpy as np
     from training.experiment import Experiment
+    from training.flops import model_flops_per_token, peak_flops_per_device, throughput_fields
 
     config = _CONFIG.value
     t0 = time.perf_counter()
@@ -55,8 +72,7 @@ def main(argv):
     jax.block_until_ready(state)
     t_init = time.perf_counter() - t0
 
-    source = exp.train_source()
-    batches = [exp.to_global(source[i]) for i in range(8)]
+    batches = _batches(exp, _SYNTHETIC.value)
     t0 = time.perf_counter()
     compiled = exp.train_step.lower(state, batches[0]).compile()
     t_compile = time.perf_counter() - t0
@@ -75,16 +91,26 @@ def main(argv):
     step = min(times)
 
     tokens = config.batch_size * config.seq_len
-    model_flops = model_flops_per_token(exp.model_cfg, config.seq_len) * tokens
+    flops_per_token = model_flops_per_token(exp.model_cfg, config.seq_len)
+    model_flops = flops_per_token * tokens
     n_dev = exp.mesh.devices.size
+    peak = peak_flops_per_device(_PEAK.value, exp.mesh.devices.flat[0].device_kind)
+    per_device = throughput_fields(tokens / step, flops_per_token, n_dev, peak)
     result = {
-        "config": config.name, "devices": n_dev,
+        "config": _LABEL.value or config.name, "devices": n_dev,
+        "device_kind": exp.mesh.devices.flat[0].device_kind,
+        "num_params": sum(int(x.size) for x in jax.tree.leaves(state.params)),
+        "dtype": config.model.dtype, "batch_size": config.batch_size,
+        "seq_len": config.seq_len, "synthetic": _SYNTHETIC.value,
         "mesh": {k: v for k, v in exp.mesh.shape.items() if v > 1},
         "step_ms": round(step * 1e3, 3), "step_ms_median": round(float(np.median(times)) * 1e3, 3),
         "tokens_per_sec": round(tokens / step),
         "compile_s": round(t_compile, 2), "init_s": round(t_init, 2),
         "model_gflops_per_step": round(model_flops / 1e9, 3),
         "model_gflop_per_s": round(model_flops / step / 1e9, 1),  # all devices together
+        "model_tflop_per_s_per_device": round(per_device["flops_per_sec_per_device"] / 1e12, 4),
+        "peak_tflop_per_s_per_device": round(peak / 1e12, 1) if peak else None,
+        "mfu": round(per_device["mfu"], 4) if "mfu" in per_device else None,
         "memory_per_device_mb": {
             "arguments": round(mem.argument_size_in_bytes / 2**20, 2),
             "outputs": round(mem.output_size_in_bytes / 2**20, 2),
@@ -96,6 +122,9 @@ def main(argv):
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")
     print(json.dumps(result))
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "a") as f:
+            f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ MIN_BPE_VOCAB = 257  # the 256 byte symbols of a byte-level BPE + end-of-documen
 KlKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl"]
 FeatureKind = Literal["mse", "cosine"]
 ScheduleKind = Literal["constant", "linear", "cosine"]
+LearningRateSchedule = Literal["cosine", "wsd", "linear", "constant", "rsqrt"]
+OptimizerName = Literal["adamw", "lion", "adafactor", "muon", "sgd"]
 PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
 
 
@@ -213,10 +215,18 @@ class Train(Section):
 
 
 class Optim(Section):
-    """AdamW with linear warm-up and cosine decay; weight decay on matrices only."""
-    learning_rate: NonNegativeFloat = 1e-3
-    min_learning_rate: NonNegativeFloat = 1e-4  # the end of the cosine decay
-    warmup_steps: NonNegativeInt = 100
+    """The learning-rate schedule and the keys every optimizer shares, plus AdamW's own
+    (beta1, beta2, adam_eps; Muon's AdamW for its non-matrix parameters uses them too).
+    Weight decay is decoupled (scaled by the learning rate) and on matrices only."""
+    learning_rate: NonNegativeFloat = 1e-3  # the peak, after warm-up
+    min_learning_rate: NonNegativeFloat = 1e-4  # the end of the decay (cosine, linear, wsd)
+    warmup_steps: NonNegativeInt = 100  # linear from 0 to learning_rate
+    # After warm-up: cosine | linear decay to min_learning_rate at the last step; constant;
+    # rsqrt: learning_rate * sqrt(warmup_steps / step), not below min_learning_rate;
+    # wsd: constant, then a linear decay to min_learning_rate over the last decay_fraction
+    # of the steps.
+    schedule: LearningRateSchedule = "cosine"
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2  # wsd's decay phase
     weight_decay: NonNegativeFloat = 0.1
     grad_clip: NonNegativeFloat = 1.0  # global-norm clipping; 0 = off
     beta1: UnitInterval = 0.9
@@ -230,12 +240,78 @@ class Optim(Section):
         return self
 
 
+class Lion(Section):
+    """Lion (Chen et al. 2023): sign of an interpolated momentum. Its authors use a
+    learning rate 3-10x below AdamW's and a weight decay 3-10x above."""
+    beta1: UnitInterval = 0.9
+    beta2: UnitInterval = 0.99
+
+
+class Adafactor(Section):
+    """Adafactor (Shazeer & Stern 2018): second moments of a matrix as row and column
+    factors. Without parameter scaling, learning_rate is an absolute step as in AdamW."""
+    decay_rate: PositiveFloat = 0.8  # beta2 at step t is 1 - t^-decay_rate
+    min_dim_size_to_factor: PositiveInt = 128  # factor only if the two largest dims are >= this
+    clipping_threshold: NonNegativeFloat = 1.0  # update RMS clipping per parameter; 0 = off
+    multiply_by_parameter_scale: bool = False  # steps relative to the parameter's RMS
+    momentum: UnitInterval = 0.0  # first-moment decay; 0 = none (no first-moment state)
+    eps: PositiveFloat = 1e-30
+
+
+class Muon(Section):
+    """Muon (Jordan et al. 2024, optax.contrib.muon): momentum orthogonalised by
+    Newton-Schulz iterations, for the hidden matrices; the embedding, the output
+    projection, norms and biases use AdamW (beta1, beta2, adam_eps) as its authors
+    recommend, at `adam_learning_rate`."""
+    beta: UnitInterval = 0.95  # momentum
+    ns_steps: PositiveInt = 5  # Newton-Schulz iterations
+    nesterov: bool = True
+    adam_learning_rate: NonNegativeFloat = 1e-3  # AdamW's peak; the same schedule shape
+
+
+class Sgd(Section):
+    """SGD with (optionally Nesterov) momentum."""
+    momentum: UnitInterval = 0.9  # 0 = plain SGD
+    nesterov: bool = False
+
+
+class Optimizer(Section):
+    """Which optimizer, and its own keys (the shared ones are top-level: learning_rate, ...)."""
+    KEY: ClassVar[str] = "optimizer"
+    name: OptimizerName = "adamw"
+    lion: Lion = Lion()
+    adafactor: Adafactor = Adafactor()
+    muon: Muon = Muon()
+    sgd: Sgd = Sgd()
+
+
 class Intervals(Section):
     """Cadences of the loop's hooks, in optimizer steps (0 disables)."""
     log_every: NonNegativeInt = 50
     eval_every: NonNegativeInt = 500
     checkpoint_every: NonNegativeInt = 500
+    # Also save when this many minutes of wall time have passed since the last save
+    # (whichever comes first); 0 = off.
+    checkpoint_every_minutes: NonNegativeFloat = 0.0
     keep_checkpoints: NonNegativeInt = 3  # 0 = keep all
+
+
+class Log(Section):
+    """Where the metrics go besides metrics.jsonl and TensorBoard, and what MFU divides by."""
+    KEY: ClassVar[str] = "log"
+    wandb_project: str = ""  # "" = no wandb; needs the .[wandb] extra (WANDB_MODE=offline works)
+    wandb_entity: str = ""  # "" = wandb's default entity
+    # Peak FLOP/s of one device for MFU; 0 = the table in training/flops.py by device kind
+    # (no MFU where the device is not in it, e.g. CPU).
+    peak_flops_per_device: NonNegativeFloat = 0.0
+
+
+class Profile(Section):
+    """A jax.profiler trace of steps start_step .. start_step + num_steps - 1 (as numbered
+    in metrics.jsonl) into WORKDIR/profile/; num_steps = 0: no trace."""
+    KEY: ClassVar[str] = "profile"
+    start_step: PositiveInt = 10  # after the first step's compilation
+    num_steps: NonNegativeInt = 0
 
 
 class Pipeline(Section):
@@ -696,7 +772,7 @@ class EvalRequest(Section):
 SECTIONS: dict[str, type[Section]] = {
     "train": Train, "optim": Optim, "intervals": Intervals, "pipeline": Pipeline,
     "mesh": Mesh, "sharding": Sharding, "model": Model, "loss": Loss, "quant": Quant,
-    "data": Data, "init": Init,
+    "data": Data, "init": Init, "optimizer": Optimizer, "log": Log, "profile": Profile,
 }
 
 
@@ -716,6 +792,9 @@ class Config(BaseModel):
     quant: Quant = Quant()
     data: Data = Data()
     init: Init = Init()
+    optimizer: Optimizer = Optimizer()
+    log: Log = Log()
+    profile: Profile = Profile()
 
     @classmethod
     def from_dict(cls, config: Any) -> "Config":
@@ -764,6 +843,10 @@ class Config(BaseModel):
                f"{self.optim.warmup_steps} warm-up steps are more than steps "
                f"{self.train.steps}")
         self.quant.check_divides(self.model)
+        if self.profile.num_steps:
+            _check(self.profile.start_step <= self.train.steps, "profile.start_step",
+                   f"{self.profile.start_step} is beyond steps {self.train.steps}: nothing "
+                   "would be traced")
         if self.model.position == "learned":
             _check(self.train.seq_len <= self.model.max_positions, "seq_len",
                    f"{self.train.seq_len} is longer than the {self.model.max_positions} "

@@ -21,6 +21,7 @@ from training import rundir, trainer
 from training.checkpoint import Checkpointer
 from training.hooks import Progress
 from training.metrics import MetricWriter
+from training.metrics import WALL_CLOCK_KEYS
 from tests.helpers import ROOT, run_cli
 
 STEPS, EVERY = 12, 4
@@ -28,7 +29,8 @@ STEPS, EVERY = 12, 4
 
 def records(workdir: Path) -> list[dict]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_sec"} for ln in lines]
+    return [{k: v for k, v in json.loads(ln).items() if k not in WALL_CLOCK_KEYS}
+            for ln in lines]
 
 
 def steps_on_disk(workdir: Path) -> list[int]:

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from training.metrics import WALL_CLOCK_KEYS
 from tests.helpers import ROOT, run_cli
 from training import trainer
 from evaluation.restore import restore_run
@@ -19,7 +20,8 @@ from training.evaluate import evaluate
 
 def read_metrics(workdir):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_sec"} for ln in lines]
+    return [{k: v for k, v in json.loads(ln).items() if k not in WALL_CLOCK_KEYS}
+            for ln in lines]
 
 
 def one_device():

@@ -80,10 +80,11 @@ class Experiment:
         objective = build_objective(config, model_cfg, teacher and teacher.model_cfg)
         if objective.param_axes() is not None:
             param_axes = {**param_axes, OBJECTIVE_PARAMS: objective.param_axes()}
-        optimizer = make_optimizer(config.optim, config.train.steps, param_axes)
+        optimizer = make_optimizer(config.optim, config.optimizer, config.train.steps,
+                                   param_axes)
         init_fn = make_init_fn(model_cfg, optimizer, config.train.seed, objective.init_params)
         abstract = jax.eval_shape(init_fn)
-        logical = state_logical_axes(optimizer, abstract, param_axes)
+        logical = state_logical_axes(abstract, param_axes)
         shardings = state_shardings(mesh, logical, rules)
         perm = None
         if model_cfg.pipeline_stages > 1 and model_cfg.pipeline_repeats > 1:

@@ -1,6 +1,6 @@
 """The training loop's hooks: metrics one step behind, the divergence guard, progress bar,
-evaluation, checkpoints, and stopping on SIGTERM or Ctrl-C. `training/trainer.py` wires
-them to a `TrainLoop`.
+evaluation, checkpoints (by steps and by wall time), a profiler window, and stopping on
+SIGTERM or Ctrl-C. `training/trainer.py` wires them to a `TrainLoop`.
 """
 
 import contextlib
@@ -19,6 +19,7 @@ from configs.errors import RunError
 from training.checkpoint import Checkpointer
 from training.evaluate import evaluate
 from training.experiment import Experiment
+from training.flops import throughput_fields
 from training.loop import StepInfo, TrainLoop
 from training.metrics import MetricWriter
 
@@ -35,12 +36,17 @@ class Metrics:
     `collect` runs every step: it writes the record kept from an earlier step (finished
     by now, so reading it does not stall the device) and keeps this step's if it is a
     logging step. `flush` writes the kept record at once. Records get `tokens_per_sec`
-    over the steps since the previous record, excluding time spent in evaluation.
+    over the steps since the previous record, excluding time spent in evaluation, and from
+    it, given the model's FLOPs per token, `flops_per_sec_per_device` (model FLOPs) and,
+    given a peak FLOP/s per device, `mfu` (`training/flops.py`).
     """
 
     def __init__(self, writer: MetricWriter, log_every: int, tokens_per_step: int,
-                 start_time: float):
+                 start_time: float, flops_per_token: float = 0.0, num_devices: int = 1,
+                 peak_flops: float | None = None):
         self.writer, self.log_every, self.tokens_per_step = writer, log_every, tokens_per_step
+        self.flops_per_token, self.num_devices = flops_per_token, num_devices
+        self.peak_flops = peak_flops
         self.start_time = start_time
         self.compile_seconds: float | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -72,6 +78,9 @@ class Metrics:
         if self._clock is not None and step > self._clock[1]:
             values["tokens_per_sec"] = (self.tokens_per_step * (step - self._clock[1])
                                         / (now - self._clock[0]))
+            if self.flops_per_token > 0:
+                values.update(throughput_fields(values["tokens_per_sec"], self.flops_per_token,
+                                                self.num_devices, self.peak_flops))
         self._clock = (now, step)
         for extra in self.extras:
             values.update(extra(step))
@@ -140,8 +149,17 @@ class DivergenceGuard:
                 raise RunError(f"divergence at step {step}: {name} is {values[name]}")
 
 
+def si(value: float) -> str:
+    """3 significant digits with an SI prefix: 8.21e10 -> '82.1G'."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{prefix}"
+    return f"{value:.3g}"
+
+
 class Progress:
-    """A tqdm bar with loss, learning rate and tokens/s (process 0 only)."""
+    """A tqdm bar with loss, learning rate, tokens/s, model FLOP/s per device and MFU
+    (process 0 only)."""
 
     def __init__(self, start: int, total: int):
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
@@ -151,8 +169,14 @@ class Progress:
         self.bar.update(1)
 
     def show(self, values: dict[str, Any]) -> None:
+        extra = {}
+        if "flops_per_sec_per_device" in values:
+            extra["flop_s_dev"] = si(values["flops_per_sec_per_device"])
+        if "mfu" in values:
+            extra["mfu"] = f"{values['mfu']:.1%}"
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.2e}",
-                             tok_s=f"{values.get('tokens_per_sec', 0):,.0f}", refresh=False)
+                             tok_s=f"{values.get('tokens_per_sec', 0):,.0f}", **extra,
+                             refresh=False)
 
     def close(self) -> None:
         self.bar.close()
@@ -204,15 +228,77 @@ class Evaluation:
 
 class Checkpoints:
     """Saves the state (layers in model order) and the data iterator, after the divergence
-    guard has checked the step and the parameters."""
+    guard has checked the step and the parameters.
+
+    Called on the step cadence (`checkpoint_every`); `on_clock`, called every step, also
+    saves once `every_minutes` of wall time (on `clock`, in seconds) have passed since the
+    last save or the start, whichever came last. It reads only the clock: no device wait.
+    """
 
     def __init__(self, exp: Experiment, ckpt: Checkpointer, data_iter: Any,
-                 guard: DivergenceGuard):
+                 guard: DivergenceGuard, every_minutes: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.exp, self.ckpt, self.data_iter, self.guard = exp, ckpt, data_iter, guard
+        self.every_seconds, self.clock = 60.0 * every_minutes, clock
+        self.last_save = clock()
 
     def __call__(self, info: StepInfo) -> None:
         self.guard.check_now(info)
         self.ckpt.save(info.step, self.exp.to_checkpoint(info.state), self.data_iter)
+        self.last_save = self.clock()
+
+    def on_clock(self, info: StepInfo) -> None:
+        if self.every_seconds > 0 and self.clock() - self.last_save >= self.every_seconds:
+            self(info)
+
+
+class ProfileWindow:
+    """A `jax.profiler` trace of steps `first` .. `first + num_steps - 1` into `directory`
+    (TensorBoard's profile plugin reads it; `perfetto_trace.json.gz` opens in Perfetto).
+
+    Called after every step: it starts the trace after step `first - 1` and stops it after
+    the window's last step (or the run's), waiting for the device at both ends so the
+    trace holds exactly those steps. `begin(start)` starts it before the loop when the
+    window opens at the run's first step; leaving the `with` block stops an open trace.
+    """
+
+    def __init__(self, directory: str, first: int, num_steps: int):
+        self.directory, self.first, self.last = directory, first, first + num_steps - 1
+        self.active = False
+        self.traced: list[int] = []
+
+    def begin(self, start: int) -> None:
+        if self.first <= start + 1 <= self.last:
+            self._start()
+
+    def __call__(self, info: StepInfo) -> None:
+        if self.active:
+            self.traced.append(info.step)
+            if info.step >= self.last or info.last or info.stopping:
+                jax.block_until_ready(info.state)
+                self._stop()
+        elif info.step + 1 == self.first and not (info.last or info.stopping):
+            jax.block_until_ready(info.state)
+            self._start()
+
+    def _start(self) -> None:
+        jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+        self.active = True
+
+    def _stop(self) -> None:
+        jax.profiler.stop_trace()
+        self.active = False
+        log(f"Profiled steps {self.traced[0]}-{self.traced[-1]} into {self.directory} "
+            f"(tensorboard --logdir {self.directory}, or perfetto_trace.json.gz in "
+            "https://ui.perfetto.dev).")
+
+    def __enter__(self) -> "ProfileWindow":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 @contextlib.contextmanager

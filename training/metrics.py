@@ -1,5 +1,5 @@
-"""Metric sinks: `metrics.jsonl` and TensorBoard event files; and the reader of
-`metrics.jsonl`.
+"""Metric sinks: `metrics.jsonl`, TensorBoard event files and, optionally, Weights & Biases;
+and the reader of `metrics.jsonl`.
 
 Only process 0 writes; other processes get a writer that does nothing.
 """
@@ -13,6 +13,9 @@ from typing import Any
 import jax
 
 METRICS_FILE = "metrics.jsonl"
+# Record fields measured on the wall clock: the only ones that differ between identical runs.
+WALL_CLOCK_KEYS = ("tokens_per_sec", "flops_per_sec_per_device", "mfu")
+WANDB_RUN_ID_FILE = "wandb_run_id"  # a resumed run logs to the same wandb run
 
 
 def _clean(value: Any) -> Any:
@@ -23,13 +26,32 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-class MetricWriter:
-    """Appends one JSON object per record to `metrics.jsonl` and mirrors it to TensorBoard."""
+def start_wandb(workdir: str | Path, project: str, entity: str = "",
+                config: dict[str, Any] | None = None) -> Any:
+    """A wandb run in WORKDIR/wandb, logging `config`; its id is kept in
+    WORKDIR/wandb_run_id, so a resumed run continues the same wandb run. Honours
+    WANDB_MODE (e.g. `offline`, synced later with `wandb sync`)."""
+    # Deferred: wandb is the optional .[wandb] extra, imported only when a run asks for it.
+    import wandb  # noqa: PLC0415
+    workdir = Path(workdir)
+    id_file = workdir / WANDB_RUN_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None  # None: a new id
+    run = wandb.init(project=project, entity=entity or None, id=run_id, resume="allow",
+                     dir=str(workdir), name=workdir.name, config=config)
+    id_file.write_text(run.id + "\n")
+    return run
 
-    def __init__(self, workdir: str | Path, *, enabled: bool | None = None):
+
+class MetricWriter:
+    """Appends one JSON object per record to `metrics.jsonl` and mirrors its scalars to
+    TensorBoard and, given a wandb run (`start_wandb`), to wandb."""
+
+    def __init__(self, workdir: str | Path, *, enabled: bool | None = None,
+                 wandb_run: Any = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = Path(workdir) / METRICS_FILE
         self._tb = None
+        self._wandb = wandb_run if self.enabled else None
         if self.enabled:
             # Deferred: tensorboardX pulls in protobuf (~0.5 s), which only process 0 needs.
             from tensorboardX import SummaryWriter  # noqa: PLC0415
@@ -61,13 +83,17 @@ class MetricWriter:
         record = {"step": int(step), **{k: _clean(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {}
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
-                self._tb.add_scalar(k, v, step)
+                scalars[k] = v
             elif isinstance(v, list):
-                for i, x in enumerate(v):
-                    if isinstance(x, (int, float)):
-                        self._tb.add_scalar(f"{k}/{i}", x, step)
+                scalars.update({f"{k}/{i}": x for i, x in enumerate(v)
+                                if isinstance(x, (int, float))})
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -76,6 +102,9 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(workdir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

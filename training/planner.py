@@ -21,22 +21,13 @@ from parallel.context import causal_pairs_per_shard, computed_pairs_per_shard
 from parallel.pipeline import bubble_fraction
 from parallel.sharding import mesh_axes_size, named_sharding
 from training.experiment import BATCH_AXES, Experiment
+from training.flops import model_flops_per_token
 from training.layout import sequence_split
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-
-
-def model_flops_per_token(cfg: Any, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + causal attention (fwd + bwd)."""
-    d = cfg.d_model
-    attn = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    mlp = d * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
-    matmul_params = cfg.num_layers * (attn + mlp) + d * cfg.padded_vocab
-    attention = cfg.num_layers * 2 * seq_len * cfg.num_heads * cfg.head_dim  # QK^T + PV, causal
-    return 6 * matmul_params + 6 * attention
 
 
 def attention_flops_per_pair(cfg: Any) -> float:

@@ -28,11 +28,12 @@ CHECKPOINTS = "checkpoints"
 LOCK_FILE = "run.lock"
 
 # Config sections that must not change when a run resumes: they define the model, its
-# parameter shapes or the data stream.
-FROZEN_KEYS = ("model", "data", "seed", "seq_len", "batch_size")
+# parameter shapes, the optimizer state or the data stream.
+FROZEN_KEYS = ("model", "data", "seed", "seq_len", "batch_size", "optimizer")
 # Keys that shape the learning-rate schedule: `steps` may change on resume only when asked
 # (the cosine decay is stretched); the others may, with a notice.
-SCHEDULE_KEYS = ("learning_rate", "min_learning_rate", "warmup_steps")
+SCHEDULE_KEYS = ("learning_rate", "min_learning_rate", "warmup_steps", "schedule",
+                 "decay_fraction")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:

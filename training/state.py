@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec as P
@@ -20,12 +21,44 @@ class TrainState:
     opt_state: Any
 
 
-def state_logical_axes(optimizer: optax.GradientTransformation, abstract_state: TrainState,
-                       param_axes: Any) -> TrainState:
-    """Logical PartitionSpecs for every leaf: optimizer moments follow their parameter."""
-    opt_axes = optax.tree_map_params(
-        optimizer, lambda _, spec: spec, abstract_state.opt_state, param_axes,
-        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+def state_logical_axes(abstract_state: TrainState, param_axes: Any) -> TrainState:
+    """Logical PartitionSpecs for every leaf of the state, whatever the optimizer.
+
+    An optimizer-state leaf belongs to the parameter whose path ends its own (optax keeps
+    per-parameter statistics in trees shaped like the parameters, e.g. AdamW's `mu` and
+    `nu`, Lion's and Muon's momentum, partitions with masked-out leaves). A leaf of the
+    parameter's shape takes its spec; Adafactor's factored second moments drop the axis
+    they average over (`v_row` the largest, `v_col` the second largest, as optax picks
+    them); everything else (counts, Adafactor's [1] placeholders) is replicated. optax's
+    `tree_map_params` cannot do this: it initialises the optimizer on placeholders, which
+    fails for states whose shapes depend on the parameters' shapes.
+    """
+    params = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+    specs = jax.tree.leaves(param_axes, is_leaf=lambda x: isinstance(x, P))
+    by_path = {tuple(path): (leaf.shape, spec) for (path, leaf), spec in zip(params, specs)}
+
+    def spec_of(path: Any, leaf: Any) -> P:
+        n = len(path)
+        while n and isinstance(path[n - 1], jax.tree_util.DictKey):
+            n -= 1
+        if tuple(path[n:]) not in by_path:
+            return P()
+        shape, spec = by_path[tuple(path[n:])]
+        if leaf.shape == shape:
+            return spec
+        field = next((getattr(k, "name", None) for k in reversed(path[:n])
+                      if isinstance(k, jax.tree_util.GetAttrKey)), None)
+        if field in ("v_row", "v_col") and len(leaf.shape) == len(shape) - 1:
+            order = np.argsort(shape)  # optax's choice of the two factored axes
+            dropped = int(order[-1] if field == "v_row" else order[-2])
+            if tuple(np.delete(shape, dropped)) == leaf.shape:
+                return P(*(a for i, a in enumerate(spec) if i != dropped))
+        if leaf.size <= 1:
+            return P()
+        raise ValueError(f"optimizer state {jax.tree_util.keystr(tuple(path))} of shape "
+                         f"{leaf.shape} does not follow its parameter of shape {shape}")
+
+    opt_axes = jax.tree_util.tree_map_with_path(spec_of, abstract_state.opt_state)
     return TrainState(step=P(), params=param_axes, opt_state=opt_axes)
 
 

@@ -1,13 +1,14 @@
 """Train (or resume) a run: build the experiment, restore, and run the loop with its hooks."""
 
 import contextlib
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from configs.errors import RunError
+from configs.errors import ConfigError, RunError
 from configs.sections import Config
 from data.mixture import Mixture
 from data.packing import named_sources
@@ -15,13 +16,16 @@ from models import active_params, count_params
 from training import rundir
 from training.checkpoint import Checkpointer
 from training.experiment import Experiment
+from training.flops import model_flops_per_token, peak_flops_per_device
 from training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress,
-                            SourceTokens, log, stop_on_signals)
+                            ProfileWindow, SourceTokens, log, stop_on_signals)
 from training.init_from import InitSource, check_source, restore_initial_state
 from training.loop import TrainLoop
-from training.metrics import MetricWriter
+from training.metrics import MetricWriter, start_wandb
 
-__all__ = ["log", "train"]
+PROFILE_DIR = "profile"
+
+__all__ = ["describe_devices", "log", "train"]
 
 
 def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = None, *,
@@ -41,6 +45,9 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
             latest = existing.latest_step()
         for notice in rundir.check_resume(config, workdir, latest, allow_schedule_change):
             log(notice)  # checked before the data is read or anything is built
+        if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("log.wandb_project", "needs the wandb package: pip install -e "
+                                                   "'.[wandb]'")
         exp = Experiment.build(config, workdir, devices)
         # init.from_workdir starts a new run; a resume continues from its own checkpoints.
         source = check_source(config, exp.model_cfg) if config.init.from_workdir and \
@@ -56,13 +63,16 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
     config = exp.config
     ckpt = Checkpointer(rundir.checkpoint_dir(workdir), keep=config.intervals.keep_checkpoints)
     data_iter = exp.train_batches()
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, wandb_run=start_wandb(
+        workdir, config.log.wandb_project, config.log.wandb_entity, config.to_dict())
+        if config.log.wandb_project and jax.process_index() == 0 else None)
     try:
         state, start = _restore_or_init(exp, ckpt, data_iter, writer, source)
         n_params = count_params(exp.abstract_state.params)
         log(describe(exp, n_params))
         loop, metrics, evaluation, progress = _loop(exp, ckpt, data_iter, writer, start, t_start)
-        with stop_on_signals(loop), contextlib.closing(progress):
+        profile = _profile_window(exp, workdir, loop, start)
+        with stop_on_signals(loop), contextlib.closing(progress), profile:
             try:
                 state, step = loop.run(state, start)
             except RunError as e:
@@ -101,7 +111,11 @@ def _loop(exp: Experiment, ckpt: Checkpointer, data_iter: Any, writer: MetricWri
 
     loop = TrainLoop(exp.train_step, next_batch, train.steps)
     guard = DivergenceGuard(train.nan_policy, train.max_skipped)
-    metrics = Metrics(writer, intervals.log_every, train.batch_size * train.seq_len, t_start)
+    metrics = Metrics(writer, intervals.log_every, train.batch_size * train.seq_len, t_start,
+                      flops_per_token=model_flops_per_token(exp.model_cfg, train.seq_len),
+                      num_devices=exp.mesh.devices.size,
+                      peak_flops=peak_flops_per_device(config.log.peak_flops_per_device,
+                                                       exp.mesh.devices.flat[0].device_kind))
     progress = Progress(start, train.steps)
     metrics.listeners.append(progress.show)
     if train.nan_policy == "skip":
@@ -114,10 +128,32 @@ def _loop(exp: Experiment, ckpt: Checkpointer, data_iter: Any, writer: MetricWri
     loop.add_hook(metrics.collect, every=1)
     loop.add_hook(progress.advance, every=1)
     loop.add_hook(evaluation, every=intervals.eval_every, at_last=True)
-    loop.add_hook(Checkpoints(exp, ckpt, data_iter, guard), every=intervals.checkpoint_every,
-                  at_last=True, on_stop=True)
+    checkpoints = Checkpoints(exp, ckpt, data_iter, guard, intervals.checkpoint_every_minutes)
+    loop.add_hook(checkpoints, every=intervals.checkpoint_every, at_last=True, on_stop=True)
+    if intervals.checkpoint_every_minutes > 0:
+        loop.add_hook(checkpoints.on_clock, every=1)
     loop.add_hook(metrics.finish, every=0, at_last=True, on_stop=True)
     return loop, metrics, evaluation, progress
+
+
+def _profile_window(exp: Experiment, workdir: Path, loop: TrainLoop, start: int
+                    ) -> contextlib.AbstractContextManager:
+    """The profiler window's hook on `loop` (a no-op context without `profile.num_steps`);
+    traced steps are marked with `StepTraceAnnotation` for TensorBoard's step view."""
+    profile = exp.config.profile
+    if not profile.num_steps:
+        return contextlib.nullcontext()
+    window = ProfileWindow(str(workdir / PROFILE_DIR), profile.start_step, profile.num_steps)
+    step_fn, steps_run = loop.step_fn, [start]
+
+    def annotated(state: Any, batch: Any) -> Any:
+        steps_run[0] += 1  # counted on the host: reading state.step would wait for the device
+        with jax.profiler.StepTraceAnnotation("train", step_num=steps_run[0]):
+            return step_fn(state, batch)
+    loop.step_fn = annotated
+    loop.add_hook(window, every=1)
+    window.begin(start)
+    return window
 
 
 def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
@@ -138,6 +174,18 @@ def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
     writer.truncate_after(start, warn=log)
     log(f"Resumed from {ckpt.directory} at step {start}.")
     return exp.from_checkpoint(state), start
+
+
+def describe_devices() -> str:
+    """The devices this run uses, e.g. `Devices: 8 x NVIDIA H100 80GB HBM3 (gpu), 1 process;
+    peak 989 TFLOP/s bf16 each`."""
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    peak = peak_flops_per_device(0.0, devices[0].device_kind)
+    return (f"Devices: {len(devices)} x {', '.join(kinds)} ({jax.default_backend()}), "
+            f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; "
+            + (f"peak {peak / 1e12:,.0f} TFLOP/s bf16 each." if peak else
+               "no peak FLOP/s known (no MFU unless log.peak_flops_per_device is set)."))
 
 
 def describe(exp: Experiment, n_params: int) -> str:

@@ -1,0 +1,88 @@
+"""The model FLOP count, the peak table and MFU in the training records."""
+
+import jax.numpy as jnp
+import pytest
+
+from configs.sections import Model
+from models import ModelConfig
+from training.flops import (mean_keys_per_query, model_flops_per_token, peak_flops_per_device,
+                            throughput_fields)
+from training.hooks import Metrics
+from training.loop import TrainLoop
+from tests.helpers import ROOT
+
+
+def _model(**kw):
+    return ModelConfig.from_section(Model(**kw), 65)
+
+
+def test_dense_flops_are_six_n_plus_causal_attention():
+    """The default model: 4 layers, d 128, 4 heads of 64... counted by hand."""
+    cfg = _model()
+    d, layers, seq = 128, 4, 64
+    n_matmul = layers * (4 * d * d + 2 * d * 512) + d * 128  # q k v o, gelu MLP, head
+    attention = layers * 4 * d * (seq + 1) / 2  # heads x head_dim = d; mean keys (L+1)/2
+    assert model_flops_per_token(cfg, seq) == 6 * n_matmul + 3 * attention
+
+
+def test_moe_counts_the_active_experts_and_the_router():
+    dense = model_flops_per_token(_model(), 64)
+    moe = model_flops_per_token(_model(moe={"num_experts": 8, "top_k": 2, "d_ff": 256}), 64)
+    assert moe - dense == 6 * 4 * 128 * 8  # same active MLP; plus the router's d x E
+
+
+def test_sliding_window_counts_the_visible_keys():
+    assert mean_keys_per_query(8) == 4.5
+    assert mean_keys_per_query(8, window=3) == sum(min(i + 1, 3) for i in range(8)) / 8
+    assert mean_keys_per_query(8, window=100) == 4.5
+
+
+def test_peak_table_and_configured_peak():
+    assert peak_flops_per_device(0, "NVIDIA H100 80GB HBM3") == 989.5e12
+    assert peak_flops_per_device(0, "NVIDIA H100 PCIe") == 756.5e12
+    assert peak_flops_per_device(0, "NVIDIA H200") == 989.5e12
+    assert peak_flops_per_device(0, "NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_per_device(0, "NVIDIA B200") == 2250e12
+    assert peak_flops_per_device(0, "TPU v5 lite") == 197e12
+    assert peak_flops_per_device(0, "TPU v5") == 459e12
+    assert peak_flops_per_device(0, "TPU v6 lite") == 918e12
+    assert peak_flops_per_device(0, "TPU v4") == 275e12
+    assert peak_flops_per_device(0, "cpu") is None
+    assert peak_flops_per_device() is None  # these CPU devices
+    assert peak_flops_per_device(5e11) == 5e11
+
+
+class _Writer:
+    def __init__(self):
+        self.records = []
+
+    def write(self, step, **values):
+        self.records.append((step, values))
+
+
+def test_records_carry_model_flops_per_device_and_mfu():
+    writer = _Writer()
+    metrics = Metrics(writer, log_every=1, tokens_per_step=768, start_time=0.0,
+                      flops_per_token=3.0e6, num_devices=4, peak_flops=2.0e9)
+    loop = TrainLoop(lambda s, b: (s + 1, {"loss": jnp.asarray(1.0),
+                                           "learning_rate": jnp.asarray(0.0)}), lambda: None, 4)
+    loop.add_hook(metrics.collect, every=1)
+    loop.add_hook(metrics.finish, every=0, at_last=True)
+    loop.run(0, 0)
+    timed = [values for _, values in writer.records if "tokens_per_sec" in values]
+    assert len(timed) == 3  # every record after the first (compiling) step
+    for values in timed:
+        per_device = values["tokens_per_sec"] * 3.0e6 / 4
+        assert values["flops_per_sec_per_device"] == pytest.approx(per_device, rel=1e-12)
+        assert values["mfu"] == pytest.approx(per_device / 2.0e9, rel=1e-12)
+    assert throughput_fields(100.0, 10.0, 2, None) == {"flops_per_sec_per_device": 500.0}
+
+
+def test_one_flop_count_in_the_code():
+    """The planner, the throughput benchmark and the records share training/flops.py."""
+    defining = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+                if ".venv" not in p.parts and p.parts[-2] != "tests"
+                and "def model_flops_per_token" in p.read_text()]
+    assert defining == ["training/flops.py"]
+    for user in ("training/planner.py", "benchmarks/train_throughput.py", "training/trainer.py"):
+        assert "model_flops_per_token" in (ROOT / user).read_text(), user
