@@ -328,3 +328,18 @@ def test_planner_shows_balanced_attention_and_the_ring(tiny_config, tmp_path):
     assert permute["count"] > 0 and permute["bytes"] >= 2 * 2 * 3 * 2 * 8 * 1024
     assert r["collectives_per_device"]["all-gather"]["bytes"] < 8 * 1024  # token ids only
     assert "max/mean 1.00" in format_plan(r)
+
+
+@pytest.mark.slow
+def test_parameters_sharded_over_context_by_a_rule(references, tiny_config, tmp_path):
+    """ZeRO-3 over the sequence split too: the rule embed -> (fsdp, context)."""
+    c = _config(tiny_config, dict(context=4, fsdp=2), "allgather-causal")
+    c.sharding.rules = [("embed", ("fsdp", "context")) if name == "embed" else (name, axes)
+                        for name, axes in DEFAULT_RULES]
+    exp = Experiment.build(c, tmp_path / "plan", jax.devices())
+    q = exp.state_shardings.params["blocks"]["attn"]["q"]["kernel"]
+    assert "context" in str(q.spec)
+    losses, params, _ = _train(c, tmp_path, jax.devices(), segments=False)
+    ref_losses, ref_params = references("allgather-causal")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_trees_close(params, ref_params, rtol=1e-4, atol=1e-6)

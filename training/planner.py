@@ -204,15 +204,17 @@ def format_plan(r: dict[str, Any]) -> str:
 
 def format_context(c: dict[str, Any]) -> list[str]:
     """The sequence split's lines of the dry-run report."""
+    scale, unit = (1e9, "GFLOP") if max(c["attention_flops_per_device"]) >= 1e8 else (1e6, "MFLOP")
+
     def spread(flops: list[float]) -> str:
         lo, hi, mean = min(flops), max(flops), sum(flops) / len(flops)
-        return (f"{lo / 1e9:,.3f}-{hi / 1e9:,.3f} GFLOP, max/mean {hi / mean:.2f}")
+        return f"{lo / scale:,.3f}-{hi / scale:,.3f} {unit}, max/mean {hi / mean:.2f}"
     return [
         f"Context parallelism: {c['attention']} attention over {c['devices']} devices "
         f"({' x '.join(c['axes'])}), zig-zag chunks of {c['chunk_tokens']} tokens.",
         f"  causal attention per device   {spread(c['attention_flops_per_device'])}",
         f"  with a contiguous split       {spread(c['contiguous_attention_flops_per_device'])}",
         f"  computed by the block loop    "
-        f"{c['computed_attention_flops_per_device'] / 1e9:,.3f} GFLOP on every device "
+        f"{c['computed_attention_flops_per_device'] / scale:,.3f} {unit} on every device "
         "(masked halves of the diagonal blocks included)",
     ]
