@@ -103,7 +103,7 @@ def test_distillation_with_qat_sharded_equals_one_device(tiny_config, teacher_di
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     losses, _, exp, state = run_steps(c, tmp_path / "eight", jax.devices())
     assert dict(exp.mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 2, "expert": 1,
-                                    "tensor": 2}
+                                    "context": 1, "tensor": 2}
     up = exp.teacher_params["blocks"]["mlp"]["up"]["kernel"]  # the teacher is sharded too
     assert up.addressable_shards[0].data.shape == (3, 48 // 2, 96 // 2)
     np.testing.assert_allclose(losses, ref, rtol=2e-4)

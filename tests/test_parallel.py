@@ -90,7 +90,8 @@ def test_grad_accumulation_with_data_parallel(tiny_config, tmp_path):
 def test_mesh_minus_one_takes_remaining_devices():
     assert resolve_mesh_shape({"data": -1, "fsdp": 2}, 8)["data"] == 4
     mesh = make_mesh(resolve_mesh_shape({"data": 2, "fsdp": -1}, 8), jax.devices())
-    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 4, "expert": 1,
+                                "context": 1, "tensor": 1}
 
 
 @pytest.mark.parametrize("mesh_cfg, msg", [
