@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices, configured before JAX initialises its backends."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# The tests compile hundreds of small programs and run each for a few steps, so LLVM's
+# optimisations cost far more time than they save: without them a 2x2x2-mesh train test
+# runs 2.3x faster (17 s against 40 s on 2 cores), with the same losses to 1e-7. The flag
+# only changes code generation; XLA's graph passes and the sharding are the same. Set
+# before JAX initialises its backends; subprocesses (the CLI tests) inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 import jax  # noqa: E402
 
