@@ -99,6 +99,46 @@ def bits_per_byte(loss_sum: float, num_bytes: float) -> float:
     return float(loss_sum) / math.log(2.0) / max(float(num_bytes), 1e-12)
 
 
+def resolve_packing(packing: str, data: TokenData | Mixture) -> str:
+    """The packing training and evaluation use: `documents` whenever a source is an SFT
+    set (windows would cut examples and run across them), else `packing`."""
+    if any(s.is_sft for _, s, _ in named_sources(data)):
+        return "documents"
+    return packing
+
+
+def check_examples_fit(data: TokenData | Mixture, seq_len: int,
+                       splits: tuple[str, ...] = ("train", "val")) -> None:
+    """ConfigError when an SFT example has more than seq_len targets: examples are packed
+    whole, never cut into pieces."""
+    for _, source, _ in named_sources(data):
+        if not source.is_sft:
+            continue
+        for split in splits:
+            lengths = np.diff(source.docs(split))
+            longest = int(lengths.max()) - 1 if len(lengths) else 0
+            if longest > seq_len:
+                raise ConfigError("seq_len", f"{seq_len} is shorter than the longest "
+                                             f"example of {source.path} ({split} split: "
+                                             f"{longest} targets); examples are never "
+                                             f"split: use seq_len >= {longest}, or prepare "
+                                             f"the set again with --seq_len={seq_len}")
+
+
+def target_weights(weights: list[Any], idx_BxL: np.ndarray, valid_BxL: np.ndarray,
+                   source_B: np.ndarray) -> np.ndarray:
+    """float32 [B, L]: the loss weight of each row's targets. Padding weighs 0, a target
+    of an SFT source its stored weight (the token at idx + 1), any other target 1."""
+    out_BxL = valid_BxL.astype(np.float32)
+    for s in np.unique(source_B):
+        if weights[s] is None:
+            continue
+        rows = source_B == s
+        at = np.where(valid_BxL[rows], idx_BxL[rows] + 1, 0)
+        out_BxL[rows] = np.where(valid_BxL[rows], weights[s][at], 0).astype(np.float32)
+    return out_BxL
+
+
 def check_documents(data: TokenData | Mixture, split: str = "train") -> None:
     """ConfigError when a split has no document of at least 2 tokens (nothing to predict)."""
     key = "data.mixture" if isinstance(data, Mixture) else "data.path"
@@ -164,9 +204,11 @@ class _ReadPackedRows(grain.transforms.Map):
     Hand-written: grain packs the positions, but reading only this process's rows of
     several memory-mapped sources is specific to this layout."""
 
-    def __init__(self, tokens: list[Any], global_batch: int, rows: slice, mixture: bool):
+    def __init__(self, tokens: list[Any], global_batch: int, rows: slice, mixture: bool,
+                 weights: list[Any] | None = None):
         self.tokens, self.global_batch, self.rows, self.mixture = \
             tokens, global_batch, rows, mixture
+        self.weights = weights or [None] * len(tokens)
 
     def map(self, plan: dict[str, np.ndarray]) -> Batch:
         idx_BxL = plan["idx"]
@@ -179,9 +221,11 @@ class _ReadPackedRows(grain.transforms.Map):
             idx_BxL, seg_BxL, pos_BxL, source_B = map(pad, (idx_BxL, seg_BxL, pos_BxL,
                                                             source_B))
         # Weighted targets per source of the whole global batch (every process agrees).
-        source_tokens = np.bincount(source_B, weights=(seg_BxL > 0).sum(axis=1),
+        weights_BxL = target_weights(self.weights, idx_BxL, seg_BxL > 0, source_B)
+        source_tokens = np.bincount(source_B, weights=weights_BxL.sum(axis=1),
                                     minlength=len(self.tokens))
-        idx_BxL, seg_BxL = idx_BxL[self.rows], seg_BxL[self.rows]
+        idx_BxL, seg_BxL, weights_BxL = \
+            idx_BxL[self.rows], seg_BxL[self.rows], weights_BxL[self.rows]
         pos_BxL, source_B = pos_BxL[self.rows], source_B[self.rows]
         valid_BxL = seg_BxL > 0
         inputs_BxL = np.zeros(idx_BxL.shape, np.int32)
@@ -195,7 +239,7 @@ class _ReadPackedRows(grain.transforms.Map):
         batch = {"inputs": inputs_BxL, "targets": targets_BxL,
                  "segment_ids": seg_BxL.astype(np.int32),
                  "positions": np.where(valid_BxL, pos_BxL, 0).astype(np.int32),
-                 "weights": valid_BxL.astype(np.float32)}
+                 "weights": weights_BxL}
         if self.mixture:
             batch["source"] = source_B.astype(np.int32)
             batch["source_tokens"] = source_tokens
@@ -219,7 +263,8 @@ def _document_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int
     else:
         ds = streams["0"]
     ds = ds.batch(global_batch, drop_remainder=False)
-    ds = ds.map(_ReadPackedRows([s.train for s in sources], global_batch, rows, mixture))
+    ds = ds.map(_ReadPackedRows([s.train for s in sources], global_batch, rows, mixture,
+                                [s.weights("train") for s in sources]))
     return _CountTokens(ds, len(sources)) if mixture else ds
 
 
@@ -335,8 +380,10 @@ def train_dataset(data: TokenData | Mixture, *, seq_len: int, global_batch: int,
 
     `num_epochs` (documents only; None = endless) ends after that many passes, the last
     batch padded with empty rows. Windows are endless."""
+    packing = resolve_packing(packing, data)
     check_packing(packing, seq_len)
     _check_lengths(data, seq_len, packing)
+    check_examples_fit(data, seq_len)
     if global_batch % process_count:
         raise ConfigError("batch_size", f"{global_batch} is not divisible by the "
                                         f"{process_count} processes")
@@ -365,8 +412,9 @@ class PackedEvalBatches:
 
     def __init__(self, tokens: Any, offsets: np.ndarray, seq_len: int, global_batch: int,
                  process_index: int = 0, process_count: int = 1, max_batches: int = 0,
-                 token_bytes: np.ndarray | None = None):
+                 token_bytes: np.ndarray | None = None, weights: Any = None):
         check_packing("documents", seq_len)
+        self.weights = weights  # SFT: uint8 [tokens] loss weights of the tokens as targets
         if global_batch % process_count:
             raise ConfigError("eval_batch_size", f"{global_batch} is not divisible by the "
                                                  f"{process_count} processes")
@@ -419,7 +467,8 @@ class PackedEvalBatches:
         batch = {"inputs": np.where(valid_BxL, self.tokens[at], 0).astype(np.int32),
                  "targets": np.where(valid_BxL, self.tokens[at + valid_BxL], 0).astype(np.int32),
                  "segment_ids": seg_BxL, "positions": pos_BxL,
-                 "weights": valid_BxL.astype(np.float32)}
+                 "weights": target_weights([self.weights], idx_BxL, valid_BxL,
+                                           np.zeros(len(idx_BxL), np.int64))}
         if self.token_bytes is not None:
             batch["target_bytes"] = target_bytes(batch, self.token_bytes)
         return batch
@@ -430,19 +479,24 @@ def eval_batches(data: TokenData, *, seq_len: int, global_batch: int,
                  process_count: int = 1, max_batches: int = 0
                  ) -> EvalBatches | PackedEvalBatches:
     """Every target of a split once, with `target_bytes` for bits per byte: windows
-    (EvalBatches) or packed documents (PackedEvalBatches)."""
+    (EvalBatches) or packed documents (PackedEvalBatches). An SFT set is packed as
+    documents whatever `packing`, weighted by its loss weights: the completion-only loss."""
+    packing = resolve_packing(packing, data)
     check_packing(packing, seq_len)
+    check_examples_fit(data, seq_len, (split,))
     tokens = data.tokens(split)
     if packing == "windows":
         return EvalBatches(tokens, seq_len, global_batch, process_index, process_count,
                            max_batches, token_bytes=data.token_bytes)
     return PackedEvalBatches(tokens, data.docs(split), seq_len, global_batch, process_index,
-                             process_count, max_batches, token_bytes=data.token_bytes)
+                             process_count, max_batches, token_bytes=data.token_bytes,
+                             weights=data.weights(split))
 
 
 def eval_sources(data: TokenData | Mixture, **kwargs: Any
                  ) -> dict[str, EvalBatches | PackedEvalBatches]:
     """Per-source evaluation batches: {source name: batches} (one entry for one set)."""
+    kwargs["packing"] = resolve_packing(kwargs.get("packing", "windows"), data)
     if isinstance(data, Mixture):
         return {name: eval_batches(s, **kwargs) for name, s in zip(data.names, data.sources)}
     return {data.path.name: eval_batches(data, **kwargs)}

@@ -19,7 +19,8 @@ import grain
 import numpy as np
 
 from configs.errors import ConfigError
-from data.prepare import EMBEDDED_CORPUS, META, is_prepared, prepare
+from data.prepare import (EMBEDDED_CORPUS, FORMAT_VERSION, FORMAT_VERSIONS, META,
+                          SFT_FORMAT_VERSION, is_prepared, prepare)
 from data.readers import COMPRESSED, file_format
 from data.shards import ShardedTokens
 from data.tokenizers import DEFAULT_BPE_VOCAB, Tokenizer, tokenizer_from_dict, tokenizer_kind
@@ -45,6 +46,10 @@ class TokenData:
     train_docs: np.ndarray | None = None
     val_docs: np.ndarray | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # SFT sets (format 3): uint8 [tokens] per split, 1 where the token is a completion
+    # target (its loss counts), 0 elsewhere; None for other sets (every target counts).
+    train_weights: Any = None
+    val_weights: Any = None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TokenData":
@@ -54,17 +59,23 @@ class TokenData:
                                            f"(no {META})")
         try:
             meta = json.loads((path / META).read_text())
+            version = meta.get("format_version", FORMAT_VERSION)
             vocab, dtype = int(meta["vocab_size"]), np.dtype(meta["dtype"])
             layout = {s: meta["splits"][s] for s in ("train", "val")} if "splits" in meta \
                 else {s: {"shards": [f"{s}.bin"]} for s in ("train", "val")}
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError("data.path", f"{path / META} is malformed: {e}") from None
+        if version not in FORMAT_VERSIONS:  # e.g. made by a newer version of this code
+            raise ConfigError("data.path", f"{path} was prepared in format {version}; this "
+                                           f"version reads formats "
+                                           f"{', '.join(map(str, FORMAT_VERSIONS))}: prepare "
+                                           f"it again")
         try:
             tok = tokenizer_from_dict(meta["tokenizer"], path)
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise ConfigError("data.path", f"{path / META}: cannot load its tokenizer: "
                                            f"{e}") from None
-        splits, docs = {}, {}
+        splits, docs, weights = {}, {}, {}
         for split in ("train", "val"):
             files = [path / f for f in layout[split]["shards"]]
             for f in files:
@@ -87,8 +98,9 @@ class TokenData:
                     raise ConfigError("data.path", f"{f} does not index {split}'s "
                                                    f"{len(arr)} tokens")
                 docs[split] = offsets
+            weights[split] = _load_weights(path, layout[split], len(arr), docs[split], version)
         return cls(path, tok, vocab, splits["train"], splits["val"], docs["train"],
-                   docs["val"], meta)
+                   docs["val"], meta, weights["train"], weights["val"])
 
     def tokens(self, split: str) -> Any:
         return {"train": self.train, "val": self.val}[split]
@@ -100,10 +112,37 @@ class TokenData:
             return np.array([0, len(self.tokens(split))], np.int64)
         return offsets
 
+    def weights(self, split: str) -> Any:
+        """uint8 [tokens] loss weights of a split's tokens as targets (SFT), or None."""
+        return {"train": self.train_weights, "val": self.val_weights}[split]
+
+    @property
+    def is_sft(self) -> bool:
+        """Whether the set carries per-token loss weights (supervised fine-tuning)."""
+        return self.train_weights is not None
+
     @property
     def token_bytes(self) -> np.ndarray:
         """[vocab] int32: UTF-8 bytes of each token's text (0 for special tokens)."""
         return self.tokenizer.token_bytes
+
+
+def _load_weights(path: Path, layout: dict[str, Any], num_tokens: int,
+                  offsets: np.ndarray | None, version: int) -> np.ndarray | None:
+    """An SFT split's weight stream (memory-mapped), checked against its tokens."""
+    if version != SFT_FORMAT_VERSION:
+        return None
+    if "weights" not in layout or offsets is None:
+        raise ConfigError("data.path", f"{path / META} is an SFT set (format "
+                                       f"{SFT_FORMAT_VERSION}) without weights or a "
+                                       f"document index: prepare it again")
+    f = path / layout["weights"]
+    if not f.is_file():
+        raise ConfigError("data.path", f"missing loss weights {f}")
+    w = np.memmap(f, dtype=np.uint8, mode="r") if f.stat().st_size else np.zeros(0, np.uint8)
+    if len(w) != num_tokens:
+        raise ConfigError("data.path", f"{f} has {len(w)} weights for {num_tokens} tokens")
+    return w
 
 
 def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:

@@ -3,6 +3,9 @@
   python -m data.prepare --input=PATH_OR_GLOB [--input=...] --output=DIR --tokenizer=KIND
       [--vocab_size=N] [--text_field=text] [--workers=N] [--val_fraction=F]
       [--split_blank_lines] [--skip_bad] [--overwrite] [--bpe_train_mb=N] [--shard_mb=N]
+  python -m data.prepare --format=sft --input=F.jsonl --output=DIR --tokenizer=BASE
+      --seq_len=N [--val_fraction=F] [--truncate] [--strict] [--end_text=TEXT]
+      [--chat_template=auto|simple|FILE] [--overwrite]
 
 Two layouts:
 
@@ -15,6 +18,10 @@ Two layouts:
   shards `{split}-NNNNN.bin` (`{split}.bin` when one is enough) with a document index
   `{split}.idx` (int64 offsets, [documents + 1]), split train/validation by document by
   a hash of each document's text. Format version 2.
+* Supervised fine-tuning examples (`prepare_sft`, `--format=sft`; records in
+  data/sft.py): format 2 with one example per document, plus `{split}.weights`, a uint8
+  loss weight per token (1 on completion tokens). `--tokenizer` may name a prepared
+  directory or a run directory, whose tokenizer is reused exactly. Format version 3.
 
 Token files are uint16 when the vocabulary fits, else uint32. A file-backed tokenizer
 (bpe, hf:, sentencepiece:) is kept in the directory, so evaluation decodes with it.
@@ -36,7 +43,11 @@ from typing import Any
 import numpy as np
 
 from configs.errors import ConfigError
-from data.readers import Task, expand_inputs, file_format, parse_task, read_tasks
+from configs.sections import parse_mixture
+from data.readers import (COMPRESSED, Task, expand_inputs, file_format, parse_task,
+                          read_tasks)
+from data.sft import (DEFAULT_END_TEXT, BadRecord, ChatTemplate, Example, find_chat_template,
+                      make_example, special_token_strings, template_directory)
 from data.tokenizers import (DEFAULT_BPE_VOCAB, HF_FILE, SENTENCEPIECE_FILE, TOKENIZERS,
                              ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer,
                              encode_documents_flat, file_sha256, fit_tokenizer,
@@ -44,9 +55,12 @@ from data.tokenizers import (DEFAULT_BPE_VOCAB, HF_FILE, SENTENCEPIECE_FILE, TOK
                              tokenizer_from_dict, train_bpe)
 
 META = "meta.json"
+RUN_CONFIG = "config.json"  # a training run's directory holds it (training/rundir.py)
 EMBEDDED_CORPUS = Path(__file__).parent / "corpora" / "tinyshakespeare.txt"
 FORMAT_VERSION = 1  # one text, split by token position
 CORPUS_FORMAT_VERSION = 2  # documents, sharded, split by document
+SFT_FORMAT_VERSION = 3  # format 2 plus a per-token loss weight stream (`{split}.weights`)
+FORMAT_VERSIONS = (FORMAT_VERSION, CORPUS_FORMAT_VERSION, SFT_FORMAT_VERSION)
 SHARD_BYTES = 256 << 20
 
 
@@ -271,18 +285,26 @@ def _raise(error: tuple[str, str] | None) -> None:
 class _SplitWriter:
     """Appends whole documents to token shards and their end offsets to `{split}.idx`."""
 
-    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_bytes: int):
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_bytes: int,
+                 weights: bool = False):
         self.root, self.split, self.dtype, self.shard_bytes = root, split, dtype, shard_bytes
         self.shards: list[str] = []
-        self.tokens = self.documents = self.text_bytes = 0
+        self.tokens = self.documents = self.text_bytes = self.weight_sum = 0
         self._file: Any = None
         self._file_bytes = 0
         self._index = open(root / f"{split}.idx", "wb")
         self._index.write(np.zeros(1, np.int64).tobytes())
+        # SFT: one uint8 loss weight per token, in one file beside the shards.
+        self._weights = open(root / f"{split}.weights", "wb") if weights else None
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, text_bytes: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, text_bytes: np.ndarray,
+            weights: np.ndarray | None = None) -> None:
         if not len(lengths):
             return
+        if self._weights is not None:
+            assert weights is not None and len(weights) == len(tokens)
+            self._weights.write(weights.astype(np.uint8).tobytes())
+            self.weight_sum += int(weights.sum())
         ends = np.cumsum(lengths)
         self._index.write((self.tokens + ends).astype(np.int64).tobytes())
         self.tokens += int(ends[-1])
@@ -321,8 +343,12 @@ class _SplitWriter:
         if len(self.shards) == 1:  # one shard: the same name as a one-text split
             os.replace(self.root / self.shards[0], self.root / f"{self.split}.bin")
             self.shards = [f"{self.split}.bin"]
-        return {"shards": self.shards, "index": f"{self.split}.idx", "tokens": self.tokens,
-                "documents": self.documents, "bytes": self.text_bytes}
+        out = {"shards": self.shards, "index": f"{self.split}.idx", "tokens": self.tokens,
+               "documents": self.documents, "bytes": self.text_bytes}
+        if self._weights is not None:
+            self._weights.close()
+            out.update(weights=f"{self.split}.weights", completion_tokens=self.weight_sum)
+        return out
 
 
 class _NoProgress:
@@ -421,10 +447,19 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
                 "text_field": text_field, "val_fraction": val_fraction,
                 "split_blank_lines": split_blank_lines, "skip_bad": skip_bad}
     fingerprint = _corpus_fingerprint(files, settings)
+    if not _needs_build(output, fingerprint, overwrite):
+        return output
+    return _build_atomically(output, fingerprint, files, settings, lambda tmp: _build(
+        files, tmp, kind, given, settings, vocab_size, workers, shard_bytes, progress))
+
+
+def _needs_build(output: Path, fingerprint: str, overwrite: bool) -> bool:
+    """False when `output` is already prepared with `fingerprint`; an error when it holds
+    anything else (unless `overwrite`)."""
     if is_prepared(output):
         meta = json.loads((output / META).read_text())
         if meta.get("fingerprint") == fingerprint:
-            return output
+            return False
         if not overwrite:
             raise ConfigError("--output", f"{output} holds data prepared from other inputs "
                                           f"or settings; pass --overwrite to rebuild it, or "
@@ -432,15 +467,21 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
     elif output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError("--output", f"{output} exists and is not a prepared data "
                                       f"directory; choose another --output")
+    return True
 
+
+def _build_atomically(output: Path, fingerprint: str, files: list[Path],
+                      settings: dict[str, Any],
+                      build: Callable[[Path], dict[str, Any]]) -> Path:
+    """Run `build(staging directory) -> meta` in a hidden sibling of `output`, write the
+    meta and rename the directory into place (replacing an older `output`)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(output)
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        meta = _build(files, tmp, kind, given, settings, vocab_size, workers, shard_bytes,
-                      progress)
+        meta = build(tmp)
         meta.update(fingerprint=fingerprint, inputs=[str(f) for f in files],
                     settings=settings)
         (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -546,6 +587,228 @@ def _build(files: list[Path], tmp: Path, kind: str, given: Tokenizer | None,
             "val_fraction": settings["val_fraction"]}
 
 
+# Supervised fine-tuning examples (format 3).
+
+def _read_json_file(path: Path, key: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"{path} is damaged ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(key, f"{path} is damaged (not a JSON object)")
+    return data
+
+
+def prepared_directory_of(path: str | os.PathLike, key: str = "--tokenizer") -> Path | None:
+    """The prepared data directory behind `path`: `path` itself when prepared, or, for a
+    training run's directory (it has config.json), its `data.path` when that is prepared,
+    its mixture's first source, else the run's own `data/` (the embedded corpus and text
+    files are prepared there on the run's first start). None when `path` is neither."""
+    path = Path(path)
+    if is_prepared(path):
+        return path
+    if not (path / RUN_CONFIG).is_file():
+        return None
+    data = _read_json_file(path / RUN_CONFIG, key).get("data", {})
+    source = Path(data["path"]) if data.get("path") else None
+    if str(data.get("mixture", "")).strip():
+        source = Path(parse_mixture(data["mixture"], key)[0][0])
+    directory = source if source is not None and is_prepared(source) else path / "data"
+    if not is_prepared(directory):
+        raise ConfigError(key, f"the run {path} has no prepared data at {directory} (it is "
+                               f"written on the run's first start): nothing to take its "
+                               f"tokenizer from")
+    return directory
+
+
+def reuse_tokenizer(directory: Path, key: str = "--tokenizer"
+                    ) -> tuple[Tokenizer, dict[str, Any]]:
+    """(the tokenizer, meta) of a prepared directory: exactly its vocabulary and ids."""
+    meta = _read_json_file(directory / META, key)
+    try:
+        return tokenizer_from_dict(meta["tokenizer"], directory), meta
+    except (KeyError, ValueError, TypeError, OSError) as e:
+        raise ConfigError(key, f"cannot load the tokenizer of {directory}: {e}") from None
+
+
+def sft_tokenizer(spec: str, chat_template: str = "auto"
+                  ) -> tuple[Tokenizer, ChatTemplate | None]:
+    """`--tokenizer` and `--chat_template` of SFT preparation -> (tokenizer, template).
+
+    `spec` is a prepared data directory or a run directory (its tokenizer is reused
+    exactly), `byte`, `hf:PATH` or `sentencepiece:PATH`; char and bpe would fit a new
+    vocabulary to the fine-tuning data, which no base model shares. `chat_template`:
+    `auto` (the tokenizer's Hugging Face template when it has one, else the simple one),
+    `simple`, or a Jinja file."""
+    directory = prepared_directory_of(spec) if Path(spec).is_dir() else None
+    found: ChatTemplate | None = None
+    if directory is not None:
+        tok, meta = reuse_tokenizer(directory)
+        saved = meta.get("chat_template")
+        if isinstance(saved, dict):
+            found = ChatTemplate(saved["source"], saved["special_tokens"])
+    else:
+        kind, path = parse_tokenizer_spec(spec, "--tokenizer")
+        if kind in ("char", "bpe"):
+            raise ConfigError("--tokenizer", f"{kind} would fit a new vocabulary to the "
+                                             f"fine-tuning data; pass the base model's "
+                                             f"tokenizer: its run directory, its prepared "
+                                             f"data directory, or byte, hf:PATH, "
+                                             f"sentencepiece:PATH")
+        if kind == "byte":
+            tok = ByteTokenizer()
+        elif kind == "hf":
+            tok = load_hf_tokenizer(path, "--tokenizer")
+            found = find_chat_template(tok, template_directory(path))
+        else:
+            tok = load_sentencepiece(path, "--tokenizer")
+    if chat_template == "auto":
+        return tok, found
+    if chat_template == "simple":
+        return tok, None
+    file = Path(chat_template)
+    if not file.is_file():
+        raise ConfigError("--chat_template", f"expected auto, simple or a Jinja template "
+                                             f"file; no such file: {file}")
+    return tok, ChatTemplate(file.read_text(encoding="utf-8"), special_token_strings(tok))
+
+
+def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *,
+                tokenizer: str, seq_len: int, val_fraction: float = 0.1,
+                truncate: bool = False, strict: bool = False,
+                end_text: str = DEFAULT_END_TEXT, chat_template: str = "auto",
+                overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
+                progress: bool = True) -> Path:
+    """JSON-lines SFT records (data/sft.py) -> `output` (format 3); returns `output`.
+
+    Like a corpus of documents (one document per example, split by a hash of the
+    record), plus `{split}.weights`: one uint8 per token, 1 where the token is a
+    completion target. Bad records are counted by reason (with the first file and line)
+    in the meta and skipped, or, with `strict`, refused. Examples longer than
+    seq_len + 1 tokens are bad unless `truncate` (cut at seq_len + 1). Idempotent and
+    atomic as `prepare_corpus`."""
+    output = Path(output).absolute()
+    if seq_len < 1:
+        raise ConfigError("--seq_len", f"must be >= 1, got {seq_len}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError("--val_fraction", f"must be in (0, 1), got {val_fraction}")
+    if shard_bytes <= 0:
+        raise ConfigError("--shard_mb", f"must be > 0, got {shard_bytes} bytes")
+    tok, template = sft_tokenizer(tokenizer, chat_template)
+    if tok.eos_id is None and end_text:
+        try:
+            tok.encode(end_text)
+        except ValueError as e:
+            raise ConfigError("--end_text", f"{end_text!r}: {e}") from None
+    files = [f for f in expand_inputs(inputs, "--input")
+             if output not in f.parents and not f.parent.name.startswith(f".{output.name}.")]
+    if not files:
+        raise ConfigError("--input", f"no input files outside --output {output}")
+    for f in files:
+        if file_format(f) != "jsonl":
+            raise ConfigError("--input", f"{f} is not JSON lines (.jsonl, .json or .ndjson, "
+                                         f"optionally .gz or .zst): SFT records are JSON "
+                                         f"lines")
+    settings = {"format_version": SFT_FORMAT_VERSION, "format": "sft",
+                "tokenizer": tok.to_dict(), "seq_len": seq_len, "truncate": truncate,
+                "strict": strict, "val_fraction": val_fraction, "end_text": end_text,
+                "chat_template": None if template is None else template.source}
+    fingerprint = _corpus_fingerprint(files, settings)
+    if not _needs_build(output, fingerprint, overwrite):
+        return output
+    return _build_atomically(output, fingerprint, files, settings, lambda tmp: _build_sft(
+        files, tmp, tok, template, settings, shard_bytes, progress))
+
+
+def _build_sft(files: list[Path], tmp: Path, tok: Tokenizer, template: ChatTemplate | None,
+               settings: dict[str, Any], shard_bytes: int, progress: bool
+               ) -> dict[str, Any]:
+    """Read, check, tokenize and write every record (in this process: SFT sets are small
+    next to pretraining corpora, and the per-record checks are cheap)."""
+    tok = _keep_tokenizer(tok, tmp)
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: _SplitWriter(tmp, s, dtype, shard_bytes, weights=True)
+               for s in ("train", "val")}
+    bad: dict[str, dict[str, Any]] = {}
+    records = truncated = 0
+    longest = {"train": 0, "val": 0}
+    compressed = any(f.name.lower().endswith(COMPRESSED) for f in files)
+    bar = _progress(progress, None if compressed else sum(f.stat().st_size for f in files),
+                    "sft")
+    try:
+        for task in read_tasks(files):
+            kept: dict[str, list[Example]] = {"train": [], "val": []}
+            for item, line in zip(task.items, task.lines):
+                records += 1
+                try:
+                    ex = make_example(item, tok, template, seq_len=settings["seq_len"],
+                                      truncate=settings["truncate"],
+                                      end_text=settings["end_text"])
+                except BadRecord as e:
+                    if settings["strict"]:
+                        raise ConfigError("--input", f"{task.file}:{line}: {e.reason}: "
+                                                     f"{e.detail} (--strict refuses the "
+                                                     f"file at its first bad record)"
+                                          ) from None
+                    entry = bad.setdefault(e.reason, {"count": 0, "file": task.file,
+                                                      "line": line, "detail": e.detail})
+                    entry["count"] += 1
+                    continue
+                truncated += ex.truncated
+                split = "val" if _is_val(ex.key, settings["val_fraction"]) else "train"
+                kept[split].append(ex)
+            for split, exs in kept.items():
+                if exs:
+                    longest[split] = max(longest[split], *(len(x.tokens) for x in exs))
+                    writers[split].add(np.concatenate([x.tokens for x in exs]).astype(dtype),
+                                       np.array([len(x.tokens) for x in exs], np.int64),
+                                       np.array([x.text_bytes for x in exs], np.int64),
+                                       np.concatenate([x.weights for x in exs]))
+            bar.update(task.nbytes)
+    finally:
+        bar.close()
+        splits = {s: w.close() for s, w in writers.items()}
+    _check_sft_splits(splits, records, bad, files, settings)
+    return {"format_version": SFT_FORMAT_VERSION, "format": "sft",
+            "tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "dtype": dtype.name,
+            "splits": splits, "counts": {s: splits[s]["tokens"] for s in splits},
+            "documents": {s: splits[s]["documents"] for s in splits},
+            "examples": {s: splits[s]["documents"] for s in splits},
+            "completion_tokens": {s: splits[s]["completion_tokens"] for s in splits},
+            "longest": longest, "records": records, "truncated": truncated,
+            "bad": dict(sorted(bad.items())),
+            "skipped": {"bad": sum(b["count"] for b in bad.values()), "empty": 0},
+            "seq_len": settings["seq_len"], "truncate": settings["truncate"],
+            "template": "simple" if template is None else "chat_template",
+            "chat_template": None if template is None else
+            {"source": template.source, "special_tokens": template.special_tokens},
+            "end": "eos" if tok.eos_id is not None else settings["end_text"],
+            "val_fraction": settings["val_fraction"]}
+
+
+def _check_sft_splits(splits: dict[str, Any], records: int, bad: dict[str, Any],
+                      files: list[Path], settings: dict[str, Any]) -> None:
+    examples = splits["train"]["documents"] + splits["val"]["documents"]
+    if examples == 0:
+        reasons = ", ".join(f"{r} {b['count']} (first {b['file']}:{b['line']})"
+                            for r, b in sorted(bad.items()))
+        raise ConfigError("--input", f"no usable SFT records in {len(files)} file(s): "
+                                     f"{records} record(s)" +
+                          (f", all bad: {reasons}" if reasons else ""))
+    for split in ("train", "val"):
+        if splits[split]["documents"] == 0:
+            raise ConfigError("--val_fraction", f"the {split} split is empty ({examples} "
+                                                f"examples, val_fraction "
+                                                f"{settings['val_fraction']}); SFT data "
+                                                f"needs examples in both splits")
+
+
+def describe_bad(meta: dict[str, Any]) -> list[str]:
+    """One line per reason of the bad records a prepared SFT directory skipped."""
+    return [f"skipped {b['count']} bad record(s): {reason} (first at {b['file']}:"
+            f"{b['line']}: {b['detail']})" for reason, b in meta.get("bad", {}).items()]
+
+
 # Command line.
 
 _CONFIG_TO_FLAG = {"data.path": "--input", "data.tokenizer": "--tokenizer",
@@ -576,7 +839,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--shard_mb", type=float, default=SHARD_BYTES / 2**20,
                     help="token shard size in MiB")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    sft = ap.add_argument_group("supervised fine-tuning (--format=sft)")
+    sft.add_argument("--format", choices=("auto", "sft"), default="auto",
+                     help="auto: text or a corpus of documents, by the inputs; sft: "
+                          "prompt/completion or chat records with per-token loss weights")
+    sft.add_argument("--seq_len", type=int, default=None,
+                     help="sft: the training seq_len; longer examples are bad records")
+    sft.add_argument("--truncate", action="store_true",
+                     help="sft: cut examples longer than seq_len + 1 tokens instead")
+    sft.add_argument("--strict", action="store_true",
+                     help="sft: refuse the input at its first bad record")
+    sft.add_argument("--end_text", default=DEFAULT_END_TEXT,
+                     help="sft: appended to every completion when the tokenizer has no EOS")
+    sft.add_argument("--chat_template", default="auto",
+                     help="sft: auto | simple | a Jinja template file")
     args = ap.parse_args(argv)
+    if args.format == "sft":
+        _main_sft(args)
+        return
     try:
         single = (len(args.input) == 1 and Path(args.input[0]).is_file() and
                   file_format(Path(args.input[0])) == "text" and
@@ -605,6 +885,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "documents" in meta:
         summary.update(documents=meta["documents"], skipped=meta["skipped"])
     print(json.dumps(summary))
+
+
+def _main_sft(args: argparse.Namespace) -> None:
+    try:
+        if args.seq_len is None:
+            raise ConfigError("--seq_len", "required with --format=sft: the training "
+                                           "seq_len, which no example may exceed")
+        out = prepare_sft(args.input, args.output, tokenizer=args.tokenizer,
+                          seq_len=args.seq_len, val_fraction=args.val_fraction,
+                          truncate=args.truncate, strict=args.strict,
+                          end_text=args.end_text, chat_template=args.chat_template,
+                          overwrite=args.overwrite, shard_bytes=int(args.shard_mb * 2**20),
+                          progress=not args.quiet)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    meta = json.loads((out / META).read_text())
+    for line in describe_bad(meta):
+        print(line, file=sys.stderr)
+    print(json.dumps({"output": str(out), "vocab_size": meta["vocab_size"],
+                      "records": meta["records"], "examples": meta["examples"],
+                      "tokens": meta["counts"], "completion_tokens": meta["completion_tokens"],
+                      "truncated": meta["truncated"], "bad": {r: b["count"] for r, b in
+                                                              meta["bad"].items()},
+                      "template": meta["template"]}))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from configs.errors import ConfigError, RunError
+from data.packing import resolve_packing
 from data.pipeline import TokenData
 from data.prepare import META, is_prepared
 from evaluation.restore import json_line, load_run, restore_step
@@ -90,7 +91,7 @@ def _check_targets(exp: Any, data: TokenData | np.ndarray, path: Path) -> None:
     if isinstance(data, np.ndarray):
         if len(data) < 2:
             raise ConfigError("data", f"{path} has {len(data)} tokens; at least 2 are needed")
-    elif exp.config.data.packing == "documents":
+    elif resolve_packing(exp.config.data.packing, data) == "documents":
         if not np.any(np.diff(data.docs("val")) >= 2):
             raise ConfigError("data", f"the validation split of {path} has no document of "
                                       f"2 or more tokens")

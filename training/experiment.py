@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from configs.sections import Config
 from data.mixture import Mixture, resolve_sources
-from data.packing import eval_sources, split_row_info, train_batches
+from data.packing import eval_sources, resolve_packing, split_row_info, train_batches
 from data.pipeline import Batch, EvalBatches, TokenData, TrainBatches
 from losses.objectives import OBJECTIVE_PARAMS, Objective, build_objective, needs_teacher
 from models import ModelConfig, abstract_params
@@ -175,6 +175,11 @@ class Experiment:
         return jax.jit(step, in_shardings=(self.state_shardings.params, self.batch_sharding))
 
     # Data.
+    @property
+    def packing(self) -> str:
+        """`data.packing`, or `documents` for SFT data (data/packing.py resolve_packing)."""
+        return resolve_packing(self.config.data.packing, self.data)
+
     def train_batches(self) -> Any:
         """This process's rows of every training batch: a checkpointable grain iterator
         (windows or packed documents, one set or a mixture; data/packing.py)."""
@@ -210,7 +215,7 @@ class Experiment:
         `target_bytes`, `tokens_seen`). For training windows the keys equal to the
         defaults (WINDOW_DEFAULT_KEYS) stay on the host too."""
         model, host = split_row_info(batch)
-        if train and self.config.data.packing == "windows":
+        if train and self.packing == "windows":
             model = {k: v for k, v in model.items() if k not in WINDOW_DEFAULT_KEYS}
         return self.to_global(model), host
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from configs.errors import ConfigError
 from configs.sections import MESH_AXES, Config
 from data.mixture import Mixture
-from data.packing import named_sources
+from data.packing import check_examples_fit, named_sources, resolve_packing
 from data.pipeline import TokenData
 from models import ModelConfig
 from models.attention import IMPL_PLATFORMS
@@ -213,8 +213,10 @@ def _check_moe_groups(config: Config, mesh: Mesh, rules: Rules) -> None:
 
 def _check_data(config: Config, data: TokenData | Mixture) -> None:
     """Windows need seq_len + 1 tokens in each split they read; packed documents need a
-    document of 2 or more tokens there (a target). Every source has a validation split."""
-    seq_len, packing = config.train.seq_len, config.data.packing
+    document of 2 or more tokens there (a target), and SFT examples must fit in seq_len.
+    Every source has a validation split."""
+    seq_len, packing = config.train.seq_len, resolve_packing(config.data.packing, data)
+    check_examples_fit(data, seq_len)
     key = "data.mixture" if isinstance(data, Mixture) else "data.path"
     for _, source, weight in named_sources(data):
         for split in ("train", "val") if weight > 0 else ("val",):

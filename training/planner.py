@@ -129,7 +129,7 @@ def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> 
     b, t = config.train.batch_size, config.train.seq_len
     batch_sharding = named_sharding(exp.mesh, BATCH_AXES, exp.rules)
     keys = {"inputs": np.int32, "targets": np.int32}
-    if config.data.packing == "documents":  # the step packed documents compile
+    if exp.packing == "documents":  # the step packed documents compile
         keys.update(segment_ids=np.int32, positions=np.int32, weights=np.float32)
     batch = {k: jax.ShapeDtypeStruct((b, t), dtype, sharding=batch_sharding)
              for k, dtype in keys.items()}

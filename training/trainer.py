@@ -211,4 +211,6 @@ def describe_data(exp: Experiment) -> str:
              + (f", weight {w:.2f})" if len(sources) > 1 else ")") for _, s, w in sources]
     tok = exp.data.tokenizer
     return (f"{' + '.join(parts)}, {tok.kind} tokenizer of {tok.vocab_size:,} ids, "
-            f"packing={exp.config.data.packing}")
+            f"packing={exp.packing}"
+            + (" (SFT: loss on completion tokens only)" if any(
+                s.is_sft for _, s, _ in sources) else ""))
