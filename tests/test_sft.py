@@ -346,11 +346,11 @@ def test_prompt_targets_get_exactly_zero_gradient(sft_exp):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The loss's gradient at each prompt target's logits is exactly zero.
-    model = nnx.merge(exp.graphdef, params)
-    logits = model(batch["inputs"], positions_BxL=batch["positions"],
-                   segment_ids_BxL=batch["segment_ids"]).logits
-    g = jax.grad(lambda x: cross_entropy(x, batch["targets"], batch["weights"],
-                                         exp.model_cfg.vocab_size)[0])(logits)
+    logits = jax.jit(lambda p, b: nnx.merge(exp.graphdef, p)(
+        b["inputs"], positions_BxL=b["positions"], segment_ids_BxL=b["segment_ids"]).logits)(
+        params, batch)
+    g = jax.jit(jax.grad(lambda x, b: cross_entropy(x, b["targets"], b["weights"],
+                                                    exp.model_cfg.vocab_size)[0]))(logits, batch)
     assert np.all(np.asarray(g)[prompt] == 0) and np.any(np.asarray(g)[weights == 1] != 0)
 
 
@@ -361,16 +361,22 @@ def test_evaluation_reports_the_completion_only_loss(sft_exp, sft_dir):
     meta = json.loads((sft_dir / META).read_text())
     assert result["num_tokens"] == meta["completion_tokens"]["val"]
     # Each validation example alone, from position 0: mean loss on its completion targets.
-    model = nnx.merge(exp.graphdef, params)
+    # One row per example from position 0, padded at the end (causal: padding is unseen).
     docs, toks = data.docs("val"), np.asarray(data.val)
-    total, count = 0.0, 0
-    for a, b in zip(docs[:-1], docs[1:]):
-        ids = toks[a:b].astype(np.int32)[None]
-        w = np.asarray(data.val_weights[a + 1:b], np.float32)[None]
-        logits = model(ids[:, :-1]).logits
-        total += float(cross_entropy(logits, ids[:, 1:], w, exp.model_cfg.vocab_size)[0])
-        count += int(w.sum())
-    assert result["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    ids_NxL1 = np.zeros((len(docs) - 1, L + 1), np.int32)
+    w_NxL = np.zeros((len(docs) - 1, L), np.float32)
+    for i, (a, b) in enumerate(zip(docs[:-1], docs[1:])):
+        ids_NxL1[i, :b - a] = toks[a:b]
+        w_NxL[i, :b - a - 1] = data.val_weights[a + 1:b]
+
+    @jax.jit
+    def loss_sum(params, ids, w):
+        logits = nnx.merge(exp.graphdef, params)(ids[:, :-1]).logits
+        return cross_entropy(logits, ids[:, 1:], w, exp.model_cfg.vocab_size)[0]
+
+    count = int(w_NxL.sum())
+    assert result["eval_loss"] == pytest.approx(float(loss_sum(params, ids_NxL1, w_NxL)) /
+                                                count, rel=1e-5)
     batches = eval_batches(data, seq_len=L, global_batch=8)
     assert sum(float(batches[i]["weights"].sum()) for i in range(len(batches))) == count
 
