@@ -17,8 +17,11 @@ document (inputs d[:-1], targets d[1:]), cut into pieces of at most seq_len pair
 (consecutive pieces overlap by one token, so every target is predicted once), and
 pieces are packed first-fit into rows (grain's FirstFitPackIterDataset). `segment_ids`
 number the pieces of a row from 1 (0 = padding), `positions` restart at 0 for every
-piece, and `weights` are 1 on real targets and 0 on padding. A document's first token is
-never a target: nothing is predicted across a document boundary.
+piece, and `weights` are 1 on real targets and 0 on padding (for an SFT set, the stored
+weight of each target token: 0 on prompt tokens). SFT sets are always packed as
+documents (`resolve_packing`), and their examples are never cut (`check_examples_fit`).
+A document's first token is never a target: nothing is predicted across a document
+boundary.
 
 Order and processes: documents are shuffled per epoch by (seed, epoch) (grain's
 shuffle + repeat); the packing plan works on token *positions* only, so every process
