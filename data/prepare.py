@@ -295,7 +295,7 @@ class _SplitWriter:
         self._index = open(root / f"{split}.idx", "wb")
         self._index.write(np.zeros(1, np.int64).tobytes())
         # SFT: one uint8 loss weight per token, in one file beside the shards.
-        self._weights = open(root / f"{split}.weights", "wb") if weights else None
+        self._weights = open(root / f"{split}.weights", "wb") if weights else None  # noqa: SIM115
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, text_bytes: np.ndarray,
             weights: np.ndarray | None = None) -> None:
