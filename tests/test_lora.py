@@ -1,0 +1,253 @@
+"""LoRA and QLoRA: adapters that start as the identity, a frozen base that never changes
+and has no optimizer state, merging, layouts, checkpoints that hold the adapters, and
+one-line errors for configs that cannot work."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from checkpoints.lora_merge import merge_lora, merge_run
+from configs.errors import ConfigError, RunError
+from configs.sections import Config
+from evaluation.restore import restore_run
+from evaluation.sampling import sample, sample_speculative
+from configs.sections import Sampling
+from models import abstract_model
+from models.lora import merge_adapters
+from models.quant import QTensor
+from tests.helpers import assert_trees_close, params_fast_only, run_cli, run_steps
+from training import lora, rundir, trainer
+from training.checkpoint import Checkpointer
+from training.evaluate import evaluate
+from training.experiment import Experiment
+
+ALL = "q,k,v,o,gate,up,down"
+
+
+def _lora(c, rank=4, targets=ALL, bits=0):
+    """The tiny model (SwiGLU, so every projection exists) with adapters, on a constant
+    learning rate high enough to move them in a few steps."""
+    c.model.mlp = "swiglu"
+    c.batch_size, c.steps, c.warmup_steps = 8, 4, 0
+    c.schedule, c.learning_rate, c.min_learning_rate = "constant", 1e-2, 1e-2
+    c.lora.rank, c.lora.targets = rank, targets
+    c.quant.weight_bits = bits
+    return c
+
+
+def _tokens(seed=0, shape=(2, 32), vocab=65):
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def _logits(exp, params, tokens):
+    return np.asarray(jax.jit(lambda p, t: nnx.merge(exp.graphdef, p)(t).logits)(params,
+                                                                                   tokens))
+
+
+def _has_adapter(path) -> bool:
+    return any(getattr(k, "key", None) in ("lora_a", "lora_b") for k in path)
+
+
+def _train(exp, state, steps, same_batch=False):
+    source = exp.train_source()
+    losses = []
+    for step in range(steps):
+        state, metrics = exp.train_step(state, exp.to_global(source[0 if same_batch else step]))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_zero_initialised_b_gives_the_base_model_exactly(tiny_config, tmp_path):
+    config = Config.from_dict(_lora(tiny_config))
+    exp = Experiment.build(config, tmp_path, jax.devices()[:1])
+    base_exp = Experiment.build(config.replace(**{"lora.rank": 0}), tmp_path,
+                                jax.devices()[:1])
+    base = jax.device_get(base_exp.init_state().params)
+    adapters, _ = lora.split_trainable(jax.device_get(exp.init_state().params))
+    q = adapters["blocks"]["attn"]["q"]
+    assert np.abs(q["lora_a"]).max() > 0 and np.abs(q["lora_b"]).max() == 0
+    assert q["lora_a"].shape == (2, 32, 4) and q["lora_b"].shape == (2, 4, 4, 8)
+    tokens = _tokens()
+    np.testing.assert_array_equal(_logits(exp, lora.join(adapters, base), tokens),
+                                  _logits(base_exp, base, tokens))
+
+
+def test_frozen_base_is_bit_identical_and_only_adapters_have_optimizer_state(tiny_config,
+                                                                            tmp_path):
+    exp = Experiment.build(_lora(tiny_config), tmp_path, jax.devices()[:1])
+    state = exp.init_state()
+    before = jax.device_get(state.params)
+    state, losses = _train(exp, state, 3)
+    after = jax.device_get(state.params)
+    trained0, frozen0 = lora.split_trainable(before)
+    trained1, frozen1 = lora.split_trainable(after)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(frozen0)[0],
+                            jax.tree.leaves(frozen1)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(trained0),
+                                                         jax.tree.leaves(trained1))]
+    assert min(moved) > 0  # every adapter trained (B left zero, A got gradients through B)
+    opt_leaves = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+    big = [(p, x) for p, x in opt_leaves if np.ndim(x) > 0]
+    assert big and all(_has_adapter(p) for p, _ in big)
+    n_adapter = sum(x.size for x in jax.tree.leaves(trained0))
+    assert sum(x.size for _, x in big) == 2 * n_adapter  # AdamW: mu and nu, adapters only
+    # The checkpoint form holds the adapters only.
+    saved = exp.to_checkpoint(state).params
+    assert all(_has_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0])
+
+
+@pytest.mark.parametrize("bits", params_fast_only([0, 4], fast=[0]))
+def test_merged_parameters_give_the_unmerged_logits(tiny_config, tmp_path, bits):
+    exp = Experiment.build(_lora(tiny_config, bits=bits), tmp_path, jax.devices()[:1])
+    state, _ = _train(exp, exp.init_state(), 2)
+    config, merged = merge_lora(exp, state.params)
+    assert not config.lora.rank and not config.quant.weight_bits
+    plain = Experiment.build(config, tmp_path, jax.devices()[:1])
+    assert jax.tree.structure(merged) == jax.tree.structure(plain.abstract_state.params)
+    tokens = _tokens(1)
+    ours = _logits(exp, state.params, tokens)
+    np.testing.assert_allclose(_logits(plain, merged, tokens), ours, atol=1e-5, rtol=0)
+    # ... and the adapters matter: the base alone differs.
+    base = merge_adapters(abstract_model(plain.model_cfg), lora.split_trainable(
+        state.params)[1]) if bits else lora.split_trainable(state.params)[1]
+    assert np.abs(_logits(plain, base, tokens) - ours).max() > 1e-4
+
+
+@pytest.mark.parametrize("bits, dtype", [(4, np.uint8), (8, np.int8)])
+def test_qlora_base_is_integer_unchanged_and_training_lowers_the_loss(tiny_config, tmp_path,
+                                                                      bits, dtype):
+    exp = Experiment.build(_lora(tiny_config, bits=bits), tmp_path, jax.devices()[:1])
+    state = exp.init_state()
+    q = state.params["blocks"]["attn"]["q"]["kernel"]
+    assert isinstance(q, QTensor) and q.qvalue.dtype == dtype
+    rows = 32 // 2 if bits == 4 else 32  # int4: two values per byte
+    assert q.qvalue.shape == (2, rows, 32)
+    assert isinstance(state.params["embed"]["embedding"], QTensor)
+    frozen0 = jax.device_get(lora.split_trainable(state.params)[1])
+    state, losses = _train(exp, state, 8, same_batch=True)
+    frozen1 = jax.device_get(lora.split_trainable(state.params)[1])
+    for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves(frozen1)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert losses[-1] < losses[0] - 0.05  # one batch, 8 steps: 4.16 -> 4.03
+
+
+@pytest.mark.slow
+def test_data2_fsdp2_tensor2_equals_one_device(tiny_config, tmp_path):
+    one = _lora(tiny_config.copy_and_resolve_references())
+    one.mesh.data = 1
+    many = _lora(tiny_config.copy_and_resolve_references())
+    many.mesh.data, many.mesh.fsdp, many.mesh.tensor = 2, 2, 2
+    l1, p1, _, _ = run_steps(one, tmp_path / "one", jax.devices()[:1], 3)
+    l8, p8, exp, state = run_steps(many, tmp_path / "many", jax.devices(), 3)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    assert_trees_close(lora.split_trainable(p8)[0], lora.split_trainable(p1)[0],
+                       rtol=1e-4, atol=1e-6)
+    a = state.params["blocks"]["attn"]["q"]["lora_a"]  # [layers, embed, lora_rank]
+    assert a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    b = state.params["blocks"]["attn"]["q"]["lora_b"]  # [layers, lora_rank, heads, head_dim]
+    assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lora.rank": -1}, "lora.rank: must be >= 0, got -1"),
+    ({"lora.targets": "q,x"}, "lora.targets: unknown target 'x'; choose from"),
+    ({"lora.targets": "q,q"}, "lora.targets: a target is named twice in 'q,q'"),
+    ({"lora.alpha": 0.0}, "lora.alpha: must be > 0, got 0.0"),
+    ({"lora.dropout": 1.0}, "lora.dropout: must be in [0, 1), got 1.0"),
+    ({"model.mlp": "gelu"}, "lora.targets: 'gate' is not in this model: model.mlp='gelu' "
+                            "has no gate projection"),
+    ({"model.moe.num_experts": 4}, "lora.targets: gate,up,down: adapters on MoE expert "
+                                   "projections are not supported"),
+    ({"mesh.pipeline": 2}, "lora.rank: LoRA is not supported with pipeline parallelism"),
+    ({"quant.activation_bits": 8}, "lora.rank: LoRA trains float adapters on a frozen base"),
+])
+def test_bad_configs_are_one_line_errors(tiny_config, overrides, message):
+    c = _lora(tiny_config)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict(c)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_cli_error_before_compiling(tmp_path):
+    out = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny",
+                   f"--workdir={tmp_path}", "--config.lora.rank=4",
+                   "--config.lora.targets=q,gate"])
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: lora.targets: 'gate' is not in this model: model.mlp='gelu' has no gate "
+        "projection")
+
+
+def _fast(c):
+    c.eval_every, c.log_every, c.eval_batch_size, c.eval_max_batches = 0, 1, 8, 1
+    return c
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A plain tiny SwiGLU run with a step-2 checkpoint."""
+    from configs.shakespeare_char import get_config
+    c = _fast(_lora(get_config("tiny"), rank=0))
+    c.steps, c.checkpoint_every = 2, 2
+    workdir = tmp_path_factory.mktemp("base")
+    trainer.train(c, workdir, jax.devices()[:1])
+    return workdir
+
+
+@pytest.mark.slow
+def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run, tmp_path):
+    from configs.finetune import get_config as finetune
+    c = _fast(_lora(finetune(str(base_run)), targets="q,v,down", bits=4))
+    c.steps, c.checkpoint_every, c.seq_len = 4, 2, 32
+    c.data.tokenizer = "char"
+    straight = trainer.train(c, tmp_path / "a", jax.devices()[:1])
+    # Resume: stop after step 2 (its checkpoint), then continue to 4.
+    c2 = c.copy_and_resolve_references()
+    c2.steps = 2
+    trainer.train(c2, tmp_path / "b", jax.devices()[:1])
+    trainer.train(c, tmp_path / "b", jax.devices()[:1], allow_schedule_change=True)
+    exp_a, state_a, step = restore_run(tmp_path / "a")
+    _, state_b, _ = restore_run(tmp_path / "b")
+    assert step == 4 and straight["step"] == 4
+    assert_trees_close(jax.device_get(state_b.params), jax.device_get(state_a.params),
+                       rtol=0, atol=0)
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    assert [m["loss"] for m in metrics if "loss" in m] == [
+        m["loss"] for m in resumed if "loss" in m]
+    # The base is stored once, as integers; checkpoints hold the adapters.
+    source = json.loads((tmp_path / "a" / lora.SOURCE_FILE).read_text())
+    assert source == {"workdir": str(base_run), "step": 2}
+    with Checkpointer(rundir.checkpoint_dir(tmp_path / "a"), read_only=True) as ckpt:
+        saved = ckpt.manager.item_metadata(4)["state"]["params"]
+    assert all(_has_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0])
+    # Evaluation, sampling and speculative decoding (the base run as the draft).
+    assert np.isfinite(evaluate(exp_a, state_a.params)["loss"])
+    greedy = Sampling(temperature=0.0)
+    texts, _ = sample(exp_a, state_a.params, ["ROMEO:"], 8, greedy)
+    spec, stats = sample_speculative(exp_a, state_a.params, str(base_run), ["ROMEO:"], 8,
+                                     greedy)
+    assert spec == texts and stats["matches_plain"] == 1.0
+    # Merged run: a plain run with the LoRA run's logits.
+    summary = merge_run(tmp_path / "a", tmp_path / "merged", devices=jax.devices()[:1])
+    exp_m, state_m, step_m = restore_run(tmp_path / "merged")
+    assert step_m == 4 and summary["step"] == 4 and not exp_m.config.lora.rank
+    tokens = _tokens(2)
+    np.testing.assert_allclose(_logits(exp_m, state_m.params, tokens),
+                               _logits(exp_a, state_a.params, tokens), atol=1e-5, rtol=0)
+    # A missing base is a clear error.
+    (tmp_path / "b" / lora.BASE_DIR).rename(tmp_path / "elsewhere")
+    with pytest.raises(RunError, match="lora_base is missing: a LoRA run's checkpoints hold "
+                                       "only the adapters"):
+        restore_run(tmp_path / "b")
