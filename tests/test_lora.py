@@ -18,9 +18,8 @@ from configs.sections import Sampling
 from models import abstract_model
 from models.lora import merge_adapters
 from models.quant import QTensor
-from tests.helpers import assert_trees_close, params_fast_only, run_cli, run_steps
+from tests.helpers import assert_trees_close, params_fast_only, run_cli
 from training import lora, rundir, trainer
-from training.checkpoint import Checkpointer
 from training.evaluate import evaluate
 from training.experiment import Experiment
 
@@ -138,19 +137,30 @@ def test_qlora_base_is_integer_unchanged_and_training_lowers_the_loss(tiny_confi
 
 @pytest.mark.slow
 def test_data2_fsdp2_tensor2_equals_one_device(tiny_config, tmp_path):
-    one = _lora(tiny_config.copy_and_resolve_references())
-    one.mesh.data = 1
-    many = _lora(tiny_config.copy_and_resolve_references())
-    many.mesh.data, many.mesh.fsdp, many.mesh.tensor = 2, 2, 2
-    l1, p1, _, _ = run_steps(one, tmp_path / "one", jax.devices()[:1], 3)
-    l8, p8, exp, state = run_steps(many, tmp_path / "many", jax.devices(), 3)
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    def config(data, fsdp, tensor):
+        c = _lora(tiny_config.copy_and_resolve_references())
+        c.warmup_steps, c.schedule = 2, "cosine"  # the usual, smaller steps
+        c.learning_rate, c.min_learning_rate = 1e-3, 1e-4
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+        return c
+
+    def train(c, devices):
+        exp = Experiment.build(c, tmp_path / str(len(devices)), devices)
+        state, source, out = exp.init_state(), exp.train_source(), []
+        for step in range(3):
+            state, m = exp.train_step(state, exp.to_global(source[step]))
+            out.append((float(m["loss"]), float(m["grad_norm"])))  # adapter gradients
+        return np.array(out), jax.device_get(state.params), state
+
+    m1, p1, _ = train(config(1, 1, 1), jax.devices()[:1])
+    m8, p8, state = train(config(2, 2, 2), jax.devices())
+    np.testing.assert_allclose(m8, m1, rtol=1e-5)
     assert_trees_close(lora.split_trainable(p8)[0], lora.split_trainable(p1)[0],
                        rtol=1e-4, atol=1e-6)
     a = state.params["blocks"]["attn"]["q"]["lora_a"]  # [layers, embed, lora_rank]
-    assert a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert tuple(a.sharding.spec)[1:] == ("fsdp", None)
     b = state.params["blocks"]["attn"]["q"]["lora_b"]  # [layers, lora_rank, heads, head_dim]
-    assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+    assert tuple(b.sharding.spec)[1:] == (None, "tensor", None)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -229,11 +239,14 @@ def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run,
     # The base is stored once, as integers; checkpoints hold the adapters.
     source = json.loads((tmp_path / "a" / lora.SOURCE_FILE).read_text())
     assert source == {"workdir": str(base_run), "step": 2}
-    with Checkpointer(rundir.checkpoint_dir(tmp_path / "a"), read_only=True) as ckpt:
-        saved = ckpt.manager.item_metadata(4)["state"]["params"]
-    assert all(_has_adapter(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0])
+    meta = json.loads((rundir.checkpoint_dir(tmp_path / "a") / "4" / "state" / "_METADATA"
+                       ).read_text())["tree_metadata"]
+    saved = [k for k in meta if k.startswith("('params'")]
+    assert saved and all("'lora_a'" in k or "'lora_b'" in k for k in saved)
     # Evaluation, sampling and speculative decoding (the base run as the draft).
-    assert np.isfinite(evaluate(exp_a, state_a.params)["loss"])
+    trained_eval = [m["eval_loss"] for m in metrics if "eval_loss" in m][-1]
+    np.testing.assert_allclose(evaluate(exp_a, state_a.params)["eval_loss"], trained_eval,
+                               rtol=1e-6)
     greedy = Sampling(temperature=0.0)
     texts, _ = sample(exp_a, state_a.params, ["ROMEO:"], 8, greedy)
     spec, stats = sample_speculative(exp_a, state_a.params, str(base_run), ["ROMEO:"], 8,

@@ -106,4 +106,5 @@ def _lora_initial_state(exp: Experiment, source: InitSource) -> TrainState:
         fresh = init_fn()  # its random base is unused: XLA leaves it out
         params = lora.join(exp.trainable(fresh.params)[0], base)
         return fresh.replace(params=params if exp.prepare is None else exp.prepare(params))
-    return jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=0)(base)
+    donate = (0,) if exp.prepare is None else ()  # integers cannot reuse the float buffers
+    return jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=donate)(base)

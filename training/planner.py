@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from configs.sections import Config
-from models.quant import QTensor
+from models import count_params
 from parallel.context import causal_pairs_per_shard, computed_pairs_per_shard
 from parallel.pipeline import bubble_fraction
 from parallel.sharding import mesh_axes_size, named_sharding
@@ -122,15 +122,6 @@ def collective_stats(hlo: str) -> dict[str, dict[str, int]]:
     return stats
 
 
-def _count(params: Any) -> int:
-    """Parameters of a tree; an integer (QLoRA) matrix counts as the float one it stands for."""
-    def count(x: Any) -> int:
-        if isinstance(x, QTensor):
-            return math.prod(x.qvalue.shape[:-2]) * math.prod(x.shape)
-        return math.prod(x.shape)
-    return sum(count(x) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QTensor)))
-
-
 def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> dict[str, Any]:
     """Compile the train step for `config` (a Config or ConfigDict) on `devices` and report
     its per-device cost."""
@@ -148,7 +139,7 @@ def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else (cost or {})
     mc = exp.model_cfg
-    n_params = _count(exp.abstract_state.params)
+    n_params = count_params(exp.abstract_state.params)
     trained = exp.trainable(exp.abstract_state.params)[0] if exp.trainable else None
     fpt = model_flops_per_token(mc, t)
     n_dev = exp.mesh.devices.size
@@ -157,7 +148,7 @@ def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> 
         "devices": n_dev,
         "mesh": {k: v for k, v in exp.mesh.shape.items() if v > 1} or {"data": 1},
         "num_params": n_params,
-        "trainable_params": n_params if trained is None else _count(trained),
+        "trainable_params": n_params if trained is None else count_params(trained),
         "tokens_per_step": b * t,
         "per_device_bytes": {
             "parameters": _shard_bytes(exp.abstract_state.params),
