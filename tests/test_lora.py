@@ -217,6 +217,9 @@ def base_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run, tmp_path):
+    # Deferred: torch and transformers load slowly; only this test needs them.
+    import torch
+    import transformers
     from configs.finetune import get_config as finetune
     c = _fast(_lora(finetune(str(base_run)), targets="q,v,down", bits=4))
     c.steps, c.checkpoint_every, c.seq_len = 4, 2, 32
@@ -259,6 +262,22 @@ def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run,
     tokens = _tokens(2)
     np.testing.assert_allclose(_logits(exp_m, state_m.params, tokens),
                                _logits(exp_a, state_a.params, tokens), atol=1e-5, rtol=0)
+    # The command line: eval.py's modes, and the export, whose weights are merged.
+    run = str(tmp_path / "a")
+    for args in ([], ["--noeval", "--sample", "--prompt=ROMEO:", "--length=8",
+                      "--temperature=0", f"--draft_workdir={base_run}"]):
+        r = run_cli(["eval.py", f"--workdir={run}", *args])
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+    r = run_cli(["convert.py", f"--to_hf={tmp_path / 'hf'}", f"--workdir={run}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, _logits(exp_a, state_a.params, tokens)[..., :65],
+                               atol=1e-4, rtol=0)
+    r = run_cli(["convert.py", "--merge_lora", f"--workdir={run}"])
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: output: --merge_lora needs --output=NEW (a new run directory)")
     # A missing base is a clear error.
     (tmp_path / "b" / lora.BASE_DIR).rename(tmp_path / "elsewhere")
     with pytest.raises(RunError, match="lora_base is missing: a LoRA run's checkpoints hold "
