@@ -283,3 +283,23 @@ def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run,
     with pytest.raises(RunError, match="lora_base is missing: a LoRA run's checkpoints hold "
                                        "only the adapters"):
         restore_run(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_lora_student_distils_from_its_base_run(base_run, tmp_path):
+    """Logit and feature distillation need only the student's own outputs: they work
+    with adapters, and no gradient reaches the frozen base."""
+    from configs.finetune import get_config as finetune
+    c = _fast(_lora(finetune(str(base_run)), targets="q,v"))
+    c.loss.weights.distill, c.loss.weights.feature = 1.0, 1.0
+    c.loss.distill.teacher_workdir = str(base_run)
+    exp = Experiment.build(c, tmp_path, jax.devices()[:1])
+    state = exp.init_state()
+    frozen0 = jax.device_get(lora.split_trainable(state.params)[1])
+    source = exp.train_source()
+    for step in range(2):
+        state, metrics = exp.train_step(state, exp.to_global(source[step]))
+    assert np.isfinite(float(metrics["loss/distill"])) and float(metrics["loss/feature"]) > 0
+    for a, b in zip(jax.tree.leaves(frozen0),
+                    jax.tree.leaves(jax.device_get(lora.split_trainable(state.params)[1]))):
+        np.testing.assert_array_equal(a, b)
