@@ -13,7 +13,15 @@ from flax import nnx
 
 from models.attention import Attention
 from models.config import ModelConfig
-from models.layers import MLP, Embed, Linear, PositionEmbed, dropout, make_norm, residual_std
+from models.layers import (
+    MLP,
+    Embed,
+    Linear,
+    PositionEmbed,
+    dropout,
+    make_norm,
+    residual_std,
+)
 from models.moe import MoE, load_balance_loss
 from parallel.context import default_positions
 from parallel.pipeline import pipeline_layers

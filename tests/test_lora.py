@@ -11,10 +11,9 @@ from flax import nnx
 
 from checkpoints.lora_merge import merge_lora, merge_run
 from configs.errors import ConfigError, RunError
-from configs.sections import Config
+from configs.sections import Config, Sampling
 from evaluation.restore import restore_run
 from evaluation.sampling import sample, sample_speculative
-from configs.sections import Sampling
 from models import abstract_model
 from models.lora import merge_adapters
 from models.quant import QTensor
@@ -79,7 +78,7 @@ def test_frozen_base_is_bit_identical_and_only_adapters_have_optimizer_state(tin
     exp = Experiment.build(_lora(tiny_config), tmp_path, jax.devices()[:1])
     state = exp.init_state()
     before = jax.device_get(state.params)
-    state, losses = _train(exp, state, 3)
+    state, _ = _train(exp, state, 3)
     after = jax.device_get(state.params)
     trained0, frozen0 = lora.split_trainable(before)
     trained1, frozen1 = lora.split_trainable(after)
@@ -169,10 +168,10 @@ def test_data2_fsdp2_tensor2_equals_one_device(tiny_config, tmp_path):
     ({"lora.targets": "q,q"}, "lora.targets: a target is named twice in 'q,q'"),
     ({"lora.alpha": 0.0}, "lora.alpha: must be > 0, got 0.0"),
     ({"lora.dropout": 1.0}, "lora.dropout: must be in [0, 1), got 1.0"),
-    ({"model.mlp": "gelu"}, "lora.targets: 'gate' is not in this model: model.mlp='gelu' "
-                            "has no gate projection"),
-    ({"model.moe.num_experts": 4}, "lora.targets: gate,up,down: adapters on MoE expert "
-                                   "projections are not supported"),
+    ({"model.mlp": "gelu"}, ("lora.targets: 'gate' is not in this model: model.mlp='gelu' "
+                             "has no gate projection")),
+    ({"model.moe.num_experts": 4}, ("lora.targets: gate,up,down: adapters on MoE expert "
+                                    "projections are not supported")),
     ({"mesh.pipeline": 2}, "lora.rank: LoRA is not supported with pipeline parallelism"),
     ({"quant.activation_bits": 8}, "lora.rank: LoRA trains float adapters on a frozen base"),
 ])
@@ -220,6 +219,7 @@ def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run,
     # Deferred: torch and transformers load slowly; only this test needs them.
     import torch
     import transformers
+
     from configs.finetune import get_config as finetune
     c = _fast(_lora(finetune(str(base_run)), targets="q,v,down", bits=4))
     c.steps, c.checkpoint_every, c.seq_len = 4, 2, 32

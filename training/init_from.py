@@ -22,8 +22,12 @@ from parallel.sharding import tree_shardings
 from training import lora, rundir
 from training.checkpoint import Checkpointer
 from training.experiment import Experiment
-from training.state import (TrainState, abstract_with_shardings, make_init_fn,
-                            make_state_fn)
+from training.state import (
+    TrainState,
+    abstract_with_shardings,
+    make_init_fn,
+    make_state_fn,
+)
 
 KEY = "init.from_workdir"
 

@@ -74,8 +74,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                     mesh: Mesh, rules: Rules, *, grad_accum_steps: int = 1,
                     seed: int = 0, objective: Objective | None = None,
                     teacher: Any = None, skip_nonfinite: bool = False,
-                    trainable: Split | None = None
-                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+                    trainable: Split | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
     """train_step(state, batch[, teacher_params]) -> (state, metrics); one optimizer update.
 
     Gradient accumulation runs inside the step (a scan over micro-batches) instead of
@@ -88,23 +87,10 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     objective), `loss/<term>` for every term, the objective's scheduled values, MoE
     diagnostics. With the sequence split over devices (context parallelism) the batch is
     put in the zig-zag order first, so the student, the teacher and the loss see one order.
-    With `trainable` (LoRA: params -> (adapters, frozen base)), gradients are taken with
-    respect to the trainable part only and the frozen part passes through unchanged.
-    """
+    With `trainable` (LoRA: params -> (adapters, frozen base)), only the trainable part
+    gets gradients and updates; the frozen part passes through unchanged."""
     objective = objective or cross_entropy_objective(model_cfg)
-    loss_fn = make_loss_fn(graphdef, model_cfg, objective)
-    if trainable is not None:
-        split, full_loss = trainable, loss_fn
-
-        def loss_fn(trained, frozen, *args):
-            return full_loss(join_trees(trained, frozen), *args)
-    else:
-        def split(params):
-            return params, None
-
-        def loss_fn(trained, frozen, *args, full_loss=loss_fn):
-            return full_loss(trained, *args)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    split, grad_fn = _partial_grad(make_loss_fn(graphdef, model_cfg, objective), trainable)
     use_key = model_cfg.dropout > 0 or model_cfg.moe_jitter > 0 or model_cfg.lora_dropout > 0
 
     def train_step(state: TrainState, batch: Batch, teacher_params: Any = None
@@ -138,12 +124,29 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                                                  (params, opt_state),
                                                  (trained, state.opt_state))
                 metrics["skipped"] = jnp.logical_not(finite).astype(jnp.int32)
-            if frozen is not None:
-                params = join_trees(params, frozen)
+            params = params if frozen is None else join_trees(params, frozen)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
             return new_state, metrics
 
     return train_step
+
+
+def _partial_grad(loss_fn: Callable[..., Any], trainable: Split | None
+                  ) -> tuple[Split, Callable[..., Any]]:
+    """(split, grad_fn): `split(params)` -> (trained, frozen or None) and
+    `grad_fn(trained, frozen, *args)` -> ((loss, stats), gradients of the trained part)."""
+    if trainable is None:
+        def split(params):
+            return params, None
+
+        def partial_loss(trained, frozen, *args):
+            return loss_fn(trained, *args)
+    else:
+        split = trainable
+
+        def partial_loss(trained, frozen, *args):
+            return loss_fn(join_trees(trained, frozen), *args)
+    return split, jax.value_and_grad(partial_loss, has_aux=True)
 
 
 def _accumulate(micro: Callable[[Any, Batch], tuple[Metrics, Any]], batch: Batch,
