@@ -356,13 +356,21 @@ class Sharding(Section):
     KEY: ClassVar[str] = "sharding"
     rules: tuple[Rule, ...] = DEFAULT_RULES
 
+    # Logical axes added after configs were first saved, with their default rule: rules
+    # that lack them (a run's older config.json) get it.
+    LATER_AXES: ClassVar[tuple[Rule, ...]] = (("lora_rank", None),)
+
     @field_validator("rules", mode="before")
     @classmethod
     def _as_tuples(cls, rules: Any) -> Any:
         """config.json stores the rules as lists."""
         def tup(x):
             return tuple(tup(v) for v in x) if isinstance(x, (list, tuple)) else x
-        return tup(rules)
+        rules = tup(rules)
+        if isinstance(rules, tuple):
+            named = {r[0] for r in rules if isinstance(r, tuple) and r}
+            rules += tuple(r for r in cls.LATER_AXES if r[0] not in named)
+        return rules
 
     @model_validator(mode="after")
     def _complete(self) -> "Sharding":

@@ -303,3 +303,9 @@ def test_lora_student_distils_from_its_base_run(base_run, tmp_path):
     for a, b in zip(jax.tree.leaves(frozen0),
                     jax.tree.leaves(jax.device_get(lora.split_trainable(state.params)[1]))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_rules_saved_before_the_rank_axis_existed_still_load():
+    rules = [list(r) for r in Config().sharding.rules if r[0] != "lora_rank"]
+    config = Config.from_dict({"sharding": {"rules": rules}})
+    assert ("lora_rank", None) in config.sharding.rules
