@@ -275,6 +275,10 @@ def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run,
         theirs = hf(input_ids=torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(theirs, _logits(exp_a, state_a.params, tokens)[..., :65],
                                atol=1e-4, rtol=0)
+    r = run_cli(["eval.py", f"--workdir={run}", "--quantize=int8"])
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: quantize: the run's frozen base is already int4 (QLoRA); evaluate it "
+        "without --quantize")
     r = run_cli(["convert.py", "--merge_lora", f"--workdir={run}"])
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         "error: output: --merge_lora needs --output=NEW (a new run directory)")
