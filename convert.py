@@ -2,6 +2,7 @@
 
   python convert.py --from_hf=DIR --workdir=RUN [--config.KEY=VALUE ...] [--cpu_devices=N]
   python convert.py --to_hf=DIR --workdir=RUN [--step=N] [--dtype=bfloat16]
+  python convert.py --merge_lora --workdir=RUN --output=NEW [--step=N]
 
 --from_hf reads DIR/config.json (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
 Qwen3ForCausalLM or GPT2LMHeadModel) and its safetensors files, and writes RUN as a run
@@ -12,7 +13,11 @@ RUN/hf/. eval.py, distillation (loss.distill.teacher_workdir), speculative decod
 init.from_workdir then take RUN as any other run.
 
 --to_hf writes DIR for transformers.AutoModelForCausalLM.from_pretrained: safetensors,
-config.json, and the tokenizer files of a run imported from Hugging Face.
+config.json, and the tokenizer files of a run imported from Hugging Face. A LoRA run's
+adapters are merged into the exported weights.
+
+--merge_lora writes NEW as a plain run (no adapters, a float base) whose checkpoint at
+the same step holds RUN's adapters merged into its base weights, with a fresh optimizer.
 """
 
 import json
@@ -23,7 +28,8 @@ from ml_collections import config_flags
 
 from checkpoints.hf_export import export_hf
 from checkpoints.hf_import import import_hf
-from configs.errors import ConfigError
+from checkpoints.lora_merge import merge_run
+from configs.errors import ConfigError, RunError
 from configs.imported import get_config
 from configs.sections import Config
 from parallel.distributed import initialize
@@ -32,8 +38,12 @@ _CONFIG = config_flags.DEFINE_config_dict(
     "config", get_config(), "Import: every key but the model's (mesh, data, training).")
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Import this Hugging Face model directory.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Export into this directory.")
+_MERGE_LORA = flags.DEFINE_bool("merge_lora", False, "Merge a LoRA run's adapters into a new "
+                                "plain run in --output.")
+_OUTPUT = flags.DEFINE_string("output", None, "--merge_lora: the new run directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest).")
+_STEP = flags.DEFINE_integer("step", None, "Export and merge: checkpoint step (default: the "
+                             "latest).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Export: float32 | bfloat16 | float16.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 
@@ -44,16 +54,20 @@ def main(argv: list[str]) -> None:
     if logging.get_verbosity() == logging.INFO:  # orbax logs every save step at INFO
         logging.set_verbosity(logging.WARNING)
     try:
-        if bool(_FROM_HF.value) == bool(_TO_HF.value):
-            raise ConfigError("from_hf", "give exactly one of --from_hf=DIR (import) and "
-                                         "--to_hf=DIR (export)")
+        if sum((bool(_FROM_HF.value), bool(_TO_HF.value), _MERGE_LORA.value)) != 1:
+            raise ConfigError("from_hf", "give exactly one of --from_hf=DIR (import), "
+                                         "--to_hf=DIR (export) and --merge_lora")
+        if _MERGE_LORA.value and not _OUTPUT.value:
+            raise ConfigError("output", "--merge_lora needs --output=NEW (a new run directory)")
         config = Config.from_dict(_CONFIG.value)
         initialize(_CPU_DEVICES.value)
-        if _FROM_HF.value:
+        if _MERGE_LORA.value:
+            summary = merge_run(_WORKDIR.value, _OUTPUT.value, _STEP.value)
+        elif _FROM_HF.value:
             summary = import_hf(_FROM_HF.value, _WORKDIR.value, config)
         else:
             summary = export_hf(_WORKDIR.value, _TO_HF.value, _STEP.value, _DTYPE.value)
-    except ConfigError as e:
+    except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps(summary))
 

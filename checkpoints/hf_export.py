@@ -10,6 +10,7 @@ copied to the host only while it is written. The padded vocabulary is cut to
 `workdir/hf/`.
 """
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -23,8 +24,10 @@ import numpy as np
 from checkpoints.architectures import Tensor, architecture_for, hf_config, hf_shape, \
     tensor_table
 from checkpoints.hf_import import HF_DIR
+from checkpoints.lora_merge import merge_lora
 from checkpoints.safetensors_io import write_sharded
 from configs.errors import ConfigError
+from evaluation.restore import restore_run
 from models import ModelConfig, abstract_params
 from parallel.mesh import make_mesh
 from parallel.sharding import tree_shardings
@@ -122,9 +125,14 @@ def _check_tokenizer(workdir: Path, vocab_size: int) -> None:
 
 def restore_run_params(workdir: Path, step: int | None, devices: list[jax.Device]
                        ) -> tuple[Any, ModelConfig, Any, int]:
-    """(the run's Config, ModelConfig, parameters on one device, step)."""
+    """(the run's Config, ModelConfig, parameters on one device, step); a LoRA run's
+    adapters merged into its base (and the config of the merged model)."""
     config = rundir.load_config(workdir)
     architecture_for(config.model)  # refuse before reading anything
+    if config.lora.rank:
+        exp, state, step = restore_run(workdir, step, devices[:1])
+        config, params = merge_lora(exp, state.params)
+        return config, dataclasses.replace(exp.model_cfg, lora_rank=0, quant=None), params, step
     if config.quant.enabled:
         raise ConfigError("quant", "a quantization-aware run computes with fake-quantized "
                                    "weights and activations, which no Hugging Face "

@@ -50,6 +50,7 @@ DEFAULT_RULES = (
     ("norm", None),
     ("experts", "expert"),
     ("router", None),
+    ("lora_rank", None),  # LoRA adapters' rank axis: small, never split
     # Activations.
     ("act_stages", "pipeline"),
     ("act_batch", ("data", "fsdp", "expert")),  # the expert axis is data-parallel outside MoE
@@ -82,6 +83,8 @@ ScheduleKind = Literal["constant", "linear", "cosine"]
 LearningRateSchedule = Literal["cosine", "wsd", "linear", "constant", "rsqrt"]
 OptimizerName = Literal["adamw", "lion", "adafactor", "muon", "sgd"]
 PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections, by name
+MLP_TARGETS = ("gate", "up", "down")
 
 
 def choices(literal: Any) -> tuple[Any, ...]:
@@ -353,13 +356,21 @@ class Sharding(Section):
     KEY: ClassVar[str] = "sharding"
     rules: tuple[Rule, ...] = DEFAULT_RULES
 
+    # Logical axes added after configs were first saved, with their default rule: rules
+    # that lack them (a run's older config.json) get it.
+    LATER_AXES: ClassVar[tuple[Rule, ...]] = (("lora_rank", None),)
+
     @field_validator("rules", mode="before")
     @classmethod
     def _as_tuples(cls, rules: Any) -> Any:
         """config.json stores the rules as lists."""
         def tup(x):
             return tuple(tup(v) for v in x) if isinstance(x, (list, tuple)) else x
-        return tup(rules)
+        rules = tup(rules)
+        if isinstance(rules, tuple):
+            named = {r[0] for r in rules if isinstance(r, tuple) and r}
+            rules += tuple(r for r in cls.LATER_AXES if r[0] not in named)
+        return rules
 
     @model_validator(mode="after")
     def _complete(self) -> "Sharding":
@@ -620,6 +631,45 @@ class Quant(Section):
                    f"of {name}")
 
 
+class Lora(Section):
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the named projections of every block:
+    y = x W + (alpha / rank) * dropout(x) A B, A [in, rank] random, B [rank, out] zero. The
+    base weights are frozen (no gradient, no optimizer state); with quant.weight_bits the
+    frozen base is stored as integers (QLoRA-style). See docs/finetuning.md."""
+    KEY: ClassVar[str] = "lora"
+    rank: NonNegativeInt = 0  # 0 = off (every parameter trains)
+    alpha: PositiveFloat = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: UnitInterval = 0.0  # on the adapters' input, in training only
+    # Comma-separated subset of q, k, v, o (attention), gate, up, down (MLP).
+    targets: str = "q,k,v,o"
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, text: str) -> str:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        _check(bool(names), "", f"no projection named; choose from {list(LORA_TARGETS)}")
+        for name in names:
+            _check(name in LORA_TARGETS, "", f"unknown target {name!r}; choose from "
+                                             f"{list(LORA_TARGETS)}")
+        _check(len(set(names)) == len(names), "", f"a target is named twice in {text!r}")
+        return text
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+    def check_model(self, model: "Model") -> None:
+        """Every target must exist in `model`; experts have no adapters."""
+        if not self.rank:
+            return
+        mlp = [t for t in self.target_names if t in MLP_TARGETS]
+        _check(not (mlp and model.moe.num_experts), "lora.targets",
+               f"{','.join(mlp)}: adapters on MoE expert projections are not supported; "
+               "target the attention projections (q,k,v,o) of an MoE model")
+        _check("gate" not in mlp or model.mlp == "swiglu", "lora.targets",
+               f"'gate' is not in this model: model.mlp={model.mlp!r} has no gate projection")
+
+
 def parse_mixture(spec: str, key: str = "data.mixture") -> list[tuple[str, float]]:
     """`DIR:WEIGHT,DIR:WEIGHT,...` -> [(DIR, weight)]; weights finite, >= 0, not all zero."""
     items = []
@@ -773,6 +823,7 @@ SECTIONS: dict[str, type[Section]] = {
     "train": Train, "optim": Optim, "intervals": Intervals, "pipeline": Pipeline,
     "mesh": Mesh, "sharding": Sharding, "model": Model, "loss": Loss, "quant": Quant,
     "data": Data, "init": Init, "optimizer": Optimizer, "log": Log, "profile": Profile,
+    "lora": Lora,
 }
 
 
@@ -795,6 +846,7 @@ class Config(BaseModel):
     optimizer: Optimizer = Optimizer()
     log: Log = Log()
     profile: Profile = Profile()
+    lora: Lora = Lora()
 
     @classmethod
     def from_dict(cls, config: Any) -> "Config":
@@ -843,6 +895,13 @@ class Config(BaseModel):
                f"{self.optim.warmup_steps} warm-up steps are more than steps "
                f"{self.train.steps}")
         self.quant.check_divides(self.model)
+        self.lora.check_model(self.model)
+        if self.lora.rank:
+            _check(self.mesh.pipeline == 1, "lora.rank",
+                   "LoRA is not supported with pipeline parallelism (mesh.pipeline > 1)")
+            _check(not self.quant.activation_bits, "lora.rank",
+                   "LoRA trains float adapters on a frozen base; quant.activation_bits "
+                   "(quantization-aware training) does not apply")
         if self.profile.num_steps:
             _check(self.profile.start_step <= self.train.steps, "profile.start_step",
                    f"{self.profile.start_step} is beyond steps {self.train.steps}: nothing "

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from configs.errors import ConfigError
 from configs.sections import Quant
 from losses.objectives import split_objective_params
 from models import abstract_model, split_params
@@ -21,6 +22,7 @@ from models.ptq import quantize_params
 from models.quant import tree_bytes
 from training.evaluate import evaluate
 from training.experiment import Experiment
+from training.lora import base_quant
 from training.steps import make_eval_step
 
 BITS = {"int8": 8, "int4": 4}
@@ -54,6 +56,10 @@ def evaluate_quantized(exp: Experiment, params: Any, quantize: str,
                        granularity: str | None = None, symmetric: bool | None = None
                        ) -> dict[str, Any]:
     """Eval loss with real `int8`/`int4` weights, and the bytes of the weights."""
+    if base_quant(exp.config) is not None:
+        raise ConfigError("quantize", f"the run's frozen base is already int"
+                                      f"{exp.config.quant.weight_bits} (QLoRA); evaluate it "
+                                      "without --quantize")
     quant = quant_config_for(exp, BITS[quantize], granularity, symmetric)
     graphdef, qparams = quantize_run_params(exp, params, quant)
     eval_step = jax.jit(make_eval_step(graphdef, exp.model_cfg, exp.mesh, exp.rules))

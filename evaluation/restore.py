@@ -30,10 +30,10 @@ def restore_run(workdir: str | Path, step: int | None = None,
     with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
         if step is None:  # the newest that restores (a damaged one is reported, not moved)
             rundir.pick_step(ckpt.all_steps(), None, workdir)
-            state, step = ckpt.restore_latest(exp.abstract_state, warn=_warn)
+            state, step = ckpt.restore_latest(exp.checkpoint_abstract, warn=_warn)
         else:
             state = restore_step(ckpt, rundir.pick_step(ckpt.all_steps(), step, workdir),
-                                 exp.abstract_state)
+                                 exp.checkpoint_abstract)
     return exp, exp.from_checkpoint(state), step
 
 

@@ -154,7 +154,7 @@ def _checkpoints(ckpt: Checkpointer, exp: Any, workdir: Path, steps: str | list[
     available = ckpt.all_steps()
     rundir.pick_step(available, None, workdir)  # a run without checkpoints is an error
     if steps == "latest":
-        state, step = ckpt.restore_latest(exp.abstract_state,
+        state, step = ckpt.restore_latest(exp.checkpoint_abstract,
                                           warn=lambda m: print(m, file=sys.stderr))
         yield step, exp.from_checkpoint(state), None
         return
@@ -164,7 +164,7 @@ def _checkpoints(ckpt: Checkpointer, exp: Any, workdir: Path, steps: str | list[
     restored = 0
     for step in todo:
         try:
-            state = exp.from_checkpoint(restore_step(ckpt, step, exp.abstract_state))
+            state = exp.from_checkpoint(restore_step(ckpt, step, exp.checkpoint_abstract))
         except RunError as e:
             if steps != "all":
                 raise

@@ -19,6 +19,7 @@ Shape suffixes. Array names end in their shape, one letter per axis (`x_BxLxD` i
   U  stacked layer units (the scanned axis)
 """
 
+import math
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
-from models.quant import set_quant
+from models.quant import QTensor, set_quant
 from models.transformer import Output, Transformer
 
 __all__ = ["ModelConfig", "Output", "Transformer", "create_model", "abstract_model",
@@ -67,7 +68,13 @@ def param_logical_axes(model: nnx.Module) -> dict[str, Any]:
 
 
 def count_params(params: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))
+    """Parameters of a tree; an integer (QTensor) matrix counts as the float one it
+    stands for."""
+    def count(x: Any) -> int:
+        if isinstance(x, QTensor):
+            return math.prod(x.qvalue.shape[:-2]) * math.prod(x.shape)
+        return math.prod(x.shape)
+    return sum(count(x) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QTensor)))
 
 
 def active_params(cfg: ModelConfig, total: int) -> int:

@@ -199,11 +199,14 @@ class Attention(nnx.Module):
         self.context_mode = cfg.context_attention
         qkv_bias = cfg.attention_bias in ("qkv", "all")
         kw: dict[str, Any] = dict(std=std, dtype=dtype, rngs=rngs, bias=qkv_bias)
-        self.q = Linear((d,), (h, kd), ("embed", "heads", "head_dim"), **kw)
-        self.k = Linear((d,), (g, kd), ("embed", "kv_heads", "head_dim"), **kw)
-        self.v = Linear((d,), (g, kd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.q = Linear((d,), (h, kd), ("embed", "heads", "head_dim"), **kw, lora=cfg.lora("q"))
+        self.k = Linear((d,), (g, kd), ("embed", "kv_heads", "head_dim"), **kw,
+                        lora=cfg.lora("k"))
+        self.v = Linear((d,), (g, kd), ("embed", "kv_heads", "head_dim"), **kw,
+                        lora=cfg.lora("v"))
         self.o = Linear((h, kd), (d,), ("heads", "head_dim", "embed"), std=out_std,
-                        dtype=dtype, rngs=rngs, bias=cfg.attention_bias == "all")
+                        dtype=dtype, rngs=rngs, bias=cfg.attention_bias == "all",
+                        lora=cfg.lora("o"))
         self.use_qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(kd, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
@@ -214,10 +217,12 @@ class Attention(nnx.Module):
                  cache: dict[str, jax.Array] | None = None,
                  cache_index: jax.Array | None = None,
                  kv_valid_BxS: jax.Array | None = None,
+                 lora_key: jax.Array | None = None,
                  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        q = constrain(self.q(x_BxLxD), ("act_batch", "act_len", "act_heads", None))
-        k = constrain(self.k(x_BxLxD), ("act_batch", "act_len", "act_kv_heads", None))
-        v = constrain(self.v(x_BxLxD), ("act_batch", "act_len", "act_kv_heads", None))
+        keys = (None,) * 4 if lora_key is None else jax.random.split(lora_key, 4)
+        q = constrain(self.q(x_BxLxD, keys[0]), ("act_batch", "act_len", "act_heads", None))
+        k = constrain(self.k(x_BxLxD, keys[1]), ("act_batch", "act_len", "act_kv_heads", None))
+        v = constrain(self.v(x_BxLxD, keys[2]), ("act_batch", "act_len", "act_kv_heads", None))
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
@@ -235,7 +240,7 @@ class Attention(nnx.Module):
         else:
             out, new_cache = self._attend_cached(q, k, v, cache, cache_index, kv_valid_BxS)
         out = constrain(out, ("act_batch", "act_len", "act_heads", None))
-        return self.o(out), new_cache
+        return self.o(out, keys[3]), new_cache
 
     def _attend_cached(self, q, k, v, cache, cache_index, kv_valid_BxS):
         """Write this chunk's K/V at `cache_index`, then attend over the whole cache.

@@ -7,8 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from configs.sections import Model, Quant
-from models.layers import RopeScaling
+from configs.sections import Lora, Model, Quant
+from models.layers import LoraSpec, RopeScaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -66,6 +66,11 @@ class ModelConfig:
     pipeline_microbatches: int = 1
     pipeline_repeats: int = 1
     quant: Quant | None = None  # fake-quantized weights/activations (QAT); None = float
+    # LoRA adapters (the `lora` section): rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -79,6 +84,12 @@ class ModelConfig:
         return RopeScaling(self.rope_scaling_factor, self.rope_scaling_low_freq_factor,
                            self.rope_scaling_high_freq_factor,
                            self.rope_scaling_original_max_positions)
+
+    def lora(self, projection: str) -> LoraSpec | None:
+        """The adapter spec of a projection (q, k, v, o, gate, up, down), or None."""
+        if not self.lora_rank or projection not in self.lora_targets:
+            return None
+        return LoraSpec(self.lora_rank, self.lora_alpha, self.lora_dropout)
 
     @property
     def window(self) -> int | None:
@@ -108,9 +119,9 @@ class ModelConfig:
 
     @classmethod
     def from_section(cls, model: Model, data_vocab_size: int, quant: Quant | None = None,
-                     **overrides: Any) -> "ModelConfig":
+                     lora: Lora | None = None, **overrides: Any) -> "ModelConfig":
         """Resolve derived fields: the vocabulary (padded), head_dim, per-expert d_ff.
-        `overrides` set the others, e.g. `seq_len`."""
+        `lora` adds adapters; `overrides` set the others, e.g. `seq_len`."""
         vocab = model.vocab_size or data_vocab_size
         padded = -(-vocab // model.vocab_multiple) * model.vocab_multiple
         names = {f.name for f in dataclasses.fields(cls)}
@@ -121,7 +132,11 @@ class ModelConfig:
                            if f"{sub}_{k}" in names})
         kwargs["moe_d_ff"] = model.moe.d_ff or model.d_ff
         kwargs.update(vocab_size=vocab, padded_vocab=padded, head_dim=model.resolved_head_dim,
-                      quant=quant if quant is not None and quant.enabled else None, **overrides)
+                      quant=quant if quant is not None and quant.enabled else None)
+        if lora is not None and lora.rank:
+            kwargs.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          lora_targets=lora.target_names)
+        kwargs.update(overrides)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Building blocks: parameters with logical axes, linear maps, norms, embeddings, RoPE, MLPs."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import math
 from typing import NamedTuple
 
@@ -13,6 +13,7 @@ from parallel.context import context_shards
 from parallel.sharding import constrain
 
 Initializer = nnx.initializers.Initializer
+LORA_A, LORA_B = "lora_a", "lora_b"  # a Linear's adapter parameters
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
@@ -26,6 +27,25 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
     assert len(shape) == len(axes), (shape, axes)
     return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
                      out_sharding=tuple(axes), eager_sharding=False)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity without a key (evaluation) or at rate 0."""
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class LoraSpec(NamedTuple):
+    """A projection's low-rank adapter: rank, scale alpha / rank, input dropout."""
+    rank: int
+    alpha: float
+    dropout: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @jax.custom_vjp
@@ -62,21 +82,34 @@ class Linear(nnx.Module):
 
     `quant` (set by `models.quant.set_quant`) fake-quantizes W and/or x; W may also hold
     real integer weights (a `QTensor`). Without either, the float path is unchanged.
+
+    `lora` adds a low-rank adapter: y += scale * dropout(x) A B with A `in_shape + [r]`
+    (normal, std 1/sqrt(inputs)) and B `[r] + out_shape` (zeros, so the adapted map starts
+    equal to the base). They carry the kernel's input and output axis names and the
+    rank axis `lora_rank`.
     """
 
     quant = None
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str],
-                 *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False):
-        self.in_ndim = len(in_shape)
+                 *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False,
+                 lora: LoraSpec | None = None):
+        n = self.in_ndim = len(in_shape)
         self.dtype = dtype
         self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), axes)
         self.use_bias = bias
         if bias:
             self.bias = param(rngs, nnx.initializers.zeros, tuple(out_shape),
                               tuple(axes[len(in_shape):]))
+        self.lora = lora
+        if lora is not None:
+            a_std = 1.0 / math.sqrt(math.prod(in_shape))
+            self.lora_a = param(rngs, nnx.initializers.normal(a_std), (*in_shape, lora.rank),
+                                (*axes[:n], "lora_rank"))
+            self.lora_b = param(rngs, nnx.initializers.zeros, (lora.rank, *out_shape),
+                                ("lora_rank", *axes[n:]))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         w = self.kernel.get_value()
         n = self.in_ndim
         batch_shape, in_shape = x.shape[:x.ndim - n], x.shape[x.ndim - n:]
@@ -84,17 +117,29 @@ class Linear(nnx.Module):
         # over devices: GSPMD cannot merge a split length axis with the batch axis without
         # gathering the whole sequence.
         lead = batch_shape if context_shards() > 1 else (-1,)
-        x2 = x.astype(self.dtype).reshape(*lead, math.prod(in_shape))
+        x2 = x_in = x.astype(self.dtype).reshape(*lead, math.prod(in_shape))
         if self.quant is None and not isinstance(w, QTensor):
             w = w.astype(self.dtype)
             out_shape = w.shape[n:]
             w2 = w.reshape(math.prod(in_shape), -1)
         else:
             x2, w2, out_shape = linear_operands(x2, w, self.quant, n, self.dtype)
-        y = matmul(x2, w2).reshape(*batch_shape, *out_shape)
+        y = matmul(x2, w2)
+        if self.lora is not None:
+            y = y + self._adapter(x_in, lora_key)
+        y = y.reshape(*batch_shape, *out_shape)
         if self.use_bias:
             y = y + self.bias[...].astype(y.dtype)
         return y
+
+
+    def _adapter(self, x_NxI: jax.Array, key: jax.Array | None) -> jax.Array:
+        """scale * dropout(x) A B, [N, O]."""
+        r = self.lora.rank
+        a_IxR = self.lora_a[...].astype(self.dtype).reshape(-1, r)
+        b_RxO = self.lora_b[...].astype(self.dtype).reshape(r, -1)
+        h_NxR = matmul(dropout(x_NxI, self.lora.dropout, key), a_IxR)
+        return (matmul(h_NxR, b_RxO) * self.lora.scale).astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -219,23 +264,25 @@ class MLP(nnx.Module):
     """Feed-forward block: SwiGLU (gated) or GELU (tanh approximation, as GPT-2's)."""
 
     def __init__(self, d_model: int, d_ff: int, kind: str, *, std: float, out_std: float,
-                 dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False):
+                 dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False,
+                 lora: Callable[[str], LoraSpec | None] = lambda name: None):
         self.kind = kind
         if kind == "swiglu":
             self.gate = Linear((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype,
-                               rngs=rngs, bias=bias)
+                               rngs=rngs, bias=bias, lora=lora("gate"))
         self.up = Linear((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype, rngs=rngs,
-                         bias=bias)
+                         bias=bias, lora=lora("up"))
         self.down = Linear((d_ff,), (d_model,), ("mlp", "embed"), std=out_std, dtype=dtype,
-                           rngs=rngs, bias=bias)
+                           rngs=rngs, bias=bias, lora=lora("down"))
 
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
+        keys = (None,) * 3 if lora_key is None else jax.random.split(lora_key, 3)
         if self.kind == "swiglu":
-            h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+            h_BxLxF = jax.nn.silu(self.gate(x_BxLxD, keys[0])) * self.up(x_BxLxD, keys[1])
         else:
-            h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
+            h_BxLxF = jax.nn.gelu(self.up(x_BxLxD, keys[1]), approximate=True)
         h_BxLxF = constrain(h_BxLxF, ("act_batch", "act_len", "act_mlp"))
-        return self.down(h_BxLxF)
+        return self.down(h_BxLxF, keys[2])
 
 
 def residual_std(std: float, num_layers: int) -> float:

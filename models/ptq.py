@@ -5,10 +5,11 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from configs.sections import Quant
 from models.layers import Embed, Linear
-from models.quant import quantize_matrix
+from models.quant import QTensor, quantize_matrix
 
 
 def quantize_params(model: nnx.Module, params: dict[str, Any], cfg: Quant
@@ -51,4 +52,36 @@ def quantize_params(model: nnx.Module, params: dict[str, Any], cfg: Quant
             return quantize_matrix(w.reshape(i, -1), cfg, shape=w.shape)
 
         put((*path, name), jax.vmap(one)(w) if stacked else one(w))
+    return out
+
+
+def quantized_axes(model: nnx.Module, axes: dict[str, Any], cfg: Quant) -> dict[str, Any]:
+    """The logical axes of `quantize_params`'s output, from the float parameters' `axes`.
+
+    A quantized matrix is [I, O] (int4: [I/2, O]): its integers take the first input and
+    the first output axis name of the kernel, its scales (and zero points) [groups, O] the
+    output axis name (none per tensor); a stacked `layers` axis stays first."""
+    out = jax.tree.map(lambda x: x, axes, is_leaf=lambda x: isinstance(x, P))
+    for path, module in model.iter_modules():
+        if isinstance(module, Linear):
+            name, in_ndim = "kernel", module.in_ndim
+        elif isinstance(module, Embed):
+            name, in_ndim = "embedding", None
+        else:
+            continue
+        node = out
+        for p in path:
+            node = node[p]
+        spec = tuple(node[name])
+        lead = spec[:1] if spec and spec[0] == "layers" else ()
+        dims = spec[len(lead):]
+        if in_ndim is None:  # [V, D] stored transposed: [D, V]
+            i_axis, o_axis, shape = dims[1], dims[0], module.embedding.get_value().shape
+        else:
+            i_axis, o_axis = dims[0], dims[in_ndim]
+            shape = module.kernel.get_value().shape[len(lead):]
+        scale = P(*lead, None, None if cfg.group_size == -1 else o_axis)
+        node[name] = QTensor(qvalue=P(*lead, i_axis, o_axis), scale=scale,
+                             zero=None if cfg.symmetric else scale, bits=cfg.weight_bits,
+                             shape=tuple(shape))
     return out

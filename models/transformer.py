@@ -13,7 +13,15 @@ from flax import nnx
 
 from models.attention import Attention
 from models.config import ModelConfig
-from models.layers import MLP, Embed, Linear, PositionEmbed, make_norm, residual_std
+from models.layers import (
+    MLP,
+    Embed,
+    Linear,
+    PositionEmbed,
+    dropout,
+    make_norm,
+    residual_std,
+)
 from models.moe import MoE, load_balance_loss
 from parallel.context import default_positions
 from parallel.pipeline import pipeline_layers
@@ -37,13 +45,6 @@ class Output(NamedTuple):
     aux: dict[str, jax.Array] | None = None
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if rate == 0.0 or key is None:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 class Block(nnx.Module):
     """x + Attn(Norm(x)), then x + MLP(Norm(x)); Norm is RMSNorm or LayerNorm."""
 
@@ -61,7 +62,7 @@ class Block(nnx.Module):
             self.mlp = MoE(cfg, std=cfg.init_std, out_std=out_std, rngs=rngs)
         else:
             self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, std=cfg.init_std, out_std=out_std,
-                           dtype=dtype, rngs=rngs, bias=cfg.mlp_bias)
+                           dtype=dtype, rngs=rngs, bias=cfg.mlp_bias, lora=cfg.lora)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, *,
                  segment_ids_BxL: jax.Array | None = None,
@@ -70,9 +71,13 @@ class Block(nnx.Module):
                  kv_valid_BxS: jax.Array | None = None,
                  dropout_key: jax.Array | None = None):
         keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
+        # The adapters' dropout keys are folded in, so the other keys stay as they were.
+        lora_keys = (None, None) if dropout_key is None else (
+            jax.random.fold_in(dropout_key, 3), jax.random.fold_in(dropout_key, 4))
         h, new_cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL,
                                  segment_ids_BxL=segment_ids_BxL, cache=cache,
-                                 cache_index=cache_index, kv_valid_BxS=kv_valid_BxS)
+                                 cache_index=cache_index, kv_valid_BxS=kv_valid_BxS,
+                                 lora_key=lora_keys[0])
         x_BxLxD = x_BxLxD + dropout(h, self.dropout, keys[0])
         aux = {}
         if self.moe:
@@ -81,7 +86,7 @@ class Block(nnx.Module):
                    "z_loss": stats["z_loss"], "router_entropy": stats["router_entropy"],
                    "drop_fraction": stats["drop_fraction"], "load": stats["load"]}
         else:
-            h = self.mlp(self.mlp_norm(x_BxLxD))
+            h = self.mlp(self.mlp_norm(x_BxLxD), lora_keys[1])
         x_BxLxD = x_BxLxD + dropout(h, self.dropout, keys[1])
         return constrain(x_BxLxD, ACT_BxLxD), new_cache, aux
 

@@ -22,10 +22,11 @@ from data.mixture import Mixture, resolve_sources
 from data.packing import eval_sources, resolve_packing, split_row_info, train_batches
 from data.pipeline import Batch, EvalBatches, TokenData, TrainBatches
 from losses.objectives import OBJECTIVE_PARAMS, Objective, build_objective, needs_teacher
-from models import ModelConfig, abstract_params
+from models import ModelConfig, abstract_model, param_logical_axes, split_params
 from parallel.mesh import make_mesh
 from parallel.pipeline import bubble_fraction, stage_major_permutation
 from parallel.sharding import Rules, named_sharding
+from training import lora
 from training.layout import check_layout, pipeline_fields, resolve_mesh_shape
 from training.optimizer import learning_rate_schedule, make_optimizer
 from training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
@@ -60,6 +61,9 @@ class Experiment:
     layer_perm: np.ndarray | None = None
     objective: Objective | None = None  # None = cross-entropy alone
     teacher: Teacher | None = None  # for objective terms that distil from a teacher run
+    # LoRA (training/lora.py): params -> (trainable, frozen base); None = all train.
+    trainable: Any = None
+    prepare: Any = None  # fresh float params -> the state's (a QLoRA base as integers)
 
     @classmethod
     def build(cls, config: Any, workdir: str | os.PathLike,
@@ -73,16 +77,21 @@ class Experiment:
         teacher = Teacher.load(config.loss.distill, mesh, rules,
                                config.model.context_attention) if needs_teacher(config) else None
         model_cfg = ModelConfig.from_section(config.model, data.vocab_size, quant=config.quant,
-                                             seq_len=config.train.seq_len,
+                                             lora=config.lora, seq_len=config.train.seq_len,
                                              **pipeline_fields(config, mesh))
-        graphdef, params, param_axes = abstract_params(model_cfg)
+        model = abstract_model(model_cfg)
+        graphdef, params = split_params(model)
+        params, param_axes, prepare = lora.base_format(config, model, params,
+                                                       param_logical_axes(model))
         check_layout(config, mesh, data, model_cfg, params, param_axes, teacher)
         objective = build_objective(config, model_cfg, teacher and teacher.model_cfg)
         if objective.param_axes() is not None:
             param_axes = {**param_axes, OBJECTIVE_PARAMS: objective.param_axes()}
+        trainable = lora.split_trainable if lora.enabled(config) else None
         optimizer = make_optimizer(config.optim, config.optimizer, config.train.steps,
-                                   param_axes)
-        init_fn = make_init_fn(model_cfg, optimizer, config.train.seed, objective.init_params)
+                                   trainable(param_axes)[0] if trainable else param_axes)
+        init_fn = make_init_fn(model_cfg, optimizer, config.train.seed, objective.init_params,
+                               trainable, prepare)
         abstract = jax.eval_shape(init_fn)
         logical = state_logical_axes(abstract, param_axes)
         shardings = state_shardings(mesh, logical, rules)
@@ -96,13 +105,14 @@ class Experiment:
                    abstract_state=abstract_with_shardings(abstract, shardings),
                    state_shardings=shardings, state_logical=logical,
                    batch_sharding=named_sharding(mesh, BATCH_AXES, rules), layer_perm=perm,
-                   objective=objective, teacher=teacher)
+                   objective=objective, teacher=teacher, trainable=trainable, prepare=prepare)
 
     # State.
     def init_state(self) -> TrainState:
         """Initialise sharded; identical values for every mesh (layers in memory order)."""
         init_fn = make_init_fn(self.model_cfg, self.optimizer, self.config.train.seed,
-                               self.objective and self.objective.init_params)
+                               self.objective and self.objective.init_params, self.trainable,
+                               self.prepare)
         if self.layer_perm is not None:
             perm = self.layer_perm
             natural = init_fn
@@ -123,8 +133,18 @@ class Experiment:
         return jax.tree.map(take, state, self.state_logical,
                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
+    @property
+    def checkpoint_abstract(self) -> TrainState:
+        """The abstract state as checkpoints hold it (a LoRA run's: without its base)."""
+        if self.trainable is None:
+            return self.abstract_state
+        return self.abstract_state.replace(params=self.trainable(self.abstract_state.params)[0])
+
     def to_checkpoint(self, state: TrainState) -> TrainState:
-        """The state with layers in the natural order (what checkpoints hold)."""
+        """The state with layers in the natural order and without a LoRA run's frozen base
+        (what checkpoints hold)."""
+        if self.trainable is not None:  # LoRA runs have no pipeline: no layer order
+            return state.replace(params=self.trainable(state.params)[0])
         if self.layer_perm is None:
             return state
         inverse = np.argsort(self.layer_perm)
@@ -132,12 +152,26 @@ class Experiment:
                        out_shardings=self.state_shardings)(state)
 
     def from_checkpoint(self, state: TrainState) -> TrainState:
-        """Inverse of `to_checkpoint`: layers back into this mesh's memory order."""
+        """Inverse of `to_checkpoint`: layers back into this mesh's memory order, a LoRA
+        run's frozen base (stored once in the run) attached."""
+        if self.trainable is not None:
+            return state.replace(params=lora.join(state.params, self.frozen_params))
         if self.layer_perm is None:
             return state
         perm = self.layer_perm
         return jax.jit(lambda s: self._permute_layers(s, perm),
                        out_shardings=self.state_shardings)(state)
+
+    @functools.cached_property
+    def frozen_params(self) -> Any:
+        """A LoRA run's frozen base, restored from the run directory on first use."""
+        return lora.restore_base(self.workdir, self.trainable(self.abstract_state.params)[1])
+
+    def save_base(self, state: TrainState, source: dict[str, Any]) -> None:
+        """Store a LoRA run's frozen base once in the run directory (training/lora.py)."""
+        frozen = self.trainable(state.params)[1]
+        lora.save_base(self.workdir, frozen, source)
+        self.frozen_params = frozen
 
     def describe_pipeline(self) -> str | None:
         c = self.model_cfg
@@ -159,7 +193,8 @@ class Experiment:
                                grad_accum_steps=self.config.train.grad_accum_steps,
                                seed=self.config.train.seed, objective=self.objective,
                                teacher=self.teacher,
-                               skip_nonfinite=self.config.train.nan_policy == "skip")
+                               skip_nonfinite=self.config.train.nan_policy == "skip",
+                               trainable=self.trainable)
         if self.teacher is None:
             return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                            out_shardings=(self.state_shardings, None), donate_argnums=0)

@@ -17,11 +17,17 @@ from configs import keys
 from configs.errors import ConfigError
 from configs.sections import Config, Model
 from losses.objectives import split_objective_params
-from models import ModelConfig
-from training import rundir
+from models import ModelConfig, abstract_params
+from parallel.sharding import tree_shardings
+from training import lora, rundir
 from training.checkpoint import Checkpointer
 from training.experiment import Experiment
-from training.state import TrainState, make_state_fn
+from training.state import (
+    TrainState,
+    abstract_with_shardings,
+    make_init_fn,
+    make_state_fn,
+)
 
 KEY = "init.from_workdir"
 
@@ -52,6 +58,9 @@ def check_source(config: Config, model_cfg: ModelConfig) -> InitSource:
     if not workdir.is_dir():
         raise ConfigError(KEY, f"no such directory: {init.from_workdir}")
     source = rundir.load_config(workdir, key=KEY)
+    if source.lora.rank:
+        raise ConfigError(KEY, f"{init.from_workdir} is a LoRA run; start from a merged copy "
+                               "(python convert.py --merge_lora --workdir=RUN --output=NEW)")
     diff = first_model_difference(config.model, source.model)
     if diff is not None:
         key, ours, theirs = diff
@@ -73,7 +82,10 @@ def check_source(config: Config, model_cfg: ModelConfig) -> InitSource:
 
 def restore_initial_state(exp: Experiment, source: InitSource) -> TrainState:
     """A step-0 train state: the source's parameters on this run's mesh, fresh optimizer
-    (and fresh objective parameters, e.g. a distillation projection)."""
+    (and fresh objective parameters, e.g. a distillation projection). A LoRA run takes
+    them as its frozen base (as integers for QLoRA), with fresh adapters."""
+    if exp.trainable is not None:
+        return _lora_initial_state(exp, source)
     abstract, _ = split_objective_params(exp.abstract_state.params)
     with Checkpointer(rundir.checkpoint_dir(source.workdir), read_only=True) as ckpt:
         params = ckpt.restore_params(source.step, abstract)
@@ -81,3 +93,22 @@ def restore_initial_state(exp: Experiment, source: InitSource) -> TrainState:
                           exp.objective and exp.objective.init_params)
     state = jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=0)(params)
     return exp.from_checkpoint(state)  # checkpoints hold layers in model order
+
+
+def _lora_initial_state(exp: Experiment, source: InitSource) -> TrainState:
+    """The source's float parameters as the frozen base, fresh adapters (A random, B zero)
+    and a fresh optimizer for them."""
+    model_cfg = dataclasses.replace(exp.model_cfg, lora_rank=0, quant=None)
+    _, abstract, axes = abstract_params(model_cfg)
+    shardings = tree_shardings(exp.mesh, axes, exp.rules)
+    with Checkpointer(rundir.checkpoint_dir(source.workdir), read_only=True) as ckpt:
+        base = ckpt.restore_params(source.step, abstract_with_shardings(abstract, shardings))
+    init_fn = make_init_fn(exp.model_cfg, exp.optimizer, exp.config.train.seed,
+                           exp.objective and exp.objective.init_params, exp.trainable)
+
+    def build(base: Any) -> TrainState:
+        fresh = init_fn()  # its random base is unused: XLA leaves it out
+        params = lora.join(exp.trainable(fresh.params)[0], base)
+        return fresh.replace(params=params if exp.prepare is None else exp.prepare(params))
+    donate = (0,) if exp.prepare is None else ()  # integers cannot reuse the float buffers
+    return jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=donate)(base)

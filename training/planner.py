@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from configs.sections import Config
+from models import count_params
 from parallel.context import causal_pairs_per_shard, computed_pairs_per_shard
 from parallel.pipeline import bubble_fraction
 from parallel.sharding import mesh_axes_size, named_sharding
@@ -138,7 +139,8 @@ def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else (cost or {})
     mc = exp.model_cfg
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
+    n_params = count_params(exp.abstract_state.params)
+    trained = exp.trainable(exp.abstract_state.params)[0] if exp.trainable else None
     fpt = model_flops_per_token(mc, t)
     n_dev = exp.mesh.devices.size
     result = {
@@ -146,6 +148,7 @@ def plan(config: Any, workdir: str, devices: list[jax.Device] | None = None) -> 
         "devices": n_dev,
         "mesh": {k: v for k, v in exp.mesh.shape.items() if v > 1} or {"data": 1},
         "num_params": n_params,
+        "trainable_params": n_params if trained is None else count_params(trained),
         "tokens_per_step": b * t,
         "per_device_bytes": {
             "parameters": _shard_bytes(exp.abstract_state.params),
@@ -180,7 +183,9 @@ def format_plan(r: dict[str, Any]) -> str:
     pd = r["per_device_bytes"]
     lines = [
         f"Dry run of {r['config']}: {r['num_params']:,} parameters on {r['devices']} devices "
-        f"({mesh}), {r['tokens_per_step']:,} tokens per step.",
+        f"({mesh}), {r['tokens_per_step']:,} tokens per step."
+        + (f" LoRA: {r['trainable_params']:,} trainable (the rest frozen, no optimizer "
+           "state)." if r["trainable_params"] != r["num_params"] else ""),
         "Per device:",
         f"  parameters     {_mib(pd['parameters'])}",
         f"  optimizer      {_mib(pd['optimizer'])}",

@@ -7,6 +7,8 @@
     WORKDIR/eval/           results of eval.py
     WORKDIR/run.lock        held by the process training in it
     WORKDIR/damaged_checkpoints/N/   checkpoints that failed to restore, moved aside
+    WORKDIR/lora_base/0/    a LoRA run's frozen base, stored once (training/lora.py)
+    WORKDIR/lora_base.json  where that base came from
 """
 
 import contextlib
@@ -29,7 +31,7 @@ LOCK_FILE = "run.lock"
 
 # Config sections that must not change when a run resumes: they define the model, its
 # parameter shapes, the optimizer state or the data stream.
-FROZEN_KEYS = ("model", "data", "seed", "seq_len", "batch_size", "optimizer")
+FROZEN_KEYS = ("model", "data", "seed", "seq_len", "batch_size", "optimizer", "lora")
 # Keys that shape the learning-rate schedule: `steps` may change on resume only when asked
 # (the cosine decay is stretched); the others may, with a notice.
 SCHEDULE_KEYS = ("learning_rate", "min_learning_rate", "warmup_steps", "schedule",

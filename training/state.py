@@ -62,30 +62,38 @@ def state_logical_axes(abstract_state: TrainState, param_axes: Any) -> TrainStat
     return TrainState(step=P(), params=param_axes, opt_state=opt_axes)
 
 
+Split = Callable[[Any], tuple[Any, Any]]  # params -> (trainable, frozen)
+
+
 def make_state_fn(optimizer: optax.GradientTransformation, seed: int,
-                  extra_params: Callable[[jax.Array], Any] | None = None
-                  ) -> Callable[[Any], TrainState]:
+                  extra_params: Callable[[jax.Array], Any] | None = None,
+                  trainable: Split | None = None) -> Callable[[Any], TrainState]:
     """model params -> a step-0 TrainState with a fresh optimizer. `extra_params(key)`, if
     given, adds trained parameters beside the model's under params["objective"] (e.g. a
-    distillation projection)."""
+    distillation projection). With `trainable` (LoRA), the optimizer state covers only
+    the trainable part of the parameters."""
     def build(params: Any) -> TrainState:
         extra = None if extra_params is None else extra_params(
             jax.random.fold_in(jax.random.key(seed), 1))
         if extra is not None:
             params = {**params, "objective": extra}
+        trained = params if trainable is None else trainable(params)[0]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params))
+                          opt_state=optimizer.init(trained))
     return build
 
 
 def make_init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                 seed: int, extra_params: Callable[[jax.Array], Any] | None = None
-                 ) -> Callable[[], TrainState]:
-    """A fresh random init of the model, as `make_state_fn`'s step-0 state."""
-    build = make_state_fn(optimizer, seed, extra_params)
+                 seed: int, extra_params: Callable[[jax.Array], Any] | None = None,
+                 trainable: Split | None = None,
+                 prepare: Callable[[Any], Any] | None = None) -> Callable[[], TrainState]:
+    """A fresh random init of the model, as `make_state_fn`'s step-0 state; `prepare`
+    maps the fresh model parameters first (e.g. quantizes a frozen base)."""
+    build = make_state_fn(optimizer, seed, extra_params, trainable)
 
     def init() -> TrainState:
-        return build(split_params(create_model(model_cfg, seed))[1])
+        params = split_params(create_model(model_cfg, seed))[1]
+        return build(params if prepare is None else prepare(params))
     return init
 
 

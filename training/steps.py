@@ -11,9 +11,10 @@ from jax.sharding import Mesh
 
 from losses.objectives import Objective, cross_entropy_objective, split_objective_params
 from models import ModelConfig
+from models.lora import join_trees
 from parallel.context import to_context_order
 from parallel.sharding import Rules, constrain, use_rules
-from training.state import TrainState
+from training.state import Split, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -72,8 +73,8 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: Mesh, rules: Rules, *, grad_accum_steps: int = 1,
                     seed: int = 0, objective: Objective | None = None,
-                    teacher: Any = None, skip_nonfinite: bool = False
-                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+                    teacher: Any = None, skip_nonfinite: bool = False,
+                    trainable: Split | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
     """train_step(state, batch[, teacher_params]) -> (state, metrics); one optimizer update.
 
     Gradient accumulation runs inside the step (a scan over micro-batches) instead of
@@ -86,31 +87,32 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     objective), `loss/<term>` for every term, the objective's scheduled values, MoE
     diagnostics. With the sequence split over devices (context parallelism) the batch is
     put in the zig-zag order first, so the student, the teacher and the loss see one order.
-    """
+    With `trainable` (LoRA: params -> (adapters, frozen base)), only the trainable part
+    gets gradients and updates; the frozen part passes through unchanged."""
     objective = objective or cross_entropy_objective(model_cfg)
-    loss_fn = make_loss_fn(graphdef, model_cfg, objective)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    use_key = model_cfg.dropout > 0 or model_cfg.moe_jitter > 0
+    split, grad_fn = _partial_grad(make_loss_fn(graphdef, model_cfg, objective), trainable)
+    use_key = model_cfg.dropout > 0 or model_cfg.moe_jitter > 0 or model_cfg.lora_dropout > 0
 
     def train_step(state: TrainState, batch: Batch, teacher_params: Any = None
                    ) -> tuple[TrainState, Metrics]:
         with use_rules(mesh, rules):
             batch = to_context_order(batch)
             step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+            trained, frozen = split(state.params)
 
             def micro(i, mb):
                 key = jax.random.fold_in(step_key, i) if use_key else None
                 t_out = None if teacher is None else teacher.forward(
                     teacher_params, mb, return_hidden=objective.needs_hidden)
-                (total, stats), grads = grad_fn(state.params, mb, key, t_out, state.step)
+                (total, stats), grads = grad_fn(trained, frozen, mb, key, t_out, state.step)
                 return {**stats, "loss": total}, grads
 
             block = model_cfg.moe_group_rows(batch["inputs"].shape[1])
             stats, grads = _accumulate(micro, batch, grad_accum_steps, block)
             weight_sum = stats.pop("weight_sum")
             grads = jax.tree.map(lambda g: g / weight_sum, grads)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+            params = optax.apply_updates(trained, updates)
             metrics = {k: v / weight_sum for k, v in stats.items()}
             metrics.update(grad_norm=optax.global_norm(grads),
                            learning_rate=schedule(state.step), **objective.scalars(state.step))
@@ -120,12 +122,31 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                 finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
                 params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                                  (params, opt_state),
-                                                 (state.params, state.opt_state))
+                                                 (trained, state.opt_state))
                 metrics["skipped"] = jnp.logical_not(finite).astype(jnp.int32)
+            params = params if frozen is None else join_trees(params, frozen)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
             return new_state, metrics
 
     return train_step
+
+
+def _partial_grad(loss_fn: Callable[..., Any], trainable: Split | None
+                  ) -> tuple[Split, Callable[..., Any]]:
+    """(split, grad_fn): `split(params)` -> (trained, frozen or None) and
+    `grad_fn(trained, frozen, *args)` -> ((loss, stats), gradients of the trained part)."""
+    if trainable is None:
+        def split(params):
+            return params, None
+
+        def partial_loss(trained, frozen, *args):
+            return loss_fn(trained, *args)
+    else:
+        split = trainable
+
+        def partial_loss(trained, frozen, *args):
+            return loss_fn(join_trees(trained, frozen), *args)
+    return split, jax.value_and_grad(partial_loss, has_aux=True)
 
 
 def _accumulate(micro: Callable[[Any, Batch], tuple[Metrics, Any]], batch: Batch,

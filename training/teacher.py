@@ -56,6 +56,10 @@ class Teacher:
         if not workdir.is_dir():
             raise ConfigError(KEY, f"no such directory: {distill.teacher_workdir}")
         tconfig = rundir.load_config(workdir, key=KEY)
+        if tconfig.lora.rank:
+            raise ConfigError(KEY, f"{distill.teacher_workdir} is a LoRA run; teach from a "
+                                   "merged copy (python convert.py --merge_lora "
+                                   "--workdir=RUN --output=NEW)")
         with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
             steps = ckpt.all_steps()
         step = rundir.pick_step(steps, distill.teacher_step or None, distill.teacher_workdir,

@@ -162,14 +162,20 @@ def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
     """The newest checkpoint that restores (and its data position); else step 0 with the
     parameters of `source` or a fresh sharded init. Records of metrics.jsonl after the
     restored step are dropped: the run writes them again, identically."""
-    restored = ckpt.restore_latest(exp.abstract_state, data_iter, move_aside=True, warn=log)
+    restored = ckpt.restore_latest(exp.checkpoint_abstract, data_iter, move_aside=True,
+                                   warn=log)
     if restored is None:  # also drops records of a run killed before its first checkpoint
         writer.truncate_after(0, warn=log)
         if source is not None:
             log(f"Starting from the parameters of {source.workdir} (step {source.step}); "
                 "fresh optimizer, step 0.")
-            return restore_initial_state(exp, source), 0
-        return exp.init_state(), 0
+            state = restore_initial_state(exp, source)
+        else:
+            state = exp.init_state()
+        if exp.trainable is not None:  # LoRA: the frozen base is stored once, now
+            exp.save_base(state, {"workdir": str(source.workdir), "step": source.step}
+                          if source is not None else {"workdir": None, "init": "random"})
+        return state, 0
     state, start = restored
     writer.truncate_after(start, warn=log)
     log(f"Resumed from {ckpt.directory} at step {start}.")

@@ -1,0 +1,74 @@
+"""Merge a LoRA run's adapters into its base: the parameters of a plain model computing
+the same function, for export (`convert.py --to_hf`) or as a new run
+(`convert.py --merge_lora --workdir=RUN --output=NEW`).
+
+Each adapted kernel becomes `kernel + (alpha / rank) * A B` in float32; a QLoRA run's
+integer base is dequantized first, so the merged run is a float run whose `quant` and
+`lora` sections are off.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from checkpoints.hf_import import HF_DIR
+from configs.errors import ConfigError
+from configs.sections import Config
+from evaluation.restore import restore_run
+from losses.objectives import split_objective_params
+from models import abstract_model
+from models.lora import merge_adapters
+from training import rundir
+from training.checkpoint import Checkpointer
+from training.experiment import Experiment
+from training.lora import base_quant
+from training.state import make_state_fn
+
+
+def merged_config(config: Config) -> Config:
+    """The config of the merged run: no adapters, a float base, no init source."""
+    overrides = {"lora.rank": 0, "init.from_workdir": "", "init.step": 0}
+    if base_quant(config) is not None:
+        overrides["quant.weight_bits"] = 0
+    return config.replace(**overrides)
+
+
+def merge_lora(exp: Experiment, params: Any) -> tuple[Config, Any]:
+    """(merged config, merged model parameters) of a LoRA run's restored parameters."""
+    model = abstract_model(exp.model_cfg)
+    model_params, _ = split_objective_params(params)
+    merged = jax.jit(lambda p: merge_adapters(model, p))(model_params)
+    return merged_config(exp.config), merged
+
+
+def merge_run(workdir: str | Path, output: str | Path, step: int | None = None,
+              devices: list[jax.Device] | None = None) -> dict[str, Any]:
+    """Write `output` as a plain run holding the merged parameters of `workdir`'s
+    checkpoint (default: the latest) at the same step, with a fresh optimizer state."""
+    workdir, output = Path(workdir).absolute(), Path(output).absolute()
+    if not rundir.load_config(workdir).lora.rank:
+        raise ConfigError("workdir", f"{workdir} is not a LoRA run (lora.rank is 0): "
+                                     "nothing to merge")
+    with Checkpointer(rundir.checkpoint_dir(output), read_only=True) as ckpt:
+        if ckpt.all_steps():
+            raise ConfigError("output", f"{output} already holds a run with checkpoints; "
+                                        "merge into a new directory")
+    exp, state, step = restore_run(workdir, step, devices)
+    config, params = merge_lora(exp, state.params)
+    new = Experiment.build(config, output, devices)
+    build = make_state_fn(new.optimizer, config.train.seed,
+                          new.objective and new.objective.init_params)
+    merged = jax.jit(build, out_shardings=new.state_shardings, donate_argnums=0)(params)
+    merged = merged.replace(step=jax.device_put(merged.step + step, merged.step.sharding))
+    output.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        rundir.save_config(config, output)
+        if (workdir / HF_DIR).is_dir() and not (output / HF_DIR).exists():
+            shutil.copytree(workdir / HF_DIR, output / HF_DIR)
+    with Checkpointer(rundir.checkpoint_dir(output)) as ckpt:
+        ckpt.save(step, merged, new.train_batches())
+        ckpt.wait()
+    return {"workdir": str(workdir), "output": str(output), "step": step,
+            "num_params": sum(int(x.size) for x in jax.tree.leaves(merged.params))}
