@@ -179,7 +179,7 @@ def _chunk_positions(b: int):
             jnp.asarray(np.broadcast_to(kv_pos, (b, T)), jnp.int32))
 
 
-@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+@pytest.mark.parametrize("backend", ["triton", pytest.param("mosaic", marks=pytest.mark.slow)])
 def test_positions_decide_the_causal_and_window_masks(backend):
     """With query and key position arrays the kernel equals the reference that masks by
     those positions (causal, window, segment ids): output, lse and gradients."""
