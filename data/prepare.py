@@ -4,7 +4,7 @@
       [--vocab_size=N] [--text_field=text] [--workers=N] [--val_fraction=F]
       [--split_blank_lines] [--skip_bad] [--overwrite] [--bpe_train_mb=N] [--shard_mb=N]
   python -m data.prepare --format=sft --input=F.jsonl --output=DIR --tokenizer=BASE
-      --seq_len=N [--val_fraction=F] [--truncate] [--strict] [--end_text=TEXT]
+      [--seq_len=N] [--val_fraction=F] [--truncate] [--strict] [--end_text=TEXT]
       [--chat_template=auto|simple|FILE] [--overwrite]
 
 Two layouts:
@@ -621,6 +621,16 @@ def prepared_directory_of(path: str | os.PathLike, key: str = "--tokenizer") -> 
     return directory
 
 
+def run_seq_len(path: str | os.PathLike) -> int | None:
+    """The training seq_len of a run directory (from its config.json); None for anything
+    else."""
+    config = Path(path) / RUN_CONFIG
+    if not config.is_file():
+        return None
+    seq_len = _read_json_file(config, "--tokenizer").get("seq_len")
+    return int(seq_len) if isinstance(seq_len, int) else None
+
+
 def reuse_tokenizer(directory: Path, key: str = "--tokenizer"
                     ) -> tuple[Tokenizer, dict[str, Any]]:
     """(the tokenizer, meta) of a prepared directory: exactly its vocabulary and ids."""
@@ -674,7 +684,7 @@ def sft_tokenizer(spec: str, chat_template: str = "auto"
 
 
 def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *,
-                tokenizer: str, seq_len: int, val_fraction: float = 0.1,
+                tokenizer: str, seq_len: int | None = None, val_fraction: float = 0.1,
                 truncate: bool = False, strict: bool = False,
                 end_text: str = DEFAULT_END_TEXT, chat_template: str = "auto",
                 overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
@@ -685,10 +695,18 @@ def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, 
     record), plus `{split}.weights`: one uint8 per token, 1 where the token is a
     completion target. Bad records are counted by reason (with the first file and line)
     in the meta and skipped, or, with `strict`, refused. Examples longer than
-    seq_len + 1 tokens are bad unless `truncate` (cut at seq_len + 1). Idempotent and
-    atomic as `prepare_corpus`."""
+    seq_len + 1 tokens are bad unless `truncate` (cut at seq_len + 1). Without `seq_len`,
+    a run directory as `tokenizer` gives its seq_len; otherwise examples of any length
+    are kept, and a training run refuses, before compiling, a seq_len shorter than the
+    longest. Idempotent and atomic as `prepare_corpus`."""
     output = Path(output).absolute()
-    if seq_len < 1:
+    if seq_len is None:
+        seq_len = run_seq_len(tokenizer)
+    if seq_len is None and truncate:
+        raise ConfigError("--truncate", "needs --seq_len (or a run directory as "
+                                        "--tokenizer, whose seq_len is used): the length "
+                                        "to cut examples at")
+    if seq_len is not None and seq_len < 1:
         raise ConfigError("--seq_len", f"must be >= 1, got {seq_len}")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError("--val_fraction", f"must be in (0, 1), got {val_fraction}")
@@ -844,7 +862,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                      help="auto: text or a corpus of documents, by the inputs; sft: "
                           "prompt/completion or chat records with per-token loss weights")
     sft.add_argument("--seq_len", type=int, default=None,
-                     help="sft: the training seq_len; longer examples are bad records")
+                     help="sft: the training seq_len; longer examples are bad records "
+                          "(default: the seq_len of a run directory given as --tokenizer; "
+                          "else no limit here, and training refuses a shorter seq_len)")
     sft.add_argument("--truncate", action="store_true",
                      help="sft: cut examples longer than seq_len + 1 tokens instead")
     sft.add_argument("--strict", action="store_true",
@@ -889,9 +909,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _main_sft(args: argparse.Namespace) -> None:
     try:
-        if args.seq_len is None:
-            raise ConfigError("--seq_len", "required with --format=sft: the training "
-                                           "seq_len, which no example may exceed")
         out = prepare_sft(args.input, args.output, tokenizer=args.tokenizer,
                           seq_len=args.seq_len, val_fraction=args.val_fraction,
                           truncate=args.truncate, strict=args.strict,

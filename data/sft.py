@@ -279,14 +279,15 @@ def encode_pieces(tok: Tokenizer, pieces: Sequence[Piece]) -> tuple[np.ndarray, 
 
 
 def make_example(line: bytes, tok: Tokenizer, template: ChatTemplate | None, *,
-                 seq_len: int, truncate: bool = False,
+                 seq_len: int | None, truncate: bool = False,
                  end_text: str = DEFAULT_END_TEXT) -> Example:
-    """One JSON line -> an Example of at most seq_len + 1 tokens; raises BadRecord."""
+    """One JSON line -> an Example of at most seq_len + 1 tokens (any length with
+    seq_len None); raises BadRecord."""
     record = parse_record(line)
     pieces = record_pieces(record, tok, template, end_text)
     ids, weights = encode_pieces(tok, pieces)
     truncated = False
-    if len(ids) > seq_len + 1:
+    if seq_len is not None and len(ids) > seq_len + 1:
         if not truncate:
             raise BadRecord("too_long", f"{len(ids)} tokens, more than seq_len + 1 = "
                                         f"{seq_len + 1}; pass --truncate to cut it")

@@ -243,6 +243,26 @@ def test_long_examples_are_dropped_or_truncated(base_run, tmp_path):
             assert tok.decode(ids) == ("ROMEO:\n" + "a" * 100)[:L + 1]
 
 
+
+def test_seq_len_defaults_to_the_base_runs_or_to_no_limit(base_run, tmp_path):
+    long = {"prompt": "ROMEO:\n", "completion": "a" * 100}
+    src = _write(tmp_path / "long.jsonl", _records(30) + [long])
+    # A run directory as --tokenizer: its seq_len (64 here) bounds the examples.
+    meta = json.loads((prepare_sft([src], tmp_path / "run", tokenizer=str(base_run),
+                                   val_fraction=0.2, progress=False) / META).read_text())
+    assert meta["seq_len"] == Config().train.seq_len == L
+    assert meta["bad"]["too_long"]["count"] == 1
+    # A prepared directory: no limit; the longest example is kept whole.
+    out = prepare_sft([src], tmp_path / "any", tokenizer=str(base_run / "data"),
+                      val_fraction=0.2, progress=False)
+    meta = json.loads((out / META).read_text())
+    assert meta["seq_len"] is None and not meta["bad"]
+    assert max(meta["longest"].values()) == len("ROMEO:\n" + "a" * 100 + "\n")
+    with pytest.raises(ConfigError, match=r"^--truncate: needs --seq_len"):
+        prepare_sft([src], tmp_path / "cut", tokenizer=str(base_run / "data"), truncate=True,
+                    progress=False)
+
+
 # The base model's tokenizer.
 
 def test_tokenizer_is_reused_exactly_from_a_run_or_its_data(base_run, sft_dir, tmp_path):
