@@ -14,8 +14,8 @@ The kernels run once per shard (`shard_map` over the batch and head axes, from t
 logical rules); their Pallas backends load only when one is traced, so the model imports
 on a machine without an accelerator. When the rules split the sequence itself (context
 parallelism), `parallel.context.context_attention` runs instead: a ring or an all-gather
-of key/value blocks, each block attended by the XLA path or the Pallas kernel. `IMPL_PLATFORMS` says which devices each
-implementation needs (`training/layout.py` checks it). Decoding with a KV cache always
+of key/value blocks, each block attended by the XLA path or the Pallas kernel.
+`IMPL_PLATFORMS` says which devices each implementation needs (`training/layout.py` checks it). Decoding with a KV cache always
 uses the XLA path with an explicit mask.
 """
 

@@ -1,8 +1,8 @@
 """Building blocks: parameters with logical axes, linear maps, norms, embeddings, RoPE, MLPs."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -205,6 +205,26 @@ class Embed(nnx.Module):
             x_BxLxD = fake_quant_activation(x_BxLxD, self.quant)
         return jnp.einsum("bld,vd->blv", x_BxLxD, self.table().astype(self.dtype))
 
+
+
+def weight_matrices(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Module, str, bool]]:
+    """(module path, module, parameter name, stacked over layers) of every weight matrix:
+    the Linear kernels and Embed tables that quantization and LoRA merging rewrite."""
+    for path, module in model.iter_modules():
+        if isinstance(module, Linear):
+            var, name = module.kernel, "kernel"
+        elif isinstance(module, Embed):
+            var, name = module.embedding, "embedding"
+        else:
+            continue
+        yield path, module, name, var.get_metadata().get("out_sharding", (None,))[0] == "layers"
+
+
+def subtree(tree: dict[str, Any], path: Sequence[Any]) -> Any:
+    """The node of a nested dict at `path` (a module path of `nnx.Module.iter_modules`)."""
+    for key in path:
+        tree = tree[key]
+    return tree
 
 class PositionEmbed(nnx.Module):
     """Learned absolute position embeddings (GPT-2's): row p is added at position p.

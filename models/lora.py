@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import LORA_A, LORA_B, Embed, Linear
+from models.layers import LORA_A, LORA_B, Linear, subtree, weight_matrices
 from models.quant import QTensor
 
 ADAPTER_KEYS = (LORA_A, LORA_B)
@@ -62,22 +62,8 @@ def merge_adapters(model: nnx.Module, params: dict[str, Any]) -> dict[str, Any]:
     each adapted kernel becomes `kernel + scale * A B`, integer (QLoRA) weights become
     float32. `model` (abstract is fine) is the model with adapters."""
     out = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, QTensor))
-
-    def node(path):
-        n = out
-        for p in path:
-            n = n[p]
-        return n
-
-    for path, module in model.iter_modules():
-        if isinstance(module, Linear):
-            var, name = module.kernel, "kernel"
-        elif isinstance(module, Embed):
-            var, name = module.embedding, "embedding"
-        else:
-            continue
-        stacked = var.get_metadata().get("out_sharding", (None,))[0] == "layers"
-        here = node(path)
+    for path, module, name, stacked in weight_matrices(model):
+        here = subtree(out, path)
         w = here[name]
         if isinstance(w, QTensor) and name == "embedding":
             w = w.dequantize(jnp.float32)

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.sections import Quant
-from models.layers import Embed, Linear
+from models.layers import Linear, subtree, weight_matrices
 from models.quant import QTensor, quantize_matrix
 
 
@@ -20,28 +20,10 @@ def quantize_params(model: nnx.Module, params: dict[str, Any], cfg: Quant
     stacked layers are quantized layer by layer. Other parameters (norms) stay float32.
     """
     out = jax.tree.map(lambda x: x, params)  # a copy of the nested dicts
-
-    def put(path, value):
-        node = out
-        for p in path[:-1]:
-            node = node[p]
-        node[path[-1]] = value
-
-    def get(path):
-        node = params
-        for p in path:
-            node = node[p]
-        return node
-
-    for path, module in model.iter_modules():
-        if isinstance(module, Linear):
-            var, name, in_ndim = module.kernel, "kernel", module.in_ndim
-        elif isinstance(module, Embed):
-            var, name, in_ndim = module.embedding, "embedding", None
-        else:
-            continue
-        stacked = var.get_metadata().get("out_sharding", (None,))[0] == "layers"
-        w = get((*path, name))
+    for path, module, name, stacked in weight_matrices(model):
+        in_ndim = module.in_ndim if isinstance(module, Linear) else None
+        node = subtree(out, path)
+        w = node[name]
 
         def one(w, in_ndim=in_ndim):
             if in_ndim is None:  # embedding [V, D]: scales over D
@@ -51,7 +33,7 @@ def quantize_params(model: nnx.Module, params: dict[str, Any], cfg: Quant
                 i *= d
             return quantize_matrix(w.reshape(i, -1), cfg, shape=w.shape)
 
-        put((*path, name), jax.vmap(one)(w) if stacked else one(w))
+        node[name] = jax.vmap(one)(w) if stacked else one(w)
     return out
 
 
@@ -62,16 +44,9 @@ def quantized_axes(model: nnx.Module, axes: dict[str, Any], cfg: Quant) -> dict[
     the first output axis name of the kernel, its scales (and zero points) [groups, O] the
     output axis name (none per tensor); a stacked `layers` axis stays first."""
     out = jax.tree.map(lambda x: x, axes, is_leaf=lambda x: isinstance(x, P))
-    for path, module in model.iter_modules():
-        if isinstance(module, Linear):
-            name, in_ndim = "kernel", module.in_ndim
-        elif isinstance(module, Embed):
-            name, in_ndim = "embedding", None
-        else:
-            continue
-        node = out
-        for p in path:
-            node = node[p]
+    for path, module, name, _ in weight_matrices(model):
+        in_ndim = module.in_ndim if isinstance(module, Linear) else None
+        node = subtree(out, path)
         spec = tuple(node[name])
         lead = spec[:1] if spec and spec[0] == "layers" else ()
         dims = spec[len(lead):]
