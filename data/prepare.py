@@ -573,12 +573,7 @@ def _build(files: list[Path], tmp: Path, kind: str, given: Tokenizer | None,
         raise ConfigError("--input", f"empty corpus: no non-empty documents in "
                                      f"{len(files)} file(s)" +
                           (f" ({bad} bad ones skipped)" if bad else ""))
-    for split in ("train", "val"):
-        if splits[split]["documents"] == 0:
-            raise ConfigError("--val_fraction", f"the {split} split is empty ({docs} "
-                                                f"documents, val_fraction "
-                                                f"{settings['val_fraction']}); a corpus "
-                                                f"needs documents in both splits")
+    _require_both_splits(splits, settings["val_fraction"], "documents", "a corpus")
     return {"format_version": CORPUS_FORMAT_VERSION, "tokenizer": tok.to_dict(),
             "vocab_size": tok.vocab_size, "dtype": dtype.name, "splits": splits,
             "counts": {s: splits[s]["tokens"] for s in splits},
@@ -813,12 +808,18 @@ def _check_sft_splits(splits: dict[str, Any], records: int, bad: dict[str, Any],
         raise ConfigError("--input", f"no usable SFT records in {len(files)} file(s): "
                                      f"{records} record(s)" +
                           (f", all bad: {reasons}" if reasons else ""))
+    _require_both_splits(splits, settings["val_fraction"], "examples", "SFT data")
+
+
+def _require_both_splits(splits: dict[str, Any], val_fraction: float, unit: str,
+                         what: str) -> None:
+    """ConfigError naming --val_fraction when the train or the validation split is empty."""
+    total = splits["train"]["documents"] + splits["val"]["documents"]
     for split in ("train", "val"):
         if splits[split]["documents"] == 0:
-            raise ConfigError("--val_fraction", f"the {split} split is empty ({examples} "
-                                                f"examples, val_fraction "
-                                                f"{settings['val_fraction']}); SFT data "
-                                                f"needs examples in both splits")
+            raise ConfigError("--val_fraction", f"the {split} split is empty ({total} {unit}, "
+                                                f"val_fraction {val_fraction}); {what} needs "
+                                                f"{unit} in both splits")
 
 
 def describe_bad(meta: dict[str, Any]) -> list[str]:

@@ -51,11 +51,7 @@ def test_sections_are_frozen():
 ])
 def test_bad_values_name_their_key(key, value, message):
     d = get_base_config().to_dict()
-    node = d
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    keys.set_value(d, key, value)
     with pytest.raises(ConfigError) as err:
         Config.from_dict(d)
     assert str(err.value).startswith(message), str(err.value)

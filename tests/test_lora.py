@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from checkpoints.lora_merge import merge_lora, merge_run
+from configs import keys
 from configs.errors import ConfigError, RunError
 from configs.sections import Config, Sampling
 from evaluation.restore import restore_run
@@ -178,11 +179,7 @@ def test_data2_fsdp2_tensor2_equals_one_device(tiny_config, tmp_path):
 def test_bad_configs_are_one_line_errors(tiny_config, overrides, message):
     c = _lora(tiny_config)
     for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        keys.set_value(c, key, value)
     with pytest.raises(ConfigError) as err:
         Config.from_dict(c)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
