@@ -26,13 +26,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from checkpoints.hf_export import export_hf
-from checkpoints.hf_import import import_hf
-from checkpoints.lora_merge import merge_run
-from configs.errors import ConfigError, RunError
-from configs.imported import get_config
-from configs.sections import Config
-from parallel.distributed import initialize
+from jaxlm.checkpoints.hf_export import export_hf
+from jaxlm.checkpoints.hf_import import import_hf
+from jaxlm.checkpoints.lora_merge import merge_run
+from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.imported import get_config
+from jaxlm.configs.sections import Config
+from jaxlm.parallel.distributed import initialize
 
 _CONFIG = config_flags.DEFINE_config_dict(
     "config", get_config(), "Import: every key but the model's (mesh, data, training).")

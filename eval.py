@@ -28,11 +28,11 @@ import sys
 
 from absl import app, flags, logging
 
-from configs.cli import flags_parser
-from configs.errors import ConfigError, RunError
-from configs.sections import EvalRequest, Launch
-from evaluation.modes import run
-from parallel.distributed import initialize
+from jaxlm.configs.cli import flags_parser
+from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.sections import EvalRequest, Launch
+from jaxlm.evaluation.modes import run
+from jaxlm.parallel.distributed import initialize
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

@@ -17,13 +17,13 @@ import sys
 
 from absl import app, flags, logging
 
-from configs.cli import flags_parser
-from configs.errors import ConfigError
-from configs.sections import Launch
-from sweeps.report import collect_rows, dry_run_text, write_reports
-from sweeps.runner import run_sweep
-from sweeps.slurm import emit_slurm
-from sweeps.spec import load_sweep
+from jaxlm.configs.cli import flags_parser
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Launch
+from jaxlm.sweeps.report import collect_rows, dry_run_text, write_reports
+from jaxlm.sweeps.runner import run_sweep
+from jaxlm.sweeps.slurm import emit_slurm
+from jaxlm.sweeps.spec import load_sweep
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file with get_config and get_sweep, "
                               "optionally with an argument after a colon.", required=True)
@@ -84,9 +84,9 @@ def run_one() -> int:
     if _CPU_AFFINITY.value:  # before JAX starts its thread pools
         os.sched_setaffinity(0, {int(c) for c in _CPU_AFFINITY.value})
     # Deferred: the sweep's parent process never loads the training stack, only workers do.
-    from parallel.distributed import initialize  # noqa: PLC0415
-    from sweeps.worker import run_variant  # noqa: PLC0415
-    from training.hooks import log  # noqa: PLC0415
+    from jaxlm.parallel.distributed import initialize  # noqa: PLC0415
+    from jaxlm.sweeps.worker import run_variant  # noqa: PLC0415
+    from jaxlm.training.hooks import log  # noqa: PLC0415
     initialize(_CPU_DEVICES.value)
 
     sweep = load_sweep(_CONFIG.value)

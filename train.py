@@ -14,12 +14,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs.cli import config_value, flags_parser
-from configs.errors import ConfigError, RunError
-from configs.sections import Config, Launch
-from parallel.distributed import initialize
-from training.planner import format_plan, plan
-from training.trainer import describe_devices, log, train
+from jaxlm.configs.cli import config_value, flags_parser
+from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.sections import Config, Launch
+from jaxlm.parallel.distributed import initialize
+from jaxlm.training.planner import format_plan, plan
+from jaxlm.training.trainer import describe_devices, log, train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "shakespeare_char.py")

@@ -27,13 +27,11 @@ cell; `--strict` exits 1 when any implementation asked for fails or is unavailab
 """
 
 import functools
-import os
 import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _SEQS = flags.DEFINE_list("seqs", ["512", "1024", "2048", "4096", "8192", "16384"],
                           "Sequence lengths for the speed table.")
@@ -65,8 +63,8 @@ def attention_flops(b, h, t, d, causal: bool, backward: bool) -> float:
 def make_impls(platform: str):
     """name -> fn(q, k, v, causal) on [B, L, H, K] inputs (None where unavailable)."""
     import jax
-    from kernels import flash_attention
-    from models.attention import xla_attention
+    from jaxlm.kernels.flash_attention import flash_attention
+    from jaxlm.models.attention import xla_attention
 
     interpret = platform not in ("gpu", "tpu")
     impls = {
@@ -127,7 +125,7 @@ def _time(f, *args, repeats: int) -> float:
 
 def speed_table(platform: str) -> None:
     import jax.numpy as jnp
-    from kernels import BlockSizes, DEFAULT_BLOCK_SIZES
+    from jaxlm.kernels.flash_attention import BlockSizes, DEFAULT_BLOCK_SIZES
 
     impls = make_impls(platform)
     print(f"\n## Speed on {platform}: bf16, MHA, batch*seq = {_TOKENS.value}, "
@@ -212,7 +210,7 @@ def memory_table(platform: str) -> None:
     b, h, d = map(int, _MEM_SHAPE.value)
     interpret = platform not in ("gpu", "tpu")
     dtype = jnp.float32 if interpret else jnp.bfloat16
-    from kernels import flash_attention
+    from jaxlm.kernels.flash_attention import flash_attention
     ours = functools.partial(flash_attention, interpret=interpret)
     print(f"\n## Compiled temporary memory on {platform} (memory_analysis().temp_size_in_bytes)"
           f": batch {b}, heads {h}, head_dim {d}, {jnp.dtype(dtype).name}, causal"

@@ -15,14 +15,12 @@ to what a contiguous split would give (max / mean). One JSON line per case, then
 
 import json
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
 
 _LENGTHS = flags.DEFINE_list("lengths", ["2048", "4096", "8192", "16384"], "Sequence lengths.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1", "2", "4", "8"], "Context sizes (divide 8).")
@@ -34,7 +32,7 @@ _LAYERS = flags.DEFINE_integer("num_layers", 4, "Layers.")
 
 
 def _config(length: int, context: int):
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     c = get_config()
     c.name = f"context{context}_seq{length}"
     c.seq_len = length
@@ -52,9 +50,9 @@ def _mib(n: float) -> str:
 
 def main(argv):
     del argv
-    from parallel.distributed import initialize
+    from jaxlm.parallel.distributed import initialize
     initialize(8)
-    from training.planner import plan
+    from jaxlm.training.planner import plan
 
     rows = []
     for length in map(int, _LENGTHS.value):

@@ -68,13 +68,12 @@ def build(out: Path, layers: int) -> None:
 
 
 def child(mode: str, directory: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     import jax
     import numpy as np
     jax.config.update("jax_platforms", "cpu")
     jax.numpy.zeros(1).block_until_ready()
-    from checkpoints import hf_export, hf_import
-    from configs.imported import get_config
+    from jaxlm.checkpoints import hf_export, hf_import
+    from jaxlm.configs.imported import get_config
     baseline = _rss_mb()
     step: dict = {}
     t0 = time.perf_counter()

@@ -10,14 +10,12 @@ hash stays ~val_fraction). Written streaming: generating 1 GB holds only one doc
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.prepare import EMBEDDED_CORPUS  # noqa: E402
+from jaxlm.data.prepare import EMBEDDED_CORPUS  # noqa: E402
 
 
 def make_jsonl(path: str | os.PathLike, size_bytes: int, seed: int = 0,

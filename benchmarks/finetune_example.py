@@ -8,7 +8,7 @@
    "continue this line of <character>" pairs, prompt `NAME:\\n<first half of a line>`,
    completion `<rest of the line>` (the char tokenizer has no EOS, so preparation ends
    each completion with a newline).
-3. Prepares it with the base run's tokenizer (`python -m data.prepare --format=sft`),
+3. Prepares it with the base run's tokenizer (`python -m jaxlm.data.prepare --format=sft`),
    10% of the pairs held out.
 4. Fine-tunes the base on it four ways with the same steps and data: every parameter,
    LoRA rank 4 and rank 16 (targets q,k,v,o,up,down), and LoRA rank 16 on an int4 base.
@@ -29,10 +29,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data.prepare import EMBEDDED_CORPUS  # noqa: E402
-from training.metrics import read_metrics  # noqa: E402
+from jaxlm.data.prepare import EMBEDDED_CORPUS  # noqa: E402
+from jaxlm.training.metrics import read_metrics  # noqa: E402
 
 SEQ_LEN = 64  # the base's; eval.py --data evaluates at the base run's seq_len
 TARGETS = "q,k,v,o,up,down"
@@ -117,7 +116,7 @@ def main() -> None:
     if not (data / "meta.json").exists():
         source = workdir / "lines.jsonl"
         source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        run(["-m", "data.prepare", "--format=sft", f"--input={source}", f"--output={data}",
+        run(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={source}", f"--output={data}",
              f"--tokenizer={base}", f"--seq_len={SEQ_LEN}"])
     meta = json.loads((data / "meta.json").read_text())
     before = last_json(run(["eval.py", f"--workdir={base}", f"--data={data}"]))

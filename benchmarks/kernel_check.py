@@ -19,14 +19,12 @@ or raises, naming it.
 import functools
 import itertools
 import json
-import os
 import sys
 import time
 import traceback
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CPU_SMOKE = flags.DEFINE_bool("cpu_smoke", False, "Interpret the kernels on CPU, tiny grid.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per case here.")
@@ -77,7 +75,8 @@ def _rel_err(x, ref) -> float:
 def check_case(causal, window, segments, ratio, d, dtype, *, t, interpret, blocks) -> dict:
     import jax
     import jax.numpy as jnp
-    from kernels import flash_attention, reference_attention
+    from jaxlm.kernels.flash_attention import flash_attention
+    from jaxlm.kernels.reference import reference_attention
     h = 4 if interpret else 8
     b = 1 if interpret else 2
     q, k, v, seg, do, dlse = _inputs(b, t, h, h // ratio, d, jnp.dtype(dtype), segments)
@@ -115,7 +114,7 @@ def grid(cpu_smoke: bool):
 def main(argv: list[str]) -> None:
     del argv
     import jax
-    from kernels import BlockSizes
+    from jaxlm.kernels.flash_attention import BlockSizes
     smoke = _CPU_SMOKE.value
     platform = jax.default_backend()
     if not smoke and platform not in ("gpu", "tpu"):

@@ -17,19 +17,17 @@ machine (python benchmarks/train_throughput.py).
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.corpus_gen import make_jsonl  # noqa: E402
-from data.mixture import Mixture  # noqa: E402
-from data.packing import train_batches  # noqa: E402
-from data.pipeline import TokenData  # noqa: E402
-from data.prepare import EMBEDDED_CORPUS, prepare, prepare_corpus  # noqa: E402
+from jaxlm.data.mixture import Mixture  # noqa: E402
+from jaxlm.data.packing import train_batches  # noqa: E402
+from jaxlm.data.pipeline import TokenData  # noqa: E402
+from jaxlm.data.prepare import EMBEDDED_CORPUS, prepare, prepare_corpus  # noqa: E402
 
 
 def measure(data, packing: str, seq_len: int, batch: int, n: int, prefetch: int,

@@ -10,7 +10,6 @@ dropless row (capacity factor 0) is repeated for every `--grouped_matmuls` value
 """
 
 import os
-import sys
 import tempfile
 import time
 
@@ -18,7 +17,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_ROOT, "configs", "shakespeare_char.py:moe"), "Config file.")
@@ -33,10 +31,10 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 
 def main(argv):
     del argv
-    from parallel.distributed import initialize
+    from jaxlm.parallel.distributed import initialize
     initialize(_CPU_DEVICES.value)
     import jax
-    from training.experiment import Experiment
+    from jaxlm.training.experiment import Experiment
 
     print("| dispatch | capacity factor | step (ms) | tokens/s | dropped |")
     print("|---|---|---|---|---|")

@@ -12,15 +12,12 @@ validation split are text the model never trains on.
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.prepare import EMBEDDED_CORPUS  # noqa: E402
+from jaxlm.data.prepare import EMBEDDED_CORPUS  # noqa: E402
 
 
 def passages(min_speeches: int = 4, max_speeches: int = 16, seed: int = 0) -> list[str]:

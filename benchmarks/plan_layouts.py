@@ -12,14 +12,12 @@ as a Markdown table (and one JSON line per layout).
 
 import json
 import os
-import sys
 import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_ROOT, "configs", "gpt_1b.py"), "Config file.")
@@ -36,9 +34,9 @@ def _fmt_gib(n: int) -> str:
 
 def main(argv):
     del argv
-    from parallel.distributed import initialize
+    from jaxlm.parallel.distributed import initialize
     initialize(_CPU_DEVICES.value)
-    from training.planner import plan
+    from jaxlm.training.planner import plan
 
     rows = []
     for layout in _LAYOUTS.value.split(";"):

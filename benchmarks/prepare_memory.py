@@ -4,7 +4,7 @@
       [--bpe_max_mb=100] [--workers=1] [--workdir=/tmp/jaxlm_bench]
 
 For each size, generates JSON lines from the embedded Shakespeare
-(benchmarks/corpus_gen.py) and runs `python -m data.prepare` in a subprocess, sampling
+(benchmarks/corpus_gen.py) and runs `python -m jaxlm.data.prepare` in a subprocess, sampling
 the resident memory (VmRSS) of it and its worker processes every 20 ms. Reports the
 peak of the main process, the peak of the whole process tree (main + workers, summed
 per sample) and ru_maxrss from wait4 (the largest single process). The BPE is trained
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from benchmarks.corpus_gen import make_jsonl  # noqa: E402
 
@@ -100,7 +99,7 @@ def main() -> None:
                 continue
             out = work / f"memory_{kind}_{size:g}mb"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "data.prepare", f"--input={corpus}",
+            cmd = [sys.executable, "-m", "jaxlm.data.prepare", f"--input={corpus}",
                    f"--output={out}", f"--tokenizer={kind}", f"--workers={args.workers}",
                    f"--vocab_size={args.vocab_size}", f"--bpe_train_mb={args.bpe_train_mb}",
                    "--quiet"]

@@ -19,16 +19,14 @@ import json
 import os
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.corpus_gen import make_jsonl  # noqa: E402
-from data.prepare import prepare_corpus  # noqa: E402
-from data.readers import TASK_BYTES  # noqa: E402
-from data.tokenizers import ByteTokenizer, load_hf_tokenizer, train_bpe  # noqa: E402
+from jaxlm.data.prepare import prepare_corpus  # noqa: E402
+from jaxlm.data.readers import TASK_BYTES  # noqa: E402
+from jaxlm.data.tokenizers import ByteTokenizer, load_hf_tokenizer, train_bpe  # noqa: E402
 
 
 def batches(texts: list[str]) -> list[list[str]]:

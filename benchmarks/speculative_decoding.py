@@ -10,13 +10,10 @@ Prints one table and one JSON line per K.
 """
 
 import json
-import os
 import statistics
-import sys
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The target run.", required=True)
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "The draft run.", required=True)
@@ -31,11 +28,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating timed repeats.")
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.ERROR)
-    from configs.sections import Sampling
-    from evaluation.restore import restore_run
-    from evaluation.sampling import encode_prompts
-    from inference.generate import Generator
-    from inference.speculative import SpeculativeGenerator
+    from jaxlm.configs.sections import Sampling
+    from jaxlm.evaluation.restore import restore_run
+    from jaxlm.evaluation.sampling import encode_prompts
+    from jaxlm.inference.generate import Generator
+    from jaxlm.inference.speculative import SpeculativeGenerator
 
     exp, state, step = restore_run(_WORKDIR.value)
     dexp, dstate, dstep = restore_run(_DRAFT_WORKDIR.value)

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data.prepare import EMBEDDED_CORPUS  # noqa: E402
+from jaxlm.data.prepare import EMBEDDED_CORPUS  # noqa: E402
 
 TOKENIZERS = {"char": [], "byte": [], "bpe": ["--config.data.vocab_size={bpe_vocab}"]}
 

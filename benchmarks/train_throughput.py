@@ -18,14 +18,12 @@ MFU divides them by the device's peak (`--peak_flops_per_device`, else the table
 
 import json
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -58,12 +56,12 @@ def _batches(exp, synthetic: bool, n: int = 8):
 
 def main(argv):
     del argv
-    from parallel.distributed import initialize
+    from jaxlm.parallel.distributed import initialize
     initialize(_CPU_DEVICES.value)
     import jax
     import numpy as np
-    from training.experiment import Experiment
-    from training.flops import model_flops_per_token, peak_flops_per_device, throughput_fields
+    from jaxlm.training.experiment import Experiment
+    from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device, throughput_fields
 
     config = _CONFIG.value
     t0 = time.perf_counter()

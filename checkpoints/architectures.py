@@ -11,8 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
-from configs.errors import ConfigError
-from configs.sections import Model
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Model
 
 KEY = "from_hf"
 LLAMA, MISTRAL, QWEN2, QWEN3, GPT2 = ("LlamaForCausalLM", "MistralForCausalLM",

@@ -6,13 +6,12 @@ error naming the key), restores the parameters on one device, then streams the
 safetensors files one tensor at a time: each tensor is one layer's slice of a parameter,
 copied to the host only while it is written. The padded vocabulary is cut to
 `model.vocab_size` (the padding rows' logits are masked, so this is exact). It writes
-`config.json`, and copies the tokenizer files a run imported from Hugging Face keeps in
-`workdir/hf/`.
+`config.json`, and the tokenizer and generation files of the run's tokenizer
+(`checkpoints.hf_tokenizer`).
 """
 
 import dataclasses
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,24 +20,23 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from checkpoints.architectures import Tensor, architecture_for, hf_config, hf_shape, \
+from jaxlm.checkpoints.architectures import Tensor, architecture_for, hf_config, hf_shape, \
     tensor_table
-from checkpoints.hf_import import HF_DIR
-from checkpoints.lora_merge import merge_lora
-from checkpoints.safetensors_io import write_sharded
-from configs.errors import ConfigError
-from evaluation.restore import restore_run
-from models import ModelConfig, abstract_params
-from parallel.mesh import make_mesh
-from parallel.sharding import tree_shardings
-from training import rundir
-from training.checkpoint import Checkpointer
-from training.state import abstract_with_shardings
+from jaxlm.checkpoints.hf_tokenizer import origin_hf_dir, write_tokenizer_files
+from jaxlm.checkpoints.lora_merge import merge_lora
+from jaxlm.checkpoints.safetensors_io import write_sharded
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import abstract_params
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.parallel.sharding import tree_shardings
+from jaxlm.training import rundir
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.state import abstract_with_shardings
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "generation_config.json")
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -99,28 +97,14 @@ def tensor_plan(arch: str, params: Any, num_layers: int, vocab_size: int, dtype:
     return plan
 
 
-def _token_ids(workdir: Path) -> dict[str, Any]:
-    """bos/eos/pad ids of a run imported from Hugging Face (its saved config.json)."""
-    saved = workdir / HF_DIR / "config.json"
-    if not saved.is_file():
-        return {}
-    hf = json.loads(saved.read_text())
-    return {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}
-
-
-def _check_tokenizer(workdir: Path, vocab_size: int) -> None:
-    """The run's Hugging Face tokenizer must fit the vocabulary written out."""
-    path = workdir / HF_DIR / "tokenizer.json"
-    if not path.is_file():
-        return
-    spec = json.loads(path.read_text())
-    ids = list(spec.get("model", {}).get("vocab", {}).values()) if isinstance(
-        spec.get("model", {}).get("vocab"), dict) else []
-    ids += [t["id"] for t in spec.get("added_tokens", [])]
-    if ids and max(ids) >= vocab_size:
-        raise ConfigError("model.vocab_size", f"the run's tokenizer ({path}) has token id "
-                                              f"{max(ids)}, beyond the model's vocabulary of "
-                                              f"{vocab_size}")
+def _token_ids(origin: Path | None, tok: Tokenizer) -> dict[str, Any]:
+    """bos/eos/pad ids for config.json: an imported run's own, else the tokenizer's."""
+    saved = None if origin is None else origin / "config.json"
+    if saved is not None and saved.is_file():
+        hf = json.loads(saved.read_text())
+        return {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    return {k: v for k, v in ids.items() if v is not None}
 
 
 def restore_run_params(workdir: Path, step: int | None, devices: list[jax.Device]
@@ -159,17 +143,17 @@ def export_hf(workdir: str | Path, out_dir: str | Path, step: int | None = None,
     config, model_cfg, params, step = restore_run_params(
         workdir, step, list(jax.devices() if devices is None else devices))
     arch = architecture_for(config.model)
-    _check_tokenizer(workdir, model_cfg.vocab_size)
+    tok = rundir.load_data(config, workdir).tokenizer
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ConfigError("model.vocab_size", f"the run's tokenizer has {tok.vocab_size} "
+                                              f"tokens, beyond the model's vocabulary of "
+                                              f"{model_cfg.vocab_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = tensor_plan(arch, params, model_cfg.num_layers, model_cfg.vocab_size, DTYPES[dtype])
     files = write_sharded(out_dir, plan, max_shard_bytes)
     hf = hf_config(config.model, model_cfg.vocab_size, config.train.seq_len)
-    hf.update(_token_ids(workdir), torch_dtype=dtype)
+    hf.update(_token_ids(origin_hf_dir(workdir, config, tok), tok), torch_dtype=dtype)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (workdir / HF_DIR / name).is_file():
-            shutil.copyfile(workdir / HF_DIR / name, out_dir / name)
-            copied.append(name)
+    copied = write_tokenizer_files(workdir, config, tok, out_dir, config.train.seq_len)
     return {"architecture": arch, "step": step, "out_dir": str(out_dir),
             "files": files + ["config.json"] + copied, "dtype": dtype}

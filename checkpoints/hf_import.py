@@ -21,15 +21,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from checkpoints.architectures import KEY, Tensor, hf_shape, model_section, tensor_table
-from checkpoints.safetensors_io import CHUNK_BYTES, SafetensorsReader
-from configs.errors import ConfigError
-from configs.sections import Config
-from losses.objectives import OBJECTIVE_PARAMS
-from training import rundir
-from training.checkpoint import Checkpointer
-from training.experiment import Experiment
-from training.state import make_state_fn
+from jaxlm.checkpoints.architectures import KEY, Tensor, hf_shape, model_section, tensor_table
+from jaxlm.checkpoints.safetensors_io import CHUNK_BYTES, SafetensorsReader
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config
+from jaxlm.losses.objectives import OBJECTIVE_PARAMS
+from jaxlm.training import rundir
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.state import make_state_fn
 
 HF_DIR = "hf"  # inside a run directory: the files the model came with
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -13,18 +13,18 @@ from typing import Any
 
 import jax
 
-from checkpoints.hf_import import HF_DIR
-from configs.errors import ConfigError
-from configs.sections import Config
-from evaluation.restore import restore_run
-from losses.objectives import split_objective_params
-from models import abstract_model
-from models.lora import merge_adapters
-from training import rundir
-from training.checkpoint import Checkpointer
-from training.experiment import Experiment
-from training.lora import base_quant
-from training.state import make_state_fn
+from jaxlm.checkpoints.hf_import import HF_DIR
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.losses.objectives import split_objective_params
+from jaxlm.models.model import abstract_model
+from jaxlm.models.lora import merge_adapters
+from jaxlm.training import rundir
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.lora import base_quant
+from jaxlm.training.state import make_state_fn
 
 
 def merged_config(config: Config) -> Config:

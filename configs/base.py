@@ -7,7 +7,7 @@ so a typo in a key fails at flag parsing instead of being silently ignored.
 
 from ml_collections import ConfigDict
 
-from configs.sections import DEFAULT_RULES, Config
+from jaxlm.configs.sections import DEFAULT_RULES, Config
 
 __all__ = ["DEFAULT_RULES", "get_base_config"]
 

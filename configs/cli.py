@@ -14,8 +14,8 @@ from typing import Any
 
 from absl import flags
 
-from configs import keys
-from configs.errors import ConfigError
+from jaxlm.configs import keys
+from jaxlm.configs.errors import ConfigError
 
 
 def split_spec(config_spec: str) -> tuple[Path, str | None]:

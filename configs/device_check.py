@@ -19,7 +19,7 @@ vocabulary check):
 
 from ml_collections import ConfigDict
 
-from configs.base import get_base_config
+from jaxlm.configs.base import get_base_config
 
 PRESETS = ("125m", "1b", "moe", "smoke_dense", "smoke_moe")
 

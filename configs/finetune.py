@@ -5,7 +5,8 @@
 
 The argument after the colon is a run directory (trained here, or imported from Hugging
 Face with `convert.py --from_hf`). The config is the base config with that run's
-`model` section and `init.from_workdir` set to it; every other key is yours to override
+`model` section, `init.from_workdir` set to it and `data.tokenizer=from:RUN` (the data is
+encoded with the run's own vocabulary); every other key is yours to override
 (`--config.init.step=N` picks one of its checkpoints, default its latest).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from configs.base import get_base_config
+from jaxlm.configs.base import get_base_config
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -33,4 +34,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
         else:
             c.model[key] = value
     c.init.from_workdir = str(Path(arg).absolute())
+    c.data.tokenizer = f"from:{c.init.from_workdir}"  # the base's vocabulary encodes the data
     return c

@@ -10,7 +10,7 @@ Presets: (none) 24 layers, d_model 2048, 16 heads, seq 2048, global batch 256.
 
 from ml_collections import ConfigDict
 
-from configs.base import get_base_config
+from jaxlm.configs.base import get_base_config
 
 
 def get_config(arg: str | None = None) -> ConfigDict:

@@ -5,7 +5,7 @@ one's, overridden with `--config.KEY=VALUE`."""
 
 from ml_collections import ConfigDict
 
-from configs.base import get_base_config
+from jaxlm.configs.base import get_base_config
 
 
 def get_config(arg: str | None = None) -> ConfigDict:

@@ -9,7 +9,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from configs.errors import ConfigError
+from jaxlm.configs.errors import ConfigError
 
 
 def _children(node: Any) -> dict[str, Any] | None:

@@ -21,8 +21,8 @@ from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict as PydanticConfig, Field, ValidationError, \
     field_validator, model_validator
 
-from configs import keys
-from configs.errors import ConfigError
+from jaxlm.configs import keys
+from jaxlm.configs.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -75,7 +75,7 @@ RopeScalingKind = Literal["none", "llama3"]
 RouterOrder = Literal["softmax_topk", "topk_softmax"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocks"]
 Packing = Literal["windows", "documents"]
-TOKENIZER_FORMS = "char, byte, bpe, hf:PATH, sentencepiece:PATH"
+TOKENIZER_FORMS = "char, byte, bpe, hf:PATH, sentencepiece:PATH, from:DIR"
 MIN_BPE_VOCAB = 257  # the 256 byte symbols of a byte-level BPE + end-of-document
 KlKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl"]
 FeatureKind = Literal["mse", "cosine"]
@@ -692,10 +692,12 @@ class Data(Section):
     """The corpus, its tokenizer, and how training rows are cut from it (docs/data.md)."""
     KEY: ClassVar[str] = "data"
     # A text file, a directory of text files (concatenated) or a directory prepared by
-    # `python -m data.prepare`; "" = the embedded tiny-Shakespeare corpus.
+    # `python -m jaxlm.data.prepare`; "" = the embedded tiny-Shakespeare corpus.
     path: str = ""
     # char | byte | bpe | hf:PATH (a tokenizer.json, or a directory holding one) |
-    # sentencepiece:PATH (a .model file). A prepared directory must have been made with it.
+    # sentencepiece:PATH (a .model file) | from:DIR (exactly the tokenizer of a run directory
+    # or a prepared directory; text it lacks a character of is refused). A prepared
+    # data.path must have been made with it.
     tokenizer: str = "char"
     vocab_size: Annotated[int, Field(lt=2**31)] = 4096  # bpe: ids of the BPE trained on path
     # windows: random windows of the token stream; documents: whole documents packed into
@@ -710,7 +712,7 @@ class Data(Section):
     @classmethod
     def _tokenizer_form(cls, spec: str) -> str:
         kind, sep, path = spec.partition(":")
-        ok = spec in ("char", "byte", "bpe") or (kind in ("hf", "sentencepiece") and
+        ok = spec in ("char", "byte", "bpe") or (kind in ("hf", "sentencepiece", "from") and
                                                  bool(path.strip()))
         _check(ok, "", f"unknown tokenizer {spec!r}; choose one of {TOKENIZER_FORMS}")
         return spec

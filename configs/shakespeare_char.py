@@ -17,7 +17,7 @@ Presets after the colon:
 
 from ml_collections import ConfigDict
 
-from configs.base import get_base_config
+from jaxlm.configs.base import get_base_config
 
 
 def get_config(arg: str | None = None) -> ConfigDict:

@@ -11,8 +11,8 @@ Arguments after the colon: (none) the `tiny` preset for 100 steps; `default` the
 recipe for 500 steps.
 """
 
-from configs import sweep_utils as su
-from configs.shakespeare_char import get_config as shakespeare_config
+from jaxlm.configs import sweep_utils as su
+from jaxlm.configs.shakespeare_char import get_config as shakespeare_config
 
 
 def get_config(arg: str | None = None):

@@ -8,8 +8,8 @@ model (4 layers, d_model 128) for 1000 steps, cosine decay to lr / 10.
 The argument `short` runs 200 steps with warm-up {0, 20, 60} instead.
 """
 
-from configs import sweep_utils as su
-from configs.shakespeare_char import get_config as shakespeare_config
+from jaxlm.configs import sweep_utils as su
+from jaxlm.configs.shakespeare_char import get_config as shakespeare_config
 
 LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 

@@ -14,8 +14,8 @@ Arguments after the colon:
   smoke   num_experts {4} x top_k {1, 2} x capacity_factor {0, 1.25} on `tiny`, 20 steps.
 """
 
-from configs import sweep_utils as su
-from configs.shakespeare_char import get_config as shakespeare_config
+from jaxlm.configs import sweep_utils as su
+from jaxlm.configs.shakespeare_char import get_config as shakespeare_config
 
 
 def get_config(arg: str | None = None):

@@ -23,8 +23,8 @@ learning rates). Muon's AdamW part (embedding, output projection, norms) runs at
 `optimizer.muon.adam_learning_rate` = 1e-3.
 """
 
-from configs import sweep_utils as su
-from configs.shakespeare_char import get_config as shakespeare_config
+from jaxlm.configs import sweep_utils as su
+from jaxlm.configs.shakespeare_char import get_config as shakespeare_config
 
 # Peak learning rates per optimizer (the floor of the decay is a tenth of each): the best of
 # the 300-step comparison (configs/README.md), for `full` and `smoke`.

@@ -4,7 +4,7 @@ A sweep is a list of `Variant(name, overrides)`; `overrides` maps dotted config 
 ("model.d_model") to values. Build axes with `axis`, combine them with `product` (every
 combination) or `zip` (element by element), and concatenate lists with `+`:
 
-    from configs import sweep_utils as su
+    from jaxlm.configs import sweep_utils as su
 
     def get_sweep(arg=None):
         return su.product(su.axis("model.d_model", [64, 128]),

@@ -12,8 +12,8 @@ Arguments after the colon:
   smoke   d_model {16, 32} x layers {1, 2} on the `tiny` preset, 20 steps: seconds.
 """
 
-from configs import sweep_utils as su
-from configs.shakespeare_char import get_config as shakespeare_config
+from jaxlm.configs import sweep_utils as su
+from jaxlm.configs.shakespeare_char import get_config as shakespeare_config
 
 
 def get_config(arg: str | None = None):

@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from configs.errors import ConfigError
-from configs.sections import parse_mixture
-from data.pipeline import TokenData, resolve_data
-from data.prepare import META, is_prepared
-from data.tokenizers import Tokenizer, tokenizer_kind
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import parse_mixture
+from jaxlm.data.pipeline import TokenData, resolve_data
+from jaxlm.data.prepare import META, is_prepared
+from jaxlm.data.tokenizers import Tokenizer, tokenizer_kind
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ class Mixture:
         for p in paths:
             if not is_prepared(p):
                 raise ConfigError(key, f"{p} is not a prepared token directory (no {META}); "
-                                       f"prepare it with python -m data.prepare")
+                                       f"prepare it with python -m jaxlm.data.prepare")
             sources.append(TokenData.load(p))
         first = sources[0].tokenizer.to_dict()
         for p, s in zip(paths[1:], sources[1:]):

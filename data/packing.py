@@ -38,9 +38,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from configs.errors import ConfigError
-from data.mixture import Mixture
-from data.pipeline import Batch, EvalBatches, TokenData, TrainBatches, target_bytes
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.mixture import Mixture
+from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, TrainBatches, target_bytes
 
 PACKINGS = ("windows", "documents")
 # Host-side bookkeeping, not model inputs: [rows] (`source`, `target_bytes`) or per batch.

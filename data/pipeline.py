@@ -18,12 +18,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from configs.errors import ConfigError
-from data.prepare import (EMBEDDED_CORPUS, FORMAT_VERSION, FORMAT_VERSIONS, META,
-                          SFT_FORMAT_VERSION, is_prepared, prepare)
-from data.readers import COMPRESSED, file_format
-from data.shards import ShardedTokens
-from data.tokenizers import DEFAULT_BPE_VOCAB, Tokenizer, tokenizer_from_dict, tokenizer_kind
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.prepare import (EMBEDDED_CORPUS, FORMAT_VERSION, FORMAT_VERSIONS, META,
+                                SFT_FORMAT_VERSION, is_prepared, prepare,
+                                tokenizer_of_directory)
+from jaxlm.data.readers import COMPRESSED, file_format
+from jaxlm.data.shards import ShardedTokens
+from jaxlm.data.tokenizers import (DEFAULT_BPE_VOCAB, Tokenizer, first_vocabulary_difference,
+                                   parse_tokenizer_spec, tokenizer_from_dict)
 
 Batch = dict[str, np.ndarray]
 
@@ -152,7 +154,15 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
         raise ConfigError("data.path", f"no such file or directory: {source}")
     if is_prepared(source):
         data = TokenData.load(source)
-        if data.tokenizer.kind != tokenizer_kind(data_cfg.tokenizer):
+        kind, path = parse_tokenizer_spec(data_cfg.tokenizer)
+        if kind == "from":
+            difference = first_vocabulary_difference(tokenizer_of_directory(path),
+                                                     data.tokenizer)
+            if difference is not None:
+                raise ConfigError("data.tokenizer",
+                                  f"{source}'s tokenizer is not {path}'s ({difference}): "
+                                  f"prepare it with --tokenizer={path}")
+        elif data.tokenizer.kind != kind:
             raise ConfigError("data.tokenizer",
                               f"{source} was prepared with the {data.tokenizer.kind!r} "
                               f"tokenizer, not {data_cfg.tokenizer!r}")
@@ -160,7 +170,7 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
     if source.is_file() and (file_format(source) != "text" or
                              source.name.lower().endswith(COMPRESSED)):
         raise ConfigError("data.path", f"{source} is a corpus file, not text: prepare it "
-                                       f"once with python -m data.prepare --input={source} "
+                                       f"once with python -m jaxlm.data.prepare --input={source} "
                                        f"--output=DIR --tokenizer=... and set data.path=DIR")
     out = prepare(source, Path(workdir) / "data", tokenizer=data_cfg.tokenizer,
                   val_fraction=data_cfg.val_fraction,

@@ -1,9 +1,9 @@
 """Prepare text into memory-mapped token files plus `meta.json`.
 
-  python -m data.prepare --input=PATH_OR_GLOB [--input=...] --output=DIR --tokenizer=KIND
+  python -m jaxlm.data.prepare --input=PATH_OR_GLOB [--input=...] --output=DIR --tokenizer=KIND
       [--vocab_size=N] [--text_field=text] [--workers=N] [--val_fraction=F]
       [--split_blank_lines] [--skip_bad] [--overwrite] [--bpe_train_mb=N] [--shard_mb=N]
-  python -m data.prepare --format=sft --input=F.jsonl --output=DIR --tokenizer=BASE
+  python -m jaxlm.data.prepare --format=sft --input=F.jsonl --output=DIR --tokenizer=BASE
       [--seq_len=N] [--val_fraction=F] [--truncate] [--strict] [--end_text=TEXT]
       [--chat_template=auto|simple|FILE] [--overwrite]
 
@@ -42,17 +42,17 @@ from typing import Any
 
 import numpy as np
 
-from configs.errors import ConfigError
-from configs.sections import parse_mixture
-from data.readers import (COMPRESSED, Task, expand_inputs, file_format, parse_task,
-                          read_tasks)
-from data.sft import (DEFAULT_END_TEXT, BadRecord, ChatTemplate, Example, find_chat_template,
-                      make_example, special_token_strings, template_directory)
-from data.tokenizers import (DEFAULT_BPE_VOCAB, HF_FILE, SENTENCEPIECE_FILE, TOKENIZERS,
-                             ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer,
-                             encode_documents_flat, file_sha256, fit_tokenizer,
-                             load_hf_tokenizer, load_sentencepiece, parse_tokenizer_spec,
-                             tokenizer_from_dict, train_bpe)
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import parse_mixture
+from jaxlm.data.readers import COMPRESSED, Task, expand_inputs, file_format, parse_task, read_tasks
+from jaxlm.data.sft import (DEFAULT_END_TEXT, BadRecord, ChatTemplate, Example, find_chat_template,
+                            make_example, special_token_strings, template_directory)
+from jaxlm.data.tokenizers import (DEFAULT_BPE_VOCAB, HF_FILE, SENTENCEPIECE_FILE,
+                                   ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer,
+                                   describe_tokenizer, encode_documents_flat, file_sha256,
+                                   fit_tokenizer, load_hf_tokenizer, load_sentencepiece,
+                                   parse_tokenizer_spec, tokenizer_from_dict, train_bpe,
+                                   vocabulary)
 
 META = "meta.json"
 RUN_CONFIG = "config.json"  # a training run's directory holds it (training/rundir.py)
@@ -128,14 +128,14 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
     source, out_dir = Path(source), Path(out_dir)
     if not source.exists():
         raise ConfigError("data.path", f"no such file or directory: {source}")
-    if tokenizer not in TOKENIZERS:
-        raise ConfigError("data.tokenizer", f"unknown tokenizer {tokenizer!r}; "
-                                            f"choose one of {tuple(TOKENIZERS)}")
+    kind, path = parse_tokenizer_spec(tokenizer)
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError("data.val_fraction", f"must be in (0, 1), got {val_fraction}")
     files = _text_files(source)
-    fingerprint = _fingerprint(files, tokenizer, val_fraction,
-                               _tokenizer_extra(tokenizer, vocab_size))
+    given = tokenizer_of_directory(path, "data.tokenizer") if kind == "from" else None
+    extra = (json.dumps(vocabulary(given), sort_keys=True) if given is not None
+             else _tokenizer_extra(tokenizer, vocab_size))
+    fingerprint = _fingerprint(files, tokenizer, val_fraction, extra)
     if is_prepared(out_dir):
         meta = json.loads((out_dir / META).read_text())
         if meta.get("fingerprint") == fingerprint:
@@ -148,14 +148,22 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
     if not text:
         raise ConfigError("data.path", f"{source} is empty: no text to train on")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer == "bpe":
+    if given is not None:
+        tok: Tokenizer = _keep_tokenizer(given, out_dir)
+    elif tokenizer == "bpe":
         staged = out_dir / f".{HF_FILE}.{os.getpid()}.tmp"
         trained = train_bpe([text], vocab_size, staged)
         os.replace(staged, out_dir / HF_FILE)
-        tok: Tokenizer = HFTokenizer(out_dir / HF_FILE, kind="bpe", eos_id=trained.eos_id)
+        tok = HFTokenizer(out_dir / HF_FILE, kind="bpe", eos_id=trained.eos_id)
     else:
         tok = _keep_tokenizer(fit_tokenizer(tokenizer, text, vocab_size), out_dir)
-    ids = tok.encode(text)
+    try:
+        ids = tok.encode(text)
+    except ValueError as e:  # a character that a reused (from:DIR) char vocabulary lacks
+        raise ConfigError("data.path", f"{source}: {e} ({tokenizer}: "
+                                       f"{describe_tokenizer(tok)}); the model cannot "
+                                       f"represent it: remove or replace it in the text"
+                          ) from None
     n_train = int(len(ids) * (1.0 - val_fraction))
     dtype = token_dtype(tok.vocab_size)
     for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
@@ -616,6 +624,15 @@ def prepared_directory_of(path: str | os.PathLike, key: str = "--tokenizer") -> 
     return directory
 
 
+def tokenizer_of_directory(path: str | os.PathLike, key: str = "data.tokenizer") -> Tokenizer:
+    """`from:DIR`: exactly the tokenizer of a run directory or a prepared data directory."""
+    directory = prepared_directory_of(path, key) if Path(path).is_dir() else None
+    if directory is None:
+        raise ConfigError(key, f"from:{path}: not a run directory or a prepared data "
+                               f"directory")
+    return reuse_tokenizer(directory, key)[0]
+
+
 def run_seq_len(path: str | os.PathLike) -> int | None:
     """The training seq_len of a run directory (from its config.json); None for anything
     else."""
@@ -645,6 +662,7 @@ def sft_tokenizer(spec: str, chat_template: str = "auto"
     vocabulary to the fine-tuning data, which no base model shares. `chat_template`:
     `auto` (the tokenizer's Hugging Face template when it has one, else the simple one),
     `simple`, or a Jinja file."""
+    spec = spec.removeprefix("from:")
     directory = prepared_directory_of(spec) if Path(spec).is_dir() else None
     found: ChatTemplate | None = None
     if directory is not None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from configs.errors import ConfigError
+from jaxlm.configs.errors import ConfigError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED = (".gz", ".zst")

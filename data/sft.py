@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from data.tokenizers import HFTokenizer, Tokenizer
+from jaxlm.data.tokenizers import HFTokenizer, Tokenizer
 
 ASSISTANT = "assistant"
 DEFAULT_END_TEXT = "\n"

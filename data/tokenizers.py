@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from configs.errors import ConfigError
+from jaxlm.configs.errors import ConfigError
 
 DEFAULT_BPE_VOCAB = 4096
 BPE_EOS = "<|endoftext|>"
@@ -266,20 +266,56 @@ class _TokenizerSpecs(tuple):
         if not isinstance(value, str):
             return False
         kind, _, path = value.partition(":")
-        if kind in ("hf", "sentencepiece"):
-            return bool(path)
+        if kind in PATH_KINDS:
+            return bool(path.strip())
         return value in ("char", "byte", "bpe")
 
 
-TOKENIZERS = _TokenizerSpecs(("char", "byte", "bpe", "hf:PATH", "sentencepiece:PATH"))
+# from:DIR reuses exactly the tokenizer of a run directory or a prepared data directory.
+PATH_KINDS = ("hf", "sentencepiece", "from")
+TOKENIZERS = _TokenizerSpecs(("char", "byte", "bpe", "hf:PATH", "sentencepiece:PATH",
+                              "from:DIR"))
 FILE_KINDS = ("hf", "sentencepiece")
+
+
+def vocabulary(tok: Tokenizer) -> dict[str, Any]:
+    """What fixes a tokenizer's ids (its kind, characters or file hash, special ids): two
+    tokenizers with equal vocabularies encode every text alike."""
+    return {k: v for k, v in tok.to_dict().items() if k != "file"}
+
+
+def describe_tokenizer(tok: Tokenizer) -> str:
+    """`char, 65 tokens` or `hf tokenizer.json (sha256 1a2b3c4d), 50257 tokens`."""
+    d = tok.to_dict()
+    what = f"{d['file']} (sha256 {str(d.get('sha256'))[:8]})" if "file" in d else d["kind"]
+    if d["kind"] != "char" and "file" in d:
+        what = f"{d['kind']} {what}"
+    return f"{what}, {tok.vocab_size} tokens"
+
+
+def first_vocabulary_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """A short phrase naming how `b`'s vocabulary differs from `a`'s; None when equal."""
+    va, vb = vocabulary(a), vocabulary(b)
+    if va == vb:
+        return None
+    if va["kind"] != vb["kind"]:
+        return f"a {vb['kind']} tokenizer, not {va['kind']}"
+    if va["kind"] == "char" and va["chars"] != vb["chars"]:
+        ca, cb = set(va["chars"]), set(vb["chars"])
+        extra, missing = sorted(cb - ca), sorted(ca - cb)
+        parts = ([f"characters {''.join(extra)[:20]!r} added"] if extra else []) + \
+            ([f"{''.join(missing)[:20]!r} missing"] if missing else [])
+        return ", ".join(parts) or "the same characters in another order"
+    if va.get("sha256") != vb.get("sha256"):
+        return f"another {va['kind']} file ({describe_tokenizer(b)})"
+    return "other special-token ids"
 
 
 def parse_tokenizer_spec(spec: str, key: str = "data.tokenizer") -> tuple[str, str | None]:
     """`char` -> ("char", None); `hf:PATH` -> ("hf", PATH). Unknown kinds raise ConfigError."""
     if spec not in TOKENIZERS:
-        raise ConfigError(key, f"unknown tokenizer {spec!r}; choose one of char, byte, bpe, "
-                               f"hf:PATH, sentencepiece:PATH")
+        raise ConfigError(key, f"unknown tokenizer {spec!r}; choose one of "
+                               f"{', '.join(TOKENIZERS)}")
     kind, _, path = spec.partition(":")
     return kind, (path or None)
 

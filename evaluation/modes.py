@@ -18,12 +18,12 @@ from typing import Any
 
 import jax
 
-from configs.sections import EvalRequest
-from evaluation.quantized import evaluate_quantized
-from evaluation.restore import json_line, restore_run
-from evaluation.sampling import sample, sample_speculative
-from evaluation.suite import evaluate_checkpoints
-from training.evaluate import evaluate
+from jaxlm.configs.sections import EvalRequest
+from jaxlm.evaluation.quantized import evaluate_quantized
+from jaxlm.evaluation.restore import json_line, restore_run
+from jaxlm.evaluation.sampling import sample, sample_speculative
+from jaxlm.evaluation.suite import evaluate_checkpoints
+from jaxlm.training.evaluate import evaluate
 
 
 def write_eval_result(workdir: str | Path, result: dict[str, Any], suffix: str = "") -> Path:

@@ -14,16 +14,16 @@ from typing import Any
 
 import jax
 
-from configs.errors import ConfigError
-from configs.sections import Quant
-from losses.objectives import split_objective_params
-from models import abstract_model, split_params
-from models.ptq import quantize_params
-from models.quant import tree_bytes
-from training.evaluate import evaluate
-from training.experiment import Experiment
-from training.lora import base_quant
-from training.steps import make_eval_step
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Quant
+from jaxlm.losses.objectives import split_objective_params
+from jaxlm.models.model import abstract_model, split_params
+from jaxlm.models.ptq import quantize_params
+from jaxlm.models.quant import tree_bytes
+from jaxlm.training.evaluate import evaluate
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.lora import base_quant
+from jaxlm.training.steps import make_eval_step
 
 BITS = {"int8": 8, "int4": 4}
 

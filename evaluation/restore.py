@@ -8,10 +8,10 @@ from typing import Any
 
 import jax
 
-from configs.errors import RunError
-from training import rundir
-from training.checkpoint import Checkpointer
-from training.experiment import Experiment
+from jaxlm.configs.errors import RunError
+from jaxlm.training import rundir
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.experiment import Experiment
 
 # A restored run evaluates on whatever devices there are: plain data parallelism.
 RESTORE_MESH = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.pipeline": 1,

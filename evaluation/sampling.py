@@ -2,14 +2,14 @@
 
 from typing import Any
 
-from configs.errors import ConfigError
-from configs.sections import Sampling
-from data.packing import stores_documents
-from evaluation.restore import restore_run
-from inference.generate import Generator
-from inference.speculative import SpeculativeGenerator
-from losses.objectives import split_objective_params
-from training.experiment import Experiment
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Sampling
+from jaxlm.data.packing import stores_documents
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.inference.generate import Generator
+from jaxlm.inference.speculative import SpeculativeGenerator
+from jaxlm.losses.objectives import split_objective_params
+from jaxlm.training.experiment import Experiment
 
 
 def encode_prompts(exp: Experiment, prompts: list[str]) -> list[list[int]]:

@@ -12,15 +12,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from configs.errors import ConfigError, RunError
-from data.packing import resolve_packing
-from data.pipeline import TokenData
-from data.prepare import META, is_prepared
-from evaluation.restore import json_line, load_run, restore_step
-from training import rundir
-from training.checkpoint import Checkpointer
-from training.evaluate import evaluate
-from training.metrics import read_metrics
+from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.data.packing import resolve_packing
+from jaxlm.data.pipeline import TokenData
+from jaxlm.data.prepare import META, is_prepared
+from jaxlm.evaluation.restore import json_line, load_run, restore_step
+from jaxlm.training import rundir
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.evaluate import evaluate
+from jaxlm.training.metrics import read_metrics
 
 LN2 = math.log(2.0)
 

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.sections import Sampling
-from losses.cross_entropy import mask_padded_vocab
-from models import ModelConfig
+from jaxlm.configs.sections import Sampling
+from jaxlm.losses.cross_entropy import mask_padded_vocab
+from jaxlm.models.config import ModelConfig
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.sections import Sampling
-from inference.generate import filter_logits
-from losses.cross_entropy import mask_padded_vocab
-from models import ModelConfig
+from jaxlm.configs.sections import Sampling
+from jaxlm.inference.generate import filter_logits
+from jaxlm.losses.cross_entropy import mask_padded_vocab
+from jaxlm.models.config import ModelConfig
 
 
 def filtered_logits(logits_LxV: jax.Array, sp: Sampling, vocab_size: int) -> jax.Array:

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kernels._common import BlockSizes, Static
+from jaxlm.kernels._common import BlockSizes, Static
 
 # Per-backend defaults. They are starting points from the FlashAttention literature,
 # not tuned on hardware (no GPU or TPU was available when they were written).
@@ -86,9 +86,9 @@ def _module(backend: str):
     # Deferred: the Pallas Triton and TPU lowerings take 0.2-0.3 s to import and a run needs
     # at most one of them (none with attention_impl="xla").
     if backend == "triton":
-        from kernels import flash_triton  # noqa: PLC0415
+        from jaxlm.kernels import flash_triton  # noqa: PLC0415
         return flash_triton
-    from kernels import flash_mosaic  # noqa: PLC0415
+    from jaxlm.kernels import flash_mosaic  # noqa: PLC0415
     return flash_mosaic
 
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import (NEG_INF, Static, dkdv_block, dq_block, fwd_block, fwd_finish,
-                             div, kv_range, q_range, rem, unpack_refs, visible)
+from jaxlm.kernels._common import (NEG_INF, Static, dkdv_block, dq_block, fwd_block, fwd_finish,
+                                   div, kv_range, q_range, rem, unpack_refs, visible)
 
 SQ = pl.squeezed
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels._common import (NEG_INF, Static, dkdv_block, dq_block, fwd_block, fwd_finish,
-                             div, kv_range, q_range, unpack_refs, visible)
+from jaxlm.kernels._common import (NEG_INF, Static, dkdv_block, dq_block, fwd_block, fwd_finish,
+                                   div, kv_range, q_range, unpack_refs, visible)
 
 SQ = pl.squeezed
 

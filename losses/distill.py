@@ -16,8 +16,8 @@ the student logits is T * (q_T - p_T) for forward KL, so its size does not shrin
 import jax
 import jax.numpy as jnp
 
-from configs.sections import FeatureKind, KlKind, choices
-from losses.cross_entropy import mask_padded_vocab
+from jaxlm.configs.sections import FeatureKind, KlKind, choices
+from jaxlm.losses.cross_entropy import mask_padded_vocab
 
 KL_KINDS = choices(KlKind)
 FEATURE_KINDS = choices(FeatureKind)

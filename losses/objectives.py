@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from configs.sections import Config
-from losses.cross_entropy import cross_entropy
-from losses.distill import distill_loss, feature_loss
+from jaxlm.configs.sections import Config
+from jaxlm.losses.cross_entropy import cross_entropy
+from jaxlm.losses.distill import distill_loss, feature_loss
 
 OBJECTIVE_PARAMS = "objective"  # key of the objective's own parameters in the params dict
 

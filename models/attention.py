@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import flash_attention
-from models.layers import Linear, RMSNorm, rope
-from parallel.context import context_attention, context_shards
-from parallel.sharding import constrain, shard_map_logical
+from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.models.layers import Linear, RMSNorm, rope
+from jaxlm.parallel.context import context_attention, context_shards
+from jaxlm.parallel.sharding import constrain, shard_map_logical
 
 AttentionFn = Callable[..., jax.Array]
 ATTENTION_IMPLS: dict[str, AttentionFn] = {}

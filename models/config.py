@@ -7,8 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from configs.sections import Lora, Model, Quant
-from models.layers import LoraSpec, RopeScaling
+from jaxlm.configs.sections import Lora, Model, Quant
+from jaxlm.models.layers import LoraSpec, RopeScaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.quant import QTensor, embedding_table, fake_quant_activation, linear_operands
-from parallel.context import context_shards
-from parallel.sharding import constrain
+from jaxlm.models.quant import QTensor, embedding_table, fake_quant_activation, linear_operands
+from jaxlm.parallel.context import context_shards
+from jaxlm.parallel.sharding import constrain
 
 Initializer = nnx.initializers.Initializer
 LORA_A, LORA_B = "lora_a", "lora_b"  # a Linear's adapter parameters

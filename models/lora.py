@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import LORA_A, LORA_B, Linear, subtree, weight_matrices
-from models.quant import QTensor
+from jaxlm.models.layers import LORA_A, LORA_B, Linear, subtree, weight_matrices
+from jaxlm.models.quant import QTensor
 
 ADAPTER_KEYS = (LORA_A, LORA_B)
 

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import MLP, param
-from parallel.expert import expert_parallel
+from jaxlm.models.layers import MLP, param
+from jaxlm.parallel.expert import expert_parallel
 
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")

@@ -7,9 +7,9 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs.sections import Quant
-from models.layers import Linear, subtree, weight_matrices
-from models.quant import QTensor, quantize_matrix
+from jaxlm.configs.sections import Quant
+from jaxlm.models.layers import Linear, subtree, weight_matrices
+from jaxlm.models.quant import QTensor, quantize_matrix
 
 
 def quantize_params(model: nnx.Module, params: dict[str, Any], cfg: Quant

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from configs.sections import Quant
+from jaxlm.configs.sections import Quant
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:

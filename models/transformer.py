@@ -11,21 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import Attention
-from models.config import ModelConfig
-from models.layers import (
-    MLP,
-    Embed,
-    Linear,
-    PositionEmbed,
-    dropout,
-    make_norm,
-    residual_std,
-)
-from models.moe import MoE, load_balance_loss
-from parallel.context import default_positions
-from parallel.pipeline import pipeline_layers
-from parallel.sharding import constrain
+from jaxlm.models.attention import Attention
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.layers import MLP, Embed, Linear, PositionEmbed, dropout, make_norm, residual_std
+from jaxlm.models.moe import MoE, load_balance_loss
+from jaxlm.parallel.context import default_positions
+from jaxlm.parallel.pipeline import pipeline_layers
+from jaxlm.parallel.sharding import constrain
 
 ACT_BxLxD = ("act_batch", "act_len", "act_embed")
 

@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import flash_attention, flash_attention_backward
-from parallel.sharding import (constrain, current_mesh, current_rules, logical_to_spec,
-                               shard_map_logical)
+from jaxlm.kernels.flash_attention import flash_attention, flash_attention_backward
+from jaxlm.parallel.sharding import (constrain, current_mesh, current_rules, logical_to_spec,
+                                     shard_map_logical)
 
 MODES = ("ring", "allgather")
 # Attention implementations that can attend one block at a time (the others cannot run

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec as P
 
-from parallel.sharding import current_mesh, current_rules, mesh_axes_of
+from jaxlm.parallel.sharding import current_mesh, current_rules, mesh_axes_of
 
 
 def _spec(*axes: tuple[str, ...]) -> P:

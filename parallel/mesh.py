@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-from configs.sections import MESH_AXES
+from jaxlm.configs.sections import MESH_AXES
 
 __all__ = ["MESH_AXES", "make_mesh"]
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parallel.sharding import constrain, current_rules, mesh_axes_of
+from jaxlm.parallel.sharding import constrain, current_rules, mesh_axes_of
 
 STAGE_ACT = ("act_stages", "act_batch", "act_len", "act_embed")
 

@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sweeps.results import METRIC_COLUMNS, is_finished, read_result, variant_dir
-from sweeps.spec import Sweep
-from training.metrics import read_metrics
+from jaxlm.sweeps.results import METRIC_COLUMNS, is_finished, read_result, variant_dir
+from jaxlm.sweeps.spec import Sweep
+from jaxlm.training.metrics import read_metrics
 
 
 def collect_rows(sweep: Sweep, workdir: str | Path) -> list[dict[str, Any]]:

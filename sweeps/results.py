@@ -6,8 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from configs.errors import ConfigError
-from training.metrics import read_metrics
+from jaxlm.configs.errors import ConfigError
+from jaxlm.training.metrics import read_metrics
 
 RESULT_FILE = "sweep_result.json"
 LOG_FILE = "sweep.log"

@@ -26,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from configs.errors import ConfigError
-from sweeps.results import (LOG_FILE, RESULT_FILE, first_line, is_finished, read_result,
-                            variant_dir, write_result)
-from sweeps.spec import Sweep
+from jaxlm.configs.errors import ConfigError
+from jaxlm.sweeps.results import (LOG_FILE, RESULT_FILE, first_line, is_finished, read_result,
+                                  variant_dir, write_result)
+from jaxlm.sweeps.spec import Sweep
 
 SWEEP_PY = Path(__file__).resolve().parents[1] / "sweep.py"
 

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sweeps.runner import SWEEP_PY
-from sweeps.spec import Sweep
+from jaxlm.sweeps.runner import SWEEP_PY
+from jaxlm.sweeps.spec import Sweep
 
 
 def slurm_script(sweep: Sweep, workdir: str | Path, *, sbatch_options: Sequence[str] = (),

@@ -14,11 +14,11 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from configs import keys
-from configs.cli import load_module, split_spec
-from configs.errors import ConfigError
-from configs.sections import Config
-from configs.sweep_utils import NAME_RE, Variant
+from jaxlm.configs import keys
+from jaxlm.configs.cli import load_module, split_spec
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config
+from jaxlm.configs.sweep_utils import NAME_RE, Variant
 
 
 @dataclasses.dataclass

@@ -11,13 +11,13 @@ from typing import Any
 
 import jax
 
-from evaluation.modes import write_eval_result
-from evaluation.restore import restore_run
-from sweeps.results import (first_line, is_finished, read_result, summarise_metrics,
-                            variant_dir, write_result)
-from sweeps.spec import Sweep
-from training.evaluate import evaluate
-from training.trainer import train
+from jaxlm.evaluation.modes import write_eval_result
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.sweeps.results import (first_line, is_finished, read_result, summarise_metrics,
+                                  variant_dir, write_result)
+from jaxlm.sweeps.spec import Sweep
+from jaxlm.training.evaluate import evaluate
+from jaxlm.training.trainer import train
 
 
 def run_variant(sweep: Sweep, name: str, workdir: str, log=print,

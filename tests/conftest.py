@@ -1,13 +1,11 @@
 """Test set-up: 8 fake CPU devices, configured before JAX initialises its backends."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The tests compile hundreds of small programs and run each for a few steps, so LLVM's
 # optimisations cost far more time than they save: without them a 2x2x2-mesh train test
@@ -22,7 +20,7 @@ import jax  # noqa: E402
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 
-from configs.shakespeare_char import get_config  # noqa: E402
+from jaxlm.configs.shakespeare_char import get_config  # noqa: E402
 
 
 @pytest.fixture

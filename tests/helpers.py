@@ -26,7 +26,7 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env_extra=Non
 
 def run_steps(config, workdir, devices, n: int | None = None):
     """Train `n` steps (default config.steps) in-process; returns (losses, params on host)."""
-    from training.experiment import Experiment
+    from jaxlm.training.experiment import Experiment
     exp = Experiment.build(config, workdir, devices)
     state = exp.init_state()
     source = exp.train_source()

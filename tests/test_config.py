@@ -5,11 +5,11 @@ import math
 import pytest
 from ml_collections import ConfigDict
 
-from configs import keys
-from configs.base import get_base_config
-from configs.errors import ConfigError
-from configs.sections import Config, Model, Quant, Sampling
-from configs.shakespeare_char import get_config
+from jaxlm.configs import keys
+from jaxlm.configs.base import get_base_config
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config, Model, Quant, Sampling
+from jaxlm.configs.shakespeare_char import get_config
 
 
 @pytest.mark.parametrize("preset", [None, "large", "tiny", "moe"])

@@ -8,17 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import DEFAULT_RULES
-from configs.errors import ConfigError
-from configs.sections import Config
-from losses.cross_entropy import mask_padded_vocab
-from models import ModelConfig, create_model
-from models.attention import xla_attention
-from parallel import context
-from parallel.mesh import make_mesh
-from parallel.sharding import use_rules
+from jaxlm.configs.base import DEFAULT_RULES
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config
+from jaxlm.losses.cross_entropy import mask_padded_vocab
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import create_model
+from jaxlm.models.attention import xla_attention
+from jaxlm.parallel import context
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.parallel.sharding import use_rules
 from tests.helpers import assert_trees_close, no_compilation, params_fast_only, run_cli
-from training.experiment import Experiment
+from jaxlm.training.experiment import Experiment
 
 
 def _segments(tokens: np.ndarray) -> np.ndarray:
@@ -151,7 +152,7 @@ def _train(config, workdir, devices, segments: bool, n: int | None = None):
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """One device's run per variant, computed once for every layout."""
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     cache = {}
 
     def get(variant):
@@ -195,7 +196,7 @@ def test_moe_capacity_groups_drop_the_same_tokens(tiny_config, tmp_path):
         c.model.moe.num_experts, c.model.moe.top_k = 4, 2
         c.model.moe.capacity_factor, c.model.moe.group_size = 1.0, 4
         return c
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     one = _train(moe(get_config("tiny")), tmp_path / "one", jax.devices()[:1], True)
     split = _train(moe(tiny_config, dict(context=2, expert=2, data=2)), tmp_path / "eight",
                    jax.devices(), True)
@@ -211,8 +212,8 @@ def test_distillation_teacher_runs_under_the_same_split(tiny_config, tmp_path):
     """A student distilling from a teacher run (trained on one device, its saved rules
     without a split) gets one device's losses on context 4 x data 2: the teacher reads the
     zig-zag batch and splits its sequences like the student."""
-    from configs.shakespeare_char import get_config
-    from training.trainer import train
+    from jaxlm.configs.shakespeare_char import get_config
+    from jaxlm.training.trainer import train
     teacher = _config(get_config("tiny"))
     teacher.steps, teacher.model.num_layers = 2, 3
     teacher.sharding.rules = [(n, None) if n == "act_len" else (n, a) for n, a in DEFAULT_RULES]
@@ -311,7 +312,7 @@ def test_cli_prints_one_line_for_a_length_that_does_not_split(tmp_path):
 
 
 def test_planner_shows_balanced_attention_and_the_ring(tiny_config, tmp_path):
-    from training.planner import format_plan, plan
+    from jaxlm.training.planner import format_plan, plan
     c = _config(tiny_config, dict(context=4, data=2))
     c.seq_len = 64
     r = plan(c, str(tmp_path))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from configs.errors import ConfigError
-from data.pipeline import EvalBatches, TokenData, TrainBatches, resolve_data, train_iterator
-from data.prepare import EMBEDDED_CORPUS, prepare
-from data.tokenizers import ByteTokenizer, CharTokenizer
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.pipeline import EvalBatches, TokenData, TrainBatches, resolve_data, train_iterator
+from jaxlm.data.prepare import EMBEDDED_CORPUS, prepare
+from jaxlm.data.tokenizers import ByteTokenizer, CharTokenizer
 
 
 def data_cfg(path="", tokenizer="char"):

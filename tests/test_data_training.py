@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.errors import ConfigError
-from configs.sections import Config, Data, Sampling
-from data.prepare import EMBEDDED_CORPUS, prepare_corpus
-from evaluation.restore import restore_run
-from evaluation.sampling import sample
-from losses.cross_entropy import cross_entropy
-from losses.objectives import split_objective_params
-import models.attention
-from models import create_model, split_params
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config, Data, Sampling
+from jaxlm.data.prepare import EMBEDDED_CORPUS, prepare_corpus
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.evaluation.sampling import sample
+from jaxlm.losses.cross_entropy import cross_entropy
+from jaxlm.losses.objectives import split_objective_params
+import jaxlm.models.attention
+from jaxlm.models.model import create_model, split_params
 from tests.helpers import ROOT, run_cli
 from tests.test_faults import _sigterm_at, records
-from training import trainer
-from training.evaluate import evaluate
-from training.experiment import Experiment
-from training.hooks import Progress
-from training.steps import make_eval_step, make_train_step
+from jaxlm.training import trainer
+from jaxlm.training.evaluate import evaluate
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.hooks import Progress
+from jaxlm.training.steps import make_eval_step, make_train_step
 
 L, ROWS = 32, 8
 
@@ -76,7 +76,7 @@ def one():
 @pytest.fixture(scope="module")
 def packed(corpora, tmp_path_factory):
     """(experiment, params, a packed training batch with rows of 2+ documents)."""
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     c = _config(get_config("tiny"), path=str(corpora["bpe"]), tokenizer="bpe")
     exp = Experiment.build(c, tmp_path_factory.mktemp("wd"), one())
     batches = exp.train_batches()
@@ -137,13 +137,13 @@ def _absolute_rope(monkeypatch):
     This probe adds the absolute position to the rotated queries and keys, so a step
     gives the same loss for a packed piece and the piece alone only if the positions
     reach the model and restart at 0 for each piece."""
-    relative = models.attention.rope
+    relative = jaxlm.models.attention.rope
 
     def absolute(x_BxLxHxK, positions_BxL, theta, scaling=None):
         shift = positions_BxL[:, :, None, None].astype(jnp.float32)
         return (relative(x_BxLxHxK, positions_BxL, theta, scaling) + shift
                 ).astype(x_BxLxHxK.dtype)
-    monkeypatch.setattr(models.attention, "rope", absolute)
+    monkeypatch.setattr(jaxlm.models.attention, "rope", absolute)
 
 
 def test_eval_and_train_steps_equal_the_documents_one_by_one(packed, monkeypatch):
@@ -248,10 +248,10 @@ def test_mixture_logs_tokens_per_source_and_evaluates_each(corpora, tiny_config,
 
 @pytest.mark.parametrize("data, message", [
     (dict(tokenizer="wordpiece"), "data.tokenizer: unknown tokenizer 'wordpiece'; choose one "
-                                  "of char, byte, bpe, hf:PATH, sentencepiece:PATH"),
+                                  "of char, byte, bpe, hf:PATH, sentencepiece:PATH, from:DIR"),
     (dict(tokenizer="sentencepiece:"), "data.tokenizer: unknown tokenizer 'sentencepiece:'; "
                                        "choose one of char, byte, bpe, hf:PATH, "
-                                       "sentencepiece:PATH"),
+                                       "sentencepiece:PATH, from:DIR"),
     (dict(vocab_size=200), "data.vocab_size: 200 is too small for a byte-level BPE: it needs "
                            "at least 257 ids (256 bytes + end-of-document)"),
     (dict(packing="rows"), "data.packing: unknown value 'rows'; choose one of ['windows', "
@@ -286,7 +286,8 @@ def test_data_checks_name_the_file_or_key(corpora, tiny_config, tmp_path):
     jsonl.write_text('{"text": "a document"}\n')
     c.data.path, c.data.tokenizer = str(jsonl), "bpe"
     with pytest.raises(ConfigError, match="data.path: .*docs.jsonl is a corpus file, not "
-                                          "text: prepare it once with python -m data.prepare"):
+                                          "text: prepare it once with "
+                                          "python -m jaxlm.data.prepare"):
         Experiment.build(c, tmp_path / "j", one())
     c.data.path = str(corpora["plays"])
     with pytest.raises(ConfigError, match="data.tokenizer: .*plays was prepared with the "
@@ -306,7 +307,7 @@ def test_data_checks_name_the_file_or_key(corpora, tiny_config, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config.data.tokenizer=wordpiece"], "error: data.tokenizer: unknown tokenizer "
                                             "'wordpiece'; choose one of char, byte, bpe, "
-                                            "hf:PATH, sentencepiece:PATH"),
+                                            "hf:PATH, sentencepiece:PATH, from:DIR"),
     (["--config.data.packing=documents", "--config.seq_len=1"],
      "error: seq_len: packing=documents needs seq_len >= 2, got 1: a row of one token has no "
      "context inside a document"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from data.pipeline import EvalBatches, TrainBatches, resolve_data
+from jaxlm.data.pipeline import EvalBatches, TrainBatches, resolve_data
 
 EXPECTED = {
     "char": {

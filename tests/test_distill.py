@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import keys
-from configs.errors import ConfigError
-from models import count_params
+from jaxlm.configs import keys
+from jaxlm.configs.errors import ConfigError
+from jaxlm.models.model import count_params
 from tests.helpers import no_compilation, run_cli, run_steps
-from training.experiment import Experiment
+from jaxlm.training.experiment import Experiment
 
 
 def _tiny(c):
@@ -24,8 +24,8 @@ def _tiny(c):
 def teacher_dir(tmp_path_factory):
     """A finished teacher run: 3 layers, d_model 48, 4 heads / 2 KV heads of 12 (the
     student: 2 layers, d_model 32, heads of 8), SwiGLU, untied embeddings."""
-    from configs.shakespeare_char import get_config
-    from training.trainer import train
+    from jaxlm.configs.shakespeare_char import get_config
+    from jaxlm.training.trainer import train
     c = _tiny(get_config("tiny"))
     c.steps = 2
     m = c.model
@@ -45,7 +45,7 @@ def _student(config, teacher_dir, **weights):
 
 def test_teacher_with_another_architecture_trains_a_student(tiny_config, teacher_dir,
                                                             tmp_path):
-    from training.trainer import train
+    from jaxlm.training.trainer import train
     c = _student(tiny_config, teacher_dir, distill=1.0, feature=0.5)
     c.loss.feature.layer_map = "0:1,1:2"
     c.loss.distill.kind = "reverse_kl"
@@ -65,7 +65,7 @@ def test_teacher_with_another_architecture_trains_a_student(tiny_config, teacher
 
     # The learned projection (student width 32 -> teacher 48, two layer pairs) is trained
     # and checkpointed with the student; the teacher is not in the student's state.
-    from evaluation.restore import restore_run
+    from jaxlm.evaluation.restore import restore_run
     exp, state, _ = restore_run(tmp_path, devices=jax.devices()[:1])
     proj = state.params["objective"]["feature"]["projection"]
     assert proj.shape == (2, 32, 48)
@@ -77,7 +77,7 @@ def test_teacher_with_another_architecture_trains_a_student(tiny_config, teacher
 
 
 def test_no_gradient_reaches_the_teacher(tiny_config, teacher_dir, tmp_path):
-    from training.steps import make_loss_fn
+    from jaxlm.training.steps import make_loss_fn
     c = _student(tiny_config, teacher_dir, distill=1.0, feature=1.0)
     exp = Experiment.build(c, tmp_path, jax.devices()[:1])
     params, t_params = exp.init_state().params, exp.teacher_params

@@ -3,10 +3,10 @@
 import jax
 import pytest
 
-from configs import keys
-from configs.errors import ConfigError
+from jaxlm.configs import keys
+from jaxlm.configs.errors import ConfigError
 from tests.helpers import no_compilation, run_cli
-from training.experiment import Experiment
+from jaxlm.training.experiment import Experiment
 
 CASES = {
     "mesh_product": ({"mesh.data": 3}, "mesh: mesh product 3"),

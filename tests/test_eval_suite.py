@@ -8,19 +8,19 @@ import jax
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError
-from data.prepare import prepare
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.prepare import prepare
 from tests.helpers import run_cli
-from training import trainer
-from evaluation.restore import restore_run
-from evaluation.suite import evaluate_checkpoints, load_eval_data
-from training.evaluate import evaluate
+from jaxlm.training import trainer
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.evaluation.suite import evaluate_checkpoints, load_eval_data
+from jaxlm.training.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny run with checkpoints at steps 2, 4 and 6."""
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     c = get_config("tiny")
     c.steps, c.checkpoint_every, c.eval_every, c.log_every = 6, 2, 3, 1
     c.mesh.data = 1

@@ -14,14 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError, RunError
-from configs.sections import EvalRequest
-from evaluation.restore import json_line
-from training import rundir, trainer
-from training.checkpoint import Checkpointer
-from training.hooks import Progress
-from training.metrics import MetricWriter
-from training.metrics import WALL_CLOCK_KEYS
+from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.sections import EvalRequest
+from jaxlm.evaluation.restore import json_line
+from jaxlm.training import rundir, trainer
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.hooks import Progress
+from jaxlm.training.metrics import MetricWriter
+from jaxlm.training.metrics import WALL_CLOCK_KEYS
 from tests.helpers import ROOT, run_cli
 
 STEPS, EVERY = 12, 4
@@ -109,9 +109,8 @@ def _cli(workdir: Path, *extra: str) -> list[str]:
 _KILL_DURING_SAVE = """
 import os, signal, sys
 sys.argv = sys.argv[1:]
-sys.path.insert(0, os.getcwd())
-from training.checkpoint import Checkpointer
-from training.hooks import Progress
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.hooks import Progress
 original = Checkpointer.save
 def save_then_die(self, step, *args):
     out = original(self, step, *args)
@@ -216,7 +215,7 @@ def test_skip_policy_drops_nonfinite_updates_and_stops_after_max_skipped(config,
 
 
 def test_skipped_step_keeps_the_state(config, tmp_path):
-    from training.experiment import Experiment
+    from jaxlm.training.experiment import Experiment
     config.nan_policy, config.warmup_steps = "skip", 0  # no zero learning rate at count 0
     exp = Experiment.build(config, tmp_path, one())
     state = exp.init_state()

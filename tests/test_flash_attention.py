@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models.attention
-from configs.base import DEFAULT_RULES
-from configs.errors import ConfigError
-from kernels import BlockSizes, flash_attention, flash_attention_backward, reference_attention
-from models.attention import ATTENTION_IMPLS, xla_attention
-from parallel.mesh import make_mesh
-from parallel.sharding import use_rules
+import jaxlm.models.attention
+from jaxlm.configs.base import DEFAULT_RULES
+from jaxlm.configs.errors import ConfigError
+from jaxlm.kernels.flash_attention import BlockSizes, flash_attention, flash_attention_backward
+from jaxlm.kernels.reference import reference_attention
+from jaxlm.models.attention import ATTENTION_IMPLS, xla_attention
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.parallel.sharding import use_rules
 from tests.helpers import no_compilation, params_fast_only, run_steps
 
 # XLA:CPU spends most of these tests compiling the interpreted kernels. LLVM optimisation
@@ -250,7 +251,7 @@ def test_sharded_kernel_equals_one_device(monkeypatch):
         local_shapes.append((q.shape, k.shape))
         return flash_attention(q, k, v, **kwargs)
 
-    monkeypatch.setattr(models.attention, "flash_attention", recording_kernel)
+    monkeypatch.setattr(jaxlm.models.attention, "flash_attention", recording_kernel)
     impl = ATTENTION_IMPLS["pallas_interpret"]
 
     def loss(q, k, v, sharded):
@@ -289,7 +290,7 @@ def _train_config(c, impl):
 
 @pytest.fixture(scope="module")
 def xla_losses(tmp_path_factory):
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     c = _train_config(get_config("tiny"), "xla")
     c.mesh.data = 1
     losses, _, _, _ = run_steps(c, tmp_path_factory.mktemp("xla"), jax.devices()[:1])
@@ -312,7 +313,7 @@ def test_training_with_pallas_interpret_matches_xla(xla_losses, tiny_config, tmp
 ])
 def test_unsupported_impl_is_rejected_before_compiling(impl, key, message, tiny_config,
                                                        tmp_path):
-    from training.experiment import Experiment
+    from jaxlm.training.experiment import Experiment
     c = tiny_config
     c.model.attention_impl = impl
     with no_compilation() as compiled, pytest.raises(ConfigError) as err:
@@ -323,7 +324,7 @@ def test_unsupported_impl_is_rejected_before_compiling(impl, key, message, tiny_
 
 
 def test_cudnn_without_gpu_is_rejected(tiny_config, tmp_path):
-    from training.experiment import Experiment
+    from jaxlm.training.experiment import Experiment
     c = tiny_config
     c.model.attention_impl = "cudnn"
     c.model.dtype = "bfloat16"

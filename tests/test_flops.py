@@ -3,12 +3,12 @@
 import jax.numpy as jnp
 import pytest
 
-from configs.sections import Model
-from models import ModelConfig
-from training.flops import (mean_keys_per_query, model_flops_per_token, peak_flops_per_device,
-                            throughput_fields)
-from training.hooks import Metrics
-from training.loop import TrainLoop
+from jaxlm.configs.sections import Model
+from jaxlm.models.config import ModelConfig
+from jaxlm.training.flops import (mean_keys_per_query, model_flops_per_token, peak_flops_per_device,
+                                  throughput_fields)
+from jaxlm.training.hooks import Metrics
+from jaxlm.training.loop import TrainLoop
 from tests.helpers import ROOT
 
 

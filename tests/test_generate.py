@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError
-from configs.sections import Sampling
-from inference.generate import (Generator, filter_logits, generate_uncached,
-                                sample_tokens)
-from models import ModelConfig, create_model, split_params
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Sampling
+from jaxlm.inference.generate import Generator, filter_logits, generate_uncached, sample_tokens
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import create_model, split_params
 
 CFG = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=32, num_heads=4,
                   num_kv_heads=2, head_dim=8, d_ff=64, mlp="swiglu", init_std=0.2)

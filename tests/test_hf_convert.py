@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from checkpoints.architectures import architecture_for, hf_config, model_section
-from checkpoints.hf_export import export_hf
-from checkpoints.hf_import import import_hf
-from checkpoints.safetensors_io import SafetensorsReader, write_sharded
-from configs.base import get_base_config
-from configs.errors import ConfigError
-from configs.sections import Config, Model
-from configs.sections import Sampling
-from evaluation.restore import restore_run
-from inference.generate import Generator
+from jaxlm.checkpoints.architectures import architecture_for, hf_config, model_section
+from jaxlm.checkpoints.hf_export import export_hf
+from jaxlm.checkpoints.hf_import import import_hf
+from jaxlm.checkpoints.safetensors_io import SafetensorsReader, write_sharded
+from jaxlm.configs.base import get_base_config
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config, Model
+from jaxlm.configs.sections import Sampling
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.inference.generate import Generator
 from tests.helpers import assert_trees_close, run_cli
-from training.experiment import Experiment
-from training.init_from import check_source, restore_initial_state
-from training.trainer import train
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.init_from import check_source, restore_initial_state
+from jaxlm.training.trainer import train
 
 VOCAB = 100  # padded to 128 in the imported runs: the padding must change nothing
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -238,7 +238,7 @@ def test_sharded_checkpoints_and_bfloat16_import(tmp_path, monkeypatch):
     rows at a time."""
     import torch
     import transformers
-    from checkpoints import hf_import
+    from jaxlm.checkpoints import hf_import
     monkeypatch.setattr(hf_import, "CHUNK_BYTES", 200)
     build_hf("qwen3", tmp_path / "f32").to(torch.bfloat16).save_pretrained(
         tmp_path / "bf16", max_shard_size="20KB")
@@ -321,3 +321,79 @@ def test_cli_import_on_8_devices_then_eval_sample_quantize_draft_export(tmp_path
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens, mask = batch()
     np.testing.assert_array_equal(hf_logits(again, tokens, mask), hf_logits(model, tokens, mask))
+
+
+def _step0_run(config, workdir: Path) -> Path:
+    """A run directory with a step-0 checkpoint of a random init (no training)."""
+    from jaxlm.training import rundir
+    from jaxlm.training.checkpoint import Checkpointer
+    config = Config.from_dict(config)
+    exp = Experiment.build(config, workdir, jax.devices()[:1])
+    rundir.save_config(config, workdir)
+    with Checkpointer(rundir.checkpoint_dir(workdir)) as ckpt:
+        ckpt.save(0, exp.init_state())
+        ckpt.wait()
+    return workdir
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_an_export_carries_the_run_tokenizer(kind, tiny_config, tmp_path):
+    """AutoTokenizer on an export encodes and decodes as the run's own tokenizer does, and
+    GenerationConfig reads its end-of-text id."""
+    import transformers
+    from jaxlm.training import rundir
+    tiny_config.data.tokenizer, tiny_config.model.mlp = kind, "swiglu"  # Llama's MLP
+    run = _step0_run(tiny_config, tmp_path / "run")
+    export_hf(run, tmp_path / "out", devices=jax.devices()[:1])
+    ours = rundir.load_data(rundir.load_config(run), run).tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "ROMEO:\nWhat light through yonder window breaks?  It is the east.\n\n"
+    ids = theirs(text)["input_ids"]
+    assert ids == ours.encode(text).tolist()
+    assert theirs.decode(ids) == text and len(theirs) == ours.vocab_size
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert generation.eos_token_id == ours.eos_id
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).get(
+        "eos_token_id") == ours.eos_id
+
+
+def _gpt2_with_tokenizer(out: Path, vocab: int = 300) -> None:
+    """A tiny GPT-2 saved with a byte-level BPE tokenizer of `vocab` ids trained here."""
+    import torch
+    import transformers
+    from jaxlm.data.prepare import EMBEDDED_CORPUS
+    from jaxlm.data.tokenizers import BPE_EOS, train_bpe
+    out.mkdir(parents=True)
+    eos = train_bpe([EMBEDDED_CORPUS.read_text()[:20000]], vocab, out / "tokenizer.json").eos_id
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"),
+                                         eos_token=BPE_EOS).save_pretrained(out)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=1, n_head=4, n_positions=64, bos_token_id=eos,
+        eos_token_id=eos)).save_pretrained(out)
+
+
+@pytest.mark.slow
+def test_finetuning_an_import_keeps_its_tokenizer_through_training_and_export(tiny_config,
+                                                                              tmp_path):
+    import transformers
+    from jaxlm.configs.finetune import get_config as finetune_config
+    _gpt2_with_tokenizer(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "gpt2", get_base_config(), jax.devices()[:1])
+    text = tmp_path / "corpus.txt"
+    text.write_text("Before we proceed any further, hear me speak.\n" * 200)
+    c = finetune_config(str(tmp_path / "gpt2"))
+    c.data.path, c.steps, c.warmup_steps, c.batch_size = str(text), 2, 1, 4
+    c.eval_every = c.checkpoint_every = 0
+    train(c, tmp_path / "ft", jax.devices()[:1])
+    from jaxlm.training import rundir
+    tuned = rundir.load_data(rundir.load_config(tmp_path / "ft"), tmp_path / "ft").tokenizer
+    assert tuned.kind == "hf" and tuned.vocab_size == 300
+    export_hf(tmp_path / "ft", tmp_path / "out", devices=jax.devices()[:1])
+    base = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    sample = "First Citizen: hear me speak."
+    assert exported(sample)["input_ids"] == base(sample)["input_ids"] == \
+        tuned.encode(sample).tolist()
+    assert exported.eos_token == base.eos_token
+    assert (tmp_path / "out" / "generation_config.json").is_file()

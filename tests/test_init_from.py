@@ -7,15 +7,16 @@ import jax
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError
-from configs.finetune import get_config as finetune_config
-from configs.sections import Config
-from evaluation.restore import restore_run
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.finetune import get_config as finetune_config
+from jaxlm.configs.sections import Config
+from jaxlm.data.tokenizers import vocabulary
+from jaxlm.evaluation.restore import restore_run
 from tests.helpers import assert_trees_close, no_compilation
-from training import rundir, trainer
-from training.checkpoint import Checkpointer
-from training.experiment import Experiment
-from training.init_from import check_source, first_model_difference, restore_initial_state
+from jaxlm.training import rundir, trainer
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.init_from import check_source, first_model_difference, restore_initial_state
 
 
 def _fast(c):
@@ -27,7 +28,7 @@ def _fast(c):
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
     """A run with one step-0 checkpoint of a random init (written without training)."""
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     workdir = tmp_path_factory.mktemp("source")
     config = Config.from_dict(_fast(get_config("tiny")))
     exp = Experiment.build(config, workdir, jax.devices()[:1])
@@ -108,3 +109,49 @@ def test_start_from_a_run_on_another_mesh_then_resume_from_own_checkpoints(tiny_
     resumed = trainer.train(Config.from_dict(b), tmp_path / "b", jax.devices(),
                             allow_schedule_change=True)
     assert resumed["step"] == 3
+
+
+def _write_text(path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _tokenizer_of(workdir):
+    return rundir.load_data(rundir.load_config(workdir), workdir).tokenizer
+
+
+def test_a_finetune_encodes_new_text_with_the_base_vocabulary(source_run, tmp_path):
+    """configs/finetune.py:RUN keeps RUN's tokenizer: new text with fewer characters is
+    encoded with the base's ids, not with a vocabulary fitted to it."""
+    text = "ROMEO: a few words of new text, in characters the base knows.\n" * 40
+    c = _fast(finetune_config(str(source_run)))
+    c.warmup_steps = 1
+    c.data.path = _write_text(tmp_path / "new.txt", text)
+    trainer.train(c, tmp_path / "ft", jax.devices()[:1])
+    base, tuned = _tokenizer_of(source_run), _tokenizer_of(tmp_path / "ft")
+    assert vocabulary(tuned) == vocabulary(base)
+    assert len(set(text)) < base.vocab_size == tuned.vocab_size
+
+
+def test_a_character_the_base_lacks_is_one_line(source_run, tmp_path):
+    c = _fast(finetune_config(str(source_run)))
+    c.warmup_steps = 1
+    c.data.path = _write_text(tmp_path / "new.txt", "ROMEO: caf\u00e9 au lait\n" * 40)
+    with no_compilation() as compiled, pytest.raises(ConfigError) as err:
+        trainer.train(c, tmp_path / "ft", jax.devices()[:1])
+    assert str(err.value).startswith(f"data.path: {tmp_path / 'new.txt'}: character '\u00e9' "
+                                     f"is not in the tokenizer's vocabulary (from:")
+    assert not compiled and not (tmp_path / "ft" / "config.json").exists()
+
+
+def test_another_vocabulary_than_the_source_is_refused(tiny_config, source_run, tmp_path):
+    """init.from_workdir set by hand with a tokenizer fitted to the new text."""
+    c = _fast(tiny_config)
+    c.init.from_workdir = str(source_run)
+    c.data.path = _write_text(tmp_path / "new.txt", "ROMEO: only a few characters\n" * 40)
+    with no_compilation() as compiled, pytest.raises(ConfigError) as err:
+        trainer.train(c, tmp_path / "ft", jax.devices()[:1])
+    message = str(err.value)
+    assert message.startswith("data.tokenizer: the data's tokenizer is not the one ")
+    assert "missing" in message and f"data.tokenizer=from:{source_run}" in message
+    assert not compiled

@@ -2,8 +2,8 @@
 
 import jax.numpy as jnp
 
-from training.hooks import Metrics
-from training.loop import TrainLoop
+from jaxlm.training.hooks import Metrics
+from jaxlm.training.loop import TrainLoop
 
 
 def _loop(total, stop_at=None):

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from checkpoints.lora_merge import merge_lora, merge_run
-from configs import keys
-from configs.errors import ConfigError, RunError
-from configs.sections import Config, Sampling
-from evaluation.restore import restore_run
-from evaluation.sampling import sample, sample_speculative
-from models import abstract_model
-from models.lora import merge_adapters
-from models.quant import QTensor
+from jaxlm.checkpoints.lora_merge import merge_lora, merge_run
+from jaxlm.configs import keys
+from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.sections import Config, Sampling
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.evaluation.sampling import sample, sample_speculative
+from jaxlm.models.model import abstract_model
+from jaxlm.models.lora import merge_adapters
+from jaxlm.models.quant import QTensor
 from tests.helpers import assert_trees_close, params_fast_only, run_cli
-from training import lora, rundir, trainer
-from training.evaluate import evaluate
-from training.experiment import Experiment
+from jaxlm.training import lora, rundir, trainer
+from jaxlm.training.evaluate import evaluate
+from jaxlm.training.experiment import Experiment
 
 ALL = "q,k,v,o,gate,up,down"
 
@@ -203,7 +203,7 @@ def _fast(c):
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A plain tiny SwiGLU run with a step-2 checkpoint."""
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     c = _fast(_lora(get_config("tiny"), rank=0))
     c.steps, c.checkpoint_every = 2, 2
     workdir = tmp_path_factory.mktemp("base")
@@ -217,7 +217,7 @@ def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run,
     import torch
     import transformers
 
-    from configs.finetune import get_config as finetune
+    from jaxlm.configs.finetune import get_config as finetune
     c = _fast(_lora(finetune(str(base_run)), targets="q,v,down", bits=4))
     c.steps, c.checkpoint_every, c.seq_len = 4, 2, 32
     c.data.tokenizer = "char"
@@ -290,7 +290,7 @@ def test_lora_run_from_a_base_run_resumes_evaluates_samples_and_merges(base_run,
 def test_lora_student_distils_from_its_base_run(base_run, tmp_path):
     """Logit and feature distillation need only the student's own outputs: they work
     with adapters, and no gradient reaches the frozen base."""
-    from configs.finetune import get_config as finetune
+    from jaxlm.configs.finetune import get_config as finetune
     c = _fast(_lora(finetune(str(base_run)), targets="q,v"))
     c.loss.weights.distill, c.loss.weights.feature = 1.0, 1.0
     c.loss.distill.teacher_workdir = str(base_run)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from configs.errors import ConfigError
-from data.mixture import Mixture, resolve_mixture
-from data.packing import eval_sources, tokens_per_source, train_batches
-from data.prepare import prepare_corpus
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.mixture import Mixture, resolve_mixture
+from jaxlm.data.packing import eval_sources, tokens_per_source, train_batches
+from jaxlm.data.prepare import prepare_corpus
 
 
 def _prepare(tmp, name, alphabet, tokenizer="byte", n=120):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import ModelConfig, create_model, split_params
-from models.attention import make_mask, masked_attention, xla_attention
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import create_model, split_params
+from jaxlm.models.attention import make_mask, masked_attention, xla_attention
 
 BASE = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=3, d_model=32, num_heads=4,
                    num_kv_heads=2, head_dim=8, d_ff=64, mlp="swiglu")
@@ -157,7 +158,7 @@ def test_make_mask_combines_conditions():
 
 
 def test_matmul_custom_vjp_equals_autodiff():
-    from models.layers import matmul
+    from jaxlm.models.layers import matmul
     x = jax.random.normal(jax.random.key(0), (24, 16))
     w = jax.random.normal(jax.random.key(1), (16, 40))
     g = jax.random.normal(jax.random.key(2), (24, 40))

@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.base import get_base_config
-from configs.errors import ConfigError
-from configs.sections import Config
-from inference.generate import Generator, generate_uncached
-from kernels.reference import reference_attention
-from models import ModelConfig, create_model, param_logical_axes, split_params
-from models.attention import ATTENTION_IMPLS, cudnn_attention, xla_attention
-from models.layers import LayerNorm, RopeScaling, rope_frequencies
-from training import rundir
-from training.optimizer import decay_mask
+from jaxlm.configs.base import get_base_config
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config
+from jaxlm.inference.generate import Generator, generate_uncached
+from jaxlm.kernels.reference import reference_attention
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import create_model, param_logical_axes, split_params
+from jaxlm.models.attention import ATTENTION_IMPLS, cudnn_attention, xla_attention
+from jaxlm.models.layers import LayerNorm, RopeScaling, rope_frequencies
+from jaxlm.training import rundir
+from jaxlm.training.optimizer import decay_mask
 
 GPT2_LIKE = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=32, num_heads=4,
                         num_kv_heads=4, head_dim=8, d_ff=64, mlp="gelu", norm="layernorm",

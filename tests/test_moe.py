@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.errors import ConfigError
-from models import ModelConfig, active_params, count_params, create_model, split_params
-from models.moe import (CapacityGroups, aux_statistics, capacity, capacity_groups,
-                        capacity_slots, dispatch_capacity, dispatch_dropless, expert_ffn,
-                        load_balance_loss, moe_tokens, route)
-from parallel.pipeline import _merge_microbatches, _split_microbatches
+from jaxlm.configs.errors import ConfigError
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import active_params, count_params, create_model, split_params
+from jaxlm.models.moe import (CapacityGroups, aux_statistics, capacity, capacity_groups,
+                              capacity_slots, dispatch_capacity, dispatch_dropless, expert_ffn,
+                              load_balance_loss, moe_tokens, route)
+from jaxlm.parallel.pipeline import _merge_microbatches, _split_microbatches
 from tests.helpers import assert_trees_close, run_steps
-from training.experiment import Experiment
-from training.steps import split_microbatches
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.steps import split_microbatches
 
 CFG = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=16, num_heads=2,
                   num_kv_heads=2, head_dim=8, d_ff=32, mlp="swiglu", moe_num_experts=4,
@@ -268,7 +269,7 @@ def moe_config(c, capacity_factor=0.0):
 
 @pytest.fixture(scope="module")
 def moe_reference(tmp_path_factory):
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     losses, params, _, _ = run_steps(moe_config(get_config("tiny")),
                                      tmp_path_factory.mktemp("moe"), jax.devices()[:1])
     return losses, params
@@ -333,7 +334,7 @@ def capacity_reference(group_size=0, grad_accum_steps=1, tmp_path_factory=None):
     """One device's (losses, drops, params) at capacity 1.25, computed once per setting."""
     key = (group_size, grad_accum_steps)
     if key not in _CAPACITY_REFERENCES:
-        from configs.shakespeare_char import get_config
+        from jaxlm.configs.shakespeare_char import get_config
         c = capacity_config(get_config("tiny"), {}, group_size, grad_accum_steps)
         _CAPACITY_REFERENCES[key] = run_with_drops(c, tmp_path_factory.mktemp("cap"),
                                                    jax.devices()[:1])
@@ -385,8 +386,8 @@ def test_capacity_pipeline_matches_one_device_with_the_same_micro_batches(
 @pytest.mark.parametrize("group_size", [0, 4, 32])
 def test_capacity_model_decodes_with_a_kv_cache(group_size):
     """Decoding runs the layer on a few tokens: groups of the tokens present."""
-    from configs.sections import Sampling
-    from inference.generate import Generator
+    from jaxlm.configs.sections import Sampling
+    from jaxlm.inference.generate import Generator
     cfg = dataclasses.replace(CFG, moe_capacity_factor=1.25, moe_group_size=group_size,
                               seq_len=16)
     graphdef, params = split_params(create_model(cfg, 0))
@@ -436,7 +437,7 @@ def test_experts_must_divide_over_the_expert_axis(tiny_config, tmp_path):
 
 
 def test_moe_sweep_keeps_active_parameters_equal():
-    from configs import sweep_moe
+    from jaxlm.configs import sweep_moe
     variants = sweep_moe.get_sweep()
     assert len(variants) == 8
     for _, overrides in variants:

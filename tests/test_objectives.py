@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from losses.distill import distill_loss, feature_loss, token_feature_distance, token_kl
-from configs.errors import ConfigError
-from configs.sections import Feature
-from losses.objectives import TERMS, make_schedule
+from jaxlm.losses.distill import distill_loss, feature_loss, token_feature_distance, token_kl
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Feature
+from jaxlm.losses.objectives import TERMS, make_schedule
 
 P = np.array([0.7, 0.2, 0.1])
 Q = np.array([0.2, 0.5, 0.3])
@@ -120,7 +120,7 @@ def test_terms_are_registered_once_with_their_needs():
 def test_moe_router_losses_are_registered_terms(tiny_config, tmp_path):
     """MoE aux losses plug in as terms weighted by model.moe.*_weight; dense models skip
     them; they combine with distillation-style terms through the same objective."""
-    from training.experiment import Experiment
+    from jaxlm.training.experiment import Experiment
     c = tiny_config
     c.batch_size, c.eval_batch_size = 8, 8
     dense = Experiment.build(c, tmp_path / "dense", jax.devices()[:1])

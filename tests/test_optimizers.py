@@ -8,12 +8,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.errors import ConfigError
-from configs.sections import Config, Optim
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config, Optim
 from tests.helpers import params_fast_only, run_steps
-from training.experiment import Experiment
-from training.optimizer import learning_rate_schedule, muon_dimension_numbers
-from training.planner import _shard_bytes
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.optimizer import learning_rate_schedule, muon_dimension_numbers
+from jaxlm.training.planner import _shard_bytes
 
 # A peak learning rate per optimizer that trains the tiny model in a few steps.
 LEARNING_RATES = {"adamw": 1e-2, "lion": 1e-3, "adafactor": 1e-2, "muon": 0.02, "sgd": 0.5}
@@ -139,7 +139,7 @@ def test_bad_optimizer_keys_name_the_key(key, value, message):
 
 
 def test_resuming_with_another_optimizer_is_refused(tmp_path):
-    from training import rundir
+    from jaxlm.training import rundir
     rundir.save_config(Config(), tmp_path)
     with pytest.raises(ConfigError) as err:
         rundir.check_resume(Config().replace(**{"optimizer.name": "lion"}), tmp_path, 100)

@@ -8,11 +8,11 @@ import grain
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError
-from data.packing import (PackedEvalBatches, bits_per_byte, check_packing, eval_batches,
-                          split_row_info, train_batches, train_dataset)
-from data.pipeline import TokenData, TrainBatches
-from data.prepare import EMBEDDED_CORPUS, prepare, prepare_corpus
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.packing import (PackedEvalBatches, bits_per_byte, check_packing, eval_batches,
+                                split_row_info, train_batches, train_dataset)
+from jaxlm.data.pipeline import TokenData, TrainBatches
+from jaxlm.data.prepare import EMBEDDED_CORPUS, prepare, prepare_corpus
 
 L = 16
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.errors import ConfigError
-from parallel.mesh import make_mesh
-from training.layout import resolve_mesh_shape
-from parallel.sharding import logical_to_spec
+from jaxlm.configs.errors import ConfigError
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.training.layout import resolve_mesh_shape
+from jaxlm.parallel.sharding import logical_to_spec
 from tests.helpers import assert_trees_close, params_fast_only, run_steps
 
 LAYOUTS = {
@@ -20,7 +20,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     c = _config(get_config("tiny"))
     c.mesh.data = 1
     losses, params, _, _ = run_steps(c, tmp_path_factory.mktemp("ref"), jax.devices()[:1])

@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError
-from parallel.pipeline import bubble_fraction, stage_major_permutation
+from jaxlm.configs.errors import ConfigError
+from jaxlm.parallel.pipeline import bubble_fraction, stage_major_permutation
 from tests.helpers import ROOT, assert_trees_close, params_fast_only, run_cli, run_steps
-from training import trainer
-from evaluation.restore import restore_run
-from training.evaluate import evaluate
-from training.experiment import Experiment
+from jaxlm.training import trainer
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.training.evaluate import evaluate
+from jaxlm.training.experiment import Experiment
 
 LAYOUTS = {
     "tensor8": dict(tensor=8),
@@ -48,7 +48,7 @@ def apply_layout(c, layout):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     c = apply_layout(model_config(get_config("tiny")), {})
     losses, params, _, _ = run_steps(c, tmp_path_factory.mktemp("ref"), jax.devices()[:1])
     return losses, params

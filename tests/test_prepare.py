@@ -11,10 +11,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError
-from data.pipeline import TokenData
-from data.prepare import META, prepare, prepare_corpus, token_dtype
-from data.shards import ShardedTokens
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.pipeline import TokenData
+from jaxlm.data.prepare import META, prepare, prepare_corpus, token_dtype
+from jaxlm.data.shards import ShardedTokens
 from tests.test_tokenizers import sentencepiece_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,7 +228,7 @@ def test_bad_inputs_name_the_flag_and_file(tmp_path):
 
 
 def _run_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "data.prepare", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "jaxlm.data.prepare", *args], cwd=ROOT,
                           capture_output=True, text=True, **kwargs)
 
 
@@ -239,7 +239,7 @@ def test_cli_errors_are_one_line_and_single_text_keeps_the_old_format(tmp_path):
         f"error: --input: no such file or directory: {tmp_path / 'missing.jsonl'}"]
     r = _run_cli(f"--input={tmp_path}", f"--output={tmp_path / 'o'}", "--tokenizer=nope")
     assert r.stderr.strip() == ("error: --tokenizer: unknown tokenizer 'nope'; choose one of "
-                                "char, byte, bpe, hf:PATH, sentencepiece:PATH")
+                                "char, byte, bpe, hf:PATH, sentencepiece:PATH, from:DIR")
     text = tmp_path / "story.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
     r = _run_cli(f"--input={text}", f"--output={tmp_path / 'cli'}", "--tokenizer=byte")
@@ -258,9 +258,8 @@ def test_cli_errors_are_one_line_and_single_text_keeps_the_old_format(tmp_path):
 
 _MEMORY_CHILD = textwrap.dedent("""
     import resource, sys
-    sys.path.insert(0, {root!r})
-    from data.prepare import prepare_corpus
-    import data.readers, json, gzip, hashlib  # everything preparation imports
+    from jaxlm.data.prepare import prepare_corpus
+    import jaxlm.data.readers, json, gzip, hashlib  # everything preparation imports
     vm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status")
           if l.startswith("VmSize:")][0]
     cap = vm + {headroom}
@@ -299,7 +298,7 @@ def test_preparation_memory_stays_under_a_cap_smaller_than_the_corpus(tmp_path):
 def test_one_text_with_bpe_and_resolve_data_with_tokenizer_specs(tmp_path):
     from ml_collections import ConfigDict
 
-    from data.pipeline import resolve_data
+    from jaxlm.data.pipeline import resolve_data
     text = tmp_path / "story.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
     cfg = ConfigDict(dict(path=str(text), tokenizer="bpe", val_fraction=0.1, prefetch=2,

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.sections import Quant
-from models.quant import (fake_quant, fake_quant_weight, int_range, pack_int4,
-                          qparams, quantize_matrix, unpack_int4)
+from jaxlm.configs.sections import Quant
+from jaxlm.models.quant import (fake_quant, fake_quant_weight, int_range, pack_int4, qparams,
+                                quantize_matrix, unpack_int4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -63,7 +63,7 @@ def test_straight_through_gradient_is_identity_inside_and_zero_outside_the_range
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory):
     """A tiny int8 QAT run (weights and activations), trained 3 steps on one device."""
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     from tests.helpers import run_steps
     c = get_config("tiny")
     c.steps, c.batch_size, c.eval_batch_size, c.eval_max_batches = 3, 8, 16, 2
@@ -73,8 +73,8 @@ def qat_run(tmp_path_factory):
 
 
 def test_int8_qat_real_integer_weights_agree_with_fake_quant(qat_run):
-    from training.evaluate import evaluate
-    from evaluation.quantized import evaluate_quantized
+    from jaxlm.training.evaluate import evaluate
+    from jaxlm.evaluation.quantized import evaluate_quantized
     exp, state = qat_run
     fake = evaluate(exp, state.params)["eval_loss"]
     real = evaluate_quantized(exp, state.params, "int8")
@@ -89,7 +89,7 @@ def test_qat_changes_the_forward_and_float_does_not(qat_run):
     """The QAT model's logits are those of its fake-quantized weights, not its floats."""
     import dataclasses
     from flax import nnx
-    from models import abstract_model, split_params
+    from jaxlm.models.model import abstract_model, split_params
     exp, state = qat_run
     tokens = jnp.zeros((1, 8), jnp.int32)
     q_logits = nnx.merge(exp.graphdef, state.params)(tokens).logits

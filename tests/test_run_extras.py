@@ -6,11 +6,11 @@ import jax
 import pytest
 
 from benchmarks.profile_ops import newest_trace, op_table
-from configs.errors import ConfigError
+from jaxlm.configs.errors import ConfigError
 from tests.helpers import no_compilation, run_cli
-from training import trainer
-from training.hooks import Checkpoints, ProfileWindow
-from training.loop import TrainLoop
+from jaxlm.training import trainer
+from jaxlm.training.hooks import Checkpoints, ProfileWindow
+from jaxlm.training.loop import TrainLoop
 
 
 class _Ckpt:
@@ -161,7 +161,7 @@ def test_wandb_missing_is_a_config_error_before_compiling(tiny_config, tmp_path,
 
 
 def test_a_window_beyond_the_run_is_a_config_error():
-    from configs.sections import Config
+    from jaxlm.configs.sections import Config
     with pytest.raises(ConfigError) as err:
         Config().replace(**{"profile.start_step": 5000, "profile.num_steps": 2})
     assert err.value.key == "profile.start_step" and "beyond steps 2000" in str(err.value)

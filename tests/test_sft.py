@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.errors import ConfigError
-from configs.sections import Config
-from data.packing import eval_batches, train_batches
-from data.pipeline import TokenData, resolve_data
-from data.prepare import META, SFT_FORMAT_VERSION, prepare_corpus, prepare_sft
-from data.sft import ChatTemplate, make_example, simple_pieces
-from data.tokenizers import HFTokenizer, train_bpe
-from losses.cross_entropy import cross_entropy
-from losses.objectives import split_objective_params
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config
+from jaxlm.data.packing import eval_batches, train_batches
+from jaxlm.data.pipeline import TokenData, resolve_data
+from jaxlm.data.prepare import META, SFT_FORMAT_VERSION, prepare_corpus, prepare_sft
+from jaxlm.data.sft import ChatTemplate, make_example, simple_pieces
+from jaxlm.data.tokenizers import HFTokenizer, train_bpe
+from jaxlm.losses.cross_entropy import cross_entropy
+from jaxlm.losses.objectives import split_objective_params
 from tests.helpers import run_cli
-from training import rundir
-from training.evaluate import evaluate
-from training.experiment import Experiment
-from training.steps import make_loss_fn
+from jaxlm.training import rundir
+from jaxlm.training.evaluate import evaluate
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.steps import make_loss_fn
 
 L = 64
 NAMES = ["ROMEO", "JULIET", "MERCUTIO", "TYBALT", "NURSE", "FRIAR", "CAPULET", "BENVOLIO"]
@@ -197,7 +197,7 @@ def test_bad_records_are_counted_by_reason_with_their_first_line(base_run, tmp_p
     assert meta["records"] == len(lines) and meta["skipped"]["bad"] == 11
     assert sum(meta["examples"].values()) == 40
     # The CLI prints each reason with its count and first line, and the summary.
-    r = run_cli(["-m", "data.prepare", "--format=sft", f"--input={src}",
+    r = run_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={src}",
                  f"--output={tmp_path / 'cli'}", f"--tokenizer={base_run}", f"--seq_len={L}",
                  "--val_fraction=0.2", "--quiet"])
     assert r.returncode == 0, r.stderr
@@ -213,7 +213,7 @@ def test_strict_refuses_the_file_at_its_first_bad_record(base_run, tmp_path):
         prepare_sft([src], tmp_path / "out", tokenizer=str(base_run), seq_len=L,
                     strict=True, progress=False)
     assert not (tmp_path / "out").exists()
-    r = run_cli(["-m", "data.prepare", "--format=sft", f"--input={src}",
+    r = run_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={src}",
                  f"--output={tmp_path / 'out'}", f"--tokenizer={base_run}", f"--seq_len={L}",
                  "--strict", "--quiet"])
     assert r.returncode == 1
@@ -342,7 +342,7 @@ def _config(c, path):
 
 @pytest.fixture(scope="module")
 def sft_exp(sft_dir, tmp_path_factory):
-    from configs.shakespeare_char import get_config
+    from jaxlm.configs.shakespeare_char import get_config
     c = _config(get_config("tiny"), sft_dir)
     exp = Experiment.build(c, tmp_path_factory.mktemp("wd"), jax.devices()[:1])
     return exp, split_objective_params(exp.init_state().params)[0]
@@ -409,7 +409,7 @@ def test_prepare_train_and_eval_from_the_command_line(tmp_path):
                  "--config.eval_every=0", "--config.checkpoint_every=2", "--cpu_devices=1"])
     assert r.returncode == 0, r.stderr
     src = _write(tmp_path / "lines.jsonl", _records(80))
-    r = run_cli(["-m", "data.prepare", "--format=sft", f"--input={src}",
+    r = run_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={src}",
                  f"--output={tmp_path / 'sft'}", f"--tokenizer={base}", f"--seq_len={L}",
                  "--val_fraction=0.2", "--quiet"])
     assert r.returncode == 0, r.stderr

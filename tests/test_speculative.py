@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.errors import ConfigError
-from configs.sections import Sampling
-from inference.generate import Generator, generate_uncached
-from inference.speculative import SpeculativeGenerator, accept_tokens, filtered_logits
-from models import ModelConfig, create_model, split_params
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Sampling
+from jaxlm.inference.generate import Generator, generate_uncached
+from jaxlm.inference.speculative import SpeculativeGenerator, accept_tokens, filtered_logits
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import create_model, split_params
 
 TARGET = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=32, num_heads=4,
                      num_kv_heads=2, head_dim=8, d_ff=64, mlp="swiglu", init_std=0.2)
@@ -136,8 +137,8 @@ def test_draft_with_another_vocabulary_is_an_error(models):
 
 
 def test_draft_run_with_another_tokenizer_is_an_error(monkeypatch):
-    from data.tokenizers import ByteTokenizer, CharTokenizer
-    from evaluation import sampling
+    from jaxlm.data.tokenizers import ByteTokenizer, CharTokenizer
+    from jaxlm.evaluation import sampling
 
     def fake_run(tokenizer):
         return types.SimpleNamespace(data=types.SimpleNamespace(tokenizer=tokenizer),

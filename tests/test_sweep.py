@@ -11,17 +11,17 @@ import textwrap
 import jax
 import pytest
 
-from configs import sweep_utils as su
-from configs.errors import ConfigError
-from sweeps.report import columns, dry_run_text
-from sweeps.runner import make_slots, run_sweep, worker_command
-from sweeps.slurm import emit_slurm
-from sweeps.spec import load_sweep
+from jaxlm.configs import sweep_utils as su
+from jaxlm.configs.errors import ConfigError
+from jaxlm.sweeps.report import columns, dry_run_text
+from jaxlm.sweeps.runner import make_slots, run_sweep, worker_command
+from jaxlm.sweeps.slurm import emit_slurm
+from jaxlm.sweeps.spec import load_sweep
 from tests.helpers import ROOT, run_cli
 
 TINY_SWEEP = '''
-from configs import sweep_utils as su
-from configs.shakespeare_char import get_config as base
+from jaxlm.configs import sweep_utils as su
+from jaxlm.configs.shakespeare_char import get_config as base
 
 def get_config(arg=None):
     c = base("tiny")
@@ -86,7 +86,7 @@ def test_shipped_sweeps_expand():
     assert len(lr.variants) == 9
     assert all(v.config.min_learning_rate <= v.config.learning_rate for v in lr.variants)
     # The Pallas kernel lands on another branch: only the expansion is checked here.
-    from configs import sweep_attention
+    from jaxlm.configs import sweep_attention
     assert [v.name for v in sweep_attention.get_sweep()] == ["attention=xla",
                                                              "attention=pallas_interpret"]
 
@@ -105,8 +105,8 @@ def test_shipped_sweeps_expand():
 ])
 def test_bad_sweeps_raise_config_errors(tmp_path, body, message):
     path = write_sweep(tmp_path, f"""
-        from configs import sweep_utils as su
-        from configs.base import get_base_config
+        from jaxlm.configs import sweep_utils as su
+        from jaxlm.configs.base import get_base_config
         def get_config(arg=None):
             return get_base_config()
         def get_sweep(arg=None):
@@ -119,8 +119,8 @@ def test_bad_sweeps_raise_config_errors(tmp_path, body, message):
 
 def test_config_file_with_an_undeclared_key_is_an_error(tmp_path):
     path = write_sweep(tmp_path, """
-        from configs import sweep_utils as su
-        from configs.base import get_base_config
+        from jaxlm.configs import sweep_utils as su
+        from jaxlm.configs.base import get_base_config
         def get_config(arg=None):
             c = get_base_config()
             c.model.widht = 64
@@ -140,8 +140,8 @@ def test_config_without_get_sweep_is_an_error():
 
 def test_cli_unknown_override_key_is_one_error_line(tmp_path):
     path = write_sweep(tmp_path, """
-        from configs import sweep_utils as su
-        from configs.shakespeare_char import get_config
+        from jaxlm.configs import sweep_utils as su
+        from jaxlm.configs.shakespeare_char import get_config
         def get_sweep(arg=None):
             return su.axis("model.d_modle", [32, 64])
         """)
@@ -222,11 +222,11 @@ def _read_jsonl(path):
 def test_tiny_sweep_resumes_skips_records_failures_and_reports(tmp_path, monkeypatch):
     """Variant 1 finished, variant 2 half-trained, variant 3 broken: one more run of the
     sweep trains only what is missing, records the failure, and writes the tables."""
-    from sweeps.worker import run_variant
-    from training.experiment import Experiment
-    from training.hooks import Progress
-    from training.trainer import train
-    from models import count_params
+    from jaxlm.sweeps.worker import run_variant
+    from jaxlm.training.experiment import Experiment
+    from jaxlm.training.hooks import Progress
+    from jaxlm.training.trainer import train
+    from jaxlm.models.model import count_params
 
     path = write_sweep(tmp_path, TINY_SWEEP.format(bad="/no/such/corpus.txt"))
     sweep = load_sweep(str(path))

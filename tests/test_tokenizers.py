@@ -5,10 +5,10 @@ import io
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError
-from data.tokenizers import (TOKENIZERS, ByteTokenizer, CharTokenizer, encode_document,
-                             encode_documents, load_hf_tokenizer, load_sentencepiece,
-                             parse_tokenizer_spec, tokenizer_from_dict, train_bpe)
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.tokenizers import (TOKENIZERS, ByteTokenizer, CharTokenizer, encode_document,
+                                   encode_documents, load_hf_tokenizer, load_sentencepiece,
+                                   parse_tokenizer_spec, tokenizer_from_dict, train_bpe)
 
 TEXT = "The quick brown fox — naïve café, 東京 ☃.\nSecond line!"
 CORPUS = [TEXT, "hello world " * 20, "Über straße, 東京タワー", "plain ascii text here"] * 5
@@ -118,7 +118,7 @@ def test_specs_and_errors(tmp_path):
 
 
 def test_flat_document_encoding_matches_per_document(bpe, sp, tmp_path):
-    from data.tokenizers import encode_documents_flat
+    from jaxlm.data.tokenizers import encode_documents_flat
     for kind, tok in _all(bpe, sp, tmp_path).items():
         texts = [TEXT, "hello", "東京"]
         flat, lengths = encode_documents_flat(tok, texts, np.uint16)

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from training.metrics import WALL_CLOCK_KEYS
+from jaxlm.training.metrics import WALL_CLOCK_KEYS
 from tests.helpers import ROOT, run_cli
-from training import trainer
-from evaluation.restore import restore_run
-from training.evaluate import evaluate
+from jaxlm.training import trainer
+from jaxlm.evaluation.restore import restore_run
+from jaxlm.training.evaluate import evaluate
 
 
 def read_metrics(workdir):
@@ -80,7 +80,7 @@ def test_sigterm_saves_and_resume_is_exact(loop_config, tmp_path, monkeypatch):
 
 
 def test_resume_rejects_a_changed_model(loop_config, tmp_path):
-    from configs.errors import ConfigError
+    from jaxlm.configs.errors import ConfigError
     loop_config.steps = 2
     trainer.train(loop_config, tmp_path, one_device())
     loop_config.model.d_model = 64

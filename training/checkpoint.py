@@ -16,7 +16,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from configs.errors import RunError
+from jaxlm.configs.errors import RunError
 
 DAMAGED = "damaged_checkpoints"  # beside the checkpoints directory
 

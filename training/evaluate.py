@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from data.packing import bits_per_byte
-from data.pipeline import TokenData
-from training.experiment import Experiment
+from jaxlm.data.packing import bits_per_byte
+from jaxlm.data.pipeline import TokenData
+from jaxlm.training.experiment import Experiment
 
 
 def evaluate(exp: Experiment, params: Any, data: TokenData | np.ndarray | None = None,

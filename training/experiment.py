@@ -17,22 +17,23 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from configs.sections import Config
-from data.mixture import Mixture, resolve_sources
-from data.packing import eval_sources, resolve_packing, split_row_info, train_batches
-from data.pipeline import Batch, EvalBatches, TokenData, TrainBatches
-from losses.objectives import OBJECTIVE_PARAMS, Objective, build_objective, needs_teacher
-from models import ModelConfig, abstract_model, param_logical_axes, split_params
-from parallel.mesh import make_mesh
-from parallel.pipeline import bubble_fraction, stage_major_permutation
-from parallel.sharding import Rules, named_sharding
-from training import lora
-from training.layout import check_layout, pipeline_fields, resolve_mesh_shape
-from training.optimizer import learning_rate_schedule, make_optimizer
-from training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
-                            state_logical_axes, state_shardings)
-from training.steps import make_eval_step, make_train_step
-from training.teacher import Teacher
+from jaxlm.configs.sections import Config
+from jaxlm.data.mixture import Mixture, resolve_sources
+from jaxlm.data.packing import eval_sources, resolve_packing, split_row_info, train_batches
+from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, TrainBatches
+from jaxlm.losses.objectives import OBJECTIVE_PARAMS, Objective, build_objective, needs_teacher
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import abstract_model, param_logical_axes, split_params
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.parallel.pipeline import bubble_fraction, stage_major_permutation
+from jaxlm.parallel.sharding import Rules, named_sharding
+from jaxlm.training import lora
+from jaxlm.training.layout import check_layout, pipeline_fields, resolve_mesh_shape
+from jaxlm.training.optimizer import learning_rate_schedule, make_optimizer
+from jaxlm.training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
+                                  state_logical_axes, state_shardings)
+from jaxlm.training.steps import make_eval_step, make_train_step
+from jaxlm.training.teacher import Teacher
 
 BATCH_AXES = ("act_batch", "act_len")
 # Training windows are one segment at positions 0..L-1 with every weight 1: the model's and

@@ -9,7 +9,7 @@ at most ~75% even on a perfect machine.
 
 import jax
 
-from models.config import ModelConfig
+from jaxlm.models.config import ModelConfig
 
 # Peak dense bfloat16 FLOP/s per chip, from the vendors' data sheets (the NVIDIA sheets
 # print the sparse figure with an asterisk; dense is half of it). Matched in order against

@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from configs.errors import RunError
-from training.checkpoint import Checkpointer
-from training.evaluate import evaluate
-from training.experiment import Experiment
-from training.flops import throughput_fields
-from training.loop import StepInfo, TrainLoop
-from training.metrics import MetricWriter
+from jaxlm.configs.errors import RunError
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.evaluate import evaluate
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.flops import throughput_fields
+from jaxlm.training.loop import StepInfo, TrainLoop
+from jaxlm.training.metrics import MetricWriter
 
 
 def log(msg: str) -> None:

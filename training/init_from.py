@@ -13,21 +13,18 @@ from typing import Any
 
 import jax
 
-from configs import keys
-from configs.errors import ConfigError
-from configs.sections import Config, Model
-from losses.objectives import split_objective_params
-from models import ModelConfig, abstract_params
-from parallel.sharding import tree_shardings
-from training import lora, rundir
-from training.checkpoint import Checkpointer
-from training.experiment import Experiment
-from training.state import (
-    TrainState,
-    abstract_with_shardings,
-    make_init_fn,
-    make_state_fn,
-)
+from jaxlm.configs import keys
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config, Model
+from jaxlm.data.tokenizers import Tokenizer, first_vocabulary_difference
+from jaxlm.losses.objectives import split_objective_params
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import abstract_params
+from jaxlm.parallel.sharding import tree_shardings
+from jaxlm.training import lora, rundir
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.state import TrainState, abstract_with_shardings, make_init_fn, make_state_fn
 
 KEY = "init.from_workdir"
 
@@ -50,9 +47,11 @@ def first_model_difference(a: Model, b: Model) -> tuple[str, Any, Any] | None:
     return None
 
 
-def check_source(config: Config, model_cfg: ModelConfig) -> InitSource:
-    """The source run of `config.init`; ConfigError if it is missing, has no such step, or
-    its model differs from `model_cfg`'s (naming the first differing key)."""
+def check_source(config: Config, model_cfg: ModelConfig,
+                 tokenizer: Tokenizer | None = None) -> InitSource:
+    """The source run of `config.init`; ConfigError if it is missing, has no such step, its
+    model differs from `model_cfg`'s (naming the first differing key) or its tokenizer
+    from `tokenizer` (the new run's data's)."""
     init = config.init
     workdir = Path(init.from_workdir).absolute()
     if not workdir.is_dir():
@@ -66,7 +65,16 @@ def check_source(config: Config, model_cfg: ModelConfig) -> InitSource:
         key, ours, theirs = diff
         raise ConfigError(KEY, f"model.{key} is {ours!r} here but {theirs!r} in "
                                f"{init.from_workdir}; the model must match")
-    vocab = rundir.load_data(source, workdir, key=KEY).vocab_size
+    source_data = rundir.load_data(source, workdir, key=KEY)
+    vocab = source_data.vocab_size
+    difference = None if tokenizer is None else \
+        first_vocabulary_difference(source_data.tokenizer, tokenizer)
+    if difference is not None:
+        raise ConfigError("data.tokenizer", f"the data's tokenizer is not the one "
+                                            f"{init.from_workdir} was trained with "
+                                            f"({difference}); set data.tokenizer="
+                                            f"from:{init.from_workdir} to encode the data "
+                                            f"with the base's vocabulary")
     theirs = ModelConfig.from_section(source.model, vocab)
     if (theirs.vocab_size, theirs.padded_vocab) != (model_cfg.vocab_size,
                                                     model_cfg.padded_vocab):

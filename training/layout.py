@@ -17,16 +17,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from configs.errors import ConfigError
-from configs.sections import MESH_AXES, Config
-from data.mixture import Mixture
-from data.packing import check_examples_fit, named_sources, resolve_packing
-from data.pipeline import TokenData
-from models import ModelConfig
-from models.attention import IMPL_PLATFORMS
-from parallel.context import BLOCK_IMPLS
-from parallel.sharding import (Rules, indivisible_dims, logical_to_spec, mesh_axes_of,
-                               mesh_axes_size)
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import MESH_AXES, Config
+from jaxlm.data.mixture import Mixture
+from jaxlm.data.packing import check_examples_fit, named_sources, resolve_packing
+from jaxlm.data.pipeline import TokenData
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.attention import IMPL_PLATFORMS
+from jaxlm.parallel.context import BLOCK_IMPLS
+from jaxlm.parallel.sharding import (Rules, indivisible_dims, logical_to_spec, mesh_axes_of,
+                                     mesh_axes_size)
 
 
 def resolve_mesh_shape(mesh: Any, num_devices: int) -> dict[str, int]:

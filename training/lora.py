@@ -17,12 +17,12 @@ from typing import Any
 import jax
 from flax import nnx
 
-from configs.errors import RunError
-from configs.sections import Config, Quant
-from losses.objectives import OBJECTIVE_PARAMS, split_objective_params
-from models.lora import join_trees, split_adapters
-from models.ptq import quantize_params, quantized_axes
-from training.checkpoint import Checkpointer
+from jaxlm.configs.errors import RunError
+from jaxlm.configs.sections import Config, Quant
+from jaxlm.losses.objectives import OBJECTIVE_PARAMS, split_objective_params
+from jaxlm.models.lora import join_trees, split_adapters
+from jaxlm.models.ptq import quantize_params, quantized_axes
+from jaxlm.training.checkpoint import Checkpointer
 
 BASE_DIR = "lora_base"
 SOURCE_FILE = "lora_base.json"

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from configs.sections import Optim, Optimizer
+from jaxlm.configs.sections import Optim, Optimizer
 
 # Axes that stack independent matrices: each layer's (and each expert's) own.
 STACKED_AXES = ("layers", "experts")

@@ -16,14 +16,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from configs.sections import Config
-from models import count_params
-from parallel.context import causal_pairs_per_shard, computed_pairs_per_shard
-from parallel.pipeline import bubble_fraction
-from parallel.sharding import mesh_axes_size, named_sharding
-from training.experiment import BATCH_AXES, Experiment
-from training.flops import model_flops_per_token
-from training.layout import sequence_split
+from jaxlm.configs.sections import Config
+from jaxlm.models.model import count_params
+from jaxlm.parallel.context import causal_pairs_per_shard, computed_pairs_per_shard
+from jaxlm.parallel.pipeline import bubble_fraction
+from jaxlm.parallel.sharding import mesh_axes_size, named_sharding
+from jaxlm.training.experiment import BATCH_AXES, Experiment
+from jaxlm.training.flops import model_flops_per_token
+from jaxlm.training.layout import sequence_split
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                "collective-permute")

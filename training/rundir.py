@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from configs.errors import ConfigError
-from configs.sections import Config, parse_mixture
-from data.pipeline import TokenData, is_prepared
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config, parse_mixture
+from jaxlm.data.pipeline import TokenData, is_prepared
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"

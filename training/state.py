@@ -10,8 +10,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec as P
 
-from models import ModelConfig, create_model, split_params
-from parallel.sharding import Rules, tree_shardings
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import create_model, split_params
+from jaxlm.parallel.sharding import Rules, tree_shardings
 
 
 @struct.dataclass

@@ -9,12 +9,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from losses.objectives import Objective, cross_entropy_objective, split_objective_params
-from models import ModelConfig
-from models.lora import join_trees
-from parallel.context import to_context_order
-from parallel.sharding import Rules, constrain, use_rules
-from training.state import Split, TrainState
+from jaxlm.losses.objectives import Objective, cross_entropy_objective, split_objective_params
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.lora import join_trees
+from jaxlm.parallel.context import to_context_order
+from jaxlm.parallel.sharding import Rules, constrain, use_rules
+from jaxlm.training.state import Split, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -17,14 +17,16 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from configs.errors import ConfigError
-from configs.sections import Config, Distill
-from data.tokenizers import Tokenizer
-from models import ModelConfig, Output, abstract_params
-from parallel.sharding import Rules, constrain, tree_shardings, use_rules
-from training import rundir
-from training.checkpoint import Checkpointer
-from training.state import abstract_with_shardings
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config, Distill
+from jaxlm.data.tokenizers import Tokenizer
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.model import abstract_params
+from jaxlm.models.transformer import Output
+from jaxlm.parallel.sharding import Rules, constrain, tree_shardings, use_rules
+from jaxlm.training import rundir
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.state import abstract_with_shardings
 
 KEY = "loss.distill.teacher_workdir"
 

@@ -8,20 +8,20 @@ from typing import Any
 
 import jax
 
-from configs.errors import ConfigError, RunError
-from configs.sections import Config
-from data.mixture import Mixture
-from data.packing import named_sources
-from models import active_params, count_params
-from training import rundir
-from training.checkpoint import Checkpointer
-from training.experiment import Experiment
-from training.flops import model_flops_per_token, peak_flops_per_device
-from training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress,
-                            ProfileWindow, SourceTokens, log, stop_on_signals)
-from training.init_from import InitSource, check_source, restore_initial_state
-from training.loop import TrainLoop
-from training.metrics import MetricWriter, start_wandb
+from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.sections import Config
+from jaxlm.data.mixture import Mixture
+from jaxlm.data.packing import named_sources
+from jaxlm.models.model import active_params, count_params
+from jaxlm.training import rundir
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device
+from jaxlm.training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress,
+                                  ProfileWindow, SourceTokens, log, stop_on_signals)
+from jaxlm.training.init_from import InitSource, check_source, restore_initial_state
+from jaxlm.training.loop import TrainLoop
+from jaxlm.training.metrics import MetricWriter, start_wandb
 
 PROFILE_DIR = "profile"
 
@@ -50,7 +50,7 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
                                                    "'.[wandb]'")
         exp = Experiment.build(config, workdir, devices)
         # init.from_workdir starts a new run; a resume continues from its own checkpoints.
-        source = check_source(config, exp.model_cfg) if config.init.from_workdir and \
+        source = check_source(config, exp.model_cfg, exp.data.tokenizer) if config.init.from_workdir and \
             latest is None else None
         if primary:
             rundir.save_config(config, workdir)

@@ -1,4 +1,5 @@
-"""Models: a decoder-only Transformer (dense or Mixture-of-Experts) in Flax NNX.
+"""Building the model (a decoder-only Transformer, dense or Mixture-of-Experts, in Flax NNX)
+and handling its parameters.
 
 Training code handles parameters as a pure pytree (nested dicts of arrays) and rebuilds
 the module with `nnx.merge(graphdef, params)` inside jitted functions.
@@ -26,12 +27,9 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from models.config import ModelConfig
-from models.quant import QTensor, set_quant
-from models.transformer import Output, Transformer
-
-__all__ = ["ModelConfig", "Output", "Transformer", "create_model", "abstract_model",
-           "split_params", "abstract_params", "param_logical_axes", "count_params", "active_params"]
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.quant import QTensor, set_quant
+from jaxlm.models.transformer import Transformer
 
 
 def create_model(cfg: ModelConfig, seed: int) -> Transformer:

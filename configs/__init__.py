@@ -1,1 +1,0 @@
-"""Experiment configs: each file defines `get_config(arg)`; presets follow the colon."""

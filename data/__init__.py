@@ -1,1 +1,0 @@
-"""Tokenizers, corpus preparation and grain input pipelines (see data/README.md)."""

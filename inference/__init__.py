@@ -1,1 +1,0 @@
-"""Text generation from trained checkpoints."""

@@ -1,1 +1,0 @@
-"""Device meshes and the logical-axis -> mesh-axis mapping."""

@@ -1,1 +1,0 @@
-"""Ablation sweeps: expand `get_sweep(arg)` from a config file, run, resume and report."""

@@ -1,1 +1,0 @@
-"""Training and evaluation: experiment assembly, steps, loop, checkpoints, metrics."""
