@@ -24,18 +24,19 @@ import json
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from jaxlm.checkpoints.hf_export import export_hf
 from jaxlm.checkpoints.hf_import import import_hf
 from jaxlm.checkpoints.lora_merge import merge_run
+from jaxlm.configs.cli import define_config_flag, flags_parser
 from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.configs.imported import get_config
 from jaxlm.configs.sections import Config
 from jaxlm.parallel.distributed import initialize
 
-_CONFIG = config_flags.DEFINE_config_dict(
-    "config", get_config(), "Import: every key but the model's (mesh, data, training).")
+_DEFAULT_CONFIG = get_config()
+_CONFIG = define_config_flag(_DEFAULT_CONFIG, "Import: every key but the model's (mesh, data, "
+                                              "training).")
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Import this Hugging Face model directory.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Export into this directory.")
 _MERGE_LORA = flags.DEFINE_bool("merge_lora", False, "Merge a LoRA run's adapters into a new "
@@ -73,4 +74,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(_DEFAULT_CONFIG))

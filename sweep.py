@@ -4,6 +4,10 @@
   python sweep.py --config=configs/sweep_width_depth.py --workdir=runs/width_depth --parallel=2
   python sweep.py --config=configs/sweep_lr_warmup.py --dry_run        # list, run nothing
   python sweep.py --config=configs/sweep_lr_warmup.py --workdir=DIR --emit=slurm
+  python sweep.py --config=configs/sweep_width_depth.py --workdir=DIR --config.steps=200
+
+`--config.KEY=VALUE` overrides the base config, for every variant (a key the variants set
+stays theirs).
 
 The config file defines `get_config(arg)` and `get_sweep(arg)` (see configs/sweep_utils.py).
 Each variant trains, then evaluates, into DIR/<variant>; running the command again skips
@@ -23,7 +27,7 @@ from jaxlm.configs.sections import Launch
 from jaxlm.sweeps.report import collect_rows, dry_run_text, write_reports
 from jaxlm.sweeps.runner import run_sweep
 from jaxlm.sweeps.slurm import emit_slurm
-from jaxlm.sweeps.spec import load_sweep
+from jaxlm.sweeps.spec import load_sweep, split_cli_overrides
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file with get_config and get_sweep, "
                               "optionally with an argument after a colon.", required=True)
@@ -54,7 +58,7 @@ def main(argv: list[str]) -> None:
         Launch.parse({"cpu_devices": _CPU_DEVICES.value})
         if _VARIANT.value:
             sys.exit(run_one())
-        sweep = load_sweep(_CONFIG.value)
+        sweep = load_sweep(_CONFIG.value, _OVERRIDES)
         workdir = _WORKDIR.value or os.path.join("runs", sweep.name)
         if _DRY_RUN.value:
             print(dry_run_text(sweep, workdir))
@@ -89,7 +93,7 @@ def run_one() -> int:
     from jaxlm.training.hooks import log  # noqa: PLC0415
     initialize(_CPU_DEVICES.value)
 
-    sweep = load_sweep(_CONFIG.value)
+    sweep = load_sweep(_CONFIG.value, _OVERRIDES)
     workdir = _WORKDIR.value or os.path.join("runs", sweep.name)
     result = run_variant(sweep, _VARIANT.value, workdir, log=log)
     if result["status"] != "ok":
@@ -98,5 +102,18 @@ def run_one() -> int:
     return 0
 
 
+_OVERRIDES: tuple[str, ...] = ()
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flags, after taking out the `--config.KEY=VALUE` overrides of the base."""
+    global _OVERRIDES
+    try:
+        argv, _OVERRIDES = split_cli_overrides(argv)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    return flags_parser()(argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=flags_parser())
+    app.run(main, flags_parser=_parse_flags)

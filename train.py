@@ -12,9 +12,8 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from jaxlm.configs.cli import config_value, flags_parser
+from jaxlm.configs.cli import config_value, define_config_flag, flags_parser
 from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.configs.sections import Config, Launch
 from jaxlm.parallel.distributed import initialize
@@ -23,9 +22,8 @@ from jaxlm.training.trainer import describe_devices, log, train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "shakespeare_char.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file, optionally with a preset after a colon.",
-    lock_config=True)
+_CONFIG = define_config_flag(_DEFAULT_CONFIG,
+                             "Config file, optionally with a preset after a colon.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from absl import flags
+from ml_collections import config_flags
 
 from jaxlm.configs import keys
 from jaxlm.configs.errors import ConfigError
@@ -50,16 +51,17 @@ def load_config_file(config_spec: str) -> Any:
 
 
 def explain_flag_error(argv: list[str], error: Exception, config_flag: str = "config",
-                       default_spec: str | None = None) -> ConfigError:
+                       default_spec: Any = None) -> ConfigError:
     """The ConfigError behind a failed parse of `argv`: a missing or broken config file, an
-    override of an unknown key (with the closest key), or a value of the wrong type."""
+    override of an unknown key (with the closest key), or a value of the wrong type.
+    `default_spec`: the default config file, or the default ConfigDict itself."""
     spec = default_spec
     for arg in argv[1:]:
         if arg.startswith(f"--{config_flag}="):
             spec = arg.split("=", 1)[1]
     if spec is None:
         return ConfigError(config_flag, str(error).splitlines()[0])
-    config = load_config_file(spec)
+    config = load_config_file(spec) if isinstance(spec, str) else spec
     for arg in argv[1:]:
         if arg.startswith(f"--{config_flag}."):
             key, _, value = arg[len(config_flag) + 3:].partition("=")
@@ -72,7 +74,7 @@ def explain_flag_error(argv: list[str], error: Exception, config_flag: str = "co
     return ConfigError(config_flag, text[-1] if text else type(error).__name__)
 
 
-def flags_parser(default_spec: str | None = None):
+def flags_parser(default_spec: Any = None):
     """An absl `flags_parser` for an entry point whose `--config` defaults to `default_spec`:
     on a bad config file or override it prints one `error:` line and exits 1."""
     def parse(argv: list[str]) -> list[str]:
@@ -87,6 +89,20 @@ def flags_parser(default_spec: str | None = None):
     return parse
 
 
+def define_config_flag(default: Any, help_text: str) -> Any:
+    """`--config` for an entry point: a config file (`default` its path) or a fixed
+    ConfigDict (`default` itself), with `--config.KEY=VALUE` overrides. With a default,
+    `config_flags` applies the command line's overrides while the flag is defined, so a bad
+    override fails here: it is one `error:` line, as in `flags_parser`."""
+    try:
+        if isinstance(default, str):
+            return config_flags.DEFINE_config_file("config", default, help_text,
+                                                   lock_config=True)
+        return config_flags.DEFINE_config_dict("config", default, help_text)
+    except Exception as e:  # noqa: BLE001 -- config_flags raises what its parser raised
+        sys.exit(f"error: {_explained(sys.argv, e, default)}")
+
+
 def config_value(holder: Any, argv: list[str], default_spec: str | None = None) -> Any:
     """`holder.value` of a config flag (config_flags defers a failed file load to here),
     with the failure explained as a ConfigError."""
@@ -98,7 +114,7 @@ def config_value(holder: Any, argv: list[str], default_spec: str | None = None) 
         raise _explained(argv, e, default_spec) from None
 
 
-def _explained(argv: list[str], error: Exception, default_spec: str | None) -> ConfigError:
+def _explained(argv: list[str], error: Exception, default_spec: Any) -> ConfigError:
     try:
         return explain_flag_error(argv, error, default_spec=default_spec)
     except ConfigError as inner:  # the config file itself is missing or broken

@@ -75,3 +75,29 @@ def set_value(config: Any, key: str, value: Any, where: str = "") -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(key, f"cannot set {value!r}{' (' + where + ')' if where else ''}: "
                                f"{e}") from None
+
+
+def parse_override(config: Any, key: str, text: str, where: str = "") -> Any:
+    """The value of `--config.KEY=TEXT` for `config`, typed like the key's current value
+    (bools: true/false; numbers; tuples: comma-separated; anything else: the text)."""
+    try:
+        current = get(config, key)
+    except ConfigError:
+        raise unknown_key(config, key, where) from None
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(key, f"expected true or false{' (' + where + ')' if where else ''}"
+                                   f", got {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+    except ValueError:
+        kind = type(current).__name__
+        raise ConfigError(key, f"expected {'an' if kind == 'int' else 'a'} {kind}"
+                               f"{' (' + where + ')' if where else ''}, got {text!r}") from None
+    if isinstance(current, (tuple, list)):
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return text

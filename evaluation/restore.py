@@ -9,13 +9,14 @@ from typing import Any
 import jax
 
 from jaxlm.configs.errors import RunError
+from jaxlm.configs.sections import MESH_AXES
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 
-# A restored run evaluates on whatever devices there are: plain data parallelism.
-RESTORE_MESH = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.pipeline": 1,
-                "mesh.expert": 1}
+# A restored run evaluates on whatever devices there are: plain data parallelism, every
+# other mesh axis (context included) of size 1.
+RESTORE_MESH = {f"mesh.{axis}": -1 if axis == "data" else 1 for axis in MESH_AXES}
 
 
 def restore_run(workdir: str | Path, step: int | None = None,

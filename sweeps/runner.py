@@ -103,7 +103,7 @@ def worker_command(sweep: Sweep, workdir: Path, name: str, slot: Slot,
                    python: str = sys.executable) -> list[str]:
     affinity = [f"--cpu_affinity={','.join(map(str, slot.cpus))}"] if slot.cpus else []
     return [python, str(SWEEP_PY), f"--config={sweep.spec}", f"--workdir={workdir}",
-            f"--variant={name}", *slot.flags, *affinity]
+            f"--variant={name}", *sweep.cli_overrides, *slot.flags, *affinity]
 
 
 def _launch(cmd: list[str], slot: Slot, log_path: Path) -> subprocess.Popen:

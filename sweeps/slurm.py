@@ -18,7 +18,8 @@ def slurm_script(sweep: Sweep, workdir: str | Path, *, sbatch_options: Sequence[
                  python: str = sys.executable) -> str:
     workdir = Path(workdir).absolute()
     q = shlex.quote
-    base = f"--config={sweep.spec} --workdir={workdir}"
+    base = " ".join([q(f"--config={sweep.spec}"), q(f"--workdir={workdir}"),
+                     *map(q, sweep.cli_overrides)])
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={q(sweep.name)}",
@@ -36,8 +37,7 @@ def slurm_script(sweep: Sweep, workdir: str | Path, *, sbatch_options: Sequence[
         *[f"  {q(v.name)}" for v in sweep.variants],
         ")",
         f"cd {q(str(SWEEP_PY.parent))}",
-        f"exec \"${{PYTHON:-{python}}}\" {q(str(SWEEP_PY))} {q('--config=' + sweep.spec)} "
-        f"{q('--workdir=' + str(workdir))} "
+        f"exec \"${{PYTHON:-{python}}}\" {q(str(SWEEP_PY))} {base} "
         "--variant=\"${VARIANTS[$SLURM_ARRAY_TASK_ID]}\"",
     ]
     return "\n".join(lines) + "\n"

@@ -1,8 +1,10 @@
 """Load a sweep from a config file and resolve every variant's config, checking all of them.
 
 `--config=configs/<file>.py[:arg]` names a file that defines `get_config(arg)` (the base)
-and `get_sweep(arg)` (the variants). Every override key must exist in the base config,
-and every resolved config must validate (`configs/sections.py`), before anything runs.
+and `get_sweep(arg)` (the variants). Command-line overrides (`--config.KEY=VALUE`) change
+the base, so they apply to every variant; a key that the variants set is theirs. Every
+override key must exist in the base config, and every resolved config must validate
+(`configs/sections.py`), before anything runs.
 """
 
 import copy
@@ -38,6 +40,8 @@ class Sweep:
     arg: str | None
     base: ConfigDict
     variants: list[ResolvedVariant]
+    # `--config.KEY=VALUE` arguments applied to the base, as the workers are given them.
+    cli_overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -73,8 +77,19 @@ def _as_variants(raw: Any, file: Path) -> list[Variant]:
     return out
 
 
-def load_sweep(config_spec: str) -> Sweep:
-    """Expand and resolve the sweep in `config_spec`; raises ConfigError on any bad variant."""
+def split_cli_overrides(argv: list[str]) -> tuple[list[str], tuple[str, ...]]:
+    """(argv without `--config.KEY=VALUE` arguments, those arguments)."""
+    overrides = tuple(a for a in argv[1:] if a.startswith("--config."))
+    for a in overrides:
+        if "=" not in a:
+            raise ConfigError(a[len("--config."):], "an override needs a value: "
+                                                    "--config.KEY=VALUE")
+    return [a for a in argv if a not in overrides], overrides
+
+
+def load_sweep(config_spec: str, cli_overrides: tuple[str, ...] = ()) -> Sweep:
+    """Expand and resolve the sweep in `config_spec`, with `cli_overrides`
+    (`--config.KEY=VALUE`) applied to its base; raises ConfigError on any bad variant."""
     file, arg = split_spec(config_spec)
     module = load_module(file)
     for fn in ("get_config", "get_sweep"):
@@ -86,6 +101,10 @@ def load_sweep(config_spec: str) -> Sweep:
     except (ValueError, KeyError) as e:  # unknown preset, mismatched zip, clashing keys
         raise ConfigError("config", f"{file}:{arg or ''}: {e}") from None
     variants = _as_variants(raw, file)
+    for override in cli_overrides:
+        key, _, text = override[len("--config."):].partition("=")
+        keys.set_value(base, key, keys.parse_override(base, key, text, "--config override"),
+                       "--config override")
 
     seen: set[str] = set()
     resolved = []
@@ -103,7 +122,7 @@ def load_sweep(config_spec: str) -> Sweep:
         _validate(config, where)
         resolved.append(ResolvedVariant(v.name, dict(v.overrides), config))
     return Sweep(spec=f"{file}" + (f":{arg}" if arg else ""), file=file, arg=arg, base=base,
-                 variants=resolved)
+                 variants=resolved, cli_overrides=tuple(cli_overrides))
 
 
 def _validate(config: ConfigDict, where: str) -> None:

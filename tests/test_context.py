@@ -344,3 +344,14 @@ def test_parameters_sharded_over_context_by_a_rule(references, tiny_config, tmp_
     ref_losses, ref_params = references("allgather-causal")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert_trees_close(params, ref_params, rtol=1e-4, atol=1e-6)
+
+
+def test_a_context_parallel_run_evaluates_on_one_device(tiny_config, tmp_path):
+    """eval.py restores on the devices it has: every mesh axis but data becomes 1."""
+    from jaxlm.configs.sections import Config
+    from jaxlm.evaluation.restore import load_run
+    from jaxlm.training import rundir
+    tiny_config.mesh.context, tiny_config.mesh.data = 4, 2
+    rundir.save_config(Config.from_dict(tiny_config), tmp_path)
+    exp = load_run(tmp_path, jax.devices()[:1])
+    assert exp.config.mesh.context == 1 and exp.mesh.devices.size == 1

@@ -325,3 +325,19 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path):
     assert "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith(message), res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, message", [
+    (["train.py", "--config.model.d_modle=64"],
+     "error: model.d_modle: unknown config key in --config override; did you mean "
+     "'model.d_model'?"),
+    (["convert.py", "--from_hf=HF", "--workdir=RUN", "--config.mesh.dta=1"],
+     "error: mesh.dta: unknown config key in --config override; did you mean 'mesh.data'?"),
+])
+def test_an_override_of_the_default_config_is_one_line(command, message, tmp_path):
+    """Without --config, config_flags applies overrides while the flag is defined."""
+    command = [a.replace("HF", str(tmp_path / "hf")).replace("RUN", str(tmp_path / "run"))
+               for a in command]
+    res = run_cli(command)
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [message], res.stderr

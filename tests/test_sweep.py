@@ -16,7 +16,7 @@ from jaxlm.configs.errors import ConfigError
 from jaxlm.sweeps.report import columns, dry_run_text
 from jaxlm.sweeps.runner import make_slots, run_sweep, worker_command
 from jaxlm.sweeps.slurm import emit_slurm
-from jaxlm.sweeps.spec import load_sweep
+from jaxlm.sweeps.spec import load_sweep, split_cli_overrides
 from tests.helpers import ROOT, run_cli
 
 TINY_SWEEP = '''
@@ -75,6 +75,35 @@ def test_load_sweep_resolves_every_variant(tmp_path):
     text = dry_run_text(sweep, tmp_path / "out")
     assert "num_layers=2  model.num_layers=2  [new]" in text
     assert '"num_layers": 1' in text and not (tmp_path / "out").exists()
+
+
+def test_command_line_overrides_change_the_base_of_every_variant(tmp_path):
+    path = write_sweep(tmp_path, TINY_SWEEP.format(bad="/no/such/corpus.txt"))
+    argv, overrides = split_cli_overrides(["sweep.py", f"--config={path}", "--config.steps=2",
+                                           "--config.model.num_layers=3",
+                                           "--config.model.tie_embeddings=false"])
+    assert argv == ["sweep.py", f"--config={path}"]
+    sweep = load_sweep(f"{path}:arg", overrides)
+    assert sweep.arg == "arg" and sweep.name == "my_sweep_arg"
+    assert [v.config.steps for v in sweep.variants] == [2, 2, 2]
+    assert [v.config.model.num_layers for v in sweep.variants] == [1, 2, 3]  # the axis wins
+    assert not any(v.config.model.tie_embeddings for v in sweep.variants)
+    slot = make_slots(1, "cpu", 1, cores=[0])[0]
+    command = worker_command(sweep, tmp_path / "out", "broken", slot)
+    assert command[command.index("--variant=broken") + 1:][:3] == list(overrides)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--config.stesp=2", "stesp: unknown config key in --config override; did you mean "
+                         "'steps'?"),
+    ("--config.steps=two", "steps: expected an int (--config override), got 'two'"),
+    ("--config.steps", "steps: an override needs a value: --config.KEY=VALUE"),
+])
+def test_bad_command_line_overrides_are_one_line(tmp_path, arg, message):
+    path = write_sweep(tmp_path, TINY_SWEEP.format(bad="/no/such/corpus.txt"))
+    with pytest.raises(ConfigError) as err:
+        load_sweep(str(path), split_cli_overrides(["sweep.py", arg])[1])
+    assert str(err.value) == message
 
 
 def test_shipped_sweeps_expand():
