@@ -7,6 +7,7 @@
 Running the same command again resumes from the latest checkpoint in --workdir.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -66,8 +67,11 @@ def main(argv: list[str]) -> None:
                  "checkpoint)")
     log(json.dumps(summary))
     if not summary["interrupted"]:
+        board = f"tensorboard --logdir {summary['workdir']}/tensorboard"
+        if importlib.util.find_spec("tensorboard") is None:
+            board = f"pip install tensorboard, then {board}"
         log(f"Checkpoints: {summary['checkpoints']}\nMetrics: {summary['metrics']} "
-            f"(TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard)\n"
+            f"(TensorBoard: {board})\n"
             f"Evaluate and sample: python eval.py --workdir={workdir} --sample")
 
 

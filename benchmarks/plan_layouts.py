@@ -12,6 +12,7 @@ as a Markdown table (and one JSON line per layout).
 
 import json
 import os
+import sys
 import tempfile
 
 from absl import app, flags
@@ -38,19 +39,30 @@ def main(argv):
     initialize(_CPU_DEVICES.value)
     from jaxlm.training.planner import plan
 
+    from jaxlm.configs.errors import ConfigError
+    from jaxlm.configs.sections import MESH_AXES
+
     rows = []
     for layout in _LAYOUTS.value.split(";"):
         config = _CONFIG.value.copy_and_resolve_references()
-        for k in ("data", "fsdp", "tensor", "pipeline", "expert"):
+        for k in MESH_AXES:
             config.mesh[k] = 1
         config.pipeline_microbatches, config.pipeline_repeats = 0, 1
-        for item in layout.split(","):
-            key, value = item.split("=")
-            if key.startswith("pipeline_"):
-                config[key] = int(value)
-            else:
-                config.mesh[key] = int(value)
-        r = plan(config, tempfile.mkdtemp())
+        try:
+            for item in layout.split(","):
+                key, _, value = item.partition("=")
+                if key.startswith("pipeline_"):
+                    config[key] = int(value)
+                elif key in MESH_AXES:
+                    config.mesh[key] = int(value)
+                else:
+                    raise ConfigError("layouts", f"{item!r}: expected AXIS=SIZE with AXIS one "
+                                                 f"of {', '.join(MESH_AXES)}")
+            r = plan(config, tempfile.mkdtemp())
+        except ValueError as e:
+            sys.exit(f"error: layouts: {layout!r}: {e}")
+        except ConfigError as e:  # checked before anything compiles, as train.py --dry_run
+            sys.exit(f"error: layout {layout}: {e}")
         print(json.dumps({"layout": layout, **r}), flush=True)
         rows.append((layout, r))
 

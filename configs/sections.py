@@ -15,6 +15,7 @@ the command line exactly when it is declared here.
 """
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
@@ -829,6 +830,26 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 
+_NOTICES_SHOWN: set[str] = set()
+
+
+def _scale_default_warmup(values: dict[str, Any]) -> dict[str, Any]:
+    """A run shorter than the default warm-up warms up for a tenth of its steps instead
+    (with one notice); a warm-up the user set longer than the run stays an error."""
+    default = Optim.model_fields["warmup_steps"].default
+    steps, warmup = values.get("steps"), values.get("warmup_steps", default)
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and warmup == default
+            and 0 < steps < default):
+        return values
+    scaled = steps // 10
+    notice = (f"warmup_steps: the default {default} warm-up steps are more than steps "
+              f"{steps}; warming up for {scaled} steps")
+    if notice not in _NOTICES_SHOWN:
+        _NOTICES_SHOWN.add(notice)
+        print(notice, file=sys.stderr)
+    return {**values, "warmup_steps": scaled}
+
+
 class Config(BaseModel):
     """A run's resolved, validated config: one frozen section per concern."""
 
@@ -856,6 +877,7 @@ class Config(BaseModel):
         if isinstance(config, Config):
             return config
         values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        values = _scale_default_warmup(values)
         top_level = {"name"}
         sections = {}
         for attr, section in SECTIONS.items():

@@ -146,3 +146,12 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path):
     assert err.value.key == "optimizer.name" and "use a new --workdir" in str(err.value)
     notices = rundir.check_resume(Config().replace(schedule="wsd"), tmp_path, 100)
     assert notices == ["Resuming with a changed schedule: schedule cosine -> wsd"]
+
+
+def test_resuming_with_another_mesh_says_so(tmp_path):
+    from jaxlm.training import rundir
+    rundir.save_config(Config().replace(**{"mesh.fsdp": 4}), tmp_path)
+    notices = rundir.check_resume(Config().replace(**{"mesh.context": 4}), tmp_path, 10)
+    assert notices == [f"Resuming the run in {tmp_path} with changed settings: mesh.fsdp 4 -> "
+                       f"1, mesh.context 1 -> 4"]
+    assert rundir.check_resume(Config().replace(**{"mesh.fsdp": 4}), tmp_path, 10) == []

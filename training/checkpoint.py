@@ -6,6 +6,7 @@ A step that was damaged later (a truncated file, deleted metadata) fails to rest
 `restore_latest` then falls back to the newest step that restores.
 """
 
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -17,6 +18,19 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxlm.configs.errors import RunError
+
+
+class _ReadOnlyNotes(logging.Filter):
+    """Drops orbax's warnings that a read-only manager (eval, convert, resume checks) saves
+    nothing: that is what read-only asks for."""
+
+    NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.NOTES)
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotes())
 
 DAMAGED = "damaged_checkpoints"  # beside the checkpoints directory
 

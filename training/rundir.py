@@ -99,8 +99,26 @@ def check_resume(config: Config, workdir: Path, latest_step: int | None,
                                    "pass --allow_schedule_change to continue on the schedule "
                                    "for the new length, or use a new --workdir")
     changed = [k for k in ("steps", *SCHEDULE_KEYS) if saved.get(k, current[k]) != current[k]]
-    return ["Resuming with a changed schedule: " + ", ".join(
+    notices = ["Resuming with a changed schedule: " + ", ".join(
         f"{k} {saved[k]} -> {current[k]}" for k in changed)] if changed else []
+    flat_saved, flat_current = _flat(saved), _flat(current)
+    other = [k for k in flat_current if k.split(".")[0] not in (*FROZEN_KEYS, *changed)
+             and flat_saved.get(k, flat_current[k]) != flat_current[k]]
+    if other:
+        notices.append(f"Resuming the run in {workdir} with changed settings: " + ", ".join(
+            f"{k} {flat_saved[k]!r} -> {flat_current[k]!r}" for k in other))
+    return notices
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"mesh.fsdp": 4, ...}: the leaves of a nested config dict under dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def save_config(config: Config, workdir: Path) -> None:
