@@ -77,12 +77,12 @@ def check_case(causal, window, segments, ratio, d, dtype, *, t, interpret, block
     import jax.numpy as jnp
     from jaxlm.kernels.flash_attention import flash_attention
     from jaxlm.kernels.reference import reference_attention
+    from jaxlm.parallel.compat import fast_cpu_compile_options
     h = 4 if interpret else 8
     b = 1 if interpret else 2
     q, k, v, seg, do, dlse = _inputs(b, t, h, h // ratio, d, jnp.dtype(dtype), segments)
     # Interpreted kernels compile ~3x faster this way on CPU (as in the tests).
-    options = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-               if interpret else None)
+    options = fast_cpu_compile_options() if interpret else None
     kernel = jax.jit(functools.partial(_vjp, flash_attention, causal=causal,
                                        window_size=window, interpret=interpret,
                                        block_sizes=blocks), compiler_options=options)

@@ -1,5 +1,6 @@
 """benchmarks/device_check.sh: the report of its stages, and every stage on CPU (--cpu_smoke)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -45,11 +46,27 @@ def test_report_of_a_stage_that_did_not_run(tmp_path):
     assert report["stages"]["train"]["status"] == "did not run" and not report["ok"]
 
 
-def _run_check(out, *args):
+def _run_check(*args, script="device_check.sh"):
     env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(ROOT / ".pytest_cache" / "xla"))
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), str(out),
-                           *args], capture_output=True, text=True, timeout=480, env=env)
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=480, env=env)
+
+
+def _probe_wheel(folder):
+    """A one-module wheel of a distribution that is not installed: `probe_bundle`."""
+    import zipfile
+    folder.mkdir()
+    files = {"probe_bundle/__init__.py": "VALUE = 7\n",
+             "probe_bundle-1.0.dist-info/METADATA":
+                 "Metadata-Version: 2.1\nName: probe-bundle\nVersion: 1.0\n",
+             "probe_bundle-1.0.dist-info/WHEEL":
+                 "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files["probe_bundle-1.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + \
+        "probe_bundle-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(folder / "probe_bundle-1.0-py3-none-any.whl", "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
 
 
 def test_without_an_accelerator_the_check_fails_at_once(tmp_path):
@@ -61,9 +78,17 @@ def test_without_an_accelerator_the_check_fails_at_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_smoke_runs_every_stage(tmp_path):
-    result = _run_check(tmp_path, "--cpu_smoke")
+def test_cpu_smoke_runs_every_stage_from_a_bundle(tmp_path):
+    """benchmarks/device_entry.sh: installs the bundle's wheels that are not installed
+    (offline), prints the versions, then runs every stage of the check."""
+    _probe_wheel(tmp_path / "bundle")
+    result = _run_check(tmp_path / "bundle", tmp_path, "--cpu_smoke", script="device_entry.sh")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "installed 1 wheels" in result.stdout
+    versions = json.loads((tmp_path / "versions.json").read_text())
+    import jax
+    assert versions["jax"] == jax.__version__ and "python" in versions
+    assert versions["bundle"] == {"probe-bundle": "1.0"}
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["ok"] and report["device"]["cpu_smoke"]
     stages = report["stages"]
@@ -74,3 +99,111 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     assert [r["config"] for r in stages["train"]["rows"]] == ["smoke_dense", "smoke_moe"]
     assert all(r["tokens_per_sec"] > 0 for r in stages["train"]["rows"])
     assert "all stages passed" in (tmp_path / "device_check.md").read_text()
+
+
+# The device bundle (benchmarks/device_bundle.py): the offline GPU machine has PREINSTALLED,
+# the bundle brings BUNDLE; together they must hold what the project imports.
+
+def _python_files() -> list:
+    folders = ("configs", "models", "parallel", "kernels", "data", "losses", "training",
+               "evaluation", "inference", "sweeps", "checkpoints", "benchmarks")
+    files = [p for f in folders for p in sorted((ROOT / f).rglob("*.py"))]
+    return files + sorted(ROOT.glob("*.py"))
+
+
+def _third_party_imports(path) -> list[tuple[str, bool]]:
+    """(top-level module, deferred) for every import of a third-party module in the file;
+    deferred: inside a function, so it runs only when that function does."""
+    import ast
+    tree = ast.parse(path.read_text())
+    deferred_nodes = {id(n) for f in ast.walk(tree)
+                      if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      for n in ast.walk(f)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in ("jaxlm", "benchmarks",
+                                                                   "tests"):
+                out.append((top, id(node) in deferred_nodes))
+    return out
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    from importlib.metadata import packages_distributions
+    return packages_distributions()
+
+
+def _distribution(module: str) -> str:
+    """The distribution that installs `module` here (its own name where none does)."""
+    from benchmarks.device_bundle import normalize
+    return normalize((_distributions().get(module) or [module])[0])
+
+
+def test_the_bundle_and_the_preinstalled_packages_hold_every_import_of_the_project():
+    from benchmarks.device_bundle import BUNDLE, EXCLUDED, PREINSTALLED
+    optional = {"wandb"}  # the .[wandb] extra, imported only when a run logs to wandb
+    uncovered, eager_excluded = set(), set()
+    for path in _python_files():
+        for module, deferred in _third_party_imports(path):
+            dist = _distribution(module)
+            if dist in EXCLUDED or dist in optional:
+                if not deferred:
+                    eager_excluded.add(f"{path.relative_to(ROOT)}: {module}")
+            elif dist not in BUNDLE | PREINSTALLED:
+                uncovered.add(f"{path.relative_to(ROOT)}: {module} ({dist})")
+    assert not uncovered, "in neither BUNDLE nor PREINSTALLED: " + ", ".join(sorted(uncovered))
+    # Left out of the bundle, so imported only where the feature that needs it runs.
+    assert not eager_excluded, ", ".join(sorted(eager_excluded))
+
+
+def _requirement_closure(roots, stop=frozenset()) -> set[str]:
+    """The installed distributions that `roots` need (their runtime requirements, with the
+    extras they ask for), not looking past the distributions in `stop`."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    from benchmarks.device_bundle import normalize
+    seen, done, todo = set(), set(), [(normalize(r), frozenset()) for r in roots]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in done:
+            continue
+        done.add((name, extras))
+        seen.add(name)
+        if name in stop:
+            continue
+        for req in map(Requirement, importlib.metadata.requires(name) or []):
+            if req.marker is None or any(req.marker.evaluate({"extra": e})
+                                         for e in ("", *extras)):
+                todo.append((normalize(req.name), frozenset(req.extras)))
+    return seen
+
+
+def test_the_bundle_holds_every_requirement_the_machine_lacks():
+    """What jaxlm needs (its requirements and theirs, as installed here), less what the
+    GPU machine has and the deliberately excluded, is in BUNDLE, and BUNDLE holds nothing
+    else."""
+    from benchmarks.device_bundle import BUNDLE, EXCLUDED, PREINSTALLED
+    needed = _requirement_closure(["jaxlm"], stop=PREINSTALLED | set(EXCLUDED)) - {"jaxlm"}
+    assert needed - PREINSTALLED - set(EXCLUDED) == BUNDLE
+
+
+def test_preinstalled_names_only_what_the_preinstalled_packages_bring():
+    """Every distribution assumed on the GPU machine is one of its packages or a requirement
+    of theirs (here, as installed), so the bundle leaves out nothing the machine lacks."""
+    import importlib.util
+    if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        pytest.skip("the .[hf] extra (torch, transformers) is not installed")
+    from benchmarks.device_bundle import GPU_ONLY, PREINSTALLED
+    brought = _requirement_closure(["jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+                                    "torch", "transformers"])
+    assert PREINSTALLED - GPU_ONLY <= brought, sorted(PREINSTALLED - GPU_ONLY - brought)

@@ -13,6 +13,7 @@ Tolerances are on the error relative to the largest reference magnitude:
 Sequence length 40 is not a multiple of any block, so every case also covers padding.
 """
 
+import contextlib
 import functools
 import itertools
 
@@ -27,13 +28,14 @@ from jaxlm.configs.errors import ConfigError
 from jaxlm.kernels.flash_attention import BlockSizes, flash_attention, flash_attention_backward
 from jaxlm.kernels.reference import reference_attention
 from jaxlm.models.attention import ATTENTION_IMPLS, xla_attention
+from jaxlm.parallel.compat import fast_cpu_compile_options, gpu_lowering_target
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import use_rules
 from tests.helpers import no_compilation, params_fast_only, run_steps
 
 # XLA:CPU spends most of these tests compiling the interpreted kernels. LLVM optimisation
-# level 0 and the classic (non-MLIR) fusion emitters compile them ~3x faster, same results.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# level 0 and, where XLA has them, the classic fusion emitters compile them ~3x faster.
+FAST_COMPILE = fast_cpu_compile_options()
 TOL = {"float32": dict(out=2e-5, lse=2e-5, grad=1e-4),
        "bfloat16": dict(out=1e-2, lse=1e-3, grad=3e-2)}
 # Unequal blocks across the three kernels exercise the block-range logic. The TPU
@@ -361,6 +363,8 @@ def test_kernels_lower_for_their_accelerator(backend, platform, positions):
             return jnp.sum(o.astype(jnp.float32))
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    text = jax.jit(f).trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
+    with gpu_lowering_target() if platform == "cuda" else contextlib.nullcontext():
+        lowered = jax.jit(f).trace(q, kv, kv, seg).lower(lowering_platforms=(platform,))
+    text = lowered.as_text()
     target = "__gpu$xla.gpu.triton" if backend == "triton" else "tpu_custom_call"
     assert text.count(f"@{target}") == 3  # forward, dK/dV, dQ

@@ -45,6 +45,7 @@ def test_a_folder_never_shadows_an_installed_package_of_its_name(name, tmp_path)
 def test_imports_beside_transformers_integrations_from_any_directory(where, tmp_path):
     """transformers imports Hugging Face's `kernels`; ours is `jaxlm.kernels`, from anywhere."""
     pytest.importorskip("transformers")
+    pytest.importorskip("torch", reason="transformers' model classes need torch (.[hf])")
     code = ("import transformers.integrations.hub_kernels\n"
             "from transformers import LlamaForCausalLM\n"
             "from jaxlm.kernels.flash_attention import flash_attention\n"
