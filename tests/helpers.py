@@ -24,6 +24,21 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env_extra=Non
                           timeout=timeout, env=env)
 
 
+def step0_run(config, workdir: Path, devices=None) -> Path:
+    """A run directory with a step-0 checkpoint of a random init (no training)."""
+    from jaxlm.configs.sections import Config
+    from jaxlm.training import rundir
+    from jaxlm.training.checkpoint import Checkpointer
+    from jaxlm.training.experiment import Experiment
+    config = Config.from_dict(config)
+    exp = Experiment.build(config, workdir, devices or jax.devices()[:1])
+    rundir.save_config(config, workdir)
+    with Checkpointer(rundir.checkpoint_dir(workdir)) as ckpt:
+        ckpt.save(0, exp.init_state())
+        ckpt.wait()
+    return workdir
+
+
 def run_steps(config, workdir, devices, n: int | None = None):
     """Train `n` steps (default config.steps) in-process; returns (losses, params on host)."""
     from jaxlm.training.experiment import Experiment

@@ -19,7 +19,7 @@ from jaxlm.configs.sections import Config, Model
 from jaxlm.configs.sections import Sampling
 from jaxlm.evaluation.restore import restore_run
 from jaxlm.inference.generate import Generator
-from tests.helpers import assert_trees_close, run_cli
+from tests.helpers import assert_trees_close, run_cli, step0_run
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.init_from import check_source, restore_initial_state
 from jaxlm.training.trainer import train
@@ -323,19 +323,6 @@ def test_cli_import_on_8_devices_then_eval_sample_quantize_draft_export(tmp_path
     np.testing.assert_array_equal(hf_logits(again, tokens, mask), hf_logits(model, tokens, mask))
 
 
-def _step0_run(config, workdir: Path) -> Path:
-    """A run directory with a step-0 checkpoint of a random init (no training)."""
-    from jaxlm.training import rundir
-    from jaxlm.training.checkpoint import Checkpointer
-    config = Config.from_dict(config)
-    exp = Experiment.build(config, workdir, jax.devices()[:1])
-    rundir.save_config(config, workdir)
-    with Checkpointer(rundir.checkpoint_dir(workdir)) as ckpt:
-        ckpt.save(0, exp.init_state())
-        ckpt.wait()
-    return workdir
-
-
 @pytest.mark.parametrize("kind", ["char", "byte"])
 def test_an_export_carries_the_run_tokenizer(kind, tiny_config, tmp_path):
     """AutoTokenizer on an export encodes and decodes as the run's own tokenizer does, and
@@ -343,7 +330,7 @@ def test_an_export_carries_the_run_tokenizer(kind, tiny_config, tmp_path):
     import transformers
     from jaxlm.training import rundir
     tiny_config.data.tokenizer, tiny_config.model.mlp = kind, "swiglu"  # Llama's MLP
-    run = _step0_run(tiny_config, tmp_path / "run")
+    run = step0_run(tiny_config, tmp_path / "run")
     export_hf(run, tmp_path / "out", devices=jax.devices()[:1])
     ours = rundir.load_data(rundir.load_config(run), run).tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -12,9 +12,8 @@ from jaxlm.configs.finetune import get_config as finetune_config
 from jaxlm.configs.sections import Config
 from jaxlm.data.tokenizers import vocabulary
 from jaxlm.evaluation.restore import restore_run
-from tests.helpers import assert_trees_close, no_compilation
+from tests.helpers import assert_trees_close, no_compilation, step0_run
 from jaxlm.training import rundir, trainer
-from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.init_from import check_source, first_model_difference, restore_initial_state
 
@@ -29,14 +28,7 @@ def _fast(c):
 def source_run(tmp_path_factory):
     """A run with one step-0 checkpoint of a random init (written without training)."""
     from jaxlm.configs.shakespeare_char import get_config
-    workdir = tmp_path_factory.mktemp("source")
-    config = Config.from_dict(_fast(get_config("tiny")))
-    exp = Experiment.build(config, workdir, jax.devices()[:1])
-    rundir.save_config(config, workdir)
-    with Checkpointer(rundir.checkpoint_dir(workdir)) as ckpt:
-        ckpt.save(0, exp.init_state())
-        ckpt.wait()
-    return workdir
+    return step0_run(_fast(get_config("tiny")), tmp_path_factory.mktemp("source"))
 
 
 def test_the_first_differing_model_key_is_named(tiny_config, source_run, tmp_path):
