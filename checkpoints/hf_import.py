@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxlm.checkpoints.architectures import KEY, Tensor, hf_shape, model_section, tensor_table
-from jaxlm.checkpoints.safetensors_io import CHUNK_BYTES, SafetensorsReader
+from jaxlm.checkpoints.safetensors_io import CHUNK_BYTES, DAMAGED, SafetensorsReader
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config
 from jaxlm.losses.objectives import OBJECTIVE_PARAMS
@@ -86,6 +86,10 @@ def tensor_names(reader: SafetensorsReader, t: Tensor, shape: tuple[int, ...], l
         if reader.shape(name) != want:
             raise ConfigError(KEY, f"tensor {name} has shape {list(reader.shape(name))}, but "
                                    f"config.json implies {list(want)}")
+        if not reader.is_float(name):
+            raise ConfigError(KEY, f"tensor {name} in {reader.file(name)} has dtype "
+                                   f"{reader.dtype(name)}, but model weights are floating "
+                                   f"point; {DAMAGED}")
         names.append(name)
     return names
 
@@ -109,13 +113,21 @@ def _row_axis(t: Tensor, per_layer: tuple[int, ...]) -> tuple[int, int]:
     return axis, math.prod(per_layer[axis + 1:last])
 
 
+def _check_finite(reader: SafetensorsReader, name: str, block: np.ndarray) -> None:
+    if not np.isfinite(block).all():
+        raise ConfigError(KEY, f"tensor {name} in {reader.file(name)} holds NaN or infinite "
+                               f"values; {DAMAGED}")
+
+
 def fill_layer(reader: SafetensorsReader, name: str, t: Tensor, per_layer: tuple[int, ...],
                ranges: tuple[tuple[int, int], ...], out: np.ndarray) -> None:
     """Write `ranges` of one layer of our parameter into `out`, mapping at most
-    CHUNK_BYTES of the file at a time. Rows past the stored vocabulary stay zero."""
+    CHUNK_BYTES of the file at a time. Rows past the stored vocabulary stay zero. A
+    value that is not finite is an error."""
     if t.in_ndim == 0:  # a vector (small; a fused one splits along its rows)
         view = _as_ours(reader.view(name), t, list(per_layer))
         out[...] = view[tuple(slice(*r) for r in ranges)]
+        _check_finite(reader, name, out)
         return
     axis, per_row = _row_axis(t, per_layer)
     lo, hi = ranges[axis]
@@ -130,6 +142,7 @@ def fill_layer(reader: SafetensorsReader, name: str, t: Tensor, per_layer: tuple
         dst = tuple(slice(a - lo, b - lo) if d == axis else slice(None)
                     for d in range(len(ranges)))
         out[dst] = view[src]
+        _check_finite(reader, name, out[dst])
         del view  # unmaps this block
 
 

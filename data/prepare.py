@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -669,7 +670,13 @@ def sft_tokenizer(spec: str, chat_template: str = "auto"
         tok, meta = reuse_tokenizer(directory)
         saved = meta.get("chat_template")
         if isinstance(saved, dict):
-            found = ChatTemplate(saved["source"], saved["special_tokens"])
+            if not (isinstance(saved.get("source"), str) and
+                    isinstance(saved.get("special_tokens"), dict)):
+                raise ConfigError("--tokenizer", f"{directory / META} is damaged (its "
+                                                 f"chat_template has no source and "
+                                                 f"special_tokens); prepare it again")
+            found = ChatTemplate(saved["source"], saved["special_tokens"],
+                                 f"the chat template in {directory / META}")
     else:
         kind, path = parse_tokenizer_spec(spec, "--tokenizer")
         if kind in ("char", "bpe"):
@@ -693,7 +700,12 @@ def sft_tokenizer(spec: str, chat_template: str = "auto"
     if not file.is_file():
         raise ConfigError("--chat_template", f"expected auto, simple or a Jinja template "
                                              f"file; no such file: {file}")
-    return tok, ChatTemplate(file.read_text(encoding="utf-8"), special_token_strings(tok))
+    try:
+        source = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("--chat_template", f"{file} is not UTF-8 text ({e.reason} at byte "
+                                             f"{e.start})") from None
+    return tok, ChatTemplate(source, special_token_strings(tok), str(file))
 
 
 def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *,
@@ -848,6 +860,15 @@ def describe_bad(meta: dict[str, Any]) -> list[str]:
 
 # Command line.
 
+def _flag_amount(value: float, flag: str, scale: float, allow_zero: bool = False) -> int:
+    """`value` (a size in millions or MiB) times `scale` as an int; a ConfigError naming
+    `flag` unless it is finite and > 0 (>= 0 with `allow_zero`)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(flag, f"must be a number {'>=' if allow_zero else '>'} 0, got "
+                                f"{value}")
+    return int(value * scale)
+
+
 _CONFIG_TO_FLAG = {"data.path": "--input", "data.tokenizer": "--tokenizer",
                    "data.val_fraction": "--val_fraction", "data.vocab_size": "--vocab_size"}
 
@@ -911,11 +932,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             out = prepare_corpus(args.input, args.output, tokenizer=args.tokenizer,
                                  vocab_size=args.vocab_size, text_field=args.text_field,
-                                 bpe_train_chars=int(args.bpe_train_mb * 1e6),
+                                 bpe_train_chars=_flag_amount(args.bpe_train_mb,
+                                                              "--bpe_train_mb", 1e6, True),
                                  workers=args.workers, val_fraction=args.val_fraction,
                                  split_blank_lines=args.split_blank_lines,
                                  skip_bad=args.skip_bad, overwrite=args.overwrite,
-                                 shard_bytes=int(args.shard_mb * 2**20),
+                                 shard_bytes=_flag_amount(args.shard_mb, "--shard_mb",
+                                                          2**20),
                                  progress=not args.quiet)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
@@ -932,7 +955,8 @@ def _main_sft(args: argparse.Namespace) -> None:
                           seq_len=args.seq_len, val_fraction=args.val_fraction,
                           truncate=args.truncate, strict=args.strict,
                           end_text=args.end_text, chat_template=args.chat_template,
-                          overwrite=args.overwrite, shard_bytes=int(args.shard_mb * 2**20),
+                          overwrite=args.overwrite,
+                          shard_bytes=_flag_amount(args.shard_mb, "--shard_mb", 2**20),
                           progress=not args.quiet)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None

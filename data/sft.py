@@ -25,13 +25,18 @@ lists the reasons.
 """
 
 import dataclasses
+import functools
 import json
+import re
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxlm.configs.errors import ConfigError
+from jaxlm.data.readers import BadLine, json_line
 from jaxlm.data.tokenizers import HFTokenizer, Tokenizer
 
 ASSISTANT = "assistant"
@@ -39,7 +44,8 @@ DEFAULT_END_TEXT = "\n"
 SIMPLE_TEMPLATE = "simple"
 REASONS = {
     "invalid_utf8": "the line is not UTF-8",
-    "invalid_json": "the line is not valid JSON",
+    "invalid_json": "the line is not valid JSON (or nested too deeply, or holds a lone "
+                    "surrogate escape)",
     "not_an_object": "the line is not a JSON object",
     "missing_field": "no 'prompt' and 'completion', nor 'messages'",
     "ambiguous_fields": "both 'messages' and 'prompt'/'completion'",
@@ -75,39 +81,279 @@ Piece = tuple[str | int, int]  # (text, or a special token id; weight)
 
 # Chat templates.
 
+# What one rendering may produce, for a conversation of n characters (its roles, contents
+# and special tokens): TEMPLATE_BASE + TEMPLATE_PER_CHAR * n characters of output (every
+# piece a template emits counts, also inside macros and {% set %} blocks), loop steps, and
+# characters or items in any one value it builds.
+TEMPLATE_BASE = 1 << 20
+TEMPLATE_PER_CHAR = 16
+
+
+class TemplateLimit(Exception):
+    """A chat template rendering that exceeds its bound (see TEMPLATE_BASE)."""
+
+
+class _Budget:
+    """The bound of one rendering: `spend` counts output characters and loop steps,
+    `size` checks one value."""
+
+    def __init__(self) -> None:
+        self.limit, self.spent = 0, 0
+
+    def start(self, limit: int) -> None:
+        self.limit, self.spent = limit, 0
+
+    def spend(self, n: int, what: str) -> None:
+        self.spent += n
+        if self.spent > self.limit:
+            raise TemplateLimit(f"the chat template produces more than {self.limit:,} "
+                                f"characters and loop steps ({what}) for this record")
+
+    def size(self, n: int, what: str) -> None:
+        if n > self.limit:
+            raise TemplateLimit(f"the chat template builds {what} of {n:,} characters or "
+                                f"items, more than the {self.limit:,} this record allows")
+
+
+def _length(x: Any) -> int:
+    return len(x) if isinstance(x, (str, list, tuple, dict)) else 0
+
+
+_PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_widths(budget: _Budget, specs: Sequence[str], args: Sequence[Any]) -> None:
+    """Widths and precisions in format specs, and `*` widths from int arguments."""
+    for spec in specs:
+        for number in re.findall(r"\d+", spec):
+            budget.size(int(number), "a formatted field")
+    if any("*" in spec or "{" in spec for spec in specs):
+        for a in args:
+            if isinstance(a, int):
+                budget.size(abs(a), "a formatted field")
+
+
+def _printf_specs(text: str) -> list[str]:
+    return [m.group(0) for m in _PRINTF_SPEC.finditer(text)]
+
+
+def _format_specs(text: str) -> list[str]:
+    try:
+        return [spec or "" for _, _, spec, _ in string.Formatter().parse(text)]
+    except ValueError:
+        return []  # str.format raises the same error itself
+
+
+def _check_str_call(budget: _Budget, s: str, name: str, args: tuple, kwargs: dict) -> None:
+    """The size of what a str method will build, checked before it runs."""
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if name in ("center", "ljust", "rjust", "zfill") and isinstance(first, int):
+        budget.size(first, f"str.{name}")
+    elif name == "expandtabs":
+        tab = first if isinstance(first, int) else 8
+        budget.size(len(s) + max(tab, 0) * s.count("\t"), "str.expandtabs")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and \
+            isinstance(args[1], str):
+        _check_replace(budget, s, args[0], args[1], args[2] if len(args) > 2 else -1)
+    elif name == "join" and isinstance(first, (list, tuple)):
+        budget.size(sum(_length(x) for x in first) + len(s) * max(len(first) - 1, 0),
+                    "str.join")
+    elif name in ("format", "format_map"):
+        _check_widths(budget, _format_specs(s), [*args, *kwargs.values()])
+
+
+def _check_replace(budget: _Budget, s: str, old: str, new: str, count: Any) -> None:
+    n = s.count(old) if old else len(s) + 1
+    if isinstance(count, int) and count >= 0:
+        n = min(n, count)
+    budget.size(len(s) + n * (len(new) - len(old)), "a replacement")
+
+
+def _bounded_filters(env: Any, budget: _Budget) -> None:
+    """Every filter's result is size-checked; those that build from a size argument
+    (center, indent, batch, slice, format, replace, join) are checked before they run."""
+
+    def before(name: str, value: Any, rest: tuple, kwargs: dict) -> None:
+        first = rest[0] if rest else next(iter(kwargs.values()), None)
+        if name in ("center", "batch", "slice") and isinstance(first, int):
+            budget.size(first, f"the {name} filter")
+        elif name == "indent" and isinstance(value, str):
+            width = first if first is not None else 4
+            pad = width if isinstance(width, int) else _length(width)
+            budget.size(len(value) + max(pad, 0) * (value.count("\n") + 1), "the indent filter")
+        elif name == "format" and isinstance(value, str):
+            _check_widths(budget, _printf_specs(value), [*rest, *kwargs.values()])
+        elif name == "replace" and isinstance(value, str) and len(rest) >= 2:
+            _check_replace(budget, value, str(rest[0]), str(rest[1]),
+                           rest[2] if len(rest) > 2 else kwargs.get("count"))
+        elif name == "join" and isinstance(value, (list, tuple)):
+            sep = first if isinstance(first, str) else ""
+            budget.size(sum(_length(x) for x in value) + len(sep) * max(len(value) - 1, 0),
+                        "the join filter")
+
+    def wrap(name: str, f: Any) -> Any:
+        skip = 1 if getattr(f, "jinja_pass_arg", None) is not None else 0
+
+        @functools.wraps(f)
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > skip:
+                before(name, args[skip], args[skip + 1:], kwargs)
+            result = f(*args, **kwargs)
+            budget.size(_length(result), f"the {name} filter's result")
+            return result
+        return bounded
+
+    env.filters = {name: wrap(name, f) for name, f in env.filters.items()}
+
+
+def _bounded_environment(budget: _Budget) -> Any:
+    """An ImmutableSandboxedEnvironment whose operators, calls, filters, range, loops and
+    output are bounded by `budget`."""
+    # Deferred: jinja2 loads only when a chat template renders messages.
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+", "**", "%"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        budget.size(len(seq) * max(n, 0), "a repetition")
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and \
+                    isinstance(right, (str, list, tuple)):
+                budget.size(len(left) + len(right), "a concatenation")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and \
+                    abs(left) > 1 and right > 0:
+                budget.size(right * left.bit_length() // 3, "a power")
+            elif operator == "%" and isinstance(left, str):
+                args = right if isinstance(right, tuple) else (right,)
+                _check_widths(budget, _printf_specs(left), args)
+            result = super().call_binop(context, operator, left, right)
+            budget.size(_length(result), "a value")
+            return result
+
+        def call(__self, __context: Any, __obj: Any, *args: Any,
+                 **kwargs: Any) -> Any:
+            target = getattr(__obj, "__wrapped__", __obj)
+            owner = getattr(target, "__self__", None)
+            if isinstance(owner, str):
+                _check_str_call(budget, owner, getattr(target, "__name__", ""), args, kwargs)
+            result = super().call(__context, __obj, *args, **kwargs)
+            budget.size(_length(result), "a value")
+            return result
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True,
+                  extensions=["jinja2.ext.loopcontrols"])
+    safe_range = env.globals["range"]
+
+    def bounded_range(*args: int) -> range:
+        r = safe_range(*args)
+        budget.size(len(r), "a range")
+        return r
+
+    def steps(iterable: Any) -> Any:
+        for x in iterable:
+            budget.spend(1, "loop steps")
+            yield x
+
+    def emit(value: Any) -> Any:
+        budget.spend(len(str(value)), "output")
+        return value
+
+    def concat(*values: Any) -> str:
+        budget.size(sum(len(str(v)) for v in values), "a ~ concatenation")
+        return "".join(str(v) for v in values)
+
+    env.globals.update(range=bounded_range, jaxlm_steps=steps, jaxlm_emit=emit,
+                       jaxlm_concat=concat)
+    env.globals.pop("lipsum", None)  # builds text from a count alone
+
+    def call(name: str, args: list, lineno: int) -> Any:
+        return nodes.Call(nodes.Name(name, "load", lineno=lineno), args, [], None, None,
+                          lineno=lineno)
+
+    class Transform(jinja2.visitor.NodeTransformer):
+        """Loops count their steps, each piece of output counts its characters, and `~`
+        checks the size of what it joins."""
+
+        def visit_For(self, node: Any) -> Any:
+            node = self.generic_visit(node)
+            node.iter = call("jaxlm_steps", [node.iter], node.lineno)
+            return node
+
+        def visit_Output(self, node: Any) -> Any:
+            node = self.generic_visit(node)
+            node.nodes = [call("jaxlm_emit", [n], n.lineno) for n in node.nodes]
+            return node
+
+        def visit_Concat(self, node: Any) -> Any:
+            node = self.generic_visit(node)
+            return call("jaxlm_concat", node.nodes, node.lineno)
+
+    env.bounded_transform = Transform()
+    return env
+
+
 class ChatTemplate:
     """A Hugging Face chat template (Jinja), rendered with the settings transformers uses
-    (trim_blocks, lstrip_blocks, loop controls, `raise_exception`, `tojson`)."""
+    (trim_blocks, lstrip_blocks, loop controls, `raise_exception`, `tojson`), in a
+    sandbox that bounds what one rendering may produce (TEMPLATE_BASE). `origin` names
+    where the source came from, for the error a template that does not parse raises."""
 
-    def __init__(self, source: str, special_tokens: dict[str, str]):
+    def __init__(self, source: str, special_tokens: dict[str, str],
+                 origin: str = "the chat template"):
         # Deferred: jinja2 loads only when a chat template renders messages.
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         self.source, self.special_tokens = source, dict(special_tokens)
+        self._budget = _Budget()
 
         def raise_exception(message: str) -> None:
             raise jinja2.TemplateError(message)
 
         def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None,
                    separators: Any = None, sort_keys: bool = False) -> str:
+            if isinstance(indent, int):
+                self._budget.size(indent, "a tojson indent")
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
                               separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = _bounded_environment(self._budget)
         env.filters["tojson"] = tojson
+        _bounded_filters(env, self._budget)
         env.globals["raise_exception"] = raise_exception
         self._errors = (jinja2.TemplateError,)
-        self._template = env.from_string(source)
+        try:
+            tree = env.bounded_transform.visit(env.parse(source))
+            self._template = env.from_string(tree)
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError("--chat_template", f"{origin} is not a valid Jinja template "
+                                                 f"({e.message}, line {e.lineno}); fix it, "
+                                                 f"or pass --chat_template=simple or a "
+                                                 f"template file") from None
+        except RecursionError:
+            raise ConfigError("--chat_template", f"{origin} is nested too deeply to parse; "
+                                                 f"pass --chat_template=simple or a "
+                                                 f"template file") from None
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        size = sum(len(m["role"]) + len(m["content"]) for m in messages) + \
+            sum(len(v) for v in self.special_tokens.values())
+        self._budget.start(TEMPLATE_BASE + TEMPLATE_PER_CHAR * size)
         try:
             return self._template.render(messages=list(messages),
                                          add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
+        except TemplateLimit as e:
+            raise BadRecord("template_error", str(e)) from None
+        except RecursionError:
+            raise BadRecord("template_error", "the chat template recursed too deeply (a "
+                                              "macro that calls itself?)") from None
         except self._errors as e:
             raise BadRecord("template_error", f"the chat template failed: {e}") from None
-        except (TypeError, KeyError, IndexError, ValueError) as e:
+        except (TypeError, KeyError, IndexError, ValueError, OverflowError) as e:
             raise BadRecord("template_error", f"the chat template failed: {e!r}") from None
 
     def pieces(self, messages: Sequence[dict[str, str]]) -> list[Piece]:
@@ -151,17 +397,20 @@ def find_chat_template(tok: Tokenizer, directory: Path | None) -> ChatTemplate |
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             cfg = {}
+    origin = cfg_file
     if (directory / "chat_template.jinja").is_file():
-        source = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        origin = directory / "chat_template.jinja"
+        source = origin.read_text(encoding="utf-8")
     elif isinstance(cfg.get("chat_template"), str):
         source = cfg["chat_template"]
     elif isinstance(cfg.get("chat_template"), list):
         named = {t.get("name"): t.get("template") for t in cfg["chat_template"]
                  if isinstance(t, dict)}
         source = named.get("default")
-    if not source:
+    if not source or not isinstance(source, str):
         return None
-    return ChatTemplate(source, special_token_strings(tok, cfg))
+    return ChatTemplate(source, special_token_strings(tok, cfg),
+                        f"the chat template of {origin}")
 
 
 def special_token_strings(tok: Tokenizer, cfg: dict[str, Any] | None = None) -> dict[str, str]:
@@ -192,13 +441,9 @@ def template_directory(spec_path: str | None) -> Path | None:
 def parse_record(line: bytes) -> dict[str, Any]:
     """A JSON line -> {"prompt", "completion"} or {"messages"}; raises BadRecord."""
     try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRecord("invalid_utf8", f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        record = json.loads(text)
-    except ValueError as e:
-        raise BadRecord("invalid_json", f"not valid JSON ({e})") from None
+        record = json_line(line)
+    except BadLine as e:
+        raise BadRecord(e.reason, e.detail) from None
     if not isinstance(record, dict):
         raise BadRecord("not_an_object", f"a JSON {type(record).__name__}, not an object")
     has_pc = "prompt" in record or "completion" in record

@@ -139,6 +139,17 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _checked_sha256(path: Path, recorded: str | None) -> str:
+    """The file's sha256; a ValueError when it differs from the `recorded` one (a
+    prepared directory's meta.json records the hash of the tokenizer file it keeps)."""
+    actual = file_sha256(path)
+    if recorded is not None and actual != recorded:
+        raise ValueError(f"{path} is not the tokenizer file this data was prepared with "
+                         f"(sha256 {actual[:8]}, recorded {recorded[:8]}): it was changed "
+                         f"or damaged; restore it, or prepare the data again")
+    return actual
+
+
 @functools.cache
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte -> printable character table, inverted (character -> byte)."""
@@ -174,8 +185,12 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _HF
         self.path = Path(path)
         self.kind = kind
-        self.sha256 = sha256 or file_sha256(self.path)
-        self.tok = _HF.from_file(str(self.path))
+        self.sha256 = _checked_sha256(self.path, sha256)
+        try:
+            self.tok = _HF.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            raise ValueError(f"{self.path} is not a Hugging Face tokenizer.json ({e})"
+                             ) from None
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.bos_id, self.eos_id = bos_id, eos_id
@@ -225,7 +240,7 @@ class SentencePieceTokenizer:
         # Deferred: optional, only for sentencepiece: tokenizers.
         import sentencepiece as spm
         self.path = Path(path)
-        self.sha256 = sha256 or file_sha256(self.path)
+        self.sha256 = _checked_sha256(self.path, sha256)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
