@@ -183,3 +183,33 @@ def test_checkpoints_save_only_a_step_the_guard_marked_finite():
     loop = TrainLoop(_step, lambda: None, 4, [Checkpoints(None, Ckpt(), None, 2)])
     with pytest.raises(RuntimeError, match="step 2 is not marked finite"):
         loop.run(0, 0)
+
+
+def test_an_eval_record_follows_its_steps_record_and_its_time_is_not_train_time(monkeypatch):
+    from jaxlm.training import hooks
+    now = [0.0]
+    monkeypatch.setattr(hooks.time, "time", lambda: now[0])
+
+    def evaluate(exp, params):
+        now[0] += 100.0  # an evaluation of 100 s
+        return {"eval_loss": 2.0, "perplexity": 7.4, "num_tokens": 8, "bits_per_byte": 1.0}
+    monkeypatch.setattr(hooks, "evaluate", evaluate)
+    device_get = hooks.jax.device_get
+
+    def wait_and_get(tree):
+        now[0] += 1.0  # reading a step's metrics waits for it: a step of 1 s
+        return device_get(tree)
+    monkeypatch.setattr(hooks.jax, "device_get", wait_and_get)
+    passes = []
+    metrics = hooks.Metrics(log_every=1, tokens_per_step=10, start_time=0.0)
+    loop = TrainLoop(lambda s, b: (SimpleNamespace(n=s.n + 1, params=None),
+                                   {"loss": jnp.asarray(1.0)}), lambda: None, 6,
+                     [metrics, hooks.Evaluation(None, 3),
+                      Call(lambda info: passes.append(info.ready))])
+    loop.run(SimpleNamespace(n=0, params=None), 0)
+    assert [[(s, "loss" in v) for s, v in ready] for ready in passes] == [
+        [], [(1, True)], [(2, True), (3, True), (3, False)], [], [(4, True)],
+        [(5, True), (6, True), (6, False)]]
+    throughput = [v["tokens_per_sec"] for ready in passes for _, v in ready
+                  if "tokens_per_sec" in v]
+    assert throughput == [10.0] * 5  # steps 2-6, one step of 10 tokens per second each
