@@ -10,6 +10,8 @@ import jax
 import jax.monitoring
 import numpy as np
 
+from jaxlm.training.loop import Hook
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,3 +86,15 @@ def params_fast_only(values, fast):
     keeps a representative subset, the full suite runs them all."""
     import pytest
     return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
+
+class Call(Hook):
+    """A training-loop hook that calls `fn(info)`; the cadence as in `Hook`."""
+
+    def __init__(self, fn, every=1, at_last=False, on_stop=False, waits=False, saves=False):
+        self.fn, self.every, self.at_last, self.on_stop = fn, every, at_last, on_stop
+        self.waits, self.saves = waits, saves
+
+    def on_step(self, info):
+        self.fn(info)

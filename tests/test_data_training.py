@@ -192,7 +192,7 @@ def test_documents_resume_exactly_mid_epoch_after_sigterm(corpora, tiny_config, 
     assert all(0 < r["bits_per_byte"] < 10 for r in evals)
     assert summary["bits_per_byte"] == pytest.approx(evals[-1]["bits_per_byte"])
     with monkeypatch.context() as m:  # SIGTERM during step 5's hooks: stops after step 6
-        _sigterm_at(m, Progress, "advance", lambda info: info.step == 5)
+        _sigterm_at(m, Progress, "on_step", lambda info: info.step == 5)
         assert trainer.train(c, tmp_path / "run", one())["step"] == 6
     trainer.train(c, tmp_path / "run", one())
     assert records(tmp_path / "run") == reference
@@ -238,7 +238,7 @@ def test_mixture_logs_tokens_per_source_and_evaluates_each(corpora, tiny_config,
     for name in ("plays", "poems"):
         assert last[f"eval_loss/{name}"] > 0 and last[f"bits_per_byte/{name}"] > 0
     with monkeypatch.context() as m:
-        _sigterm_at(m, Progress, "advance", lambda info: info.step == 5)
+        _sigterm_at(m, Progress, "on_step", lambda info: info.step == 5)
         trainer.train(c, tmp_path / "run", one())
     trainer.train(c, tmp_path / "run", one())
     assert records(tmp_path / "run") == reference  # the counts resume with the data

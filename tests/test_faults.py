@@ -157,7 +157,7 @@ def _stopped_at(config, workdir: Path, step: int, monkeypatch) -> None:
     """Train `config` until a SIGTERM stops it with a checkpoint at `step`: the signal comes
     during the hooks of step - 1, so the loop stops after `step`."""
     with monkeypatch.context() as m:
-        _sigterm_at(m, Progress, "advance", lambda info: info.step == step - 1)
+        _sigterm_at(m, Progress, "on_step", lambda info: info.step == step - 1)
         assert trainer.train(config, workdir, one())["step"] == step
 
 

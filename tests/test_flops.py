@@ -7,7 +7,7 @@ from jaxlm.configs.sections import Model
 from jaxlm.models.config import ModelConfig
 from jaxlm.training.flops import (mean_keys_per_query, model_flops_per_token, peak_flops_per_device,
                                   throughput_fields)
-from jaxlm.training.hooks import Metrics
+from jaxlm.training.hooks import Metrics, WriteRecords
 from jaxlm.training.loop import TrainLoop
 from tests.helpers import ROOT
 
@@ -62,13 +62,10 @@ class _Writer:
 
 def test_records_carry_model_flops_per_device_and_mfu():
     writer = _Writer()
-    metrics = Metrics(writer, log_every=1, tokens_per_step=768, start_time=0.0,
+    metrics = Metrics(log_every=1, tokens_per_step=768, start_time=0.0,
                       flops_per_token=3.0e6, num_devices=4, peak_flops=2.0e9)
-    loop = TrainLoop(lambda s, b: (s + 1, {"loss": jnp.asarray(1.0),
-                                           "learning_rate": jnp.asarray(0.0)}), lambda: None, 4)
-    loop.add_hook(metrics.collect, every=1)
-    loop.add_hook(metrics.finish, every=0, at_last=True)
-    loop.run(0, 0)
+    TrainLoop(lambda s, b: (s + 1, {"loss": jnp.asarray(1.0), "learning_rate": jnp.asarray(0.0)}),
+              lambda: None, 4, [metrics, WriteRecords(writer)]).run(0, 0)
     timed = [values for _, values in writer.records if "tokens_per_sec" in values]
     assert len(timed) == 3  # every record after the first (compiling) step
     for values in timed:

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.profile_ops import newest_trace, op_table
 from jaxlm.configs.errors import ConfigError
-from tests.helpers import no_compilation, run_cli
+from tests.helpers import Call, no_compilation, run_cli
 from jaxlm.training import trainer
 from jaxlm.training.hooks import Checkpoints, ProfileWindow
 from jaxlm.training.loop import TrainLoop
@@ -26,22 +26,17 @@ class _Exp:
         return state
 
 
-class _Guard:
-    def check_now(self, info):
-        pass
-
-
 def _saved_steps(every_minutes):
     """10 steps of 25 s on a fake clock, checkpoint_every=4."""
     now = [0.0]
     ckpt = _Ckpt()
-    hook = Checkpoints(_Exp(), ckpt, None, _Guard(), every_minutes, clock=lambda: now[0])
-    loop = TrainLoop(lambda s, b: (s + 1, {}), lambda: None, 10)
-    loop.add_hook(lambda info: now.__setitem__(0, 25.0 * info.step))  # the step took 25 s
-    loop.add_hook(hook, every=4, at_last=True, on_stop=True)
-    if every_minutes:
-        loop.add_hook(hook.on_clock, every=1)
-    loop.run(0, 0)
+
+    def step(state, batch):
+        now[0] += 25.0
+        return state + 1, {}
+    hooks = [Call(lambda info: setattr(info, "finite", True)),  # stands in for the guard
+             Checkpoints(_Exp(), ckpt, None, 4, every_minutes, clock=lambda: now[0])]
+    TrainLoop(step, lambda: None, 10, hooks).run(0, 0)
     return ckpt.saved
 
 
@@ -74,13 +69,24 @@ def test_profiler_window_covers_its_steps(start, first, num, want, monkeypatch, 
             traced.append(state + 1)
         return state + 1, {}
 
-    loop = TrainLoop(step, lambda: None, 10)
-    window = ProfileWindow(str(tmp_path), first, num)
-    loop.add_hook(window, every=1)
-    with window:
-        window.begin(start)
-        loop.run(start, start)
+    TrainLoop(step, lambda: None, 10, [ProfileWindow(str(tmp_path), first, num)]).run(
+        start, start)
     assert traced == want and not running[0]
+
+
+def test_a_loop_that_fails_stops_an_open_trace(monkeypatch, tmp_path):
+    running = [False]
+    monkeypatch.setattr(jax.profiler, "start_trace",
+                        lambda *a, **k: running.__setitem__(0, True))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: running.__setitem__(0, False))
+
+    def step(state, batch):
+        if state == 3:
+            raise KeyboardInterrupt
+        return state + 1, {}
+    with pytest.raises(KeyboardInterrupt):
+        TrainLoop(step, lambda: None, 10, [ProfileWindow(str(tmp_path), 2, 5)]).run(0, 0)
+    assert not running[0]
 
 
 @pytest.mark.slow

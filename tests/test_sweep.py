@@ -265,13 +265,13 @@ def test_tiny_sweep_resumes_skips_records_failures_and_reports(tmp_path, monkeyp
                        devices=one)["status"] == "ok"
     done_metrics = (out / "num_layers=1" / "metrics.jsonl").read_text()
     with monkeypatch.context() as m:  # a SIGTERM during step 2: stops after step 3
-        advance = Progress.advance
+        advance = Progress.on_step
 
         def advance_then_sigterm(self, info):
             advance(self, info)
             if info.step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
-        m.setattr(Progress, "advance", advance_then_sigterm)
+        m.setattr(Progress, "on_step", advance_then_sigterm)
         assert train(sweep.variant("num_layers=2").config, out / "num_layers=2", one)[
             "step"] == 3
 

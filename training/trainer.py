@@ -18,9 +18,10 @@ from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device
 from jaxlm.training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress,
-                                  ProfileWindow, SourceTokens, log, stop_on_signals)
+                                  ProfileWindow, SourceTokens, WriteRecords, log,
+                                  stop_on_signals)
 from jaxlm.training.init_from import InitSource, check_source, restore_initial_state
-from jaxlm.training.loop import TrainLoop
+from jaxlm.training.loop import Hook, TrainLoop
 from jaxlm.training.metrics import MetricWriter, start_wandb
 
 PROFILE_DIR = "profile"
@@ -70,9 +71,9 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
         state, start = _restore_or_init(exp, ckpt, data_iter, writer, source)
         n_params = count_params(exp.abstract_state.params)
         log(describe(exp, n_params))
-        loop, metrics, evaluation, progress = _loop(exp, ckpt, data_iter, writer, start, t_start)
-        profile = _profile_window(exp, workdir, loop, start)
-        with stop_on_signals(loop), contextlib.closing(progress), profile:
+        loop, metrics, evaluation = _loop(exp, workdir, ckpt, data_iter, writer, start,
+                                          t_start)
+        with stop_on_signals(loop):
             try:
                 state, step = loop.run(state, start)
             except RunError as e:
@@ -96,9 +97,10 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
             "num_params": n_params, **evaluation.last, "interrupted": interrupted}
 
 
-def _loop(exp: Experiment, ckpt: Checkpointer, data_iter: Any, writer: MetricWriter,
-          start: int, t_start: float) -> tuple[TrainLoop, Metrics, Evaluation, Progress]:
-    """The loop and its hooks, in the order they run after each step."""
+def _loop(exp: Experiment, workdir: Path, ckpt: Checkpointer, data_iter: Any,
+          writer: MetricWriter, start: int, t_start: float
+          ) -> tuple[TrainLoop, Metrics, Evaluation]:
+    """The loop and its hooks, in the order they run after each step (`training/hooks.py`)."""
     config = exp.config
     intervals, train = config.intervals, config.train
     counter = SourceTokens(exp.data.names) if isinstance(exp.data, Mixture) else None
@@ -109,51 +111,21 @@ def _loop(exp: Experiment, ckpt: Checkpointer, data_iter: Any, writer: MetricWri
             counter.read(host)
         return batch
 
-    loop = TrainLoop(exp.train_step, next_batch, train.steps)
-    guard = DivergenceGuard(train.nan_policy, train.max_skipped)
-    metrics = Metrics(writer, intervals.log_every, train.batch_size * train.seq_len, t_start,
+    metrics = Metrics(intervals.log_every, train.batch_size * train.seq_len, t_start,
                       flops_per_token=model_flops_per_token(exp.model_cfg, train.seq_len),
                       num_devices=exp.mesh.devices.size,
                       peak_flops=peak_flops_per_device(config.log.peak_flops_per_device,
                                                        exp.mesh.devices.flat[0].device_kind))
-    progress = Progress(start, train.steps)
-    metrics.listeners.append(progress.show)
-    if train.nan_policy == "skip":
-        metrics.extras.append(lambda step: {"skipped_total": guard.skipped_total})
-    evaluation = Evaluation(exp, metrics)
-    if counter is not None:
-        loop.add_hook(counter, every=1)
-        metrics.extras.append(counter.values)
-    loop.add_hook(guard, every=1)
-    loop.add_hook(metrics.collect, every=1)
-    loop.add_hook(progress.advance, every=1)
-    loop.add_hook(evaluation, every=intervals.eval_every, at_last=True)
-    checkpoints = Checkpoints(exp, ckpt, data_iter, guard, intervals.checkpoint_every_minutes)
-    loop.add_hook(checkpoints, every=intervals.checkpoint_every, at_last=True, on_stop=True)
-    if intervals.checkpoint_every_minutes > 0:
-        loop.add_hook(checkpoints.on_clock, every=1)
-    loop.add_hook(metrics.finish, every=0, at_last=True, on_stop=True)
-    return loop, metrics, evaluation, progress
-
-
-def _profile_window(exp: Experiment, workdir: Path, loop: TrainLoop, start: int
-                    ) -> contextlib.AbstractContextManager:
-    """The profiler window's hook on `loop` (a no-op context without `profile.num_steps`);
-    traced steps are marked with `StepTraceAnnotation` for TensorBoard's step view."""
-    profile = exp.config.profile
-    if not profile.num_steps:
-        return contextlib.nullcontext()
-    window = ProfileWindow(str(workdir / PROFILE_DIR), profile.start_step, profile.num_steps)
-    step_fn, steps_run = loop.step_fn, [start]
-
-    def annotated(state: Any, batch: Any) -> Any:
-        steps_run[0] += 1  # counted on the host: reading state.step would wait for the device
-        with jax.profiler.StepTraceAnnotation("train", step_num=steps_run[0]):
-            return step_fn(state, batch)
-    loop.step_fn = annotated
-    loop.add_hook(window, every=1)
-    window.begin(start)
-    return window
+    evaluation = Evaluation(exp, intervals.eval_every)
+    hooks: list[Hook] = [counter] if counter is not None else []
+    hooks += [DivergenceGuard(train.nan_policy, train.max_skipped), metrics, evaluation,
+              WriteRecords(writer), Progress(start, train.steps),
+              Checkpoints(exp, ckpt, data_iter, intervals.checkpoint_every,
+                          intervals.checkpoint_every_minutes)]
+    if config.profile.num_steps:
+        hooks.append(ProfileWindow(str(workdir / PROFILE_DIR), config.profile.start_step,
+                                   config.profile.num_steps))
+    return TrainLoop(exp.train_step, next_batch, train.steps, hooks), metrics, evaluation
 
 
 def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
