@@ -72,6 +72,12 @@ class ModelConfig:
         return self.lora
 
     @property
+    def stochastic(self) -> bool:
+        """Whether training draws random numbers: dropout, router jitter, adapter dropout."""
+        m, adapters = self.model, self.lora
+        return m.dropout > 0 or m.moe.jitter > 0 or bool(adapters and adapters.dropout > 0)
+
+    @property
     def window(self) -> int | None:
         """The sliding attention window, or None."""
         return self.model.sliding_window or None
