@@ -82,7 +82,7 @@ class Block(nnx.Module):
 
 
 class BlockGroup(nnx.Module):
-    """k consecutive blocks, the last one MoE: the scanned unit when `moe_every = k > 1`."""
+    """k consecutive blocks, the last one MoE: the scanned unit when `model.moe.every = k > 1`."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.size = cfg.layers_per_unit

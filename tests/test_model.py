@@ -12,7 +12,7 @@ from jaxlm.models.attention import make_mask, masked_attention, xla_attention
 from tests.helpers import model_config
 
 BASE = model_config(num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
-                    mlp="swiglu")
+                    mlp="swiglu", remat="none")  # the reference of the remat variants
 
 
 def tokens(b=2, length=16, seed=0):
