@@ -116,7 +116,7 @@ def restore_run_params(workdir: Path, step: int | None, devices: list[jax.Device
     if config.lora.rank:
         exp, state, step = restore_run(workdir, step, devices[:1])
         config, params = merge_lora(exp, state.params)
-        return config, dataclasses.replace(exp.model_cfg, lora_rank=0, quant=None), params, step
+        return config, dataclasses.replace(exp.model_cfg, lora=None, quant=None), params, step
     if config.quant.enabled:
         raise ConfigError("quant", "a quantization-aware run computes with fake-quantized "
                                    "weights and activations, which no Hugging Face "
@@ -149,7 +149,8 @@ def export_hf(workdir: str | Path, out_dir: str | Path, step: int | None = None,
                                               f"tokens, beyond the model's vocabulary of "
                                               f"{model_cfg.vocab_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = tensor_plan(arch, params, model_cfg.num_layers, model_cfg.vocab_size, DTYPES[dtype])
+    plan = tensor_plan(arch, params, config.model.num_layers, model_cfg.vocab_size,
+                       DTYPES[dtype])
     files = write_sharded(out_dir, plan, max_shard_bytes)
     hf = hf_config(config.model, model_cfg.vocab_size, config.train.seq_len)
     hf.update(_token_ids(origin_hf_dir(workdir, config, tok), tok), torch_dtype=dtype)

@@ -186,7 +186,7 @@ def place_params(exp: Experiment, reader: SafetensorsReader, arch: str) -> dict[
         if path not in table:
             raise ConfigError(KEY, f"no {arch} tensor holds parameter {'.'.join(path)}")
         t = table[path]
-        names = tensor_names(reader, t, leaf.shape, cfg.num_layers, cfg.vocab_size)
+        names = tensor_names(reader, t, leaf.shape, cfg.model.num_layers, cfg.vocab_size)
         plan.append((path, leaf.shape, t, names))
     params: dict[str, Any] = {}
     for path, shape, t, names in plan:  # every name and shape is checked first

@@ -656,6 +656,11 @@ class Lora(Section):
         return text
 
     @property
+    def scale(self) -> float:
+        """The factor of the adapters' output."""
+        return self.alpha / self.rank
+
+    @property
     def target_names(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.targets.split(",") if t.strip())
 

@@ -73,7 +73,7 @@ class Generator:
 
     def _empty_cache(self, batch: int) -> dict[str, jax.Array]:
         c = self.cfg
-        shape = (c.num_layers, batch, self.context, c.num_kv_heads, c.head_dim)
+        shape = (c.model.num_layers, batch, self.context, c.model.num_kv_heads, c.head_dim)
         return {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
 
     def _prefill_impl(self, params, tokens_BxL, valid_BxL):

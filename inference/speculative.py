@@ -113,7 +113,7 @@ class SpeculativeGenerator:
         _, c, context = self._model(which)
         # K slots of slack: a round may write up to K slots past the context, whose
         # outputs are never accepted (see the module docstring).
-        shape = (c.num_layers, 1, context + self.k, c.num_kv_heads, c.head_dim)
+        shape = (c.model.num_layers, 1, context + self.k, c.model.num_kv_heads, c.head_dim)
         return {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
 
     def _feed(self, which: str, params: Any, cache: dict[str, jax.Array], tokens_L: jax.Array,

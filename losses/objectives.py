@@ -222,9 +222,9 @@ def _feature(ctx: BuildContext) -> Term:
     learned linear projection when the widths differ."""
     f = ctx.config.loss.feature
     s_cfg, t_cfg = ctx.model_cfg, ctx.teacher_cfg
-    pairs = f.layer_pairs(s_cfg.num_layers, t_cfg.num_layers)
+    pairs = f.layer_pairs(s_cfg.model.num_layers, t_cfg.model.num_layers)
     s_idx, t_idx = [s for s, _ in pairs], [t for _, t in pairs]
-    kind, ds, dt = f.kind, s_cfg.d_model, t_cfg.d_model
+    kind, ds, dt = f.kind, s_cfg.model.d_model, t_cfg.model.d_model
     project = ds != dt
 
     def init(key):

@@ -188,29 +188,29 @@ class Attention(nnx.Module):
     KV cache; q/k/v (and output) biases and per-head q/k RMSNorm as `cfg` asks."""
 
     def __init__(self, cfg: Any, *, std: float, out_std: float, rngs: nnx.Rngs):
-        d, h, g, kd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d, h, g, kd = cfg.model.d_model, cfg.model.num_heads, cfg.model.num_kv_heads, cfg.head_dim
         dtype = cfg.compute_dtype
         self.num_heads, self.num_kv_heads, self.head_dim = h, g, kd
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta = cfg.model.rope_theta
         self.rope_scaling = cfg.rope_scaling
-        self.use_rope = cfg.position == "rope"
+        self.use_rope = cfg.model.position == "rope"
         self.window = cfg.window
-        self.impl = cfg.attention_impl
-        self.context_mode = cfg.context_attention
-        qkv_bias = cfg.attention_bias in ("qkv", "all")
+        self.impl = cfg.model.attention_impl
+        self.context_mode = cfg.model.context_attention
+        qkv_bias = cfg.model.attention_bias in ("qkv", "all")
         kw: dict[str, Any] = dict(std=std, dtype=dtype, rngs=rngs, bias=qkv_bias)
-        self.q = Linear((d,), (h, kd), ("embed", "heads", "head_dim"), **kw, lora=cfg.lora("q"))
+        self.q = Linear((d,), (h, kd), ("embed", "heads", "head_dim"), **kw, lora=cfg.adapter("q"))
         self.k = Linear((d,), (g, kd), ("embed", "kv_heads", "head_dim"), **kw,
-                        lora=cfg.lora("k"))
+                        lora=cfg.adapter("k"))
         self.v = Linear((d,), (g, kd), ("embed", "kv_heads", "head_dim"), **kw,
-                        lora=cfg.lora("v"))
+                        lora=cfg.adapter("v"))
         self.o = Linear((h, kd), (d,), ("heads", "head_dim", "embed"), std=out_std,
-                        dtype=dtype, rngs=rngs, bias=cfg.attention_bias == "all",
-                        lora=cfg.lora("o"))
-        self.use_qk_norm = cfg.qk_norm
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(kd, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
-            self.k_norm = RMSNorm(kd, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+                        dtype=dtype, rngs=rngs, bias=cfg.model.attention_bias == "all",
+                        lora=cfg.adapter("o"))
+        self.use_qk_norm = cfg.model.qk_norm
+        if cfg.model.qk_norm:
+            self.q_norm = RMSNorm(kd, eps=cfg.model.norm_eps, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(kd, eps=cfg.model.norm_eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, *,
                  segment_ids_BxL: jax.Array | None = None,

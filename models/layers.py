@@ -2,12 +2,13 @@
 
 from collections.abc import Callable, Iterator, Sequence
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.configs.sections import Lora, RopeScaling
 from jaxlm.models.quant import QTensor, embedding_table, fake_quant_activation, linear_operands
 from jaxlm.parallel.context import context_shards
 from jaxlm.parallel.sharding import constrain
@@ -35,17 +36,6 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-class LoraSpec(NamedTuple):
-    """A projection's low-rank adapter: rank, scale alpha / rank, input dropout."""
-    rank: int
-    alpha: float
-    dropout: float
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 @jax.custom_vjp
@@ -93,7 +83,7 @@ class Linear(nnx.Module):
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str],
                  *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False,
-                 lora: LoraSpec | None = None):
+                 lora: Lora | None = None):
         n = self.in_ndim = len(in_shape)
         self.dtype = dtype
         self.kernel = param(rngs, nnx.initializers.normal(std), (*in_shape, *out_shape), axes)
@@ -241,14 +231,6 @@ class PositionEmbed(nnx.Module):
         return jnp.take(self.embedding[...], positions_BxL, axis=0).astype(self.dtype)
 
 
-class RopeScaling(NamedTuple):
-    """Llama 3.1's RoPE frequency scaling (`rope_scaling` of type `llama3`)."""
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_positions: int
-
-
 def rope_frequencies(half: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
     """The `half` inverse frequencies of RoPE, scaled as Llama 3 does when `scaling` is set:
     long wavelengths are divided by `factor`, short ones kept, the band between blended."""
@@ -285,7 +267,7 @@ class MLP(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, kind: str, *, std: float, out_std: float,
                  dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False,
-                 lora: Callable[[str], LoraSpec | None] = lambda name: None):
+                 lora: Callable[[str], Lora | None] = lambda name: None):
         self.kind = kind
         if kind == "swiglu":
             self.gate = Linear((d_model,), (d_ff,), ("embed", "mlp"), std=std, dtype=dtype,

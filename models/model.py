@@ -77,8 +77,8 @@ def count_params(params: Any) -> int:
 
 def active_params(cfg: ModelConfig, total: int) -> int:
     """Parameters used per token: all, minus the routed experts a token does not visit."""
-    if not cfg.moe_num_experts:
+    if not cfg.model.moe.num_experts:
         return total
-    per_expert = cfg.d_model * cfg.moe_d_ff * (3 if cfg.mlp == "swiglu" else 2)
-    moe_layers = cfg.num_layers // cfg.layers_per_unit
-    return total - moe_layers * (cfg.moe_num_experts - cfg.moe_top_k) * per_expert
+    per_expert = cfg.model.d_model * cfg.expert_d_ff * (3 if cfg.model.mlp == "swiglu" else 2)
+    moe_layers = cfg.model.num_layers // cfg.layers_per_unit
+    return total - moe_layers * (cfg.model.moe.num_experts - cfg.model.moe.top_k) * per_expert

@@ -196,7 +196,7 @@ def dispatch_capacity(x_TxD, r: Routing, w, cfg: Any, groups: CapacityGroups | i
     p*C .. p*C + C - 1), so an expert-parallel exchange moves all groups at once.
     """
     t, d = x_TxD.shape
-    e = cfg.moe_num_experts
+    e = cfg.model.moe.num_experts
     k = r.experts_TxA.shape[1]
     if not isinstance(groups, CapacityGroups):
         groups = CapacityGroups.single(t, groups)
@@ -220,9 +220,9 @@ def dispatch_capacity(x_TxD, r: Routing, w, cfg: Any, groups: CapacityGroups | i
         x_TxD[token.reshape(-1)], mode="drop")
     buf = buf[:-1].reshape(e, num_groups * cap, d)
     if exchange is None:
-        out = expert_ffn(buf, w, cfg.mlp)
+        out = expert_ffn(buf, w, cfg.model.mlp)
     else:
-        out = exchange(buf, lambda b: expert_ffn(b, w, cfg.mlp))
+        out = exchange(buf, lambda b: expert_ffn(b, w, cfg.model.mlp))
     out = jnp.concatenate([out.reshape(rows, d), jnp.zeros((1, d), out.dtype)])
     combine = jnp.where(kept_TxA, r.weights_TxA, 0.0).astype(x_TxD.dtype)
     return jnp.einsum("tk,tkd->td", combine, out[index_TxA]), kept_TxA
@@ -263,15 +263,15 @@ def dispatch_dropless(x_TxD, r: Routing, w, cfg: Any):
     expert = r.experts_TxA.reshape(-1)
     token = jnp.repeat(jnp.arange(t), k)
     order = jnp.argsort(expert, stable=True)
-    sizes = jnp.bincount(expert, length=cfg.moe_num_experts).astype(jnp.int32)
+    sizes = jnp.bincount(expert, length=cfg.model.moe.num_experts).astype(jnp.int32)
     grouped = ragged_ffn if _use_ragged_dot(cfg) else blocked_ffn
-    out = grouped(x_TxD[token[order]], sizes, w, cfg.mlp)
+    out = grouped(x_TxD[token[order]], sizes, w, cfg.model.mlp)
     weight = r.weights_TxA.reshape(-1)[order].astype(out.dtype)
     return jnp.zeros((t, d), out.dtype).at[token[order]].add(weight[:, None] * out)
 
 
 def _use_ragged_dot(cfg: Any) -> bool:
-    impl = cfg.moe_grouped_matmul
+    impl = cfg.model.moe.grouped_matmul
     if impl == "auto":
         return jax.default_backend() != "cpu"
     return impl == "ragged_dot"
@@ -285,24 +285,25 @@ def moe_tokens(x_TxD: jax.Array, router_DxE: jax.Array, w: dict[str, jax.Array],
     `length`: tokens per sequence (the tokens are whole sequences, row-major); None = one
     sequence of all T tokens. It places the capacity groups (`capacity_groups`).
     """
+    moe = cfg.model.moe
     x_router = x_TxD.astype(jnp.float32)
-    if jitter_key is not None and cfg.moe_jitter > 0:
+    if jitter_key is not None and moe.jitter > 0:
         x_router = x_router * jax.random.uniform(jitter_key, x_router.shape, jnp.float32,
-                                                 1.0 - cfg.moe_jitter, 1.0 + cfg.moe_jitter)
-    r = route(x_router @ router_DxE.astype(jnp.float32), cfg.moe_top_k,
-              cfg.moe_router_order, cfg.moe_renormalize)
+                                                 1.0 - moe.jitter, 1.0 + moe.jitter)
+    r = route(x_router @ router_DxE.astype(jnp.float32), moe.top_k, moe.router_order,
+              moe.renormalize)
     t = x_TxD.shape[0]
-    if cfg.moe_capacity_factor > 0:
+    if moe.capacity_factor > 0:
         length = length or t
-        groups = capacity_groups(t // length, length, cfg.moe_group_size, cfg.moe_top_k,
-                                 cfg.moe_num_experts, cfg.moe_capacity_factor, cfg.seq_len)
+        groups = capacity_groups(t // length, length, moe.group_size, moe.top_k,
+                                 moe.num_experts, moe.capacity_factor, cfg.seq_len)
         y, kept = dispatch_capacity(x_TxD, r, w, cfg, groups, exchange)
     elif exchange is not None and ep_size > 1:
-        y, kept = dispatch_capacity(x_TxD, r, w, cfg, t * cfg.moe_top_k, exchange)
+        y, kept = dispatch_capacity(x_TxD, r, w, cfg, t * moe.top_k, exchange)
         kept = None  # sized so that nothing drops
     else:
         y, kept = dispatch_dropless(x_TxD, r, w, cfg), None
-    return y, aux_statistics(r, cfg.moe_num_experts, kept)
+    return y, aux_statistics(r, moe.num_experts, kept)
 
 
 class MoE(nnx.Module):
@@ -310,24 +311,24 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: Any, *, std: float, out_std: float, rngs: nnx.Rngs):
         self.cfg = cfg
-        e, d, f = cfg.moe_num_experts, cfg.d_model, cfg.moe_d_ff
+        e, d, f = cfg.model.moe.num_experts, cfg.model.d_model, cfg.expert_d_ff
         init = nnx.initializers.normal
         self.router = param(rngs, init(std), (d, e), ("embed", "router"))
-        if cfg.mlp == "swiglu":
+        if cfg.model.mlp == "swiglu":
             self.gate = param(rngs, init(std), (e, d, f), ("experts", "embed", "mlp"))
         self.up = param(rngs, init(std), (e, d, f), ("experts", "embed", "mlp"))
         self.down = param(rngs, init(out_std), (e, f, d), ("experts", "mlp", "embed"))
-        if cfg.moe_num_shared_experts:
-            self.shared = MLP(d, cfg.moe_num_shared_experts * f, cfg.mlp, std=std,
+        if cfg.model.moe.num_shared_experts:
+            self.shared = MLP(d, cfg.model.moe.num_shared_experts * f, cfg.model.mlp, std=std,
                               out_std=out_std, dtype=cfg.compute_dtype, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array, jitter_key: jax.Array | None = None):
         dtype = self.cfg.compute_dtype
         w = {"up": self.up[...].astype(dtype), "down": self.down[...].astype(dtype)}
-        if self.cfg.mlp == "swiglu":
+        if self.cfg.model.mlp == "swiglu":
             w["gate"] = self.gate[...].astype(dtype)
         y, aux = expert_parallel(moe_tokens, x_BxLxD.astype(dtype), self.router[...], w,
                                  self.cfg, jitter_key)
-        if self.cfg.moe_num_shared_experts:
+        if self.cfg.model.moe.num_shared_experts:
             y = y + self.shared(x_BxLxD)
         return y, aux

@@ -41,20 +41,18 @@ class Block(nnx.Module):
     """x + Attn(Norm(x)), then x + MLP(Norm(x)); Norm is RMSNorm or LayerNorm."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
-        dtype = cfg.compute_dtype
-        out_std = residual_std(cfg.init_std, cfg.num_layers)
-        self.dropout = cfg.dropout
+        dtype, m = cfg.compute_dtype, cfg.model
+        out_std = residual_std(m.init_std, m.num_layers)
+        self.dropout = m.dropout
         self.moe = moe
-        self.attn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
-                                   rngs=rngs)
-        self.attn = Attention(cfg, std=cfg.init_std, out_std=out_std, rngs=rngs)
-        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
-                                  rngs=rngs)
+        self.attn_norm = make_norm(m.norm, m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, std=m.init_std, out_std=out_std, rngs=rngs)
+        self.mlp_norm = make_norm(m.norm, m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
         if moe:
-            self.mlp = MoE(cfg, std=cfg.init_std, out_std=out_std, rngs=rngs)
+            self.mlp = MoE(cfg, std=m.init_std, out_std=out_std, rngs=rngs)
         else:
-            self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, std=cfg.init_std, out_std=out_std,
-                           dtype=dtype, rngs=rngs, bias=cfg.mlp_bias, lora=cfg.lora)
+            self.mlp = MLP(m.d_model, m.d_ff, m.mlp, std=m.init_std, out_std=out_std,
+                           dtype=dtype, rngs=rngs, bias=m.mlp_bias, lora=cfg.adapter)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, *,
                  segment_ids_BxL: jax.Array | None = None,
@@ -84,7 +82,7 @@ class Block(nnx.Module):
 
 
 class BlockGroup(nnx.Module):
-    """k consecutive blocks, the last one MoE: the scanned unit when `moe_every = k > 1`."""
+    """k consecutive blocks, the last one MoE: the scanned unit when `model.moe.every = k > 1`."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.size = cfg.layers_per_unit
@@ -111,11 +109,10 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        dtype = cfg.compute_dtype
-        self.embed = Embed(cfg.padded_vocab, cfg.d_model, std=cfg.init_std, dtype=dtype,
-                           rngs=rngs)
-        if cfg.position == "learned":
-            self.pos_embed = PositionEmbed(cfg.max_positions, cfg.d_model, std=cfg.init_std,
+        dtype, m = cfg.compute_dtype, cfg.model
+        self.embed = Embed(cfg.padded_vocab, m.d_model, std=m.init_std, dtype=dtype, rngs=rngs)
+        if m.position == "learned":
+            self.pos_embed = PositionEmbed(m.max_positions, m.d_model, std=m.init_std,
                                            dtype=dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_units)
@@ -126,11 +123,10 @@ class Transformer(nnx.Module):
             return Block(cfg, rngs, moe=cfg.is_moe_layer(0))
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
-                                    rngs=rngs)
-        if not cfg.tie_embeddings:
-            self.lm_head = Linear((cfg.d_model,), (cfg.padded_vocab,), ("embed", "vocab"),
-                                  std=cfg.init_std, dtype=dtype, rngs=rngs)
+        self.final_norm = make_norm(m.norm, m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
+        if not m.tie_embeddings:
+            self.lm_head = Linear((m.d_model,), (cfg.padded_vocab,), ("embed", "vocab"),
+                                  std=m.init_std, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None,
@@ -143,12 +139,12 @@ class Transformer(nnx.Module):
         if positions_BxL is None:  # 0..L-1, in the layout's order when the sequence is split
             positions_BxL = default_positions(b, length)
         x = self.embed(tokens_BxL)
-        if self.cfg.position == "learned":
+        if self.cfg.model.position == "learned":
             x = x + self.pos_embed(positions_BxL)
         x = constrain(x, ACT_BxLxD)
         if dropout_key is not None:
             emb_key, dropout_key = jax.random.split(dropout_key)
-            x = dropout(x, self.cfg.dropout, emb_key)
+            x = dropout(x, self.cfg.model.dropout, emb_key)
 
         def layer(x, block_state, layer_cache, layer_index, rows, key):
             """One block; `rows` holds per-row inputs (split with x by the pipeline)."""
@@ -169,7 +165,7 @@ class Transformer(nnx.Module):
         if new_cache is not None and k > 1:
             new_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_cache)
         x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
+        if self.cfg.model.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
@@ -192,9 +188,9 @@ def run_layers(blocks: nnx.Module, layer: Callable[..., Any], x: jax.Array,
     Returns (x, new cache, hidden states, aux averaged over units).
     """
     state = nnx.state(blocks)
-    if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat],
-                               prevent_cse=not cfg.scan_layers)
+    if cfg.model.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.model.remat],
+                               prevent_cse=not cfg.model.scan_layers)
     mean = lambda a: jnp.mean(a, axis=0)  # noqa: E731
     if cfg.pipeline_stages > 1:
         if cache is not None or return_hidden:
@@ -204,7 +200,7 @@ def run_layers(blocks: nnx.Module, layer: Callable[..., Any], x: jax.Array,
         x, aux = pipeline_layers(layer, state, x, rows, key, cfg)
         return x, None, None, aux
 
-    if cfg.scan_layers:
+    if cfg.model.scan_layers:
         def body(x, xs):
             block_state, layer_cache, index = xs
             x, new_cache, aux = layer(x, block_state, layer_cache, index, rows, key)

@@ -41,6 +41,14 @@ def step0_run(config, workdir: Path, devices=None) -> Path:
     return workdir
 
 
+def model_config(vocab_size: int = 65, seq_len: int = 0, **keys):
+    """The ModelConfig of a `model` section with these keys (nested sections as dicts,
+    e.g. `moe={"num_experts": 4}`), on data of `vocab_size` tokens."""
+    from jaxlm.configs.sections import Model
+    from jaxlm.models.config import ModelConfig
+    return ModelConfig.from_section(Model.parse(keys), vocab_size, seq_len=seq_len)
+
+
 def run_steps(config, workdir, devices, n: int | None = None):
     """Train `n` steps (default config.steps) in-process; returns (losses, params on host)."""
     from jaxlm.training.experiment import Experiment

@@ -100,7 +100,7 @@ class _GivenEmbeddings(nnx.Module):
 @pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
 def test_no_gradient_crosses_documents_in_a_packed_row(packed, impl):
     exp, params, batch = packed
-    cfg = dataclasses.replace(exp.model_cfg, attention_impl=impl)
+    cfg = exp.model_cfg.replace_model(attention_impl=impl)
     graphdef, _ = split_params(create_model(cfg, 0))
     b = {k: jnp.asarray(v) for k, v in batch.items()}
     x = nnx.merge(graphdef, params).embed(b["inputs"])

@@ -73,7 +73,7 @@ def test_teacher_with_another_architecture_trains_a_student(tiny_config, teacher
     assert float(jnp.max(jnp.abs(proj - init))) > 0
     student_only = {k: v for k, v in state.params.items() if k != "objective"}
     assert count_params(state.params) == count_params(student_only) + 2 * 32 * 48
-    assert exp.teacher.model_cfg.num_layers == 3 and exp.teacher.model_cfg.d_model == 48
+    assert exp.teacher.model_cfg.model.num_layers == 3 and exp.teacher.model_cfg.model.d_model == 48
 
 
 def test_no_gradient_reaches_the_teacher(tiny_config, teacher_dir, tmp_path):

@@ -1,6 +1,5 @@
 """Generation: KV-cache decoding equals recomputation; sampling filters keep the right support."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +9,11 @@ import pytest
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Sampling
 from jaxlm.inference.generate import Generator, filter_logits, generate_uncached, sample_tokens
-from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import create_model, split_params
+from tests.helpers import model_config
 
-CFG = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=32, num_heads=4,
-                  num_kv_heads=2, head_dim=8, d_ff=64, mlp="swiglu", init_std=0.2)
+CFG = model_config(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+                   mlp="swiglu", init_std=0.2)
 CONTEXT = 16
 
 
@@ -91,6 +90,6 @@ def test_prompt_longer_than_context_is_rejected(model):
 
 def test_decode_with_bf16_cache_runs(model):
     graphdef, params, _ = model
-    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    cfg = CFG.replace_model(dtype="bfloat16")
     out, stats = Generator(graphdef, cfg, CONTEXT).generate(params, [[1, 2]], 5)
     assert len(out[0]) == 5 and stats["decode_tokens_per_sec"] > 0

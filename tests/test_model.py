@@ -1,6 +1,5 @@
 """Model behaviour: causality, scan == unrolled, remat == no remat, GQA, padding, dtypes."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import create_model, split_params
 from jaxlm.models.attention import make_mask, masked_attention, xla_attention
+from tests.helpers import model_config
 
-BASE = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=3, d_model=32, num_heads=4,
-                   num_kv_heads=2, head_dim=8, d_ff=64, mlp="swiglu")
+BASE = model_config(num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+                    mlp="swiglu", remat="none")  # the reference of the remat variants
 
 
 def tokens(b=2, length=16, seed=0):
@@ -35,10 +34,10 @@ class _GivenEmbeddings(nnx.Module):
 
 @pytest.mark.parametrize("mlp", ["swiglu", pytest.param("gelu", marks=pytest.mark.slow)])
 def test_causality_gradient_is_exactly_zero_after_t(mlp):
-    cfg = dataclasses.replace(BASE, mlp=mlp)
+    cfg = BASE.replace_model(mlp=mlp)
     model = create_model(cfg, 0)
     b, length, t = 2, 12, 5
-    x = jax.random.normal(jax.random.key(1), (b, length, cfg.d_model))
+    x = jax.random.normal(jax.random.key(1), (b, length, cfg.model.d_model))
     graphdef, params = split_params(model)
 
     def out_at_t(x):
@@ -66,7 +65,7 @@ def _loss_and_grads(cfg, toks):
 def test_variant_equals_scanned_no_remat(variant):
     toks = tokens()
     ref_loss, ref_grads = _loss_and_grads(BASE, toks)
-    loss, grads = _loss_and_grads(dataclasses.replace(BASE, **variant), toks)
+    loss, grads = _loss_and_grads(BASE.replace_model(**variant), toks)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
                  grads, ref_grads)
@@ -87,8 +86,8 @@ def test_layers_get_different_initial_weights():
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
     """GQA with 2 KV heads == MHA whose 4 KV heads repeat each GQA head twice."""
-    gqa = dataclasses.replace(BASE, num_kv_heads=2)
-    mha = dataclasses.replace(BASE, num_kv_heads=4)
+    gqa = BASE.replace_model(num_kv_heads=2)
+    mha = BASE.replace_model(num_kv_heads=4)
     gd_g, p_g = split_params(create_model(gqa, 0))
     gd_m, p_m = split_params(create_model(mha, 0))
     p_m = jax.tree.map(lambda x: x, p_g)  # copy the structure, then widen K/V
@@ -102,13 +101,13 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 
 def test_untied_embeddings_have_an_lm_head():
-    cfg = dataclasses.replace(BASE, tie_embeddings=False)
+    cfg = BASE.replace_model(tie_embeddings=False)
     _, params = split_params(create_model(cfg, 0))
     assert params["lm_head"]["kernel"].shape == (32, 128)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-    cfg = dataclasses.replace(BASE, dtype="bfloat16")
+    cfg = BASE.replace_model(dtype="bfloat16")
     graphdef, params = split_params(create_model(cfg, 0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     out = nnx.merge(graphdef, params)(tokens())
@@ -118,7 +117,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def test_dropout_is_active_only_with_a_key():
-    cfg = dataclasses.replace(BASE, dropout=0.5)
+    cfg = BASE.replace_model(dropout=0.5)
     model = nnx.merge(*split_params(create_model(cfg, 0)))
     toks = tokens()
     a = model(toks).logits

@@ -1,7 +1,6 @@
 """Architecture options: LayerNorm, learned positions, Llama 3 RoPE scaling, biases, q/k
 norm, sliding-window attention (XLA, flash kernel, cuDNN's call, KV cache), and their keys."""
 
-import dataclasses
 import json
 import math
 
@@ -13,25 +12,24 @@ from flax import nnx
 
 from jaxlm.configs.base import get_base_config
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import Config
+from jaxlm.configs.sections import Config, RopeScaling
 from jaxlm.inference.generate import Generator, generate_uncached
 from jaxlm.kernels.reference import reference_attention
-from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import create_model, param_logical_axes, split_params
 from jaxlm.models.attention import ATTENTION_IMPLS, cudnn_attention, xla_attention
-from jaxlm.models.layers import LayerNorm, RopeScaling, rope_frequencies
+from jaxlm.models.layers import LayerNorm, rope_frequencies
 from jaxlm.training import rundir
 from jaxlm.training.optimizer import decay_mask
+from tests.helpers import model_config
 
-GPT2_LIKE = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=32, num_heads=4,
-                        num_kv_heads=4, head_dim=8, d_ff=64, mlp="gelu", norm="layernorm",
-                        position="learned", max_positions=48, attention_bias="all",
-                        mlp_bias=True, init_std=0.2)
-QWEN_LIKE = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=32, num_heads=4,
-                        num_kv_heads=2, head_dim=8, d_ff=64, mlp="swiglu", qk_norm=True,
-                        attention_bias="qkv", sliding_window=5, tie_embeddings=False,
-                        rope_scaling_type="llama3", rope_scaling_factor=4.0,
-                        rope_scaling_original_max_positions=16, init_std=0.2)
+GPT2_LIKE = model_config(num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
+                         d_ff=64, mlp="gelu", norm="layernorm", position="learned",
+                         max_positions=48, attention_bias="all", mlp_bias=True, init_std=0.2)
+QWEN_LIKE = model_config(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                         d_ff=64, mlp="swiglu", qk_norm=True, attention_bias="qkv",
+                         sliding_window=5, tie_embeddings=False, init_std=0.2,
+                         rope_scaling={"type": "llama3", "factor": 4.0,
+                                       "original_max_positions": 16})
 
 
 def test_layer_norm_matches_its_definition():
@@ -46,7 +44,7 @@ def test_layer_norm_matches_its_definition():
 
 def test_llama3_rope_frequencies_follow_the_published_rule():
     half, theta = 32, 500_000.0
-    s = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    s = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_positions=8192)
     base = theta ** (-np.arange(half) / half)
     want = []
@@ -122,10 +120,9 @@ def test_optional_parameters_and_their_logical_axes():
     assert "bias" not in qparams["blocks"]["attn"]["o"]
     assert set(qparams["blocks"]["attn"]) >= {"q_norm", "k_norm"}
     assert "lm_head" in qparams and "pos_embed" not in qparams
-    _, default = split_params(create_model(dataclasses.replace(GPT2_LIKE, norm="rmsnorm",
-                                                               position="rope",
-                                                               attention_bias="none",
-                                                               mlp_bias=False), 0))
+    _, default = split_params(create_model(GPT2_LIKE.replace_model(norm="rmsnorm", position="rope",
+                                                                   attention_bias="none",
+                                                                   mlp_bias=False), 0))
     assert "bias" not in default["blocks"]["attn"]["q"] and "pos_embed" not in default
 
 

@@ -9,28 +9,26 @@ import pytest
 from flax import nnx
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import active_params, count_params, create_model, split_params
 from jaxlm.models.moe import (CapacityGroups, aux_statistics, capacity, capacity_groups,
                               capacity_slots, dispatch_capacity, dispatch_dropless, expert_ffn,
                               load_balance_loss, moe_tokens, route)
 from jaxlm.parallel.pipeline import _merge_microbatches, _split_microbatches
-from tests.helpers import assert_trees_close, run_steps
+from tests.helpers import assert_trees_close, model_config, run_steps
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.steps import split_microbatches
 
-CFG = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=16, num_heads=2,
-                  num_kv_heads=2, head_dim=8, d_ff=32, mlp="swiglu", moe_num_experts=4,
-                  moe_top_k=2, moe_d_ff=24)
+CFG = model_config(num_layers=2, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, d_ff=32,
+                   mlp="swiglu", moe={"num_experts": 4, "top_k": 2, "d_ff": 24})
 
 
 def expert_weights(cfg, seed=0):
     k = jax.random.split(jax.random.key(seed), 3)
-    shape_up = (cfg.moe_num_experts, cfg.d_model, cfg.moe_d_ff)
+    shape_up = (cfg.model.moe.num_experts, cfg.model.d_model, cfg.expert_d_ff)
     return {"gate": jax.random.normal(k[0], shape_up) * 0.3,
             "up": jax.random.normal(k[1], shape_up) * 0.3,
-            "down": jax.random.normal(k[2], (cfg.moe_num_experts, cfg.moe_d_ff,
-                                             cfg.d_model)) * 0.3}
+            "down": jax.random.normal(k[2], (cfg.model.moe.num_experts, cfg.expert_d_ff,
+                                             cfg.model.d_model)) * 0.3}
 
 
 def numpy_routing(logits, top_k, cap):
@@ -92,7 +90,7 @@ def test_capacity_per_group_matches_a_numpy_loop_per_group():
     logits = np.asarray(jax.random.normal(jax.random.key(0), (4 * 12, 4)) * 2)
     groups = capacity_groups(4, 12, 6, 2, 4, 0.75)  # 8 groups of 6 tokens, capacity 3
     r = route(jnp.asarray(logits), 2)
-    _, kept = dispatch_capacity(jnp.zeros((48, CFG.d_model)), r, expert_weights(CFG), CFG,
+    _, kept = dispatch_capacity(jnp.zeros((48, CFG.model.d_model)), r, expert_weights(CFG), CFG,
                                 groups)
     expected = np.concatenate([numpy_routing(logits[i:i + 6], 2, 3)[2]
                                for i in range(0, 48, 6)])
@@ -107,7 +105,7 @@ def test_capacity_per_group_matches_a_numpy_loop_per_group():
 def test_the_same_tokens_drop_whether_the_batch_is_whole_or_split_in_halves(group_size):
     """The root property: a device's share of the batch does not change the routing."""
     rows, length, factor = 4, 16, 0.75
-    x = jax.random.normal(jax.random.key(1), (rows * length, CFG.d_model))
+    x = jax.random.normal(jax.random.key(1), (rows * length, CFG.model.d_model))
     w = expert_weights(CFG)
     r = route(jax.random.normal(jax.random.key(2), (rows * length, 4)) * 2, 2)
 
@@ -156,15 +154,15 @@ def test_topk_softmax_order_renormalises_over_the_chosen_logits():
 
 def dense_reference(x, r, w, cfg):
     """Run every expert on every token, then gather the chosen ones."""
-    all_out = expert_ffn(jnp.broadcast_to(x, (cfg.moe_num_experts, *x.shape)), w, cfg.mlp)
+    all_out = expert_ffn(jnp.broadcast_to(x, (cfg.model.moe.num_experts, *x.shape)), w, cfg.model.mlp)
     chosen = all_out[r.experts_TxA, jnp.arange(x.shape[0])[:, None]]  # [T, K, D]
     return jnp.einsum("tk,tkd->td", r.weights_TxA, chosen)
 
 
 @pytest.mark.parametrize("impl", [pytest.param("ragged_dot", marks=pytest.mark.slow), "blocks"])
 def test_dropless_equals_dense_reference(impl):
-    cfg = dataclasses.replace(CFG, moe_grouped_matmul=impl)
-    x = jax.random.normal(jax.random.key(1), (40, CFG.d_model))
+    cfg = CFG.replace_model(moe={"grouped_matmul": impl})
+    x = jax.random.normal(jax.random.key(1), (40, CFG.model.d_model))
     w = expert_weights(CFG)
     r = route(jax.random.normal(jax.random.key(2), (40, 4)) * 2, 2)
     np.testing.assert_allclose(dispatch_dropless(x, r, w, cfg), dense_reference(x, r, w, cfg),
@@ -176,7 +174,7 @@ def test_dropless_equals_dense_reference(impl):
 
 
 def test_capacity_large_enough_to_drop_nothing_equals_dropless():
-    x = jax.random.normal(jax.random.key(1), (40, CFG.d_model))
+    x = jax.random.normal(jax.random.key(1), (40, CFG.model.d_model))
     w = expert_weights(CFG)
     r = route(jax.random.normal(jax.random.key(2), (40, 4)) * 3, 2)
     cap = capacity(40, 2, 4, 4.0)  # = 40: an expert can take every token
@@ -221,28 +219,28 @@ def test_z_loss_matches_its_formula():
 
 
 def test_moe_layer_statistics_and_jitter():
-    x = jax.random.normal(jax.random.key(1), (32, CFG.d_model))
-    router = jax.random.normal(jax.random.key(2), (CFG.d_model, 4))
+    x = jax.random.normal(jax.random.key(1), (32, CFG.model.d_model))
+    router = jax.random.normal(jax.random.key(2), (CFG.model.d_model, 4))
     w = expert_weights(CFG)
     y, aux = moe_tokens(x, router, w, CFG)
     np.testing.assert_allclose(aux["load"].sum(), 1.0, rtol=1e-6)
     assert float(aux["drop_fraction"]) == 0.0
     assert 0 < float(aux["router_entropy"]) <= np.log(4) + 1e-6
-    jittery = dataclasses.replace(CFG, moe_jitter=0.5)
+    jittery = CFG.replace_model(moe={"jitter": 0.5})
     y2, _ = moe_tokens(x, router, w, jittery, jitter_key=jax.random.key(0))
     assert not np.allclose(y, y2)
 
 
 @pytest.mark.parametrize("every, shared", [pytest.param(1, 0, marks=pytest.mark.slow), (2, 1)])
 def test_moe_model_runs_scanned_and_unrolled_alike(every, shared):
-    cfg = dataclasses.replace(CFG, num_layers=4, moe_every=every,
-                              moe_num_shared_experts=shared)
+    cfg = CFG.replace_model(num_layers=4, moe={"every": every,
+                                                  "num_shared_experts": shared})
     graphdef, params = split_params(create_model(cfg, 0))
     toks = jax.random.randint(jax.random.key(0), (2, 8), 0, 65)
     out = nnx.merge(graphdef, params)(toks)
     assert set(out.aux) == {"load_balance", "z_loss", "router_entropy", "drop_fraction",
                             "load"}
-    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    unrolled = cfg.replace_model(scan_layers=False)
     gd2, _ = split_params(create_model(unrolled, 0))
     out2 = nnx.merge(gd2, params)(toks)
     np.testing.assert_allclose(out.logits, out2.logits, rtol=1e-5, atol=1e-5)
@@ -252,9 +250,9 @@ def test_moe_model_runs_scanned_and_unrolled_alike(every, shared):
 
 
 def test_active_parameters_count_top_k_experts():
-    cfg = dataclasses.replace(CFG, mlp="gelu")
+    cfg = CFG.replace_model(mlp="gelu")
     total = count_params(split_params(create_model(cfg, 0))[1])
-    per_expert = cfg.d_model * cfg.moe_d_ff * 2
+    per_expert = cfg.model.d_model * cfg.expert_d_ff * 2
     assert active_params(cfg, total) == total - 2 * (4 - 2) * per_expert
 
 
@@ -388,8 +386,8 @@ def test_capacity_model_decodes_with_a_kv_cache(group_size):
     """Decoding runs the layer on a few tokens: groups of the tokens present."""
     from jaxlm.configs.sections import Sampling
     from jaxlm.inference.generate import Generator
-    cfg = dataclasses.replace(CFG, moe_capacity_factor=1.25, moe_group_size=group_size,
-                              seq_len=16)
+    cfg = dataclasses.replace(CFG.replace_model(moe={"capacity_factor": 1.25,
+                                                   "group_size": group_size}), seq_len=16)
     graphdef, params = split_params(create_model(cfg, 0))
     out, _ = Generator(graphdef, cfg, 16).generate(params, [[5, 9, 13], [1, 2, 3, 4, 5, 6, 7]],
                                                    20, Sampling(temperature=1.0))

@@ -1,5 +1,6 @@
 """Speculative decoding: exact greedy output, the target's sampling distribution, errors."""
 
+import dataclasses
 import itertools
 import math
 import types
@@ -14,13 +15,13 @@ from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Sampling
 from jaxlm.inference.generate import Generator, generate_uncached
 from jaxlm.inference.speculative import SpeculativeGenerator, accept_tokens, filtered_logits
-from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import create_model, split_params
+from tests.helpers import model_config
 
-TARGET = ModelConfig(vocab_size=65, padded_vocab=128, num_layers=2, d_model=32, num_heads=4,
-                     num_kv_heads=2, head_dim=8, d_ff=64, mlp="swiglu", init_std=0.2)
-DRAFT = ModelConfig(vocab_size=65, padded_vocab=72, num_layers=1, d_model=16, num_heads=2,
-                    num_kv_heads=2, head_dim=8, d_ff=32, init_std=0.2)
+TARGET = model_config(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+                      mlp="swiglu", init_std=0.2)
+DRAFT = model_config(num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, d_ff=32,
+                     init_std=0.2, vocab_multiple=8)
 CONTEXT = 16
 
 
@@ -71,10 +72,10 @@ def test_acceptance_rule_greedy_and_limit():
     assert int(a) == 1 and out.tolist()[:2] == [1, 0]  # a context boundary after one token
 
 
-TINY_T = ModelConfig(vocab_size=3, padded_vocab=8, num_layers=2, d_model=16, num_heads=2,
-                     num_kv_heads=2, head_dim=8, d_ff=32, init_std=0.3)
-TINY_D = ModelConfig(vocab_size=3, padded_vocab=8, num_layers=1, d_model=16, num_heads=2,
-                     num_kv_heads=1, head_dim=8, d_ff=32, init_std=1.0)
+TINY_T = model_config(3, num_layers=2, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8,
+                      d_ff=32, init_std=0.3, vocab_multiple=8)
+TINY_D = model_config(3, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                      d_ff=32, init_std=1.0, vocab_multiple=8)
 
 
 def _sequence_probs(graphdef, params, prompt, length, sp, vocab):
@@ -130,7 +131,7 @@ def test_sampling_follows_the_target_distribution(sp):
 
 def test_draft_with_another_vocabulary_is_an_error(models):
     (gt, _), _ = models
-    other = ModelConfig(**{**TARGET.to_dict(), "vocab_size": 70})
+    other = dataclasses.replace(TARGET, vocab_size=70)
     with pytest.raises(ValueError, match="the draft model's vocabulary has 70 tokens, the "
                                          "target's 65"):
         SpeculativeGenerator((gt, TARGET, CONTEXT), (gt, other, CONTEXT), 4)

@@ -54,16 +54,17 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     12 * layers * heads * head_dim * L of PaLM's 6N + 12LHQT, which counts every pair.
     Norms, softmax, biases and the loss are left out, as in both.
     """
-    d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
-    attention_params = d * k * (2 * h + 2 * cfg.num_kv_heads)
-    per_mlp = 3 if cfg.mlp == "swiglu" else 2
-    dense_mlp = per_mlp * d * cfg.d_ff
-    moe_layers = cfg.num_layers // cfg.layers_per_unit if cfg.moe_num_experts else 0
-    moe_mlp = (per_mlp * d * cfg.moe_d_ff * (cfg.moe_top_k + cfg.moe_num_shared_experts)
-               + d * cfg.moe_num_experts)
-    matmul_params = (cfg.num_layers * attention_params + (cfg.num_layers - moe_layers)
+    m, moe = cfg.model, cfg.model.moe
+    d, h, k = m.d_model, m.num_heads, cfg.head_dim
+    attention_params = d * k * (2 * h + 2 * m.num_kv_heads)
+    per_mlp = 3 if m.mlp == "swiglu" else 2
+    dense_mlp = per_mlp * d * m.d_ff
+    moe_layers = m.num_layers // cfg.layers_per_unit if moe.num_experts else 0
+    moe_mlp = (per_mlp * d * cfg.expert_d_ff * (moe.top_k + moe.num_shared_experts)
+               + d * moe.num_experts)
+    matmul_params = (m.num_layers * attention_params + (m.num_layers - moe_layers)
                      * dense_mlp + moe_layers * moe_mlp + d * cfg.padded_vocab)
-    attention = cfg.num_layers * 4 * h * k * mean_keys_per_query(seq_len, cfg.sliding_window)
+    attention = m.num_layers * 4 * h * k * mean_keys_per_query(seq_len, m.sliding_window)
     return 6.0 * matmul_params + 3.0 * attention
 
 

@@ -106,7 +106,7 @@ def restore_initial_state(exp: Experiment, source: InitSource) -> TrainState:
 def _lora_initial_state(exp: Experiment, source: InitSource) -> TrainState:
     """The source's float parameters as the frozen base, fresh adapters (A random, B zero)
     and a fresh optimizer for them."""
-    model_cfg = dataclasses.replace(exp.model_cfg, lora_rank=0, quant=None)
+    model_cfg = dataclasses.replace(exp.model_cfg, lora=None, quant=None)
     _, abstract, axes = abstract_params(model_cfg)
     shardings = tree_shardings(exp.mesh, axes, exp.rules)
     with Checkpointer(rundir.checkpoint_dir(source.workdir), read_only=True) as ckpt:

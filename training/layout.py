@@ -271,5 +271,6 @@ def _check_teacher(config: Config, data: TokenData | Mixture, model_cfg: ModelCo
     _check_divisible(teacher.abstract_params, teacher.param_axes, mesh, teacher.rules,
                      "teacher parameter")
     if config.loss.weights.feature > 0:
-        config.loss.feature.layer_pairs(model_cfg.num_layers, teacher.model_cfg.num_layers)
+        config.loss.feature.layer_pairs(config.model.num_layers,
+                                        teacher.model_cfg.model.num_layers)
 

@@ -34,7 +34,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
 def attention_flops_per_pair(cfg: Any) -> float:
     """Training FLOPs of one causal query-key pair, all layers and heads: QK^T and PV
     forward (2 x 2K) and their four backward matmuls (4 x 2K)."""
-    return 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    return 12.0 * cfg.model.num_layers * cfg.model.num_heads * cfg.head_dim
 
 
 def context_plan(exp: Experiment, batch_size: int, seq_len: int) -> dict[str, Any] | None:
@@ -45,9 +45,9 @@ def context_plan(exp: Experiment, batch_size: int, seq_len: int) -> dict[str, An
     rows = batch_size // mesh_axes_size(exp.mesh, "act_batch", exp.rules)  # per device
     mc = exp.model_cfg
     flops = attention_flops_per_pair(mc) * rows
-    window = mc.sliding_window or None
+    window = mc.window
     return {
-        "devices": n, "axes": list(axes), "attention": mc.context_attention,
+        "devices": n, "axes": list(axes), "attention": mc.model.context_attention,
         "chunk_tokens": seq_len // (2 * n),
         "attention_flops_per_device": [
             float(x) * flops for x in causal_pairs_per_shard(seq_len, n, window)],

@@ -91,7 +91,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     gets gradients and updates; the frozen part passes through unchanged."""
     objective = objective or cross_entropy_objective(model_cfg)
     split, grad_fn = _partial_grad(make_loss_fn(graphdef, model_cfg, objective), trainable)
-    use_key = model_cfg.dropout > 0 or model_cfg.moe_jitter > 0 or model_cfg.lora_dropout > 0
+    use_key = model_cfg.stochastic
 
     def train_step(state: TrainState, batch: Batch, teacher_params: Any = None
                    ) -> tuple[TrainState, Metrics]:

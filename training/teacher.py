@@ -67,10 +67,10 @@ class Teacher:
         step = rundir.pick_step(steps, distill.teacher_step or None, distill.teacher_workdir,
                                 key="loss.distill.teacher_step", workdir_key=KEY)
         tdata = rundir.load_data(tconfig, workdir, key=KEY)
-        model_cfg = ModelConfig.from_section(tconfig.model, tdata.vocab_size,
-                                             quant=tconfig.quant, dropout=0.0,
-                                             seq_len=tconfig.train.seq_len,
-                                             context_attention=context_attention)
+        model = tconfig.model.model_copy(update={"dropout": 0.0,
+                                                 "context_attention": context_attention})
+        model_cfg = ModelConfig.from_section(model, tdata.vocab_size, quant=tconfig.quant,
+                                             seq_len=tconfig.train.seq_len)
         graphdef, abstract, axes = abstract_params(model_cfg)
         student_len = [rule for rule in student_rules if rule[0] == "act_len"][:1]
         rules = tuple(student_len) + tuple(tconfig.sharding.rules)  # the first rule wins

@@ -168,14 +168,14 @@ def describe_devices() -> str:
 
 def describe(exp: Experiment, n_params: int) -> str:
     """The start-up summary: model, mesh, data (and MoE, pipeline)."""
-    m = exp.model_cfg
+    cfg, m = exp.model_cfg, exp.model_cfg.model
     mesh = " x ".join(f"{k}={v}" for k, v in exp.mesh.shape.items() if v > 1) or "1 device"
     lines = []
-    if m.moe_num_experts:
-        lines.append(f"MoE: {m.moe_num_experts} experts, top-{m.moe_top_k}, {n_params:,} "
-                     f"parameters in total, {active_params(m, n_params):,} active per token.")
+    if m.moe.num_experts:
+        lines.append(f"MoE: {m.moe.num_experts} experts, top-{m.moe.top_k}, {n_params:,} "
+                     f"parameters in total, {active_params(cfg, n_params):,} active per token.")
     lines.append(f"Model: {n_params:,} parameters ({m.num_layers} layers, d_model {m.d_model}, "
-                 f"vocab {m.vocab_size} padded to {m.padded_vocab}). Mesh: {mesh}. Data: "
+                 f"vocab {cfg.vocab_size} padded to {cfg.padded_vocab}). Mesh: {mesh}. Data: "
                  f"{describe_data(exp)}.")
     if exp.describe_pipeline():
         lines.append(exp.describe_pipeline())
