@@ -5,7 +5,7 @@ An attention implementation is a function
 (`window` = w: a query sees only the last w positions, itself included; None = all)
 registered under a name in ATTENTION_IMPLS and selected by `model.attention_impl`:
 
-* "xla": einsum + softmax (the reference; any backend);
+* "xla": einsum + softmax (`kernels.reference.attention_block`; any backend);
 * "pallas": the FlashAttention-2 Pallas kernel of `kernels/`, Triton on GPU, Mosaic on TPU;
 * "pallas_interpret": the same kernel in Pallas interpret mode, on any backend (CPU tests);
 * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only.
@@ -15,8 +15,8 @@ logical rules); their Pallas backends load only when one is traced, so the model
 on a machine without an accelerator. When the rules split the sequence itself (context
 parallelism), `parallel.context.context_attention` runs instead: a ring or an all-gather
 of key/value blocks, each block attended by the XLA path or the Pallas kernel.
-`IMPL_PLATFORMS` says which devices each implementation needs (`training/layout.py` checks it). Decoding with a KV cache always
-uses the XLA path with an explicit mask.
+`IMPL_PLATFORMS` says which devices each implementation needs (`training/layout.py` checks
+it). Decoding with a KV cache always uses the XLA path with an explicit mask.
 """
 
 from collections.abc import Callable
@@ -27,14 +27,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.kernels.reference import attention_block, attention_mask
 from jaxlm.models.layers import Linear, RMSNorm, rope
 from jaxlm.parallel.context import context_attention, context_shards
 from jaxlm.parallel.sharding import constrain, shard_map_logical
 
 AttentionFn = Callable[..., jax.Array]
 ATTENTION_IMPLS: dict[str, AttentionFn] = {}
-
-_MASKED = -1e30  # large-negative instead of -inf: fully masked rows stay finite
 
 
 def register_attention(name: str) -> Callable[[AttentionFn], AttentionFn]:
@@ -44,77 +43,15 @@ def register_attention(name: str) -> Callable[[AttentionFn], AttentionFn]:
     return deco
 
 
-def masked_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
-                     mask_BxLxS: jax.Array | None, *, zero_empty_rows: bool = False
-                     ) -> jax.Array:
-    """softmax(q k^T / sqrt(K) + mask) v, with KV heads shared by groups of query heads.
-
-    The mask enters as an additive bias (0 or -1e30), whose gradient is the identity;
-    `zero_empty_rows` makes rows that see no key output zeros instead of a uniform mix.
-    """
-    b, t, h, kdim = q_BxLxHxK.shape
-    g = k_BxSxGxK.shape[2]
-    bias = None
-    if mask_BxLxS is not None:
-        bias = jnp.where(mask_BxLxS, 0.0, _MASKED).astype(jnp.float32)
-    q_BxLxHxK = q_BxLxHxK * jnp.asarray(kdim ** -0.5, q_BxLxHxK.dtype)
-    if g == h:  # plain multi-head attention: skip the group axis
-        logits = jnp.einsum("bthk,bshk->bhts", q_BxLxHxK, k_BxSxGxK,
-                            preferred_element_type=jnp.float32)
-        if bias is not None:
-            logits = logits + bias[:, None]
-        probs = jax.nn.softmax(logits, axis=-1)
-        if zero_empty_rows and mask_BxLxS is not None:
-            probs = jnp.where(mask_BxLxS.any(-1)[:, None, :, None], probs, 0.0)
-        return jnp.einsum("bhts,bshk->bthk", probs.astype(v_BxSxGxK.dtype), v_BxSxGxK)
-    q_BxLxGxRxK = q_BxLxHxK.reshape(b, t, g, h // g, kdim)
-    logits = jnp.einsum("btgrk,bsgk->bgrts", q_BxLxGxRxK, k_BxSxGxK,
-                        preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias[:, None, None]
-    probs = jax.nn.softmax(logits, axis=-1)
-    if zero_empty_rows and mask_BxLxS is not None:
-        probs = jnp.where(mask_BxLxS.any(-1)[:, None, None, :, None], probs, 0.0)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v_BxSxGxK.dtype), v_BxSxGxK)
-    return out.reshape(b, t, h, kdim)
-
-
-def make_mask(q_pos_BxL: jax.Array, kv_pos_BxS: jax.Array, *, causal: bool,
-              q_segment_BxL: jax.Array | None = None, kv_segment_BxS: jax.Array | None = None,
-              kv_valid_BxS: jax.Array | None = None, window: int | None = None
-              ) -> jax.Array | None:
-    """Boolean [B, L, S] mask: causal order, sliding window, same segment, valid key slots."""
-    mask = None
-
-    def both(a, m):
-        return m if a is None else a & m
-
-    if causal:
-        mask = both(mask, kv_pos_BxS[:, None, :] <= q_pos_BxL[:, :, None])
-    if window is not None:
-        mask = both(mask, kv_pos_BxS[:, None, :] > q_pos_BxL[:, :, None] - window)
-    if q_segment_BxL is not None:
-        mask = both(mask, q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :])
-    if kv_valid_BxS is not None:
-        mask = both(mask, jnp.broadcast_to(kv_valid_BxS[:, None, :],
-                                           (kv_valid_BxS.shape[0], q_pos_BxL.shape[1],
-                                            kv_valid_BxS.shape[1])))
-    return mask
-
-
 @register_attention("xla")
 def xla_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
                   causal: bool = True, segment_ids_BxL: jax.Array | None = None,
                   window: int | None = None) -> jax.Array:
-    """Reference attention: einsum + softmax; materialises the [L, S] scores."""
+    """Attention by `kernels.reference.attention_block`: materialises the [L, S] scores."""
     t, s = q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
-    pos_1xL = jnp.arange(t)[None]
-    pos_1xS = jnp.arange(s)[None]
-    mask = make_mask(pos_1xL, pos_1xS, causal=causal, window=window)
-    if segment_ids_BxL is not None:
-        seg_mask = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-        mask = seg_mask if mask is None else mask & seg_mask
-    return masked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)
+    mask = attention_mask(jnp.arange(t)[None], jnp.arange(s)[None], causal=causal,
+                          window=window, q_segment=segment_ids_BxL)
+    return attention_block(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)[0]
 
 
 # Logical axes of the kernels' operands. The length axis stays whole on every shard.
@@ -254,8 +191,7 @@ class Attention(nnx.Module):
         s = k_cache.shape[1]
         q_slot_BxL = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
         kv_slot_BxS = jnp.broadcast_to(jnp.arange(s)[None], (b, s))
-        mask = make_mask(q_slot_BxL, kv_slot_BxS, causal=True, kv_valid_BxS=kv_valid_BxS,
-                         window=self.window)
-        out = masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask,
-                               zero_empty_rows=True)
+        mask = attention_mask(q_slot_BxL, kv_slot_BxS, causal=True, window=self.window,
+                              kv_valid=kv_valid_BxS)
+        out, _ = attention_block(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
         return out, {"k": k_cache, "v": v_cache}

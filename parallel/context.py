@@ -26,12 +26,12 @@ device's key/value block, and merges the partial outputs by their log-sum-exp:
 Off the diagonal a device needs half of each block: from a device s < r the first key chunk
 (visible to both its query chunks), from s > r its second query chunk only (which sees
 both key chunks); the rest is masked by causality. So every device computes (2c)^2 on the
-diagonal and 2c^2 per other block: the same work everywhere. The backward is a custom VJP
-that runs the same loop again: each block's gradients are computed from the merged rows'
-log-sum-exp and delta = rowsum(dO * O) (FlashAttention-2's backward, one block at a time);
-in the ring, dK/dV accumulators travel with their block and arrive home after N steps; with
-the all-gather they are reduce-scattered. Blocks are attended with the XLA einsum path or
-the Pallas kernel (`kernels.flash_attention` and `flash_attention_backward`); sliding
+diagonal and 2c^2 per other block: the same work everywhere. The backward is a custom VJP that runs the same loop again: each block's gradients
+come from the merged rows' log-sum-exp and delta = rowsum(dO * O) (FlashAttention-2's
+backward, one block at a time); in the ring, dK/dV accumulators travel with their block
+and arrive home after N steps; with the all-gather they are reduce-scattered. Blocks are
+attended by `kernels.reference.attention_block` (gradients by autodiff, `block_grads`) or
+by the Pallas kernel (`kernels.flash_attention` and `flash_attention_backward`); sliding
 windows pass each block's global positions to the mask.
 """
 
@@ -46,14 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.kernels.flash_attention import flash_attention, flash_attention_backward
+from jaxlm.kernels.reference import attention_block, attention_mask, block_grads, merge_blocks
 from jaxlm.parallel.sharding import (constrain, current_mesh, current_rules, logical_to_spec,
                                      shard_map_logical)
 
-MODES = ("ring", "allgather")
-# Attention implementations that can attend one block at a time (the others cannot run
-# with the sequence split: `training/layout.py` rejects them).
-BLOCK_IMPLS = ("xla", "pallas", "pallas_interpret")
-_MASKED = -1e30  # as models/attention.py: masked logits stay finite
 _Q_AXES = ("act_batch", "act_len", "act_heads", None)
 _KV_AXES = ("act_batch", "act_len", "act_kv_heads", None)
 _ROW_AXES = ("act_batch", "act_len")
@@ -174,55 +170,23 @@ class RingSpec:
     scale: float
 
 
-def _xla_logits(q, k, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
-    """[B, G, R, Lq, Lk] float32 scaled logits, masked entries -1e30."""
-    b, lq, h, d = q.shape
-    g = k.shape[2]
-    logits = jnp.einsum("btgrk,bsgk->bgrts", q.reshape(b, lq, g, h // g, d), k,
-                        preferred_element_type=jnp.float32) * st.scale
-    mask = None
-    if causal:
-        if q_pos is None:
-            q_pos, kv_pos = jnp.arange(lq), jnp.arange(k.shape[1])
-        mask = kv_pos[None, :] <= q_pos[:, None]
-        if st.window is not None:
-            mask &= kv_pos[None, :] > q_pos[:, None] - st.window
-        mask = mask[None]
-    if q_seg is not None:
-        same = q_seg[:, :, None] == kv_seg[:, None, :]
-        mask = same if mask is None else mask & same
-    if mask is None:
-        return logits
-    return jnp.where(mask[:, None, None], logits, _MASKED)
+def _xla_attend(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
+    """(o [B, Lq, H, K] float32, lse [B, H, Lq]) of q against one key/value block by
+    `attention_block`; positions default to the block's local order."""
+    if q_pos is None:
+        q_pos, kv_pos = jnp.arange(q.shape[1]), jnp.arange(k.shape[1])
+    mask = attention_mask(q_pos[None], kv_pos[None], causal=causal, window=st.window,
+                          q_segment=q_seg, kv_segment=kv_seg)
+    return attention_block(q, k, v, mask, scale=st.scale, out_dtype=jnp.float32)
 
 
-def _xla_block(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
-    """(o [B, Lq, H, K] float32, lse [B, H, Lq]) of q against one key/value block."""
-    b, lq, h, d = q.shape
-    logits = _xla_logits(q, k, q_seg, kv_seg, q_pos, kv_pos, causal, st)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    probs = jnp.exp(logits - lse[..., None])
-    o = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-    return o.reshape(b, lq, h, d), lse.reshape(b, h, lq)
+def _xla_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
+    """(dq, dk, dv) float32 of one block, by autodiff of `_xla_attend` in float32."""
+    def block(q, k, v):
+        return _xla_attend(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, st)
 
-
-def _xla_block_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, causal,
-                     st: RingSpec):
-    """(dq, dk, dv) float32 of one block, from the merged rows' lse and delta [B, H, Lq]."""
-    b, lq, h, d = q.shape
-    g = k.shape[2]
-    shape = (b, g, h // g, lq, 1)
-    logits = _xla_logits(q, k, q_seg, kv_seg, q_pos, kv_pos, causal, st)
-    probs = jnp.exp(logits - lse.reshape(shape))
-    do = do.reshape(b, lq, g, h // g, d).astype(jnp.float32)
-    dv = jnp.einsum("bgrts,btgrk->bsgk", probs, do)
-    dprobs = jnp.einsum("btgrk,bsgk->bgrts", do, v.astype(jnp.float32))
-    dlogits = probs * (dprobs - delta.reshape(shape)) * st.scale
-    dq = jnp.einsum("bgrts,bsgk->btgrk", dlogits, k.astype(jnp.float32))
-    dk = jnp.einsum("bgrts,btgrk->bsgk", dlogits,
-                    q.reshape(b, lq, g, h // g, d).astype(jnp.float32))
-    return dq.reshape(b, lq, h, d), dk, dv
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    return block_grads(block, *f32, do, lse, delta)
 
 
 def _kernel_args(q, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec) -> dict[str, Any]:
@@ -236,24 +200,44 @@ def _kernel_args(q, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec) -> dict[
     return kwargs
 
 
-def _attend(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
-    """(o float32, lse) of one block, by the configured implementation."""
-    if st.impl == "xla":
-        return _xla_block(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, st)
+def _flash_attend(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
+    """(o float32, lse) of one block by the Pallas kernel."""
     o, lse = flash_attention(q, k, v, return_lse=True,
                              **_kernel_args(q, q_seg, kv_seg, q_pos, kv_pos, causal, st))
     return o.astype(jnp.float32), lse
 
 
-def _grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
-    """(dq, dk, dv) float32 of one block."""
-    if st.impl == "xla":
-        return _xla_block_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, causal,
-                                st)
+def _flash_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, causal,
+                 st: RingSpec):
+    """(dq, dk, dv) float32 of one block by the kernel's backward, which takes the merged
+    rows' lse and delta itself (no forward pass again)."""
     grads = flash_attention_backward(
         q, k, v, do.astype(q.dtype), lse, delta,
         **_kernel_args(q, q_seg, kv_seg, q_pos, kv_pos, causal, st))
     return tuple(x.astype(jnp.float32) for x in grads)
+
+
+# Per attention implementation: one block's (o, lse) and its gradients from the merged
+# rows' lse and delta.
+_BLOCKS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "xla": (_xla_attend, _xla_grads),
+    "pallas": (_flash_attend, _flash_grads),
+    "pallas_interpret": (_flash_attend, _flash_grads),
+}
+# Attention implementations that can attend one block at a time (the others cannot run
+# with the sequence split: `training/layout.py` rejects them).
+BLOCK_IMPLS = tuple(_BLOCKS)
+
+
+def _attend(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
+    """(o float32, lse) of one block, by the configured implementation."""
+    return _BLOCKS[st.impl][0](q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, st)
+
+
+def _grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, causal, st: RingSpec):
+    """(dq, dk, dv) float32 of one block, by the configured implementation."""
+    return _BLOCKS[st.impl][1](q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
+                               causal, st)
 
 
 # ----------------------------------------------------------------------------------------
@@ -330,14 +314,6 @@ def _off_diagonal_grads(q, k, v, do, lse, delta, q_seg, kv_seg, r, s, st: RingSp
     return jax.lax.cond(s < r, earlier, later)
 
 
-def _merge(o, lse, o_j, lse_j):
-    """Two partial softmax outputs of the same queries merged by their log-sum-exp (the
-    first always finite: every query sees itself on the diagonal)."""
-    new = jnp.logaddexp(lse, lse_j)
-    weight = lambda x: jnp.swapaxes(jnp.exp(x - new), 1, 2)[..., None]  # noqa: E731
-    return o * weight(lse) + o_j * weight(lse_j), new
-
-
 # ----------------------------------------------------------------------------------------
 # The block loop and its custom VJP.
 
@@ -358,64 +334,55 @@ def _gathered_block(kv: Any, s: jax.Array, st: RingSpec) -> Any:
     return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, s * size, size, 1), kv)
 
 
+def _other_block(q, seg, o, lse, kv, r, s, st: RingSpec):
+    """(o, lse) merged with those of shard s's block kv = (k, v, segment ids)."""
+    return merge_blocks(o, lse, *_off_diagonal(q, kv[0], kv[1], seg, kv[2], r, s, st))
+
+
 def _ring_forward(q, k, v, seg, st: RingSpec):
-    """(o float32, lse) of shard r's queries against every shard's keys."""
+    """(o float32, lse) of shard r's queries against every shard's keys, the blocks passed
+    around the ring; the next block is on its way while this one is computed."""
     r = jax.lax.axis_index(st.axes)
-    o, lse = _diagonal(q, k, v, seg, r, st)
 
-    def attend(o, lse, j, kv):
-        s = (r - j) % st.n
-        return _merge(o, lse, *_off_diagonal(q, kv[0], kv[1], seg, kv[2], r, s, st))
-
-    if st.mode == "allgather":
-        kv_all = _gather((k, v, seg), st)
-
-        def gathered(j, carry):
-            s = (r - j) % st.n
-            return attend(*carry, j, _gathered_block(kv_all, s, st))
-
-        return jax.lax.fori_loop(1, st.n, gathered, (o, lse))
-
-    def step(j, carry):  # the next block is on its way while this one is computed
+    def step(j, carry):
         o, lse, kv = carry
-        return (*attend(o, lse, j, kv), _shift(kv, st))
+        return (*_other_block(q, seg, o, lse, kv, r, (r - j) % st.n, st), _shift(kv, st))
 
+    o, lse = _diagonal(q, k, v, seg, r, st)
     o, lse, kv = jax.lax.fori_loop(1, st.n - 1, step, (o, lse, _shift((k, v, seg), st)))
-    return attend(o, lse, st.n - 1, kv)
+    return _other_block(q, seg, o, lse, kv, r, (r + 1) % st.n, st)
 
 
-def _ring_backward(q, k, v, seg, o, lse, do, st: RingSpec):
-    """(dq, dk, dv) float32: every block's gradients from the merged rows' lse and delta."""
+def _allgather_forward(q, k, v, seg, st: RingSpec):
+    """(o float32, lse) of shard r's queries against every shard's keys, all gathered."""
+    r = jax.lax.axis_index(st.axes)
+    kv_all = _gather((k, v, seg), st)
+
+    def step(j, carry):
+        s = (r - j) % st.n
+        return _other_block(q, seg, *carry, _gathered_block(kv_all, s, st), r, s, st)
+
+    return jax.lax.fori_loop(1, st.n, step, _diagonal(q, k, v, seg, r, st))
+
+
+def _backward_start(q, k, v, seg, o, lse, do, st: RingSpec):
+    """(r, delta [B, H, Lq] = rowsum(dO * O), the diagonal block's (dq, dk, dv))."""
     r = jax.lax.axis_index(st.axes)
     delta = jnp.swapaxes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1), 1, 2)
     q_pos, kv_pos = _block_places(r, r, st)
-    dq, dk, dv = _grads(q, k, v, do, lse, delta, seg, seg, q_pos, kv_pos, True, st)
+    return r, delta, _grads(q, k, v, do, lse, delta, seg, seg, q_pos, kv_pos, True, st)
+
+
+def _ring_backward(q, k, v, seg, o, lse, do, st: RingSpec):
+    """(dq, dk, dv) float32 from every block's gradients: dK/dV of a block travel with it
+    and collect every shard's share; the next block is sent while this one's gradients
+    are computed."""
+    r, delta, (dq, dk, dv) = _backward_start(q, k, v, seg, o, lse, do, st)
 
     def grads(j, kv):
         s = (r - j) % st.n
         return _off_diagonal_grads(q, kv[0], kv[1], do, lse, delta, seg, kv[2], r, s, st)
 
-    if st.mode == "allgather":
-        kv_all = _gather((k, v, seg), st)
-        size = 2 * st.chunk
-        full = jnp.zeros((k.shape[0], size * st.n, *k.shape[2:]), jnp.float32)
-        place = lambda a, x, s: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-            a, jax.lax.dynamic_slice_in_dim(a, s * size, size, 1) + x, s * size, 1)
-        dk_all, dv_all = place(full, dk, r), place(full, dv, r)
-
-        def gathered(j, carry):
-            dq, dk_all, dv_all = carry
-            s = (r - j) % st.n
-            dq_j, dk_j, dv_j = grads(j, _gathered_block(kv_all, s, st))
-            return dq + dq_j, place(dk_all, dk_j, s), place(dv_all, dv_j, s)
-
-        dq, dk_all, dv_all = jax.lax.fori_loop(1, st.n, gathered, (dq, dk_all, dv_all))
-        scatter = functools.partial(jax.lax.psum_scatter, axis_name=st.axes,
-                                    scatter_dimension=1, tiled=True)
-        return dq, scatter(dk_all), scatter(dv_all)
-
-    # The ring: dK/dV of a block travel with it and collect every shard's share; the
-    # next block is sent while this one's gradients are computed.
     def step(j, carry):
         dq, kv, dkv = carry
         dq_j, dk_j, dv_j = grads(j, kv)
@@ -428,25 +395,61 @@ def _ring_backward(q, k, v, seg, o, lse, do, st: RingSpec):
     return dq + dq_j, dk, dv
 
 
+def _allgather_backward(q, k, v, seg, o, lse, do, st: RingSpec):
+    """(dq, dk, dv) float32 from every block's gradients: dK/dV of the whole sequence
+    accumulate per shard, then are reduce-scattered to the blocks' owners."""
+    r, delta, (dq, dk, dv) = _backward_start(q, k, v, seg, o, lse, do, st)
+    kv_all = _gather((k, v, seg), st)
+    size = 2 * st.chunk
+    full = jnp.zeros((k.shape[0], size * st.n, *k.shape[2:]), jnp.float32)
+    place = lambda a, x, s: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        a, jax.lax.dynamic_slice_in_dim(a, s * size, size, 1) + x, s * size, 1)
+
+    def step(j, carry):
+        dq, dk_all, dv_all = carry
+        s = (r - j) % st.n
+        kv = _gathered_block(kv_all, s, st)
+        dq_j, dk_j, dv_j = _off_diagonal_grads(q, kv[0], kv[1], do, lse, delta, seg, kv[2],
+                                               r, s, st)
+        return dq + dq_j, place(dk_all, dk_j, s), place(dv_all, dv_j, s)
+
+    dq, dk_all, dv_all = jax.lax.fori_loop(1, st.n, step,
+                                           (dq, place(full, dk, r), place(full, dv, r)))
+    scatter = functools.partial(jax.lax.psum_scatter, axis_name=st.axes,
+                                scatter_dimension=1, tiled=True)
+    return dq, scatter(dk_all), scatter(dv_all)
+
+
+# The two ways across the split (`model.context_attention`): (forward, backward).
+LOOPS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "ring": (_ring_forward, _ring_backward),
+    "allgather": (_allgather_forward, _allgather_backward),
+}
+
+
+# A custom VJP for memory: autodiff of the block loop would keep every block's [2c, 2c]
+# probabilities until the backward (O(L^2 / N) per device); this backward recomputes
+# them one block at a time from the merged rows' lse, and in the ring the dK/dV of a
+# block travel home with it.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _ring_attention(q, k, v, seg, st: RingSpec):
-    o, _ = _ring_forward(q, k, v, seg, st)
+def _blockwise_attention(q, k, v, seg, st: RingSpec):
+    o, _ = LOOPS[st.mode][0](q, k, v, seg, st)
     return o.astype(q.dtype)
 
 
-def _ring_attention_fwd(q, k, v, seg, st: RingSpec):
-    o, lse = _ring_forward(q, k, v, seg, st)
+def _blockwise_attention_fwd(q, k, v, seg, st: RingSpec):
+    o, lse = LOOPS[st.mode][0](q, k, v, seg, st)
     o = o.astype(q.dtype)
     return o, (q, k, v, seg, o, lse)
 
 
-def _ring_attention_bwd(st: RingSpec, res, do):
+def _blockwise_attention_bwd(st: RingSpec, res, do):
     q, k, v, seg, o, lse = res
-    dq, dk, dv = _ring_backward(q, k, v, seg, o, lse, do, st)
+    dq, dk, dv = LOOPS[st.mode][1](q, k, v, seg, o, lse, do, st)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+_blockwise_attention.defvjp(_blockwise_attention_fwd, _blockwise_attention_bwd)
 
 
 def context_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, *,
@@ -457,9 +460,9 @@ def context_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax
     BLOCK_IMPLS). Segment ids are in the same order as the tokens."""
     n = context_shards()
     length = q_BxLxHxK.shape[1]
-    if impl not in BLOCK_IMPLS or mode not in MODES:
+    if impl not in BLOCK_IMPLS or mode not in LOOPS:
         raise ValueError(f"context attention: impl {impl!r} / mode {mode!r} is not one of "
-                         f"{BLOCK_IMPLS} / {MODES}")
+                         f"{BLOCK_IMPLS} / {tuple(LOOPS)}")
     zigzag_order(length, n)  # a length that does not split is an error
     st = RingSpec(axes=sequence_axes(), n=n, chunk=length // (2 * n), mode=mode, impl=impl,
                   window=window, scale=q_BxLxHxK.shape[-1] ** -0.5)
@@ -468,6 +471,6 @@ def context_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax
     if segment_ids_BxL is not None:
         args.append(segment_ids_BxL)
         axes.append(_ROW_AXES)
-    local: Callable[..., jax.Array] = lambda q, k, v, seg=None: _ring_attention(  # noqa: E731
+    local: Callable[..., jax.Array] = lambda q, k, v, seg=None: _blockwise_attention(  # noqa: E731
         q, k, v, seg, st)
     return shard_map_logical(local, args, axes, _Q_AXES, tied=[("act_heads", "act_kv_heads")])

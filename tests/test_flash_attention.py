@@ -26,7 +26,8 @@ import jaxlm.models.attention
 from jaxlm.configs.base import DEFAULT_RULES
 from jaxlm.configs.errors import ConfigError
 from jaxlm.kernels.flash_attention import BlockSizes, flash_attention, flash_attention_backward
-from jaxlm.kernels.reference import reference_attention
+from jaxlm.kernels.reference import (attention_block, attention_mask, block_grads,
+                                     merge_blocks, reference_attention)
 from jaxlm.models.attention import ATTENTION_IMPLS, xla_attention
 from jaxlm.parallel.compat import fast_cpu_compile_options, gpu_lowering_target
 from jaxlm.parallel.mesh import make_mesh
@@ -236,6 +237,38 @@ def test_blocks_merged_by_lse_and_backward_from_the_whole_rows_lse(backend):
         run, compiler_options=FAST_COMPILE)(q, k, v, do)
     np.testing.assert_allclose(merged, o, atol=2e-5)
     np.testing.assert_allclose(merged_lse, lse, atol=2e-5)
+    np.testing.assert_allclose(dq0 + dq1, dq, atol=1e-4)
+    np.testing.assert_allclose(jnp.concatenate([dk0, dk1], 1), dk, atol=1e-4)
+    np.testing.assert_allclose(jnp.concatenate([dv0, dv1], 1), dv, atol=1e-4)
+
+
+def test_attention_blocks_merged_by_lse_and_block_grads_from_the_whole_rows_lse():
+    """The same two rules on the XLA block (`attention_block`, as the context-parallel
+    loop calls it): merged halves give the whole attention, and `block_grads` of each half
+    add up to autodiff of the whole."""
+    q, k, v, do, _ = _inputs(2, T, 4, 2, 16, jnp.float32)
+    q_pos, kv_pos = _chunk_positions(2)
+    seg = _segments(2, T)
+
+    def block(h):
+        def attend(q, k, v):
+            mask = attention_mask(q_pos, kv_pos[:, h], causal=True, window=WINDOW,
+                                  q_segment=seg, kv_segment=seg[:, h])
+            return attention_block(q, k, v, mask)
+        return attend
+
+    whole = block(slice(None))
+    (o, lse), vjp = jax.vjp(whole, q, k, v)
+    dq, dk, dv = vjp((do, jnp.zeros_like(lse)))
+    halves = (slice(0, T // 2), slice(T // 2, T))
+    first, second = (block(h)(q, k[:, h], v[:, h]) for h in halves)
+    assert np.isneginf(second[1]).any()  # rows that see none of these keys
+    merged, merged_lse = merge_blocks(*first, *second)
+    np.testing.assert_allclose(merged_lse, lse, atol=2e-5)
+    np.testing.assert_allclose(merged, o, atol=2e-5)
+    delta = jnp.sum(o * do, axis=-1).swapaxes(1, 2)
+    (dq0, dk0, dv0), (dq1, dk1, dv1) = (
+        block_grads(block(h), q, k[:, h], v[:, h], do, lse, delta) for h in halves)
     np.testing.assert_allclose(dq0 + dq1, dq, atol=1e-4)
     np.testing.assert_allclose(jnp.concatenate([dk0, dk1], 1), dk, atol=1e-4)
     np.testing.assert_allclose(jnp.concatenate([dv0, dv1], 1), dv, atol=1e-4)

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from jaxlm.models.model import create_model, split_params
-from jaxlm.models.attention import make_mask, masked_attention, xla_attention
+from jaxlm.kernels.reference import attention_block, attention_mask
+from jaxlm.models.attention import xla_attention
 from tests.helpers import model_config
 
 BASE = model_config(num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
@@ -128,13 +129,18 @@ def test_dropout_is_active_only_with_a_key():
     assert not np.allclose(a, c) and not np.allclose(c, d)
 
 
-def test_masked_attention_rows_without_keys_are_zero_not_nan():
+def test_attention_block_rows_without_keys_are_zero_not_nan():
     q = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
     k = v = jax.random.normal(jax.random.key(1), (1, 4, 2, 8))
     mask = jnp.zeros((1, 4, 4), bool).at[:, 2:, :2].set(True)
-    out = masked_attention(q, k, v, mask, zero_empty_rows=True)
+    out, lse = attention_block(q, k, v, mask)
     assert np.all(np.isfinite(out))
     np.testing.assert_array_equal(out[:, :2], 0.0)
+    np.testing.assert_array_equal(lse[:, :, :2], -np.inf)
+    assert np.all(np.isfinite(lse[:, :, 2:]))
+    grads = jax.grad(lambda q, k, v: attention_block(q, k, v, mask)[0].sum(), (0, 1, 2))(q, k, v)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    np.testing.assert_array_equal(grads[0][:, :2], 0.0)
 
 
 def test_segment_ids_block_attention_across_documents():
@@ -148,9 +154,9 @@ def test_segment_ids_block_attention_across_documents():
     np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-6)
 
 
-def test_make_mask_combines_conditions():
+def test_attention_mask_combines_conditions():
     pos = jnp.arange(4)[None]
-    m = make_mask(pos, pos, causal=True, kv_valid_BxS=jnp.array([[False, True, True, True]]))
+    m = attention_mask(pos, pos, causal=True, kv_valid=jnp.array([[False, True, True, True]]))
     expected = np.tril(np.ones((4, 4), bool))
     expected[:, 0] = False
     np.testing.assert_array_equal(m[0], expected)

@@ -81,6 +81,17 @@ def test_sliding_window_xla_matches_the_kernel_reference(window):
                                want, atol=2e-5)
 
 
+def test_window_without_causality_reaches_both_ways_in_every_implementation():
+    """A window w without the causal mask: keys within w - 1 positions on either side."""
+    q, k, v = _qkv()
+    want = reference_attention(q, k, v, causal=False, window_size=5)
+    np.testing.assert_allclose(xla_attention(q, k, v, causal=False, window=5), want, atol=2e-5)
+    np.testing.assert_allclose(cudnn_attention(q, k, v, causal=False, window=5,
+                                               implementation="xla"), want, atol=2e-5)
+    assert not np.allclose(want, reference_attention(q, k, v, causal=True, window_size=5),
+                           atol=1e-3)
+
+
 def test_sliding_window_flash_kernel_matches_xla():
     q, k, v = _qkv(t=40)
     seg = jnp.asarray(np.repeat([[1] * 30 + [2] * 10], 2, axis=0))
