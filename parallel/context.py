@@ -26,7 +26,8 @@ device's key/value block, and merges the partial outputs by their log-sum-exp:
 Off the diagonal a device needs half of each block: from a device s < r the first key chunk
 (visible to both its query chunks), from s > r its second query chunk only (which sees
 both key chunks); the rest is masked by causality. So every device computes (2c)^2 on the
-diagonal and 2c^2 per other block: the same work everywhere. The backward is a custom VJP that runs the same loop again: each block's gradients
+diagonal and 2c^2 per other block: the same work everywhere (`training/planner.py` reports
+it). The backward is a custom VJP that runs the same loop again: each block's gradients
 come from the merged rows' log-sum-exp and delta = rowsum(dO * O) (FlashAttention-2's
 backward, one block at a time); in the ring, dK/dV accumulators travel with their block
 and arrive home after N steps; with the all-gather they are reduce-scattered. Blocks are
@@ -126,32 +127,6 @@ def default_positions(b: int, length: int) -> jax.Array:
     n = context_shards()
     pos = np.arange(length) if n == 1 else zigzag_order(length, n)
     return jnp.broadcast_to(jnp.asarray(pos, jnp.int32)[None], (b, length))
-
-
-# ----------------------------------------------------------------------------------------
-# Work per device (the dry-run planner and the benchmark show it).
-
-def causal_pairs_per_shard(length: int, n: int, window: int | None = None,
-                           order: str = "zigzag") -> np.ndarray:
-    """[n]: the query-key pairs causal attention (with a window, if any) computes for the
-    queries each shard holds, under the zig-zag order or a contiguous split."""
-    if order == "zigzag":
-        places = zigzag_order(length, n).reshape(n, -1)
-    elif order == "contiguous":
-        places = np.arange(length).reshape(n, -1)
-    else:
-        raise ValueError(f"unknown order {order!r}")
-    keys = places + 1
-    if window is not None:
-        keys = np.minimum(keys, window)
-    return keys.sum(axis=1)
-
-
-def computed_pairs_per_shard(length: int, n: int) -> int:
-    """Query-key pairs the block loop computes on every shard (masked ones included):
-    (2c)^2 on the diagonal and 2c^2 for each of the other n-1 blocks."""
-    c = length // (2 * n)
-    return 4 * c * c + (n - 1) * 2 * c * c
 
 
 # ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import use_rules
 from tests.helpers import assert_trees_close, no_compilation, params_fast_only, run_cli
 from jaxlm.training.experiment import Experiment
+from jaxlm.training.planner import causal_pairs_per_shard
 
 
 def _segments(tokens: np.ndarray) -> np.ndarray:
@@ -40,13 +41,13 @@ def test_zigzag_order_round_trips_and_balances_causal_work():
                                   x[:, order])
     np.testing.assert_array_equal(context.from_context_order(x[:, order], 4), x)
     for n in (2, 4, 8):
-        zigzag = context.causal_pairs_per_shard(64, n)
-        contiguous = context.causal_pairs_per_shard(64, n, order="contiguous")
+        zigzag = causal_pairs_per_shard(64, n)
+        contiguous = causal_pairs_per_shard(64, n, order="contiguous")
         assert zigzag.sum() == contiguous.sum() == 64 * 65 // 2
         assert len(set(zigzag)) == 1  # every device the same causal work
         # The last device the most: about (2n - 1) / n times the mean.
         assert contiguous[-1] / contiguous.mean() == pytest.approx((2 * n - 1) / n, abs=0.02)
-    windowed = context.causal_pairs_per_shard(64, 4, window=8)
+    windowed = causal_pairs_per_shard(64, 4, window=8)
     assert windowed.sum() == sum(min(p + 1, 8) for p in range(64))
     with pytest.raises(ValueError, match="does not split into 2 x 4 chunks"):
         context.zigzag_order(20, 4)

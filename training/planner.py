@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlm.configs.sections import Config
 from jaxlm.models.model import count_params
-from jaxlm.parallel.context import causal_pairs_per_shard, computed_pairs_per_shard
+from jaxlm.parallel.context import zigzag_order
 from jaxlm.parallel.pipeline import bubble_fraction
 from jaxlm.parallel.sharding import mesh_axes_size, named_sharding
 from jaxlm.training.experiment import BATCH_AXES, Experiment
@@ -29,6 +29,29 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def causal_pairs_per_shard(length: int, n: int, window: int | None = None,
+                           order: str = "zigzag") -> np.ndarray:
+    """[n]: the query-key pairs causal attention (with a window, if any) computes for the
+    queries each shard holds, under the zig-zag order or a contiguous split."""
+    if order == "zigzag":
+        places = zigzag_order(length, n).reshape(n, -1)
+    elif order == "contiguous":
+        places = np.arange(length).reshape(n, -1)
+    else:
+        raise ValueError(f"unknown order {order!r}")
+    keys = places + 1
+    if window is not None:
+        keys = np.minimum(keys, window)
+    return keys.sum(axis=1)
+
+
+def computed_pairs_per_shard(length: int, n: int) -> int:
+    """Query-key pairs the context-parallel block loop computes on every shard (masked
+    ones included): (2c)^2 on the diagonal and 2c^2 for each of the other n-1 blocks."""
+    c = length // (2 * n)
+    return 4 * c * c + (n - 1) * 2 * c * c
 
 
 def attention_flops_per_pair(cfg: Any) -> float:
