@@ -9,7 +9,7 @@ evaluation batches add float32 `target_bytes` [rows] (UTF-8 bytes of each row's 
 targets, for bits per byte). `split_row_info` separates these host-side keys from what
 the model takes.
 
-`packing="windows"`: today's random windows of seq_len + 1 tokens (for one set exactly
+`packing="windows"`: random windows of seq_len + 1 tokens (for one set exactly
 `TrainBatches`), segment_ids 1, positions 0..seq_len-1, weights 1.
 
 `packing="documents"`: each document's inputs and targets are shifted within the

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from jaxlm.kernels._common import BlockSizes, Static
 
-# Per-backend defaults. They are starting points from the FlashAttention literature,
-# not tuned on hardware (no GPU or TPU was available when they were written).
+# Per-backend defaults: starting points from the FlashAttention literature, not tuned
+# by measurement on a GPU or TPU.
 DEFAULT_BLOCK_SIZES = {
     "triton": BlockSizes(block_q=128, block_kv=64, block_q_dkv=64, block_kv_dkv=64,
                          block_q_dq=64, block_kv_dq=64),

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.models.layers import MLP, param
+from jaxlm.parallel.compat import logsumexp, softmax
 from jaxlm.parallel.expert import expert_parallel
 
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
@@ -53,14 +54,14 @@ def route(logits_TxE: jax.Array, top_k: int, order: str = "softmax_topk",
     logits and softmax over those k (Mixtral's order).
     """
     logits = logits_TxE.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax(logits, axis=-1)
     if order == "softmax_topk":
         weights, experts = jax.lax.top_k(probs, top_k)
         if renormalize:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     elif order == "topk_softmax":
         top, experts = jax.lax.top_k(logits, top_k)
-        weights = jax.nn.softmax(top, axis=-1)
+        weights = softmax(top, axis=-1)
     else:
         raise ValueError(f"unknown router order {order!r}")
     return Routing(weights, experts.astype(jnp.int32), probs, logits)
@@ -154,7 +155,7 @@ def aux_statistics(r: Routing, num_experts: int, kept_TxA: jax.Array | None
     assigned = jax.nn.one_hot(r.experts_TxA, num_experts, dtype=jnp.float32).sum(1)  # [T, E]
     load = jnp.mean(assigned, axis=0) / r.experts_TxA.shape[1]  # f_e, sums to 1
     mean_prob = jnp.mean(r.probs_TxE, axis=0)  # P_e
-    z = jax.nn.logsumexp(r.logits_TxE, axis=-1)
+    z = logsumexp(r.logits_TxE, axis=-1)
     entropy = -jnp.sum(r.probs_TxE * jnp.log(jnp.maximum(r.probs_TxE, 1e-30)), axis=-1)
     dropped = 0.0 if kept_TxA is None else 1.0 - jnp.mean(kept_TxA.astype(jnp.float32))
     return {"load": load, "mean_prob": mean_prob, "z_loss": jnp.mean(z * z),

@@ -12,11 +12,19 @@ between those releases takes it from here, so no other module compares version n
   jax 0.10 assumes compute capability 9.0 when it finds no GPU; jax 0.11 and later need
   the target named by an abstract device (`jax.sharding.use_abstract_mesh`). The abstract
   mesh is set on every release, so the lowering is for the same GPU on each.
+* `softmax()`, `logsumexp()`: for code inside a `shard_map` that may run in a pipeline
+  stage (`parallel/expert.py`). From jax 0.11 on, `jax.nn.softmax` and `jax.nn.logsumexp`
+  fail there under differentiation: their custom JVPs are traced lazily, and when a stage
+  (a `vmap` with `spmd_axis_name`) holds the `shard_map` and a scan holds the stages, the
+  JVP is batched without the vmap's mesh axis, so `max(x, -inf)` in it sees operands
+  that vary over different manual axes (a varying-manual-axes error). These versions have
+  no custom JVP, compute the same values, and run on every release.
 """
 
 import re
 
 import jax
+import jax.numpy as jnp
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -51,3 +59,16 @@ def gpu_lowering_target(device_kind: str = ABSTRACT_GPU_KIND):
     mesh = jax.sharding.AbstractMesh((1,), ("_",), (jax.sharding.AxisType.Explicit,),
                                      abstract_device=device)
     return jax.sharding.use_abstract_mesh(mesh)
+
+
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`jax.nn.softmax(x, axis)` as plain operations (differentiated by autodiff)."""
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True)))
+    return unnormalized / jnp.sum(unnormalized, axis, keepdims=True)
+
+
+def logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`jax.nn.logsumexp(x, axis)` as plain operations; its gradient is `softmax(x)`."""
+    peak = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True))
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    return jnp.log(jnp.sum(jnp.exp(x - peak), axis)) + jnp.squeeze(peak, axis)

@@ -441,3 +441,36 @@ def test_moe_sweep_keeps_active_parameters_equal():
     for _, overrides in variants:
         assert overrides["model.moe.top_k"] * overrides["model.moe.d_ff"] == 512
     assert {v.overrides["model.moe.capacity_factor"] for v in variants} == {0.0, 1.25}
+
+
+def test_router_softmax_and_logsumexp_differentiate_in_a_pipeline_stage():
+    """compat.softmax/logsumexp equal jax.nn's and take gradients inside a shard_map in a
+    stage vmap (spmd_axis_name) inside a scan: the MoE layer's place in a pipeline."""
+    from jax.sharding import AxisType, PartitionSpec as P
+    from jaxlm.parallel.compat import logsumexp, softmax
+    mesh = jax.make_mesh((2, 4), ("pipeline", "data"), axis_types=(AxisType.Auto,) * 2,
+                         devices=jax.devices()[:8])
+
+    def stat(fn_softmax, fn_lse, x):
+        return jnp.sum(fn_softmax(x) * jnp.arange(x.shape[-1])) + jnp.sum(fn_lse(x) ** 2)
+
+    def stage(x_TxE, w_NxExE):  # a stage's scan over its layers, each in a shard_map
+        layer = jax.shard_map(lambda x, w: x + 0.01 * stat(softmax, logsumexp, x @ w), mesh=mesh,
+                              axis_names={"pipeline", "data"}, in_specs=(P("data"), P()),
+                              out_specs=P("data"))
+        return jax.lax.scan(lambda x, w: (layer(x, w), None), x_TxE, w_NxExE)[0]
+
+    def staged(x_SxTxE, w_SxNxExE):  # the pipeline's scan over iterations
+        stages = jax.vmap(stage, spmd_axis_name="pipeline")
+        out, _ = jax.lax.scan(lambda x, _: (stages(x, w_SxNxExE), None), x_SxTxE, jnp.arange(2))
+        return jnp.sum(out)
+
+    x = jax.random.normal(jax.random.key(0), (2, 8, 6))
+    w = 0.3 * jax.random.normal(jax.random.key(1), (2, 2, 6, 6))
+    with jax.set_mesh(mesh):
+        grad = jax.jit(jax.grad(staged, argnums=(0, 1)))(x, w)
+    assert all(np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 0 for g in grad)
+    ours = jax.value_and_grad(lambda x: stat(softmax, logsumexp, x))(x)
+    ref = jax.value_and_grad(lambda x: stat(jax.nn.softmax,
+                                            lambda a: jax.nn.logsumexp(a, axis=-1), x))(x)
+    assert_trees_close(ours, ref, rtol=1e-6, atol=1e-6)

@@ -84,7 +84,7 @@ class Checkpointer:
 
         A step that fails while an older one restores is damaged: one warning line names it
         and, with `move_aside`, it goes to `../damaged_checkpoints/` (never deleted). If
-        none restores (e.g. a config that no longer matches them), nothing is moved and
+        none restores (e.g. a config that does not match them), nothing is moved and
         RunError names every step and why.
         """
         failed: list[tuple[int, str]] = []

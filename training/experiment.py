@@ -37,8 +37,9 @@ from jaxlm.training.teacher import Teacher
 
 BATCH_AXES = ("act_batch", "act_len")
 # Training windows are one segment at positions 0..L-1 with every weight 1: the model's and
-# the loss's defaults. Those keys stay on the host, so the step is the program it was
-# before packing existed (sending them changes XLA's fusions and the float rounding).
+# the loss's defaults. Those keys stay on the host, so the step of unpacked windows is
+# the program without segment, position and weight inputs (sending them changes XLA's
+# fusions and the float rounding).
 WINDOW_DEFAULT_KEYS = ("segment_ids", "positions", "weights")
 
 
