@@ -224,6 +224,14 @@ def _clear(workdir: Path) -> None:
             p.unlink()
 
 
+def _check_empty(workdir: Path, key: str) -> None:
+    if any(not _is_lock(p.name) for p in workdir.iterdir()):
+        run = (workdir / RUN_CHECKPOINTS).is_dir() or (workdir / RUN_CONFIG).is_file()
+        raise ConfigError(key, f"{workdir} is {'a run' if run else 'not empty'} (it holds "
+                               f"{_listing(workdir)}); write the new run into a new or "
+                               f"empty --{key}")
+
+
 @contextlib.contextmanager
 def new_run(workdir: Path, key: str = "workdir") -> Iterator[Path]:
     """Hold `workdir`'s lock while a new run is written into it in place. `workdir` must be
@@ -233,14 +241,13 @@ def new_run(workdir: Path, key: str = "workdir") -> Iterator[Path]:
     created = not workdir.exists()
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(key, f"{workdir} is a file, not a directory")
+    if not created and not (workdir / INCOMPLETE).exists():
+        _check_empty(workdir, key)  # before the lock file is made in it
     with lock(workdir, key):
         marker = workdir / INCOMPLETE
         if marker.exists():  # its writer is gone: it would hold the lock
             _clear(workdir)
-        if any(not _is_lock(p.name) for p in workdir.iterdir()):
-            what = "a training run" if is_run_dir(workdir) else "not empty"
-            raise ConfigError(key, f"{workdir} is {what} (it holds {_listing(workdir)}); "
-                                   f"write the new run into a new or empty --{key}")
+        _check_empty(workdir, key)
         marker.write_text(_holder())
         try:
             yield workdir
