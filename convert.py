@@ -1,7 +1,7 @@
 """Import a Hugging Face model as a run directory, or export a run as a Hugging Face model.
 
   python convert.py --from_hf=DIR --workdir=RUN [--config.KEY=VALUE ...] [--cpu_devices=N]
-  python convert.py --to_hf=DIR --workdir=RUN [--step=N] [--dtype=bfloat16]
+  python convert.py --to_hf=DIR --workdir=RUN [--step=N] [--dtype=bfloat16] [--overwrite]
   python convert.py --merge_lora --workdir=RUN --output=NEW [--step=N]
 
 --from_hf reads DIR/config.json (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
@@ -14,7 +14,12 @@ init.from_workdir then take RUN as any other run.
 
 --to_hf writes DIR for transformers.AutoModelForCausalLM.from_pretrained: safetensors,
 config.json, and the tokenizer files of a run imported from Hugging Face. A LoRA run's
-adapters are merged into the exported weights.
+adapters are merged into the exported weights. DIR must be new or empty; an earlier export
+is replaced only with --overwrite, and a run directory never.
+
+Each command owns what it writes (storage/dirs.py): RUN and NEW must be new or empty and
+are written under their lock (the one train.py holds), DIR is built beside itself and
+renamed into place, and a failed command leaves nothing that blocks running it again.
 
 --merge_lora writes NEW as a plain run (no adapters, a float base) whose checkpoint at
 the same step holds RUN's adapters merged into its base weights, with a fresh optimizer.
@@ -45,6 +50,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "--merge_lora: the new run directo
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Export and merge: checkpoint step (default: the "
                              "latest).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Export: replace an earlier export in "
+                                "--to_hf.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Export: float32 | bfloat16 | float16.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 
@@ -67,7 +74,8 @@ def main(argv: list[str]) -> None:
         elif _FROM_HF.value:
             summary = import_hf(_FROM_HF.value, _WORKDIR.value, config)
         else:
-            summary = export_hf(_WORKDIR.value, _TO_HF.value, _STEP.value, _DTYPE.value)
+            summary = export_hf(_WORKDIR.value, _TO_HF.value, _STEP.value, _DTYPE.value,
+                                overwrite=_OVERWRITE.value)
     except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps(summary))

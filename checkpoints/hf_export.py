@@ -32,6 +32,7 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import abstract_params
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import tree_shardings
+from jaxlm.storage import dirs
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.state import abstract_with_shardings
@@ -39,6 +40,7 @@ from jaxlm.training.state import abstract_with_shardings
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MAX_SHARD_BYTES = 5 * 2**30
+OUT_KEY = "to_hf"  # the flag naming the output directory
 
 
 def _as_hf(x: np.ndarray, t: Tensor, vocab_size: int) -> np.ndarray:
@@ -132,14 +134,33 @@ def restore_run_params(workdir: Path, step: int | None, devices: list[jax.Device
     return config, model_cfg, params, step
 
 
+def is_hf_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory: its config.json names a model type or architecture."""
+    try:
+        hf = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(hf, dict) and ("model_type" in hf or "architectures" in hf)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """A new or empty `out_dir`, or an earlier export with `overwrite`; never a run."""
+    dirs.check_output(out_dir, OUT_KEY, "a Hugging Face model directory", is_hf_model_dir,
+                      overwrite)
+
+
 def export_hf(workdir: str | Path, out_dir: str | Path, step: int | None = None,
               dtype: str = "float32", devices: list[jax.Device] | None = None,
-              max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, Any]:
+              max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False
+              ) -> dict[str, Any]:
     """Write the Hugging Face model directory `out_dir` for a checkpoint of `workdir`
-    (default: the latest). Returns a summary: architecture, step, files."""
-    workdir, out_dir = Path(workdir).absolute(), Path(out_dir)
+    (default: the latest); an earlier export there is replaced only with `overwrite`, a
+    run directory never. Built in a staging directory renamed into place at the end
+    (`storage/dirs.py`). Returns a summary: architecture, step, files."""
+    workdir, out_dir = Path(workdir).absolute(), Path(out_dir).absolute()
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"unknown value {dtype!r}; choose one of {list(DTYPES)}")
+    _check_out_dir(out_dir, overwrite)  # before anything is read
     config, model_cfg, params, step = restore_run_params(
         workdir, step, list(jax.devices() if devices is None else devices))
     arch = architecture_for(config.model)
@@ -148,13 +169,15 @@ def export_hf(workdir: str | Path, out_dir: str | Path, step: int | None = None,
         raise ConfigError("model.vocab_size", f"the run's tokenizer has {tok.vocab_size} "
                                               f"tokens, beyond the model's vocabulary of "
                                               f"{model_cfg.vocab_size}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     plan = tensor_plan(arch, params, config.model.num_layers, model_cfg.vocab_size,
                        DTYPES[dtype])
-    files = write_sharded(out_dir, plan, max_shard_bytes)
     hf = hf_config(config.model, model_cfg.vocab_size, config.train.seq_len)
     hf.update(_token_ids(origin_hf_dir(workdir, config, tok), tok), torch_dtype=dtype)
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    copied = write_tokenizer_files(workdir, config, tok, out_dir, config.train.seq_len)
+    with dirs.output_lock(out_dir, OUT_KEY):
+        _check_out_dir(out_dir, overwrite)  # again, now that it is ours
+        with dirs.staged(out_dir) as tmp:
+            files = write_sharded(tmp, plan, max_shard_bytes)
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+            copied = write_tokenizer_files(workdir, config, tok, tmp, config.train.seq_len)
     return {"architecture": arch, "step": step, "out_dir": str(out_dir),
             "files": files + ["config.json"] + copied, "dtype": dtype}

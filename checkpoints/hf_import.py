@@ -10,6 +10,7 @@ parameters, a fresh optimizer state and the data position, as a run that trained
 steps would) and copies the tokenizer and config files into `workdir/hf/`.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -26,6 +27,7 @@ from jaxlm.checkpoints.safetensors_io import CHUNK_BYTES, DAMAGED, SafetensorsRe
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config
 from jaxlm.losses.objectives import OBJECTIVE_PARAMS
+from jaxlm.storage import dirs
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
@@ -215,14 +217,20 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: Any,
     """Write the run directory `workdir` for the Hugging Face model in `hf_dir`.
 
     `config`: a Config or ConfigDict for everything but the model (mesh, data, training).
-    Returns a summary: architecture, parameters, step, files."""
+    `workdir` must be new or empty; it is written under its lock (the one `train.py`
+    holds), and a failed import removes what it wrote (`storage/dirs.py`). Returns a
+    summary: architecture, parameters, step, files."""
     hf_dir, workdir = Path(hf_dir), Path(workdir).absolute()
     arch, config = imported_config(hf_dir, Config.from_dict(config))
     reader = SafetensorsReader(hf_dir)
-    with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
-        if ckpt.all_steps():
-            raise ConfigError("workdir", f"{workdir} already holds a run with checkpoints; "
-                                         "import into a new directory")
+    with dirs.new_run(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _write_run(hf_dir, workdir, arch, config, reader, devices)
+
+
+def _write_run(hf_dir: Path, workdir: Path, arch: str, config: Config,
+               reader: SafetensorsReader, devices: list[jax.Device] | None
+               ) -> dict[str, Any]:
+    """The import's files in `workdir`: hf/, data/, the step-0 checkpoint, config.json."""
     copied = copy_hf_files(hf_dir, workdir) if jax.process_index() == 0 else []
     if (workdir / HF_DIR / "tokenizer.json").is_file() and config.data.tokenizer == "char":
         # The model's own tokenizer (kept in the run) encodes the data, prompts and samples.
@@ -234,13 +242,12 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, config: Any,
     params = place_params(exp, reader, arch)
     build = make_state_fn(exp.optimizer, config.train.seed)
     state = jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=0)(params)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        rundir.save_config(config, workdir)
     data_iter = exp.train_batches()
     with Checkpointer(rundir.checkpoint_dir(workdir)) as ckpt:
         ckpt.save(0, state, data_iter)
         ckpt.wait()
+    if jax.process_index() == 0:  # last: a run with a config.json is complete
+        rundir.save_config(config, workdir)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     return {"architecture": arch, "workdir": str(workdir), "step": 0,
             "num_params": n_params, "vocab_size": exp.model_cfg.vocab_size,

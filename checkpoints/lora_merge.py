@@ -7,6 +7,7 @@ integer base is dequantized first, so the merged run is a float run whose `quant
 `lora` sections are off.
 """
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from jaxlm.evaluation.restore import restore_run
 from jaxlm.losses.objectives import split_objective_params
 from jaxlm.models.model import abstract_model
 from jaxlm.models.lora import merge_adapters
+from jaxlm.storage import dirs
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
@@ -46,29 +48,31 @@ def merge_lora(exp: Experiment, params: Any) -> tuple[Config, Any]:
 def merge_run(workdir: str | Path, output: str | Path, step: int | None = None,
               devices: list[jax.Device] | None = None) -> dict[str, Any]:
     """Write `output` as a plain run holding the merged parameters of `workdir`'s
-    checkpoint (default: the latest) at the same step, with a fresh optimizer state."""
+    checkpoint (default: the latest) at the same step, with a fresh optimizer state.
+    `output` must be new or empty; it is written under its lock, and a failed merge
+    removes what it wrote (`storage/dirs.py`)."""
     workdir, output = Path(workdir).absolute(), Path(output).absolute()
     if not rundir.load_config(workdir).lora.rank:
         raise ConfigError("workdir", f"{workdir} is not a LoRA run (lora.rank is 0): "
                                      "nothing to merge")
-    with Checkpointer(rundir.checkpoint_dir(output), read_only=True) as ckpt:
-        if ckpt.all_steps():
-            raise ConfigError("output", f"{output} already holds a run with checkpoints; "
-                                        "merge into a new directory")
-    exp, state, step = restore_run(workdir, step, devices)
-    config, params = merge_lora(exp, state.params)
-    new = Experiment.build(config, output, devices)
-    build = make_state_fn(new.optimizer, config.train.seed,
-                          new.objective and new.objective.init_params)
-    merged = jax.jit(build, out_shardings=new.state_shardings, donate_argnums=0)(params)
-    merged = merged.replace(step=jax.device_put(merged.step + step, merged.step.sharding))
-    output.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        rundir.save_config(config, output)
-        if (workdir / HF_DIR).is_dir() and not (output / HF_DIR).exists():
+    if output == workdir:
+        raise ConfigError("output", f"{output} is the LoRA run itself; merge into a new "
+                                    "directory")
+    with dirs.new_run(output, "output") if jax.process_index() == 0 else \
+            contextlib.nullcontext():
+        exp, state, step = restore_run(workdir, step, devices)
+        config, params = merge_lora(exp, state.params)
+        new = Experiment.build(config, output, devices)
+        build = make_state_fn(new.optimizer, config.train.seed,
+                              new.objective and new.objective.init_params)
+        merged = jax.jit(build, out_shardings=new.state_shardings, donate_argnums=0)(params)
+        merged = merged.replace(step=jax.device_put(merged.step + step, merged.step.sharding))
+        if jax.process_index() == 0 and (workdir / HF_DIR).is_dir():
             shutil.copytree(workdir / HF_DIR, output / HF_DIR)
-    with Checkpointer(rundir.checkpoint_dir(output)) as ckpt:
-        ckpt.save(step, merged, new.train_batches())
-        ckpt.wait()
+        with Checkpointer(rundir.checkpoint_dir(output)) as ckpt:
+            ckpt.save(step, merged, new.train_batches())
+            ckpt.wait()
+        if jax.process_index() == 0:  # last: a run with a config.json is complete
+            rundir.save_config(config, output)
     return {"workdir": str(workdir), "output": str(output), "step": step,
             "num_params": sum(int(x.size) for x in jax.tree.leaves(merged.params))}

@@ -172,9 +172,12 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
         raise ConfigError("data.path", f"{source} is a corpus file, not text: prepare it "
                                        f"once with python -m jaxlm.data.prepare --input={source} "
                                        f"--output=DIR --tokenizer=... and set data.path=DIR")
+    # The run's own copy: rebuilt when its text changes; the run's processes wait for
+    # the one that prepares it.
     out = prepare(source, Path(workdir) / "data", tokenizer=data_cfg.tokenizer,
                   val_fraction=data_cfg.val_fraction,
-                  vocab_size=getattr(data_cfg, "vocab_size", DEFAULT_BPE_VOCAB))
+                  vocab_size=getattr(data_cfg, "vocab_size", DEFAULT_BPE_VOCAB),
+                  overwrite=True, wait=True, key="workdir")
     return TokenData.load(out)
 
 

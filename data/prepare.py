@@ -54,6 +54,7 @@ from jaxlm.data.tokenizers import (DEFAULT_BPE_VOCAB, HF_FILE, SENTENCEPIECE_FIL
                                    fit_tokenizer, load_hf_tokenizer, load_sentencepiece,
                                    parse_tokenizer_spec, tokenizer_from_dict, train_bpe,
                                    vocabulary)
+from jaxlm.storage import dirs
 
 META = "meta.json"
 RUN_CONFIG = "config.json"  # a training run's directory holds it (training/rundir.py)
@@ -123,10 +124,14 @@ def _keep_tokenizer(tok: Tokenizer, out_dir: Path) -> Tokenizer:
 
 
 def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer: str = "char",
-            val_fraction: float = 0.1, vocab_size: int = DEFAULT_BPE_VOCAB) -> Path:
+            val_fraction: float = 0.1, vocab_size: int = DEFAULT_BPE_VOCAB,
+            overwrite: bool = False, wait: bool = False, key: str = "--output") -> Path:
     """Tokenize `source` (file or directory, concatenated) into `out_dir` as one text;
-    reuse it if already up to date. `vocab_size` is used by bpe only."""
-    source, out_dir = Path(source), Path(out_dir)
+    reuse it if already up to date. `vocab_size` is used by bpe only. Owned as the corpus
+    builders own theirs (`_build_atomically`): another prepared set is replaced only with
+    `overwrite`; `wait` waits for a concurrent preparation of `out_dir` instead of
+    refusing it (the processes of one run); `key` names `out_dir` in errors."""
+    source, out_dir = Path(source), Path(out_dir).absolute()
     if not source.exists():
         raise ConfigError("data.path", f"no such file or directory: {source}")
     kind, path = parse_tokenizer_spec(tokenizer)
@@ -137,27 +142,31 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
     extra = (json.dumps(vocabulary(given), sort_keys=True) if given is not None
              else _tokenizer_extra(tokenizer, vocab_size))
     fingerprint = _fingerprint(files, tokenizer, val_fraction, extra)
-    if is_prepared(out_dir):
-        meta = json.loads((out_dir / META).read_text())
-        if meta.get("fingerprint") == fingerprint:
-            return out_dir
-
+    if not _needs_build(out_dir, fingerprint, overwrite, key):
+        return out_dir
     try:
         text = "".join(f.read_text(encoding="utf-8") for f in files)
     except UnicodeDecodeError as e:
         raise ConfigError("data.path", f"{source} is not UTF-8 text ({e})") from None
     if not text:
         raise ConfigError("data.path", f"{source} is empty: no text to train on")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer,
+                "val_fraction": val_fraction, "vocab_size": vocab_size}
+    return _build_atomically(out_dir, fingerprint, files, settings, lambda tmp: _build_text(
+        text, source, tmp, tokenizer, given, settings), overwrite=overwrite, wait=wait, key=key)
+
+
+def _build_text(text: str, source: Path, tmp: Path, tokenizer: str, given: Tokenizer | None,
+                settings: dict[str, Any]) -> dict[str, Any]:
+    """Fit (or keep) the tokenizer, encode `text` and write both splits into `tmp`."""
+    vocab_size = settings["vocab_size"]
     if given is not None:
-        tok: Tokenizer = _keep_tokenizer(given, out_dir)
+        tok: Tokenizer = _keep_tokenizer(given, tmp)
     elif tokenizer == "bpe":
-        staged = out_dir / f".{HF_FILE}.{os.getpid()}.tmp"
-        trained = train_bpe([text], vocab_size, staged)
-        os.replace(staged, out_dir / HF_FILE)
-        tok = HFTokenizer(out_dir / HF_FILE, kind="bpe", eos_id=trained.eos_id)
+        trained = train_bpe([text], vocab_size, tmp / HF_FILE)
+        tok = HFTokenizer(tmp / HF_FILE, kind="bpe", eos_id=trained.eos_id)
     else:
-        tok = _keep_tokenizer(fit_tokenizer(tokenizer, text, vocab_size), out_dir)
+        tok = _keep_tokenizer(fit_tokenizer(tokenizer, text, vocab_size), tmp)
     try:
         ids = tok.encode(text)
     except ValueError as e:  # a character that a reused (from:DIR) char vocabulary lacks
@@ -165,26 +174,15 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *, tokenizer:
                                        f"{describe_tokenizer(tok)}); the model cannot "
                                        f"represent it: remove or replace it in the text"
                           ) from None
-    n_train = int(len(ids) * (1.0 - val_fraction))
+    n_train = int(len(ids) * (1.0 - settings["val_fraction"]))
     dtype = token_dtype(tok.vocab_size)
     for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
-        tmp = out_dir / f".{split}.bin.{os.getpid()}.tmp"  # processes may race here
-        part.astype(dtype).tofile(tmp)
-        os.replace(tmp, out_dir / f"{split}.bin")
-    meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "source": str(source.resolve()),
-        "fingerprint": fingerprint,
-        "tokenizer": tok.to_dict(),
-        "vocab_size": tok.vocab_size,
-        "dtype": np.dtype(dtype).name,
-        "counts": {"train": n_train, "val": len(ids) - n_train},
-        "val_fraction": val_fraction,
-    }
-    tmp = out_dir / f".{META}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out_dir / META)
-    return out_dir
+        part.astype(dtype).tofile(tmp / f"{split}.bin")
+    return {"format_version": FORMAT_VERSION, "source": str(source.resolve()),
+            "tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size,
+            "dtype": np.dtype(dtype).name,
+            "counts": {"train": n_train, "val": len(ids) - n_train},
+            "val_fraction": settings["val_fraction"]}
 
 
 # A corpus of documents (format 2).
@@ -377,28 +375,6 @@ def _progress(enabled: bool, total: int | None, desc: str) -> Any:
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove partial (and replaced) outputs left by crashed runs (their process is gone)."""
-    for p in [*out.parent.glob(f".{out.name}.partial-*"),
-              *out.parent.glob(f".{out.name}.old-*")]:
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _corpus_fingerprint(files: list[Path], settings: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for f in files:
@@ -445,7 +421,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
         given = load_sentencepiece(tok_path, "--tokenizer")
     # Never read the output (or its staging directories) back as input.
     files = [f for f in expand_inputs(inputs, "--input")
-             if output not in f.parents and not f.parent.name.startswith(f".{output.name}.")]
+             if output not in f.parents and not dirs.is_staging(f, output)]
     if not files:
         raise ConfigError("--input", f"no input files outside --output {output}")
     settings = {"format_version": CORPUS_FORMAT_VERSION, "tokenizer": kind,
@@ -459,53 +435,43 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
     if not _needs_build(output, fingerprint, overwrite):
         return output
     return _build_atomically(output, fingerprint, files, settings, lambda tmp: _build(
-        files, tmp, kind, given, settings, vocab_size, workers, shard_bytes, progress))
+        files, tmp, kind, given, settings, vocab_size, workers, shard_bytes, progress),
+        overwrite=overwrite)
 
 
-def _needs_build(output: Path, fingerprint: str, overwrite: bool) -> bool:
+PREPARED = "a prepared data directory"
+
+
+def _saved_fingerprint(output: Path) -> str | None:
+    try:
+        return json.loads((output / META).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _needs_build(output: Path, fingerprint: str, overwrite: bool, key: str = "--output"
+                 ) -> bool:
     """False when `output` is already prepared with `fingerprint`; an error when it holds
-    anything else (unless `overwrite`)."""
-    if is_prepared(output):
-        meta = json.loads((output / META).read_text())
-        if meta.get("fingerprint") == fingerprint:
-            return False
-        if not overwrite:
-            raise ConfigError("--output", f"{output} holds data prepared from other inputs "
-                                          f"or settings; pass --overwrite to rebuild it, or "
-                                          f"choose another --output")
-    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ConfigError("--output", f"{output} exists and is not a prepared data "
-                                      f"directory; choose another --output")
-    return True
+    anything else (another prepared set unless `overwrite`; `storage/dirs.py`)."""
+    return dirs.check_output(output, key, PREPARED, is_prepared, overwrite,
+                             same=lambda p: _saved_fingerprint(p) == fingerprint)
 
 
 def _build_atomically(output: Path, fingerprint: str, files: list[Path],
-                      settings: dict[str, Any],
-                      build: Callable[[Path], dict[str, Any]]) -> Path:
-    """Run `build(staging directory) -> meta` in a hidden sibling of `output`, write the
-    meta and rename the directory into place (replacing an older `output`)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(output)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        meta = build(tmp)
-        meta.update(fingerprint=fingerprint, inputs=[str(f) for f in files],
-                    settings=settings)
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        if is_prepared(output):  # --overwrite: swap the old set out, then delete it
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if output.exists():
-                output.rmdir()  # an empty directory (checked above)
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                      settings: dict[str, Any], build: Callable[[Path], dict[str, Any]], *,
+                      overwrite: bool, wait: bool = False, key: str = "--output") -> Path:
+    """Under `output`'s lock (refused while another preparation holds it, or awaited with
+    `wait`), check it again, run `build(staging directory) -> meta` in a hidden sibling,
+    write the meta and rename the directory into place (replacing an older `output`).
+    A failure or a kill leaves `output` as it was."""
+    with dirs.output_lock(output, key, wait=wait):
+        if not _needs_build(output, fingerprint, overwrite, key):  # built meanwhile
+            return output
+        with dirs.staged(output) as tmp:
+            meta = build(tmp)
+            meta.update(fingerprint=fingerprint, inputs=[str(f) for f in files],
+                        settings=settings)
+            (tmp / META).write_text(json.dumps(meta, indent=2))
     return output
 
 
@@ -744,7 +710,7 @@ def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, 
         except ValueError as e:
             raise ConfigError("--end_text", f"{end_text!r}: {e}") from None
     files = [f for f in expand_inputs(inputs, "--input")
-             if output not in f.parents and not f.parent.name.startswith(f".{output.name}.")]
+             if output not in f.parents and not dirs.is_staging(f, output)]
     if not files:
         raise ConfigError("--input", f"no input files outside --output {output}")
     for f in files:
@@ -760,7 +726,7 @@ def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, 
     if not _needs_build(output, fingerprint, overwrite):
         return output
     return _build_atomically(output, fingerprint, files, settings, lambda tmp: _build_sft(
-        files, tmp, tok, template, settings, shard_bytes, progress))
+        files, tmp, tok, template, settings, shard_bytes, progress), overwrite=overwrite)
 
 
 def _build_sft(files: list[Path], tmp: Path, tok: Tokenizer, template: ChatTemplate | None,
@@ -925,7 +891,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if single:  # one text: the nanoGPT split by token position (format 1)
             try:
                 out = prepare(args.input[0], args.output, tokenizer=args.tokenizer,
-                              val_fraction=args.val_fraction, vocab_size=args.vocab_size)
+                              val_fraction=args.val_fraction, vocab_size=args.vocab_size,
+                              overwrite=args.overwrite)
             except ConfigError as e:
                 flag = _CONFIG_TO_FLAG.get(e.key, e.key)
                 raise ConfigError(flag, str(e).split(": ", 1)[1]) from None

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config
 from jaxlm.training.metrics import read_metrics
 
 RESULT_FILE = "sweep_result.json"
+RUN_CONFIG = "config.json"  # what a variant's run recorded (training/rundir.py)
 LOG_FILE = "sweep.log"
 
 # The results table's columns, after `name`, `status` and one column per override key.
@@ -44,6 +46,34 @@ def is_finished(vdir: Path, config_json: dict[str, Any]) -> bool:
     """Finished: a successful result for exactly this resolved config."""
     result = read_result(vdir)
     return bool(result and result.get("status") == "ok" and result.get("config") == config_json)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                   else {f"{prefix}{key}": value})
+    return out
+
+
+def check_recorded_config(vdir: Path, name: str, config: Any) -> None:
+    """Refuse a variant whose directory holds a run of another config: its checkpoints,
+    metrics and losses are that config's, so it is never resumed or reported as this one."""
+    path = vdir / RUN_CONFIG
+    if not path.is_file():
+        return
+    try:
+        saved = _flat(Config.from_dict(json.loads(path.read_text())).to_dict())
+    except (ValueError, ConfigError) as e:
+        raise ConfigError("variant", f"{path} of variant {name} is damaged ({e}); remove "
+                                     f"{vdir} or use another --workdir") from None
+    new = _flat(Config.from_dict(config).to_dict())
+    for key in sorted(set(saved) | set(new)):
+        if saved.get(key) != new.get(key):
+            raise ConfigError(key, f"is {new.get(key)!r} for variant {name}, but {vdir} "
+                                   f"holds its run with {saved.get(key)!r}; use another "
+                                   f"--workdir for this sweep, or remove {vdir} to run it "
+                                   f"again")
 
 
 def summarise_metrics(vdir: Path, final_eval: dict[str, Any]) -> dict[str, Any]:

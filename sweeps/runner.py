@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.sweeps.results import (LOG_FILE, RESULT_FILE, first_line, is_finished, read_result,
-                                  variant_dir, write_result)
+from jaxlm.sweeps.results import (LOG_FILE, RESULT_FILE, check_recorded_config, first_line,
+                                  is_finished, read_result, variant_dir, write_result)
 from jaxlm.sweeps.spec import Sweep
 
 SWEEP_PY = Path(__file__).resolve().parents[1] / "sweep.py"
@@ -187,6 +187,7 @@ def run_sweep(sweep: Sweep, workdir: str | Path, *, parallel: int = 1, cpu_devic
     status: dict[str, str] = {}
     for v in sweep.variants:
         vdir = variant_dir(workdir, v.name)
+        check_recorded_config(vdir, v.name, v.config)  # before any variant runs
         if is_finished(vdir, v.config_json()):
             status[v.name] = "ok"
             log(f"[{v.name}] finished earlier; skipping.")

@@ -13,8 +13,8 @@ import jax
 
 from jaxlm.evaluation.modes import write_eval_result
 from jaxlm.evaluation.restore import restore_run
-from jaxlm.sweeps.results import (first_line, is_finished, read_result, summarise_metrics,
-                                  variant_dir, write_result)
+from jaxlm.sweeps.results import (check_recorded_config, first_line, is_finished, read_result,
+                                  summarise_metrics, variant_dir, write_result)
 from jaxlm.sweeps.spec import Sweep
 from jaxlm.training.evaluate import evaluate
 from jaxlm.training.trainer import train
@@ -38,6 +38,7 @@ def run_variant(sweep: Sweep, name: str, workdir: str, log=print,
                               "config": config_json, "status": "failed", "error": None}
     t0 = time.time()
     try:
+        check_recorded_config(vdir, name, variant.config)
         summary = train(variant.config, vdir, devices)
         result["num_params"] = summary["num_params"]
         if summary["interrupted"]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.storage import dirs
 from jaxlm.data.pipeline import TokenData
 from jaxlm.data.prepare import META, prepare, prepare_corpus, token_dtype
 from jaxlm.data.shards import ShardedTokens
@@ -156,16 +157,16 @@ def test_rerun_is_a_no_op_and_changed_inputs_are_refused_or_rebuilt(tmp_path):
     prepare_corpus([src], out, tokenizer="byte", workers=0, progress=False)
     assert (out / META).stat().st_mtime_ns == stamp
     write_jsonl(src, docs_of(120))
-    with pytest.raises(ConfigError, match="--output: .*prepared from other inputs"):
+    with pytest.raises(ConfigError, match="--output: .*made from other inputs"):
         prepare_corpus([src], out, tokenizer="byte", workers=0, progress=False)
-    with pytest.raises(ConfigError, match="--output: .*prepared from other inputs"):
+    with pytest.raises(ConfigError, match="--output: .*made from other inputs"):
         prepare_corpus([src], out, tokenizer="char", workers=0, progress=False)
     prepare_corpus([src], out, tokenizer="byte", workers=0, progress=False, overwrite=True)
     assert sum(json.loads((out / META).read_text())["documents"].values()) == 120
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "f").write_text("x")
-    with pytest.raises(ConfigError, match="--output: .*junk exists and is not a prepared"):
+    with pytest.raises(ConfigError, match="--output: .*junk is not empty and is not a prepared"):
         prepare_corpus([src], tmp_path / "junk", tokenizer="byte", workers=0, progress=False)
 
 
@@ -180,7 +181,7 @@ def test_failure_leaves_no_output_and_stale_partials_are_removed(tmp_path):
     # A crashed run's partial directory (its process is gone) is cleaned up.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".out.partial-{dead.pid}"
+    stale = tmp_path / f".out.partial-{dirs.HOST}-{dead.pid}"
     stale.mkdir()
     (stale / META).write_text("{}")
     out = prepare_corpus([good, bad], tmp_path / "out", tokenizer="byte", workers=0,

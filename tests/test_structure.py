@@ -7,7 +7,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-PACKAGES = ("configs", "models", "parallel", "kernels", "data", "losses", "training",
+PACKAGES = ("configs", "storage", "models", "parallel", "kernels", "data", "losses", "training",
             "evaluation", "inference", "sweeps", "checkpoints")
 ENTRY_POINTS = ("train.py", "eval.py", "sweep.py", "convert.py")
 

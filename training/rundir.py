@@ -1,33 +1,32 @@
 """A run directory: its files, its saved config, its lock, and choosing a checkpoint.
 
-    WORKDIR/config.json     the resolved config (written on the first start)
+    WORKDIR/config.json     the resolved config, written once the run trains (a start
+                            or a resume whose restore succeeded, with steps left)
     WORKDIR/checkpoints/N/  orbax checkpoints (training/checkpoint.py)
     WORKDIR/metrics.jsonl   training and eval records (training/metrics.py)
     WORKDIR/data/           the tokenized corpus, when data.path is a text file
     WORKDIR/eval/           results of eval.py
-    WORKDIR/run.lock        held by the process training in it
+    WORKDIR/run.lock        held by the process training in it (or importing, merging)
+    WORKDIR/.incomplete     an import or merge into it was killed half-way
     WORKDIR/damaged_checkpoints/N/   checkpoints that failed to restore, moved aside
     WORKDIR/lora_base/0/    a LoRA run's frozen base, stored once (training/lora.py)
     WORKDIR/lora_base.json  where that base came from
 """
 
 import contextlib
-import fcntl
 import json
 import os
-import socket
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config, parse_mixture
 from jaxlm.data.pipeline import TokenData, is_prepared
+from jaxlm.storage import dirs
 
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"
-LOCK_FILE = "run.lock"
+CONFIG_FILE = dirs.RUN_CONFIG
+CHECKPOINTS = dirs.RUN_CHECKPOINTS
+LOCK_FILE = dirs.LOCK_FILE
 
 # Config sections that must not change when a run resumes: they define the model, its
 # parameter shapes, the optimizer state or the data stream.
@@ -129,31 +128,11 @@ def save_config(config: Config, workdir: Path) -> None:
     tmp.replace(path)
 
 
-@contextlib.contextmanager
-def lock(workdir: Path) -> Iterator[None]:
-    """Hold WORKDIR/run.lock while training: a second process is refused, naming the holder.
-
-    An advisory `flock`: the kernel releases it when its holder exits in any way (also
-    `kill -9`), so a lock left by a dead process is simply taken over. Multi-process runs
-    lock on process 0 only (`training/trainer.py`).
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            raise ConfigError("workdir", f"{workdir} is in use by another run ({holder}); "
-                                         "wait for it to finish or use another --workdir"
-                              ) from None
-        info = f"host {socket.gethostname()}, pid {os.getpid()}, since " \
-               f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+def lock(workdir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold WORKDIR/run.lock while training (`storage/dirs.py`): a second process is
+    refused, naming the holder. Multi-process runs lock on process 0 only
+    (`training/trainer.py`)."""
+    return dirs.lock(workdir)
 
 
 def pick_step(steps: list[int], step: int | None, workdir: Any, *, key: str = "step",

@@ -13,6 +13,7 @@ from jaxlm.configs.sections import Config
 from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import named_sources
 from jaxlm.models.model import active_params, count_params
+from jaxlm.storage import dirs
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
@@ -42,6 +43,7 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
     workdir = rundir.check_workdir(workdir)
     primary = jax.process_index() == 0
     with rundir.lock(workdir) if primary else contextlib.nullcontext():
+        dirs.check_complete(workdir)
         with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as existing:
             latest = existing.latest_step()
         for notice in rundir.check_resume(config, workdir, latest, allow_schedule_change):
@@ -53,8 +55,6 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
         # init.from_workdir starts a new run; a resume continues from its own checkpoints.
         source = check_source(config, exp.model_cfg, exp.data.tokenizer) if config.init.from_workdir and \
             latest is None else None
-        if primary:
-            rundir.save_config(config, workdir)
         return _run(exp, workdir, t_start, source)
 
 
@@ -69,6 +69,8 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
         if config.log.wandb_project and jax.process_index() == 0 else None)
     try:
         state, start = _restore_or_init(exp, ckpt, data_iter, writer, source)
+        if start < config.train.steps and jax.process_index() == 0:
+            rundir.save_config(config, workdir)  # only a run that trains records its config
         n_params = count_params(exp.abstract_state.params)
         log(describe(exp, n_params))
         loop, metrics, evaluation = _loop(exp, workdir, ckpt, data_iter, writer, start,
