@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from jaxlm.configs.errors import RunError
 from jaxlm.training.checkpoint import Checkpointer
-from jaxlm.training.evaluate import evaluate
+from jaxlm.training.evaluate import NonFiniteEval, evaluate
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import throughput_fields
 from jaxlm.training.loop import StepInfo, TrainLoop
@@ -217,7 +217,10 @@ class Evaluation:
 
     def __call__(self, info: StepInfo) -> None:
         self.metrics.flush()  # this step's training record comes before its eval record
-        self.last = evaluate(self.exp, info.state.params)
+        try:
+            self.last = evaluate(self.exp, info.state.params)
+        except NonFiniteEval as e:  # as the divergence guard: the trainer names the last save
+            raise RunError(f"divergence at step {info.step}: {e}") from None
         self.metrics.writer.write(info.step, **{k: v for k, v in self.last.items()
                                                 if k.startswith(("eval_loss", "bits_per"))})
         log(f"step {info.step}: eval_loss {self.last['eval_loss']:.4f} "

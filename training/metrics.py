@@ -100,8 +100,19 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        """Close the sinks. TensorBoard mirrors `metrics.jsonl`: events it cannot write
+        (a full disk) are dropped, and its writer is marked closed so that its exit hook
+        does not retry."""
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError:  # stop its thread and mark it closed (tensorboardX has no API)
+                for writer in (self._tb.all_writers or {}).values():
+                    events = writer.event_writer
+                    if events._worker is not None:  # noqa: SLF001
+                        events._worker.stop()  # noqa: SLF001
+                    events._closed = True  # noqa: SLF001 -- read by its exit hook
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -14,7 +14,7 @@ from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import named_sources
 from jaxlm.models.model import active_params, count_params
 from jaxlm.training import rundir
-from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.checkpoint import Checkpointer, SaveFailed
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device
 from jaxlm.training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress,
@@ -75,14 +75,16 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
         with stop_on_signals(loop), contextlib.closing(progress), profile:
             try:
                 state, step = loop.run(state, start)
+            except SaveFailed:
+                raise
             except RunError as e:
                 ckpt.wait()
                 raise RunError(f"{e}; nothing after it was saved, the last checkpoint is step "
                                f"{ckpt.latest_step()} in {ckpt.directory}") from None
-    except KeyboardInterrupt:  # a second Ctrl-C: exit at once; an unfinished save is only
-        writer.close()         # a temporary directory, which orbax removes at the next start
+        ckpt.wait()
+    except BaseException:  # e.g. a second Ctrl-C: exit at once; an unfinished save is only
+        writer.close()     # a temporary directory, which orbax removes at the next start
         raise
-    ckpt.wait()
     ckpt.close()
     writer.close()
     interrupted = step < config.train.steps
