@@ -203,6 +203,10 @@ def _decode_error(file: str, line: int, data: bytes, e: UnicodeDecodeError) -> s
             f"to skip such documents")
 
 
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", type(None): "null",
+               list: "array", dict: "object"}
+
+
 def parse_task(task: Task, text_field: str = "text", skip_bad: bool = False) -> Parsed:
     """Decode a task's documents. Bad items (not UTF-8, not a JSON object) are counted
     and skipped with `skip_bad`, else reported; a missing text field is always an error."""
@@ -210,8 +214,9 @@ def parse_task(task: Task, text_field: str = "text", skip_bad: bool = False) -> 
     for item, line in zip(task.items, task.lines):
         if task.kind == "parquet":
             if not isinstance(item, str):
+                what = "null" if item is None else f"a {type(item).__name__}, not text"
                 out.error = ("--text_field", f"{task.file}: row {line} has no text in column "
-                                             f"{text_field!r} (null)")
+                                             f"{text_field!r} ({what})")
                 return out
             out.texts.append(item)
             continue
@@ -236,6 +241,11 @@ def parse_task(task: Task, text_field: str = "text", skip_bad: bool = False) -> 
                                     f"--skip_bad to skip such lines")
             return out
         value = record.get(text_field) if isinstance(record, dict) else None
+        if isinstance(record, dict) and text_field in record and not isinstance(value, str):
+            out.error = ("--text_field", f"{task.file}:{line}: field {text_field!r} is a "
+                                         f"JSON {_JSON_TYPES.get(type(value), 'value')}, not "
+                                         f"a string")
+            return out
         if not isinstance(value, str):
             fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             out.error = ("--text_field", f"{task.file}:{line} has no string field "

@@ -16,6 +16,7 @@ from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.data.packing import resolve_packing
 from jaxlm.data.pipeline import TokenData
 from jaxlm.data.prepare import META, is_prepared
+from jaxlm.data.tokenizers import first_vocabulary_difference
 from jaxlm.evaluation.restore import json_line, load_run, restore_step, save_result
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
@@ -60,10 +61,10 @@ def load_eval_data(exp: Any, path: str | Path) -> tuple[TokenData | np.ndarray, 
 def _prepared(exp: Any, root: Path) -> TokenData:
     tok = exp.data.tokenizer
     data = TokenData.load(root)  # checks ids against its own vocabulary
-    if data.tokenizer.to_dict() != tok.to_dict():
-        raise ConfigError("data", f"{root} was prepared with another tokenizer "
-                                  f"({data.tokenizer.kind}, {data.vocab_size} tokens) than "
-                                  f"the run ({tok.kind}, {tok.vocab_size} tokens)")
+    difference = first_vocabulary_difference(tok, data.tokenizer)
+    if difference is not None:
+        raise ConfigError("data", f"{root} was prepared with another tokenizer than the "
+                                  f"run's ({difference})")
     return data
 
 

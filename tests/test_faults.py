@@ -341,3 +341,77 @@ def test_an_override_of_the_default_config_is_one_line(command, message, tmp_pat
                for a in command]
     res = run_cli(command)
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [message], res.stderr
+
+
+# The environment fails: a full disk, a read-only directory. Each is one line, nothing
+# good is lost, and the next run works.
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_next_run_resumes(
+        config, reference, tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from jaxlm.training.checkpoint import SaveFailed
+    original = ocp.CheckpointManager.save
+
+    def full_at_8(self, step, *args, **kwargs):
+        if step == 8:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/checkpoints/8")
+        return original(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_8)
+    with pytest.raises(SaveFailed, match=r"saving a checkpoint in .* failed: /x/checkpoints/8: "
+                                         r"No space left on device; free some space and run "
+                                         r"the same command again: it resumes from step 4$"):
+        trainer.train(config, tmp_path / "run", one())
+    assert steps_on_disk(tmp_path / "run") == [4]
+    monkeypatch.undo()
+    assert trainer.train(config, tmp_path / "run", one())["step"] == STEPS
+    assert records(tmp_path / "run") == reference
+
+
+def test_environment_errors_are_found_behind_other_exceptions():
+    import errno
+
+    from jaxlm.configs.errors import environment_error, environment_message
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/run/eval")
+        except OSError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as e:
+        found = environment_error(e)
+    assert environment_message(found) == ("/run/eval: Permission denied; make it writable or "
+                                          "use another directory and run the same command "
+                                          "again")
+    store = ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device")
+    assert environment_error(store).errno == errno.ENOSPC
+    assert environment_error(ValueError("a bug")) is None
+
+
+def test_a_non_finite_eval_loss_is_an_error_not_a_number():
+    import jax.numpy as jnp
+
+    from jaxlm.training.evaluate import NonFiniteEval, _result
+    with pytest.raises(NonFiniteEval, match="eval_loss is nan"):
+        _result(jnp.float32(np.nan), jnp.float32(4.0), 10.0)
+    assert _result(jnp.float32(4.0), jnp.float32(4.0), 10.0)["eval_loss"] == 1.0
+
+
+def test_eval_prints_its_result_before_saving_it_and_a_failed_save_is_one_line(
+        config, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from jaxlm.evaluation import modes
+    config.steps = 4
+    trainer.train(config, tmp_path / "run", one())
+    capsys.readouterr()
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(RunError, match=r"the result printed above was not saved: .*step_4.json: "
+                                       r"Read-only file system"):
+        modes.run(EvalRequest.parse({"workdir": str(tmp_path / "run")}))
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["step"] == 4 and np.isfinite(printed["eval_loss"])
