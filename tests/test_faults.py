@@ -415,3 +415,21 @@ def test_eval_prints_its_result_before_saving_it_and_a_failed_save_is_one_line(
         modes.run(EvalRequest.parse({"workdir": str(tmp_path / "run")}))
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["step"] == 4 and np.isfinite(printed["eval_loss"])
+
+
+def test_wandb_without_an_api_key_is_one_line_before_anything_is_built(config, tmp_path,
+                                                                        monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    config.log.wandb_project = "p"
+    with pytest.raises(ConfigError, match=r"log.wandb_project: wandb has no API key: run "
+                                          r"`wandb login`, set WANDB_API_KEY, or set "
+                                          r"WANDB_MODE=offline"):
+        trainer.train(config, tmp_path / "run", one())
+    assert not (tmp_path / "run" / "data").exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    from jaxlm.training.metrics import has_wandb_login
+    assert has_wandb_login()

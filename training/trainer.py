@@ -21,7 +21,7 @@ from jaxlm.training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metr
                                   ProfileWindow, SourceTokens, log, stop_on_signals)
 from jaxlm.training.init_from import InitSource, check_source, restore_initial_state
 from jaxlm.training.loop import TrainLoop
-from jaxlm.training.metrics import MetricWriter, start_wandb
+from jaxlm.training.metrics import MetricWriter, has_wandb_login, start_wandb
 
 PROFILE_DIR = "profile"
 
@@ -48,6 +48,11 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
         if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("log.wandb_project", "needs the wandb package: pip install -e "
                                                    "'.[wandb]'")
+        if config.log.wandb_project and primary and not has_wandb_login():
+            raise ConfigError("log.wandb_project", "wandb has no API key: run `wandb login`, "
+                                                   "set WANDB_API_KEY, or set "
+                                                   "WANDB_MODE=offline (sync later with "
+                                                   "`wandb sync`)")
         exp = Experiment.build(config, workdir, devices)
         # init.from_workdir starts a new run; a resume continues from its own checkpoints.
         source = check_source(config, exp.model_cfg, exp.data.tokenizer) if config.init.from_workdir and \
