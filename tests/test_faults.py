@@ -433,3 +433,39 @@ def test_wandb_without_an_api_key_is_one_line_before_anything_is_built(config, t
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     from jaxlm.training.metrics import has_wandb_login
     assert has_wandb_login()
+
+
+@pytest.mark.parametrize("fault", ["sigterm", "ctrl_c", "disk_full"])
+def test_data_prepare_stopped_or_out_of_space_is_one_line_and_leaves_no_output(
+        fault, tmp_path, monkeypatch):
+    import errno
+
+    from jaxlm.data import prepare
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
+    out = tmp_path / "out"
+    original = prepare._build
+
+    def failing_build(*args, **kwargs):
+        if fault == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif fault == "ctrl_c":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "train_0.bin"))
+    monkeypatch.setattr(prepare, "_build", failing_build)
+    argv = ["--input", str(corpus), "--output", str(out), "--workers", "0", "--quiet"]
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        prepare.main(argv)
+    message = str(stopped.value.code)
+    if fault == "disk_full":
+        assert message == (f"error: {out / 'train_0.bin'}: No space left on device; free some "
+                           "space and run the same command again")
+    else:
+        assert message == (f"interrupted ({'SIGTERM' if fault == 'sigterm' else 'Ctrl-C'}): "
+                           f"{out} was not prepared; run the same command again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    monkeypatch.setattr(prepare, "_build", original)
+    prepare.main(argv)  # the next run works
+    assert prepare.is_prepared(out)
