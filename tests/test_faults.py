@@ -469,3 +469,13 @@ def test_data_prepare_stopped_or_out_of_space_is_one_line_and_leaves_no_output(
     monkeypatch.setattr(prepare, "_build", original)
     prepare.main(argv)  # the next run works
     assert prepare.is_prepared(out)
+
+
+def test_a_text_field_of_another_type_is_named_as_such():
+    from jaxlm.data.readers import Task, parse_task
+    rows = parse_task(Task("parquet", "t.parquet", [5], [1], 1), "text")
+    assert rows.error == ("--text_field", "t.parquet: row 1 has no text in column 'text' "
+                                          "(int 5, not text)")
+    lines = parse_task(Task("jsonl", "t.jsonl", [b'{"text": 3}'], [1], 1), "text")
+    assert lines.error == ("--text_field", "t.jsonl:1: field 'text' is a JSON number, not a "
+                                           "string")
