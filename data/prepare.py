@@ -208,14 +208,19 @@ _STATE: dict[str, Any] = {}
 
 def _init_worker(settings: dict[str, Any], threads: int | None = None) -> None:
     """Per-process setup: the tokenizer (if any) and the reading settings."""
-    # Ctrl-C reaches the whole process group; the main process stops the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:  # the HF tokenizers' thread pool, read when it first starts
         os.environ["RAYON_NUM_THREADS"] = str(threads)
     _STATE.clear()
     _STATE.update(settings)
     if settings.get("tokenizer") is not None:
         _STATE["tok"] = tokenizer_from_dict(settings["tokenizer"], settings["root"])
+
+
+def _init_pool_worker(settings: dict[str, Any], threads: int | None = None) -> None:
+    """A worker process: Ctrl-C reaches the whole process group; the main process stops
+    the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(settings, threads)
 
 
 def _is_val(text_bytes: bytes, val_fraction: float) -> bool:
@@ -275,7 +280,7 @@ def _map_ordered(tasks: Iterator[Task], op: str, settings: dict[str, Any], worke
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(settings, threads)) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(settings, threads)) as pool:
         pending: collections.deque = collections.deque()
         for task in tasks:
             pending.append((task.nbytes, pool.apply_async(_work, (op, task))))
