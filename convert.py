@@ -34,7 +34,7 @@ from jaxlm.checkpoints.hf_export import export_hf
 from jaxlm.checkpoints.hf_import import import_hf
 from jaxlm.checkpoints.lora_merge import merge_run
 from jaxlm.configs.cli import define_config_flag, flags_parser
-from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.errors import ConfigError, RunError, exit_on_environment_error
 from jaxlm.configs.imported import get_config
 from jaxlm.configs.sections import Config
 from jaxlm.parallel.distributed import initialize
@@ -78,6 +78,8 @@ def main(argv: list[str]) -> None:
                                 overwrite=_OVERWRITE.value)
     except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # noqa: BLE001 -- a full disk or an unwritable path is one line
+        exit_on_environment_error(e)
     print(json.dumps(summary))
 
 

@@ -29,7 +29,7 @@ import sys
 from absl import app, flags, logging
 
 from jaxlm.configs.cli import flags_parser
-from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.errors import ConfigError, RunError, exit_on_environment_error
 from jaxlm.configs.sections import EvalRequest, Launch
 from jaxlm.evaluation.modes import run
 from jaxlm.parallel.distributed import initialize
@@ -90,6 +90,8 @@ def main(argv: list[str]) -> None:
         run(request)
     except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # noqa: BLE001 -- a full disk or an unwritable path is one line
+        exit_on_environment_error(e)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from jaxlm.configs.cli import config_value, define_config_flag, flags_parser
-from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.configs.errors import ConfigError, RunError, exit_on_environment_error
 from jaxlm.configs.sections import Config, Launch
 from jaxlm.parallel.distributed import initialize
 from jaxlm.training.planner import format_plan, plan
@@ -62,6 +62,8 @@ def main(argv: list[str]) -> None:
         summary = train(config, workdir, allow_schedule_change=_ALLOW_SCHEDULE_CHANGE.value)
     except (ConfigError, RunError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # noqa: BLE001 -- a full disk or an unwritable path is one line
+        exit_on_environment_error(e)
     except KeyboardInterrupt:
         sys.exit("interrupted: exited at once (run the same command to resume from the last "
                  "checkpoint)")

@@ -29,6 +29,7 @@ Token files are uint16 when the vocabulary fits, else uint32. A file-backed toke
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.errors import ConfigError, exit_on_environment_error
 from jaxlm.configs.sections import parse_mixture
 from jaxlm.data.readers import COMPRESSED, Task, expand_inputs, file_format, parse_task, read_tasks
 from jaxlm.data.sft import (DEFAULT_END_TEXT, BadRecord, ChatTemplate, Example, find_chat_template,
@@ -213,6 +215,13 @@ def _init_worker(settings: dict[str, Any], threads: int | None = None) -> None:
         _STATE["tok"] = tokenizer_from_dict(settings["tokenizer"], settings["root"])
 
 
+def _init_pool_worker(settings: dict[str, Any], threads: int | None = None) -> None:
+    """A worker process: Ctrl-C reaches the whole process group; the main process stops
+    the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(settings, threads)
+
+
 def _is_val(text_bytes: bytes, val_fraction: float) -> bool:
     """Split by content: a 64-bit hash of the document's UTF-8 text below the fraction."""
     h = int.from_bytes(hashlib.blake2b(text_bytes, digest_size=8).digest(), "little")
@@ -270,7 +279,7 @@ def _map_ordered(tasks: Iterator[Task], op: str, settings: dict[str, Any], worke
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(settings, threads)) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(settings, threads)) as pool:
         pending: collections.deque = collections.deque()
         for task in tasks:
             pending.append((task.nbytes, pool.apply_async(_work, (op, task))))
@@ -880,9 +889,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     sft.add_argument("--chat_template", default="auto",
                      help="sft: auto | simple | a Jinja template file")
     args = ap.parse_args(argv)
-    if args.format == "sft":
-        _main_sft(args)
-        return
+    with _one_line_on_failure(args.output):
+        if args.format == "sft":
+            _main_sft(args)
+        else:
+            _main_text(args)
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so that an unfinished build is cleaned up."""
+
+
+@contextlib.contextmanager
+def _one_line_on_failure(output: str) -> Iterator[None]:
+    """SIGTERM and Ctrl-C stop the build (its staging directory is removed on the way
+    out), and they, a full disk and an unwritable --output exit with one line."""
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise _Terminated
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except (KeyboardInterrupt, _Terminated) as e:
+        why = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+        raise SystemExit(f"interrupted ({why}): {output} was not prepared; run the same "
+                         "command again") from None
+    except Exception as e:  # noqa: BLE001 -- a full disk or an unwritable path is one line
+        exit_on_environment_error(e)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main_text(args: argparse.Namespace) -> None:
     try:
         single = (len(args.input) == 1 and Path(args.input[0]).is_file() and
                   file_format(Path(args.input[0])) == "text" and

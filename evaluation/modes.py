@@ -18,20 +18,20 @@ from typing import Any
 
 import jax
 
+from jaxlm.configs.errors import RunError
 from jaxlm.configs.sections import EvalRequest
 from jaxlm.evaluation.quantized import evaluate_quantized
-from jaxlm.evaluation.restore import json_line, restore_run
+from jaxlm.evaluation.restore import json_line, restore_run, save_result
 from jaxlm.evaluation.sampling import sample, sample_speculative
 from jaxlm.evaluation.suite import evaluate_checkpoints
-from jaxlm.training.evaluate import evaluate
+from jaxlm.training.evaluate import NonFiniteEval, evaluate
 
 
 def write_eval_result(workdir: str | Path, result: dict[str, Any], suffix: str = "") -> Path:
     """Save an eval result under WORKDIR/eval/ (process 0 only)."""
     out = Path(workdir) / "eval" / f"step_{result['step']}{suffix}.json"
     if jax.process_index() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json_line(result) + "\n")
+        save_result(out, json_line(result) + "\n")
     return out
 
 
@@ -40,15 +40,19 @@ def _print_result(result: dict[str, Any]) -> None:
 
 
 def _evaluate_one(req: EvalRequest, exp: Any, state: Any, step: int) -> None:
-    """The validation loss (with integer weights if --quantize): printed and saved."""
-    if req.quantize:
-        result = {"step": step, **evaluate_quantized(
-            exp, state.params, req.quantize, req.quant_granularity, req.quant_symmetric)}
-        write_eval_result(req.workdir, result, suffix=f"_{req.quantize}")
-    else:
-        result = {"step": step, **evaluate(exp, state.params)}
-        write_eval_result(req.workdir, result)
+    """The validation loss (with integer weights if --quantize): printed, then saved (a
+    result that cannot be saved is still printed)."""
+    try:
+        if req.quantize:
+            result = {"step": step, **evaluate_quantized(
+                exp, state.params, req.quantize, req.quant_granularity, req.quant_symmetric)}
+        else:
+            result = {"step": step, **evaluate(exp, state.params)}
+    except NonFiniteEval as e:
+        raise RunError(f"checkpoint step {step} in {req.workdir}: {e}; the run had diverged "
+                       "by then: evaluate an earlier --step") from None
     _print_result(result)
+    write_eval_result(req.workdir, result, suffix=f"_{req.quantize}" if req.quantize else "")
 
 
 def _print_samples(req: EvalRequest, texts: list[str], stats: dict[str, float]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from jaxlm.configs.errors import RunError
+from jaxlm.configs.errors import RunError, environment_error, environment_message
 from jaxlm.configs.sections import MESH_AXES
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
@@ -50,6 +50,19 @@ def json_line(result: dict[str, Any]) -> str:
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and not math.isfinite(v) else v
     return json.dumps({k: clean(v) for k, v in result.items()}, allow_nan=False)
+
+
+def save_result(path: Path, text: str) -> None:
+    """Write an eval result file that has been printed already; a failure (a full disk, a
+    read-only run directory) is one RunError line that says so."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        env = environment_error(e)
+        why = environment_message(env, "evaluate again to save it") if env else \
+            f"{path}: {e.strerror or e}"
+        raise RunError(f"the result printed above was not saved: {why}") from None
 
 
 def restore_step(ckpt: Checkpointer, step: int, abstract_state: Any) -> Any:

@@ -16,10 +16,11 @@ from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.data.packing import resolve_packing
 from jaxlm.data.pipeline import TokenData
 from jaxlm.data.prepare import META, is_prepared
-from jaxlm.evaluation.restore import json_line, load_run, restore_step
+from jaxlm.data.tokenizers import first_vocabulary_difference
+from jaxlm.evaluation.restore import json_line, load_run, restore_step, save_result
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
-from jaxlm.training.evaluate import evaluate
+from jaxlm.training.evaluate import NonFiniteEval, evaluate
 from jaxlm.training.metrics import read_metrics
 
 LN2 = math.log(2.0)
@@ -60,10 +61,10 @@ def load_eval_data(exp: Any, path: str | Path) -> tuple[TokenData | np.ndarray, 
 def _prepared(exp: Any, root: Path) -> TokenData:
     tok = exp.data.tokenizer
     data = TokenData.load(root)  # checks ids against its own vocabulary
-    if data.tokenizer.to_dict() != tok.to_dict():
-        raise ConfigError("data", f"{root} was prepared with another tokenizer "
-                                  f"({data.tokenizer.kind}, {data.vocab_size} tokens) than "
-                                  f"the run ({tok.kind}, {tok.vocab_size} tokens)")
+    difference = first_vocabulary_difference(tok, data.tokenizer)
+    if difference is not None:
+        raise ConfigError("data", f"{root} was prepared with another tokenizer than the "
+                                  f"run's ({difference})")
     return data
 
 
@@ -126,18 +127,25 @@ def evaluate_checkpoints(workdir: str | Path, steps: str | list[int] = "all",
     results = []
     with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
         for step, state, error in _checkpoints(ckpt, exp, workdir, steps):
-            if state is None:  # damaged: an error row, the others still run
+            if state is not None:
+                try:
+                    result = with_bits(exp, {"step": step,
+                                             **evaluate(exp, state.params, other)})
+                except NonFiniteEval as e:
+                    if steps != "all":
+                        raise RunError(f"checkpoint step {step} in {workdir}: {e}; the run "
+                                       "had diverged by then: evaluate an earlier --step"
+                                       ) from None
+                    state, error = None, f"checkpoint step {step}: {e}"
+            if state is None:  # damaged or diverged: an error row, the others still run
                 result = {"step": step, "error": error}
-            else:
-                result = with_bits(exp, {"step": step, **evaluate(exp, state.params, other)})
-                if label is not None:
-                    result["data"] = str(data)
-                if jax.process_index() == 0:
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    (out_dir / f"step_{step}.json").write_text(json_line(result) + "\n")
+            elif label is not None:
+                result["data"] = str(data)
             results.append(result)
-            if on_result is not None:
+            if on_result is not None:  # printed before it is saved
                 on_result(result)
+            if state is not None and jax.process_index() == 0:
+                save_result(out_dir / f"step_{step}.json", json_line(result) + "\n")
     if steps == "all" and jax.process_index() == 0:
         write_summary(results, out_dir)
         plot_eval_loss(results, out_dir / "eval_loss.png",

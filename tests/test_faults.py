@@ -341,3 +341,141 @@ def test_an_override_of_the_default_config_is_one_line(command, message, tmp_pat
                for a in command]
     res = run_cli(command)
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [message], res.stderr
+
+
+# The environment fails: a full disk, a read-only directory. Each is one line, nothing
+# good is lost, and the next run works.
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_next_run_resumes(
+        config, reference, tmp_path, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from jaxlm.training.checkpoint import SaveFailed
+    original = ocp.CheckpointManager.save
+
+    def full_at_8(self, step, *args, **kwargs):
+        if step == 8:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/checkpoints/8")
+        return original(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_8)
+    with pytest.raises(SaveFailed, match=r"saving a checkpoint in .* failed: /x/checkpoints/8: "
+                                         r"No space left on device; free some space and run "
+                                         r"the same command again: it resumes from step 4$"):
+        trainer.train(config, tmp_path / "run", one())
+    assert steps_on_disk(tmp_path / "run") == [4]
+    monkeypatch.undo()
+    assert trainer.train(config, tmp_path / "run", one())["step"] == STEPS
+    assert records(tmp_path / "run") == reference
+
+
+def test_environment_errors_are_found_behind_other_exceptions():
+    import errno
+
+    from jaxlm.configs.errors import environment_error, environment_message
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/run/eval")
+        except OSError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as e:
+        found = environment_error(e)
+    assert environment_message(found) == ("/run/eval: Permission denied; make it writable or "
+                                          "use another directory and run the same command "
+                                          "again")
+    store = ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device")
+    assert environment_error(store).errno == errno.ENOSPC
+    assert environment_error(ValueError("a bug")) is None
+
+
+def test_a_non_finite_eval_loss_is_an_error_not_a_number():
+    import jax.numpy as jnp
+
+    from jaxlm.training.evaluate import NonFiniteEval, _result
+    with pytest.raises(NonFiniteEval, match="eval_loss is nan"):
+        _result(jnp.float32(np.nan), jnp.float32(4.0), 10.0)
+    assert _result(jnp.float32(4.0), jnp.float32(4.0), 10.0)["eval_loss"] == 1.0
+
+
+def test_eval_prints_its_result_before_saving_it_and_a_failed_save_is_one_line(
+        config, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from jaxlm.evaluation import modes
+    config.steps = 4
+    trainer.train(config, tmp_path / "run", one())
+    capsys.readouterr()
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(RunError, match=r"the result printed above was not saved: .*step_4.json: "
+                                       r"Read-only file system"):
+        modes.run(EvalRequest.parse({"workdir": str(tmp_path / "run")}))
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["step"] == 4 and np.isfinite(printed["eval_loss"])
+
+
+def test_wandb_without_an_api_key_is_one_line_before_anything_is_built(config, tmp_path,
+                                                                        monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    config.log.wandb_project = "p"
+    with pytest.raises(ConfigError, match=r"log.wandb_project: wandb has no API key: run "
+                                          r"`wandb login`, set WANDB_API_KEY, or set "
+                                          r"WANDB_MODE=offline"):
+        trainer.train(config, tmp_path / "run", one())
+    assert not (tmp_path / "run" / "data").exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    from jaxlm.training.metrics import has_wandb_login
+    assert has_wandb_login()
+
+
+@pytest.mark.parametrize("fault", ["sigterm", "ctrl_c", "disk_full"])
+def test_data_prepare_stopped_or_out_of_space_is_one_line_and_leaves_no_output(
+        fault, tmp_path, monkeypatch):
+    import errno
+
+    from jaxlm.data import prepare
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
+    out = tmp_path / "out"
+    original = prepare._build
+
+    def failing_build(*args, **kwargs):
+        if fault == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif fault == "ctrl_c":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "train_0.bin"))
+    monkeypatch.setattr(prepare, "_build", failing_build)
+    argv = ["--input", str(corpus), "--output", str(out), "--workers", "0", "--quiet"]
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        prepare.main(argv)
+    message = str(stopped.value.code)
+    if fault == "disk_full":
+        assert message == (f"error: {out / 'train_0.bin'}: No space left on device; free some "
+                           "space and run the same command again")
+    else:
+        assert message == (f"interrupted ({'SIGTERM' if fault == 'sigterm' else 'Ctrl-C'}): "
+                           f"{out} was not prepared; run the same command again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    monkeypatch.setattr(prepare, "_build", original)
+    prepare.main(argv)  # the next run works
+    assert prepare.is_prepared(out)
+
+
+def test_a_text_field_of_another_type_is_named_as_such():
+    from jaxlm.data.readers import Task, parse_task
+    rows = parse_task(Task("parquet", "t.parquet", [5], [1], 1), "text")
+    assert rows.error == ("--text_field", "t.parquet: row 1 has no text in column 'text' "
+                                          "(int 5, not text)")
+    lines = parse_task(Task("jsonl", "t.jsonl", [b'{"text": 3}'], [1], 1), "text")
+    assert lines.error == ("--text_field", "t.jsonl:1: field 'text' is a JSON number, not a "
+                                           "string")

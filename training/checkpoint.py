@@ -7,6 +7,7 @@ A step that was damaged later (a truncated file, deleted metadata) fails to rest
 """
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -17,22 +18,31 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxlm.configs.errors import RunError
+from jaxlm.configs.errors import RunError, environment_error, environment_message
 
 
-class _ReadOnlyNotes(logging.Filter):
+class _OrbaxNoise(logging.Filter):
     """Drops orbax's warnings that a read-only manager (eval, convert, resume checks) saves
-    nothing: that is what read-only asks for."""
+    nothing, which is what read-only asks for, and its error logs (with tracebacks) of a
+    failed save or restore: each failure also reaches `Checkpointer` as an exception, which
+    it reports as one line."""
 
     NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            return False
         return not str(record.getMessage()).startswith(self.NOTES)
 
 
-logging.getLogger("absl").addFilter(_ReadOnlyNotes())
+logging.getLogger("absl").addFilter(_OrbaxNoise())
 
 DAMAGED = "damaged_checkpoints"  # beside the checkpoints directory
+
+
+class SaveFailed(RunError):
+    """A checkpoint could not be written (e.g. a full disk); the message names the last
+    complete checkpoint, which the next run resumes from."""
 
 
 class Checkpointer:
@@ -68,7 +78,10 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:  # also raises the failure of the previous, asynchronous save
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
+            raise self._save_failed(e) from None
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
         """Restore the state (sharded as `abstract_state` says) and, if given, the iterator."""
@@ -128,8 +141,27 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
     def wait(self) -> None:
+        """Wait for the asynchronous save; SaveFailed if it failed."""
         if self.manager is not None:
-            self.manager.wait_until_finished()
+            try:
+                self.manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
+                raise self._save_failed(e) from None
+
+    def _save_failed(self, error: Exception) -> SaveFailed:
+        """The one line for a failed save: why, and the last complete checkpoint (an
+        unfinished one is only a temporary directory, removed at the next start)."""
+        self.manager.reload()
+        last = self.manager.latest_step()
+        resume = f"step {last}" if last is not None else "step 0 (there is no checkpoint yet)"
+        env = environment_error(error)
+        if env is not None:
+            return SaveFailed(f"saving a checkpoint in {self.directory} failed: "
+                              + environment_message(env, f"run the same command again: it "
+                                                         f"resumes from {resume}"))
+        return SaveFailed(f"saving a checkpoint in {self.directory} failed ("
+                          f"{type(error).__name__}: {str(error).strip()[:200]}); the next run "
+                          f"resumes from {resume}")
 
     def close(self) -> None:
         if self.manager is not None:

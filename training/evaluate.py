@@ -9,9 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxlm.configs.errors import RunError
 from jaxlm.data.packing import bits_per_byte
 from jaxlm.data.pipeline import TokenData
 from jaxlm.training.experiment import Experiment
+
+
+class NonFiniteEval(RunError):
+    """The parameters give a non-finite validation loss: there is no result to report."""
 
 
 def evaluate(exp: Experiment, params: Any, data: TokenData | np.ndarray | None = None,
@@ -21,7 +26,8 @@ def evaluate(exp: Experiment, params: Any, data: TokenData | np.ndarray | None =
 
     `bits_per_byte` is the summed loss in bits over the UTF-8 bytes of the evaluated
     targets, comparable across tokenizers. A mixture adds `eval_loss/<source>` and
-    `bits_per_byte/<source>` for each source; the totals cover all of them.
+    `bits_per_byte/<source>` for each source; the totals cover all of them. A non-finite
+    loss is NonFiniteEval, never a number.
     """
     sums = {name: _sums(exp, params, batches, eval_step or exp.eval_step)
             for name, batches in exp.eval_sources(data).items()}
@@ -52,5 +58,7 @@ def _sums(exp: Experiment, params: Any, batches: Any, eval_step: Any
 
 def _result(loss_sum: jax.Array, count: jax.Array, num_bytes: float) -> dict[str, float]:
     loss = float(loss_sum / count)
+    if not math.isfinite(loss):
+        raise NonFiniteEval(f"eval_loss is {loss} (the parameters are not finite)")
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "num_tokens": int(count), "bits_per_byte": bits_per_byte(float(loss_sum), num_bytes)}

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm.training.checkpoint import Checkpointer
-from jaxlm.training.evaluate import evaluate
+from jaxlm.training.evaluate import NonFiniteEval, evaluate
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import throughput_fields
 from jaxlm.training.loop import Hook, StepInfo, TrainLoop
@@ -196,7 +196,11 @@ class Evaluation(Hook):
 
     def on_step(self, info: StepInfo) -> None:
         began = time.time()
-        self.last = evaluate(self.exp, info.state.params)
+        try:
+            self.last = evaluate(self.exp, info.state.params)
+        except NonFiniteEval as e:  # as the divergence guard's: nothing of this step is saved
+            info.failure = f"divergence at step {info.step}: {e}"
+            return
         info.ready.append((info.step, {k: v for k, v in self.last.items()
                                        if k.startswith(("eval_loss", "bits_per"))}))
         log(f"step {info.step}: eval_loss {self.last['eval_loss']:.4f} "

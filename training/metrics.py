@@ -6,6 +6,9 @@ Only process 0 writes; other processes get a writer that does nothing.
 
 import json
 import math
+import netrc
+import os
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,21 @@ def _clean(value: Any) -> Any:
         return [_clean(v) for v in value.tolist()]
     value = float(value) if hasattr(value, "__float__") else value
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def has_wandb_login() -> bool:
+    """Whether wandb can start without asking for an API key: WANDB_API_KEY, a WANDB_MODE
+    that does not log in (offline, disabled, dryrun), or an entry for its host in the
+    netrc file that `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY") or \
+            os.environ.get("WANDB_MODE", "") in ("offline", "disabled", "dryrun"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(str(path)).authenticators(host.hostname or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def start_wandb(workdir: str | Path, project: str, entity: str = "",
@@ -100,8 +118,19 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        """Close the sinks. TensorBoard mirrors `metrics.jsonl`: events it cannot write
+        (a full disk) are dropped, and its writer is marked closed so that its exit hook
+        does not retry."""
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError:  # stop its thread and mark it closed (tensorboardX has no API)
+                for writer in (self._tb.all_writers or {}).values():
+                    events = writer.event_writer
+                    if events._worker is not None:  # noqa: SLF001
+                        events._worker.stop()  # noqa: SLF001
+                    events._closed = True  # noqa: SLF001 -- read by its exit hook
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

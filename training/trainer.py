@@ -15,7 +15,7 @@ from jaxlm.data.packing import named_sources
 from jaxlm.models.model import active_params, count_params
 from jaxlm.storage import dirs
 from jaxlm.training import rundir
-from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.checkpoint import Checkpointer, SaveFailed
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device
 from jaxlm.training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress,
@@ -23,7 +23,7 @@ from jaxlm.training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metr
                                   stop_on_signals)
 from jaxlm.training.init_from import InitSource, check_source, restore_initial_state
 from jaxlm.training.loop import Hook, TrainLoop
-from jaxlm.training.metrics import MetricWriter, start_wandb
+from jaxlm.training.metrics import MetricWriter, has_wandb_login, start_wandb
 
 PROFILE_DIR = "profile"
 
@@ -51,6 +51,11 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
         if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("log.wandb_project", "needs the wandb package: pip install -e "
                                                    "'.[wandb]'")
+        if config.log.wandb_project and primary and not has_wandb_login():
+            raise ConfigError("log.wandb_project", "wandb has no API key: run `wandb login`, "
+                                                   "set WANDB_API_KEY, or set "
+                                                   "WANDB_MODE=offline (sync later with "
+                                                   "`wandb sync`)")
         exp = Experiment.build(config, workdir, devices)
         # init.from_workdir starts a new run; a resume continues from its own checkpoints.
         source = check_source(config, exp.model_cfg, exp.data.tokenizer) if config.init.from_workdir and \
@@ -78,14 +83,16 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
         with stop_on_signals(loop):
             try:
                 state, step = loop.run(state, start)
+            except SaveFailed:
+                raise
             except RunError as e:
                 ckpt.wait()
                 raise RunError(f"{e}; nothing after it was saved, the last checkpoint is step "
                                f"{ckpt.latest_step()} in {ckpt.directory}") from None
-    except KeyboardInterrupt:  # a second Ctrl-C: exit at once; an unfinished save is only
-        writer.close()         # a temporary directory, which orbax removes at the next start
+        ckpt.wait()
+    except BaseException:  # e.g. a second Ctrl-C: exit at once; an unfinished save is only
+        writer.close()     # a temporary directory, which orbax removes at the next start
         raise
-    ckpt.wait()
     ckpt.close()
     writer.close()
     interrupted = step < config.train.steps
