@@ -364,8 +364,9 @@ def parse_task(task: Task, text_field: str = "text", skip_bad: bool = False) -> 
     for item, line in zip(task.items, task.lines):
         if task.kind == "parquet":
             if not isinstance(item, str):
+                what = "null" if item is None else f"{type(item).__name__} {item!r}, not text"
                 out.error = ("--text_field", f"{task.file}: row {line} has no text in column "
-                                             f"{text_field!r} (null)")
+                                             f"{text_field!r} ({what})")
                 return out
             out.texts.append(item)
             continue
