@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict as PydanticConfig, Field, ValidationError, \
-    field_validator, model_validator
+    field_serializer, field_validator, model_validator
 
 from jaxlm.configs import keys
 from jaxlm.configs.errors import ConfigError
@@ -509,12 +509,28 @@ class Model(Section):
         return self
 
 
+# A loss term's weight. A field of LossWeights is a term (losses/objectives.py registers
+# its builder under the same name); TeacherTermWeight marks a term that distils from a
+# teacher run, read by the registry and by the teacher check below.
+TermWeight = NonNegativeFloat
+TeacherTermWeight = Annotated[NonNegativeFloat, Field(json_schema_extra={"needs_teacher": True})]
+
+
 class LossWeights(Section):
-    """Weight of each registered objective term (losses/objectives.py); 0 = not computed."""
-    UNKNOWN_KEY: ClassVar[str] = "unknown loss term; loss terms: ['ce', 'distill', 'feature']"
-    ce: NonNegativeFloat = 1.0  # next-token cross-entropy
-    distill: NonNegativeFloat = 0.0  # logit distillation from loss.distill.teacher_workdir
-    feature: NonNegativeFloat = 0.0  # hidden-state distillation (loss.feature)
+    """Weight of each loss term (losses/objectives.py); 0 = not computed."""
+    UNKNOWN_KEY: ClassVar[str] = ""  # set below, from the fields
+    ce: TermWeight = 1.0  # next-token cross-entropy
+    distill: TeacherTermWeight = 0.0  # logit distillation from loss.distill.teacher_workdir
+    feature: TeacherTermWeight = 0.0  # hidden-state distillation (loss.feature)
+
+    @classmethod
+    def teacher_terms(cls) -> tuple[str, ...]:
+        """The terms that need a teacher run."""
+        return tuple(name for name, field in cls.model_fields.items()
+                     if (field.json_schema_extra or {}).get("needs_teacher"))
+
+
+LossWeights.UNKNOWN_KEY = f"unknown loss term; loss terms: {list(LossWeights.model_fields)}"
 
 
 class Distill(Section):
@@ -566,16 +582,14 @@ class Loss(Section):
     distill: Distill = Distill()
     feature: Feature = Feature()
 
-    TEACHER_TERMS: ClassVar[tuple[str, ...]] = ("distill", "feature")
-
     @property
     def needs_teacher(self) -> bool:
-        return any(getattr(self.weights, name) > 0 for name in self.TEACHER_TERMS)
+        return any(getattr(self.weights, name) > 0 for name in LossWeights.teacher_terms())
 
     @model_validator(mode="after")
     def _teacher_given(self) -> "Loss":
         if self.needs_teacher:
-            name = next(n for n in self.TEACHER_TERMS if getattr(self.weights, n) > 0)
+            name = next(n for n in LossWeights.teacher_terms() if getattr(self.weights, n) > 0)
             _check(bool(self.distill.teacher_workdir), "distill.teacher_workdir",
                    f"required by loss.weights.{name} > 0")
         return self
@@ -585,20 +599,13 @@ class Quant(Section):
     """Integer quantization: fake-quantized weights (and activations) in training with a
     straight-through estimator (QAT); real integers for evaluation (PTQ). 0 bits = float."""
     KEY: ClassVar[str] = "quant"
-    weight_bits: int = 0  # 0 | 8 | 4
-    activation_bits: int = 0  # 0 | 8 (per token, dynamic range)
+    weight_bits: Literal[0, 4, 8] = 0  # 0 = float weights
+    activation_bits: Literal[0, 8] = 0  # per token, dynamic range; 0 = float activations
     granularity: str = PER_CHANNEL  # per_channel | per_tensor | group size, e.g. "32"
     symmetric: bool = True
 
-    WEIGHT_BITS: ClassVar[tuple[int, ...]] = (0, 4, 8)
-    ACTIVATION_BITS: ClassVar[tuple[int, ...]] = (0, 8)
-
     @model_validator(mode="after")
     def _supported(self) -> "Quant":
-        _check(self.weight_bits in self.WEIGHT_BITS, "weight_bits",
-               f"unsupported bits {self.weight_bits!r}; choose 8 or 4 (0 = float)")
-        _check(self.activation_bits in self.ACTIVATION_BITS, "activation_bits",
-               f"unsupported bits {self.activation_bits!r}; choose 8 (0 = float activations)")
         g = self.granularity
         if g not in (PER_CHANNEL, PER_TENSOR):
             _check(g.isdigit() and int(g) > 0, "granularity",
@@ -641,34 +648,36 @@ class Lora(Section):
     rank: NonNegativeInt = 0  # 0 = off (every parameter trains)
     alpha: PositiveFloat = 16.0  # the adapters' output is scaled by alpha / rank
     dropout: UnitInterval = 0.0  # on the adapters' input, in training only
-    # Comma-separated subset of q, k, v, o (attention), gate, up, down (MLP).
-    targets: str = "q,k,v,o"
+    # A subset of q, k, v, o (attention), gate, up, down (MLP); written "q,k,v,o" in
+    # config files, on the command line and in config.json.
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
 
-    @field_validator("targets")
+    @field_validator("targets", mode="before")
     @classmethod
-    def _known_targets(cls, text: str) -> str:
+    def _known_targets(cls, value: Any) -> tuple[str, ...]:
+        text = value if isinstance(value, str) else ",".join(map(str, value))
         names = [t.strip() for t in text.split(",") if t.strip()]
         _check(bool(names), "", f"no projection named; choose from {list(LORA_TARGETS)}")
         for name in names:
             _check(name in LORA_TARGETS, "", f"unknown target {name!r}; choose from "
                                              f"{list(LORA_TARGETS)}")
         _check(len(set(names)) == len(names), "", f"a target is named twice in {text!r}")
-        return text
+        return tuple(names)
+
+    @field_serializer("targets")
+    def _as_text(self, targets: tuple[str, ...]) -> str:
+        return ",".join(targets)
 
     @property
     def scale(self) -> float:
         """The factor of the adapters' output."""
         return self.alpha / self.rank
 
-    @property
-    def target_names(self) -> tuple[str, ...]:
-        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
-
     def check_model(self, model: "Model") -> None:
         """Every target must exist in `model`; experts have no adapters."""
         if not self.rank:
             return
-        mlp = [t for t in self.target_names if t in MLP_TARGETS]
+        mlp = [t for t in self.targets if t in MLP_TARGETS]
         _check(not (mlp and model.moe.num_experts), "lora.targets",
                f"{','.join(mlp)}: adapters on MoE expert projections are not supported; "
                "target the attention projections (q,k,v,o) of an MoE model")
