@@ -2,7 +2,6 @@
 real steps (no attention, gradient or loss across documents), exact resume, mixtures with
 tokens per source, bits per byte, generation with a BPE, and the data config errors."""
 
-import dataclasses
 import json
 import os
 import socket

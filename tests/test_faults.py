@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxlm.configs.errors import ConfigError, RunError
-from jaxlm.configs.sections import EvalRequest
+from jaxlm.evaluation.request import EvalRequest
 from jaxlm.evaluation.restore import json_line
 from jaxlm.training import rundir, trainer
 from jaxlm.training.checkpoint import Checkpointer
