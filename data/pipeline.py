@@ -1,12 +1,8 @@
-"""Token data sets and the window pipelines for training and evaluation.
+"""Token data sets and the evaluation windows.
 
-Training draws random windows of `seq_len + 1` tokens. The windows of global step `s`
-depend only on (`seed`, `s`), and each process takes its rows of the global batch, so
-the data order is the same for any number of processes and survives restarts exactly.
-Evaluation walks the whole validation split in non-overlapping windows.
-
-Packed documents, mixtures and per-source evaluation build on these in data/packing.py
-and data/mixture.py.
+Evaluation walks the whole validation split in non-overlapping windows (`EvalBatches`).
+Training batches (random windows or packed documents, of one set or a mixture) are made
+in data/packing.py; mixtures are in data/mixture.py.
 """
 
 import dataclasses
@@ -15,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import grain
 import numpy as np
 
 from jaxlm.configs.errors import ConfigError
@@ -187,32 +182,6 @@ def target_bytes(batch: Batch, token_bytes: np.ndarray) -> np.ndarray:
     return per_token_BxL.sum(axis=1).astype(np.float32)
 
 
-class TrainBatches:
-    """Random-access source: index `s` -> this process's rows of global batch `s`."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
-        assert global_batch % process_count == 0, (global_batch, process_count)  # layout.py
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
-        self.global_batch = global_batch
-        rows = global_batch // process_count
-        self.rows = slice(process_index * rows, (process_index + 1) * rows)
-        self._offsets = np.arange(seq_len + 1)
-
-    def __len__(self) -> int:
-        return 2**62  # endless: one batch per step
-
-    def starts(self, step: int) -> np.ndarray:
-        """Window start positions of the whole global batch of `step`."""
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch)
-
-    def __getitem__(self, step: int) -> Batch:
-        windows = self.tokens[self.starts(step)[self.rows, None] + self._offsets]
-        windows = windows.astype(np.int32)
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
-
-
 class EvalBatches:
     """Non-overlapping windows covering every validation target once; padding has weight 0.
 
@@ -247,9 +216,3 @@ class EvalBatches:
             batch["target_bytes"] = target_bytes(batch, self.token_bytes)
         return batch
 
-
-def train_iterator(source: TrainBatches, prefetch: int = 2) -> grain.DatasetIterator:
-    """A checkpointable iterator over training batches, prefetched on a background thread."""
-    ds = grain.MapDataset.source(source).to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
-    return iter(ds)

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.monitoring
 import numpy as np
 
+from jaxlm.data.packing import windows_source
 from jaxlm.training.loop import Hook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +51,22 @@ def model_config(vocab_size: int = 65, seq_len: int = 0, **keys):
     return ModelConfig.from_section(Model.parse(keys), vocab_size, seq_len=seq_len)
 
 
+def train_source(exp) -> Any:
+    """Random access to an Experiment's training windows: `[s]` is this process's rows of
+    step s's `inputs` and `targets` (the keys the train step takes for windows)."""
+    train = exp.config.train
+    ds = windows_source(exp.data, seq_len=train.seq_len, global_batch=train.batch_size,
+                        seed=train.seed, process_index=jax.process_index(),
+                        process_count=jax.process_count())
+    return ds.map(lambda b: {k: b[k] for k in ("inputs", "targets")})
+
+
 def run_steps(config, workdir, devices, n: int | None = None):
     """Train `n` steps (default config.steps) in-process; returns (losses, params on host)."""
     from jaxlm.training.experiment import Experiment
     exp = Experiment.build(config, workdir, devices)
     state = exp.init_state()
-    source = exp.train_source()
+    source = train_source(exp)
     losses = []
     for step in range(config.steps if n is None else n):
         state, metrics = exp.train_step(state, exp.to_global(source[step]))

@@ -10,7 +10,7 @@ import pytest
 from jaxlm.configs import keys
 from jaxlm.configs.errors import ConfigError
 from jaxlm.models.model import count_params
-from tests.helpers import no_compilation, run_cli, run_steps
+from tests.helpers import no_compilation, run_cli, run_steps, train_source
 from jaxlm.training.experiment import Experiment
 
 
@@ -81,7 +81,7 @@ def test_no_gradient_reaches_the_teacher(tiny_config, teacher_dir, tmp_path):
     c = _student(tiny_config, teacher_dir, distill=1.0, feature=1.0)
     exp = Experiment.build(c, tmp_path, jax.devices()[:1])
     params, t_params = exp.init_state().params, exp.teacher_params
-    batch = exp.to_global(exp.train_source()[0])
+    batch = exp.to_global(train_source(exp)[0])
     loss_fn = make_loss_fn(exp.graphdef, exp.model_cfg, exp.objective)
 
     def total(params, t_params):

@@ -22,7 +22,7 @@ from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.hooks import Progress
 from jaxlm.training.metrics import MetricWriter
 from jaxlm.training.metrics import WALL_CLOCK_KEYS
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_cli, train_source
 
 STEPS, EVERY = 12, 4
 
@@ -220,7 +220,7 @@ def test_skipped_step_keeps_the_state(config, tmp_path):
     exp = Experiment.build(config, tmp_path, one())
     state = exp.init_state()
     before = jax.device_get(state.params)
-    batch = exp.train_source()[0]
+    batch = train_source(exp)[0]
     bad = dict(batch, weights=np.full(batch["inputs"].shape, np.nan, np.float32))
     state, metrics = exp.train_step(state, exp.to_global(bad))
     assert int(metrics["skipped"]) == 1 and int(state.step) == 1

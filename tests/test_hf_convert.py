@@ -19,7 +19,7 @@ from jaxlm.configs.sections import Config, Model
 from jaxlm.configs.sections import Sampling
 from jaxlm.evaluation.restore import restore_run
 from jaxlm.inference.generate import Generator
-from tests.helpers import assert_trees_close, run_cli, step0_run
+from tests.helpers import assert_trees_close, run_cli, step0_run, train_source
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.init_from import check_source, restore_initial_state
 from jaxlm.training.trainer import train
@@ -266,7 +266,7 @@ def test_an_imported_model_trains_alike_on_8_devices_and_on_one(runs, tmp_path):
         config = Config.from_dict(c)
         exp = Experiment.build(config, tmp_path / f"{mesh}", devices)
         state = restore_initial_state(exp, check_source(config, exp.model_cfg))
-        losses, source = [], exp.train_source()
+        losses, source = [], train_source(exp)
         for s in range(3):
             state, metrics = exp.train_step(state, exp.to_global(source[s]))
             losses.append(float(metrics["loss"]))

@@ -18,7 +18,7 @@ from jaxlm.evaluation.sampling import sample, sample_speculative
 from jaxlm.models.model import abstract_model
 from jaxlm.models.lora import merge_adapters
 from jaxlm.models.quant import QTensor
-from tests.helpers import assert_trees_close, params_fast_only, run_cli
+from tests.helpers import assert_trees_close, params_fast_only, run_cli, train_source
 from jaxlm.training import lora, rundir, trainer
 from jaxlm.training.evaluate import evaluate
 from jaxlm.training.experiment import Experiment
@@ -51,7 +51,7 @@ def _has_adapter(path) -> bool:
 
 
 def _train(exp, state, steps, same_batch=False):
-    source = exp.train_source()
+    source = train_source(exp)
     losses = []
     for step in range(steps):
         state, metrics = exp.train_step(state, exp.to_global(source[0 if same_batch else step]))
@@ -146,7 +146,7 @@ def test_data2_fsdp2_tensor2_equals_one_device(tiny_config, tmp_path):
 
     def train(c, devices):
         exp = Experiment.build(c, tmp_path / str(len(devices)), devices)
-        state, source, out = exp.init_state(), exp.train_source(), []
+        state, source, out = exp.init_state(), train_source(exp), []
         for step in range(3):
             state, m = exp.train_step(state, exp.to_global(source[step]))
             out.append((float(m["loss"]), float(m["grad_norm"])))  # adapter gradients
@@ -297,7 +297,7 @@ def test_lora_student_distils_from_its_base_run(base_run, tmp_path):
     exp = Experiment.build(c, tmp_path, jax.devices()[:1])
     state = exp.init_state()
     frozen0 = jax.device_get(lora.split_trainable(state.params)[1])
-    source = exp.train_source()
+    source = train_source(exp)
     for step in range(2):
         state, metrics = exp.train_step(state, exp.to_global(source[step]))
     assert np.isfinite(float(metrics["loss/distill"])) and float(metrics["loss/feature"]) > 0

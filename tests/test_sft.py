@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config
+from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import eval_batches, train_batches
 from jaxlm.data.pipeline import TokenData, resolve_data
 from jaxlm.data.prepare import META, SFT_FORMAT_VERSION, prepare_corpus, prepare_sft
@@ -305,7 +306,8 @@ def test_packed_batches_keep_examples_whole_with_shifted_weights(sft_dir):
     examples: dict[tuple, set] = {}  # the same text may split prompt/completion elsewhere
     for a, b in itertools.pairwise(docs):
         examples.setdefault(tuple(toks[a:b].tolist()), set()).add(tuple(w[a + 1:b].tolist()))
-    it = train_batches(data, seq_len=2 * L, global_batch=8, seed=0, packing="windows")
+    it = train_batches(Mixture.of_set(data), seq_len=2 * L, global_batch=8, seed=0,
+                       packing="windows")
     seen = 0
     for _ in range(3):
         b = next(it)

@@ -10,8 +10,6 @@ import jax
 
 from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.configs.sections import Config
-from jaxlm.data.mixture import Mixture
-from jaxlm.data.packing import named_sources
 from jaxlm.models.model import active_params, count_params
 from jaxlm.storage import dirs
 from jaxlm.training import rundir
@@ -112,7 +110,7 @@ def _loop(exp: Experiment, workdir: Path, ckpt: Checkpointer, data_iter: Any,
     """The loop and its hooks, in the order they run after each step (`training/hooks.py`)."""
     config = exp.config
     intervals, train = config.intervals, config.train
-    counter = SourceTokens(exp.data.names) if isinstance(exp.data, Mixture) else None
+    counter = SourceTokens(exp.data.names) if exp.data.is_mixture else None
 
     def next_batch() -> dict[str, jax.Array]:
         batch, host = exp.to_device(next(data_iter), train=True)
@@ -193,7 +191,7 @@ def describe(exp: Experiment, n_params: int) -> str:
 
 def describe_data(exp: Experiment) -> str:
     """Each source's path, tokens (and mixture weight), the tokenizer and the packing."""
-    sources = named_sources(exp.data)
+    sources = exp.data.named()
     parts = [f"{s.path} ({len(s.train):,} train / {len(s.val):,} val tokens"
              + (f", weight {w:.2f})" if len(sources) > 1 else ")") for _, s, w in sources]
     tok = exp.data.tokenizer
