@@ -167,10 +167,10 @@ def check_tokenizer_spec(spec: str, tok: Tokenizer, source: str,
         return
     if kind == "from":
         difference = first_vocabulary_difference(named, tok)
-    else:  # the file decides the ids; special ids come from files beside it
-        difference = vocabulary_difference({"kind": kind, "sha256": named.sha256},
-                                           {"kind": kind, "sha256": tok.sha256,
-                                            "vocab_size": tok.vocab_size})
+    else:  # the file fixes the ids; special ids may come from other files beside it
+        difference = vocabulary_difference(
+            {"kind": kind, "sha256": named.sha256, "vocab_size": named.vocab_size},
+            {"kind": kind, "sha256": tok.sha256, "vocab_size": tok.vocab_size})
     if difference is not None:
         fix = f"prepare it with --tokenizer={path}" if kind == "from" else \
             f"set data.tokenizer to the file it was prepared with, or prepare it again " \
