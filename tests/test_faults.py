@@ -528,6 +528,7 @@ def test_a_prepared_set_rebuilt_since_the_run_is_refused(config, tmp_path):
     docs = "".join(f"{i} {line}\n\n" for i, line in enumerate(TEXT.splitlines()))
     build(docs)
     config.steps, config.checkpoint_every = 2, 2
+    config.model.mlp = "swiglu"  # a model Hugging Face can express, for the export
     config.data.path = str(prepared)
     trainer.train(config, tmp_path / "run", one())
     build(docs.replace("e", "\u00e9"))
@@ -535,6 +536,13 @@ def test_a_prepared_set_rebuilt_since_the_run_is_refused(config, tmp_path):
         trainer.train(config, tmp_path / "run", one())
     assert str(err.value).startswith(f"data.path: {prepared} was prepared again since the run "
                                      f"in {tmp_path / 'run'} trained on it (fingerprint ")
+    from jaxlm.checkpoints.hf_export import export_hf
+    with pytest.raises(ConfigError) as err:  # the export's tokenizer would be the new one
+        export_hf(tmp_path / "run", tmp_path / "hf", devices=one())
+    assert str(err.value).startswith(f"workdir: the tokenizer of {prepared} is not the one "
+                                     f"the run in {tmp_path / 'run'} was trained with "
+                                     f"(characters '\u00e9' added, 'e' missing)")
+    assert not (tmp_path / "hf").exists()
     # The record is checked again where the data is read: a record of another tokenizer.
     (tmp_path / "run" / "fingerprints.json").write_text(json.dumps(
         {"tokenizer": {"kind": "char", "chars": "abc"}}))
