@@ -148,7 +148,9 @@ def base_sha256(directory: Path) -> str:
 
 
 def record_base(workdir: str | os.PathLike, directory: Path) -> None:
-    """Record the hash of the base just stored in `directory`."""
+    """Record the hash of the base just stored in `directory` (process 0 only)."""
+    if jax.process_index() != 0:
+        return
     _write(Path(workdir), {**read(workdir), "lora_base": {"sha256": base_sha256(directory)}})
 
 
