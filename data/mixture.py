@@ -8,9 +8,9 @@ import numpy as np
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import parse_mixture
-from jaxlm.data.pipeline import TokenData, resolve_data
+from jaxlm.data.pipeline import TokenData, check_tokenizer_spec, resolve_data
 from jaxlm.data.prepare import META, is_prepared
-from jaxlm.data.tokenizers import Tokenizer, tokenizer_kind
+from jaxlm.data.tokenizers import Tokenizer
 
 
 @dataclasses.dataclass
@@ -84,11 +84,8 @@ class Mixture:
 def resolve_mixture(data_cfg: Any) -> Mixture:
     """`data.mixture` as a Mixture, checking its tokenizer against `data.tokenizer`."""
     mixture = Mixture.parse(data_cfg.mixture)
-    wanted = tokenizer_kind(data_cfg.tokenizer)
-    if mixture.tokenizer.kind != wanted:
-        raise ConfigError("data.tokenizer", f"the mixture's sources were prepared with the "
-                                            f"{mixture.tokenizer.kind!r} tokenizer, not "
-                                            f"{data_cfg.tokenizer!r}")
+    check_tokenizer_spec(data_cfg.tokenizer, mixture.tokenizer,
+                         f"the mixture's first source {mixture.sources[0].path}")
     return mixture
 
 

@@ -20,7 +20,8 @@ from jaxlm.data.prepare import (EMBEDDED_CORPUS, FORMAT_VERSION, FORMAT_VERSIONS
 from jaxlm.data.readers import COMPRESSED, file_format
 from jaxlm.data.shards import ShardedTokens
 from jaxlm.data.tokenizers import (DEFAULT_BPE_VOCAB, Tokenizer, first_vocabulary_difference,
-                                   parse_tokenizer_spec, tokenizer_from_dict)
+                                   load_hf_tokenizer, load_sentencepiece, parse_tokenizer_spec,
+                                   tokenizer_from_dict, vocabulary_difference)
 
 Batch = dict[str, np.ndarray]
 
@@ -142,6 +143,36 @@ def _load_weights(path: Path, layout: dict[str, Any], num_tokens: int,
     return w
 
 
+def check_tokenizer_spec(spec: str, tok: Tokenizer, source: str,
+                         key: str = "data.tokenizer") -> None:
+    """Refuse a `data.tokenizer` that is not the tokenizer `source` (prepared data) was
+    made with: another kind, another `from:DIR` vocabulary, or another (or a missing)
+    `hf:` / `sentencepiece:` file."""
+    kind, path = parse_tokenizer_spec(spec, key)
+    if kind == "from":
+        named = tokenizer_of_directory(path, key)
+    elif kind == "hf" and tok.kind == "hf":
+        named = load_hf_tokenizer(path, key)
+    elif kind == "sentencepiece" and tok.kind == "sentencepiece":
+        named = load_sentencepiece(path, key)
+    elif tok.kind != kind:
+        raise ConfigError(key, f"{source} was prepared with the {tok.kind!r} tokenizer, "
+                               f"not {spec!r}")
+    else:
+        return
+    if kind == "from":
+        difference = first_vocabulary_difference(named, tok)
+    else:  # the file fixes the ids; special ids may come from other files beside it
+        difference = vocabulary_difference(
+            {"kind": kind, "sha256": named.sha256, "vocab_size": named.vocab_size},
+            {"kind": kind, "sha256": tok.sha256, "vocab_size": tok.vocab_size})
+    if difference is not None:
+        fix = f"prepare it with --tokenizer={path}" if kind == "from" else \
+            f"set data.tokenizer to the file it was prepared with, or prepare it again " \
+            f"with --tokenizer={spec}"
+        raise ConfigError(key, f"{source}'s tokenizer is not {path}'s ({difference}): {fix}")
+
+
 def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
     """Load `data.path`: a prepared directory is used as is; text is prepared under workdir."""
     source = Path(data_cfg.path) if data_cfg.path else EMBEDDED_CORPUS
@@ -149,18 +180,7 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
         raise ConfigError("data.path", f"no such file or directory: {source}")
     if is_prepared(source):
         data = TokenData.load(source)
-        kind, path = parse_tokenizer_spec(data_cfg.tokenizer)
-        if kind == "from":
-            difference = first_vocabulary_difference(tokenizer_of_directory(path),
-                                                     data.tokenizer)
-            if difference is not None:
-                raise ConfigError("data.tokenizer",
-                                  f"{source}'s tokenizer is not {path}'s ({difference}): "
-                                  f"prepare it with --tokenizer={path}")
-        elif data.tokenizer.kind != kind:
-            raise ConfigError("data.tokenizer",
-                              f"{source} was prepared with the {data.tokenizer.kind!r} "
-                              f"tokenizer, not {data_cfg.tokenizer!r}")
+        check_tokenizer_spec(data_cfg.tokenizer, data.tokenizer, str(source))
         return data
     if source.is_file() and (file_format(source) != "text" or
                              source.name.lower().endswith(COMPRESSED)):

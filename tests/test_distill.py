@@ -166,3 +166,28 @@ def test_cli_distill_flags_and_quantized_eval(teacher_dir, tmp_path):
     assert (tmp_path / "eval" / "step_2_int4.json").is_file()
     res = run_cli(["eval.py", f"--workdir={tmp_path}", "--quantize=int3", "--cpu_devices=1"])
     assert res.returncode != 0
+
+
+def test_a_teacher_whose_prepared_data_was_rebuilt_since_is_refused(tiny_config, tmp_path):
+    """The teacher's tokenizer is the one it was trained with, not its data's today."""
+    from jaxlm.data.prepare import prepare_corpus
+    from jaxlm.training.trainer import train
+    lines = "".join(f"{i} To be, or not to be, that is the question.\n\n" for i in range(60))
+    prepared, text = tmp_path / "prepared", tmp_path / "docs.txt"
+
+    def build(content: str) -> None:
+        text.write_text(content, encoding="utf-8")
+        prepare_corpus([text], prepared, tokenizer="char", workers=0, progress=False,
+                       overwrite=True, split_blank_lines=True)
+    build(lines)
+    c = _tiny(tiny_config)
+    c.steps, c.warmup_steps, c.data.path = 1, 0, str(prepared)
+    train(c, tmp_path / "teacher", jax.devices()[:1])
+    build(lines.replace("e", "\u00e9"))  # as many characters
+    c = _student(c, tmp_path / "teacher", distill=1.0)
+    with no_compilation() as compiled, pytest.raises(ConfigError) as err:
+        Experiment.build(c, tmp_path / "student", jax.devices()[:1])
+    assert str(err.value).startswith(
+        f"loss.distill.teacher_workdir: the tokenizer of {prepared} is not the one the run in "
+        f"{tmp_path / 'teacher'} was trained with (characters '\u00e9' added, 'e' missing)")
+    assert compiled == []

@@ -310,3 +310,29 @@ def test_rules_saved_before_the_rank_axis_existed_still_load():
     rules = [list(r) for r in Config().sharding.rules if r[0] != "lora_rank"]
     config = Config.from_dict({"sharding": {"rules": rules}})
     assert ("lora_rank", None) in config.sharding.rules
+
+
+def test_another_base_of_the_same_shapes_is_refused_by_eval_resume_and_merge(tiny_config,
+                                                                              tmp_path):
+    """WORKDIR/lora_base/ replaced by the base of another run with the same model."""
+    import shutil
+    c = _fast(_lora(tiny_config, rank=2, targets="q,v"))
+    c.steps, c.checkpoint_every = 2, 2
+    trainer.train(c, tmp_path / "a", jax.devices()[:1])
+    other = c.copy_and_resolve_references()
+    other.seed = 7  # another random base
+    trainer.train(other, tmp_path / "b", jax.devices()[:1])
+    restore_run(tmp_path / "a", devices=jax.devices()[:1])  # its own base restores
+    shutil.rmtree(tmp_path / "a" / lora.BASE_DIR)
+    shutil.copytree(tmp_path / "b" / lora.BASE_DIR, tmp_path / "a" / lora.BASE_DIR)
+    message = (f"workdir: {tmp_path / 'a' / lora.BASE_DIR} is not the frozen base the LoRA "
+               f"run in {tmp_path / 'a'} stored (sha256 ")
+    c.steps = 4
+    for use in (lambda: restore_run(tmp_path / "a", devices=jax.devices()[:1]),
+                lambda: trainer.train(c, tmp_path / "a", jax.devices()[:1],
+                                      allow_schedule_change=True),
+                lambda: merge_run(tmp_path / "a", tmp_path / "merged", devices=jax.devices()[:1])):
+        with pytest.raises(ConfigError) as err:
+            use()
+        assert str(err.value).startswith(message)
+    assert not (tmp_path / "merged" / "checkpoints").exists()

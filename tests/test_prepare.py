@@ -317,6 +317,21 @@ def test_one_text_with_bpe_and_resolve_data_with_tokenizer_specs(tmp_path):
     cfg.tokenizer = "char"
     with pytest.raises(ConfigError, match="data.tokenizer: .*prepared with the 'hf' tokenizer"):
         resolve_data(cfg, tmp_path / "wd2")
+    # The file is checked too, not only the kind: another tokenizer, or none.
+    from jaxlm.data.tokenizers import train_bpe
+    other = train_bpe(["Another text, another merge table entirely.\n" * 40], 300,
+                      tmp_path / "other.json")
+    cfg.tokenizer = f"hf:{other.path}"
+    with pytest.raises(ConfigError) as err:
+        resolve_data(cfg, tmp_path / "wd2")
+    assert str(err.value) == (
+        f"data.tokenizer: {out}'s tokenizer is not {other.path}'s (another hf file: sha256 "
+        f"{other.sha256[:8]} -> {data.tokenizer.sha256[:8]}, {data.vocab_size} tokens): set "
+        f"data.tokenizer to the file it was prepared with, or prepare it again with "
+        f"--tokenizer=hf:{other.path}")
+    cfg.tokenizer = f"hf:{tmp_path / 'missing.json'}"
+    with pytest.raises(ConfigError, match="data.tokenizer: no such tokenizer file: "):
+        resolve_data(cfg, tmp_path / "wd2")
 
 
 def test_output_inside_an_input_directory_is_not_read_back(tmp_path):

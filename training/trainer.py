@@ -12,7 +12,7 @@ from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.configs.sections import Config
 from jaxlm.models.model import active_params, count_params
 from jaxlm.storage import dirs
-from jaxlm.training import rundir
+from jaxlm.training import fingerprints, lora, rundir
 from jaxlm.training.checkpoint import Checkpointer, SaveFailed
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device
@@ -46,6 +46,7 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
             latest = existing.latest_step()
         for notice in rundir.check_resume(config, workdir, latest, allow_schedule_change):
             log(notice)  # checked before the data is read or anything is built
+        fingerprints.check_data(config, workdir)
         if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("log.wandb_project", "needs the wandb package: pip install -e "
                                                    "'.[wandb]'")
@@ -55,6 +56,7 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
                                                    "WANDB_MODE=offline (sync later with "
                                                    "`wandb sync`)")
         exp = Experiment.build(config, workdir, devices)
+        fingerprints.check_tokenizer(workdir, exp.data.tokenizer, fingerprints.data_name(config))
         # init.from_workdir starts a new run; a resume continues from its own checkpoints.
         source = check_source(config, exp.model_cfg, exp.data.tokenizer) if config.init.from_workdir and \
             latest is None else None
@@ -74,6 +76,8 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
         state, start = _restore_or_init(exp, ckpt, data_iter, writer, source)
         if start < config.train.steps and jax.process_index() == 0:
             rundir.save_config(config, workdir)  # only a run that trains records its config
+            fingerprints.write(workdir, config, exp.data.tokenizer,
+                               lora.base_dir(workdir) if lora.enabled(config) else None)
         n_params = count_params(exp.abstract_state.params)
         log(describe(exp, n_params))
         loop, metrics, evaluation = _loop(exp, workdir, ckpt, data_iter, writer, start,
