@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import contextlib
+import functools
 import io
 import os
 import runpy
@@ -10,6 +11,7 @@ import traceback
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import jax
 import jax.monitoring
@@ -43,15 +45,15 @@ def call_cli(args: list[str], cwd: Path = ROOT) -> SimpleNamespace:
     assert not any(a.startswith("--cpu_devices") for a in args), "use run_cli"
     if args[0] == "-m":
         name, argv = args[1], [args[1], *args[2:]]
-        target = lambda: runpy.run_module(name, run_name="__main__", alter_sys=True)  # noqa: E731
+        target = functools.partial(runpy.run_module, name, run_name="__main__", alter_sys=True)
     else:
         path, argv = str(cwd / args[0]), list(args)
-        target = lambda: runpy.run_path(path, run_name="__main__")  # noqa: E731
+        target = functools.partial(runpy.run_path, path, run_name="__main__")
     before, verbosity, devices = set(flags.FLAGS), logging.get_verbosity(), jax.device_count()
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with (contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
-          _swapped_argv(argv), warnings.catch_warnings()):
+          mock.patch.object(sys, "argv", argv), warnings.catch_warnings()):
         # `python -m` of a module this process imported already: runpy's warning about it
         # is not something the real command prints.
         warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
@@ -69,16 +71,6 @@ def call_cli(args: list[str], cwd: Path = ROOT) -> SimpleNamespace:
             logging.set_verbosity(verbosity)
     assert jax.device_count() == devices
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-
-
-@contextlib.contextmanager
-def _swapped_argv(argv: list[str]):
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        yield
-    finally:
-        sys.argv = saved
 
 
 def _exit_status(code, err) -> int:
