@@ -18,7 +18,7 @@ from jaxlm.evaluation.sampling import sample, sample_speculative
 from jaxlm.models.model import abstract_model
 from jaxlm.models.lora import merge_adapters
 from jaxlm.models.quant import QTensor
-from tests.helpers import assert_trees_close, params_fast_only, run_cli, train_source
+from tests.helpers import assert_trees_close, call_cli, params_fast_only, run_cli, train_source
 from jaxlm.training import lora, rundir, trainer
 from jaxlm.training.evaluate import evaluate
 from jaxlm.training.experiment import Experiment
@@ -186,9 +186,9 @@ def test_bad_configs_are_one_line_errors(tiny_config, overrides, message):
 
 
 def test_cli_error_before_compiling(tmp_path):
-    out = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny",
-                   f"--workdir={tmp_path}", "--config.lora.rank=4",
-                   "--config.lora.targets=q,gate"])
+    out = call_cli(["train.py", "--config=configs/shakespeare_char.py:tiny",
+                    f"--workdir={tmp_path}", "--config.lora.rank=4",
+                    "--config.lora.targets=q,gate"])
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
         "error: lora.targets: 'gate' is not in this model: model.mlp='gelu' has no gate "

@@ -16,6 +16,7 @@ from jaxlm.storage import dirs
 from jaxlm.data.pipeline import TokenData
 from jaxlm.data.prepare import META, prepare, prepare_corpus, token_dtype
 from jaxlm.data.shards import ShardedTokens
+from tests.helpers import call_cli
 from tests.test_tokenizers import sentencepiece_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,9 +229,8 @@ def test_bad_inputs_name_the_flag_and_file(tmp_path):
     _error(tmp_path, r"--val_fraction: must be in \(0, 1\)", [src], val_fraction=1.0)
 
 
-def _run_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "jaxlm.data.prepare", *args], cwd=ROOT,
-                          capture_output=True, text=True, **kwargs)
+def _run_cli(*args):
+    return call_cli(["-m", "jaxlm.data.prepare", *args])
 
 
 def test_cli_errors_are_one_line_and_single_text_keeps_the_old_format(tmp_path):
