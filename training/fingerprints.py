@@ -23,6 +23,7 @@ import jax
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config, parse_mixture
 from jaxlm.data.prepare import EMBEDDED_CORPUS, META, _text_files, is_prepared
+from jaxlm.storage import dirs
 from jaxlm.data.tokenizers import (Tokenizer, file_sha256, vocabulary,
                                    vocabulary_difference)
 
@@ -82,10 +83,7 @@ def _write(workdir: Path, record: dict[str, Any]) -> None:
     """Write the record atomically (process 0 only)."""
     if jax.process_index() != 0:
         return
-    path = workdir / FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    dirs.write_text_atomically(workdir / FILE, json.dumps(record, indent=2) + "\n")
 
 
 def write(workdir: str | os.PathLike, config: Config, tokenizer: Tokenizer,

@@ -124,10 +124,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def save_config(config: Config, workdir: Path) -> None:
     """Write `config.json` atomically (a crash never leaves half a file)."""
-    path = workdir / CONFIG_FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2))
-    tmp.replace(path)
+    dirs.write_text_atomically(workdir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
 
 
 def lock(workdir: Path) -> contextlib.AbstractContextManager[None]:
