@@ -1,0 +1,217 @@
+"""Preference optimisation: DPO and its variants against TRL, metrics, references, errors."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.configs.base import get_base_config
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config
+from jaxlm.losses.preference import Pairs, pair_losses, pairs, token_logps
+from jaxlm.training import rundir
+from jaxlm.training.experiment import Experiment
+from jaxlm.training.steps import make_loss_fn
+from jaxlm.training.teacher import Teacher
+
+VOCAB, LENGTH = 100, 12
+TINY_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def preference_batch(seed: int = 0, n_pairs: int = 3):
+    """(ids [2P, L], completion mask [2P, L]) in TRL's order (chosen rows, then rejected),
+    with a shared prompt per pair and right padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, VOCAB, (2 * n_pairs, LENGTH))
+    mask = np.zeros((2 * n_pairs, LENGTH), np.int64)
+    for i in range(n_pairs):
+        prompt = 3 + i
+        ids[n_pairs + i, :prompt] = ids[i, :prompt]
+        for row, end in ((i, LENGTH - i), (n_pairs + i, LENGTH - 2 * i - 1)):
+            mask[row, prompt:end] = 1
+            ids[row, end:] = 0
+    return ids, mask
+
+
+def interleaved(ids, mask):
+    """Our batch: pair i in rows 2i (chosen) and 2i+1 (rejected), next-token targets."""
+    n = ids.shape[0] // 2
+    order = np.stack([np.arange(n), np.arange(n) + n], 1).reshape(-1)
+    ids, mask = ids[order], mask[order]
+    return {"inputs": jnp.asarray(ids[:, :-1], jnp.int32),
+            "targets": jnp.asarray(ids[:, 1:], jnp.int32),
+            "weights": jnp.asarray(mask[:, 1:], jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------
+# Fast: the loss functions and the config.
+
+def test_pairs_sum_response_tokens_and_drop_padding_pairs():
+    logps = jnp.asarray([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0], [-1.0, -1.0, -1.0],
+                         [-1.0, -1.0, -1.0]])
+    weights = jnp.asarray([[0, 1, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]], jnp.float32)
+    p = pairs(logps, weights)
+    np.testing.assert_allclose(p.chosen, [-5.0, 0.0])
+    np.testing.assert_allclose(p.rejected, [-0.5, -3.0])
+    np.testing.assert_allclose(p.valid, [1.0, 0.0])  # the second pair has no chosen tokens
+
+
+def test_dpo_loss_rewards_and_gradient_direction():
+    policy = Pairs(*(jnp.asarray([x]) for x in (-4.0, -6.0, 2.0, 3.0, 1.0)))
+    reference = Pairs(*(jnp.asarray([x]) for x in (-5.0, -5.0, 2.0, 3.0, 1.0)))
+    loss, chosen, rejected = pair_losses(policy, reference, loss_type="sigmoid", beta=0.5)
+    np.testing.assert_allclose(chosen, [0.5])
+    np.testing.assert_allclose(rejected, [-0.5])
+    np.testing.assert_allclose(loss, [np.log1p(np.exp(-1.0))], rtol=1e-6)
+    # The loss falls as the chosen response gains probability and the rejected loses it.
+    grad = jax.grad(lambda c, r: pair_losses(policy._replace(chosen=c, rejected=r), reference,
+                                             loss_type="sigmoid", beta=0.5)[0].sum(),
+                    argnums=(0, 1))(policy.chosen, policy.rejected)
+    assert grad[0][0] < 0 < grad[1][0]
+    # Label smoothing e: (1-e) L(d) + e L(-d).
+    smooth = pair_losses(policy, reference, loss_type="sigmoid", beta=0.5, label_smoothing=0.2)
+    np.testing.assert_allclose(smooth[0], [0.8 * np.log1p(np.exp(-1.0))
+                                           + 0.2 * np.log1p(np.exp(1.0))], rtol=1e-6)
+
+
+def test_token_logps_ignore_the_padded_vocabulary():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    targets = rng.integers(0, 6, (2, 3))
+    padded = logits.copy()
+    padded[..., 6:] += 50.0
+    expected = jax.nn.log_softmax(logits[..., :6])
+    expected = np.take_along_axis(np.asarray(expected), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_logps(jnp.asarray(padded), targets, 6), expected,
+                               rtol=1e-6)
+
+
+def dpo_config(**overrides):
+    c = get_base_config()
+    c.loss.weights.ce, c.loss.weights.dpo = 0.0, 1.0
+    c.loss.dpo.loss_type = "simpo"
+    for key, value in overrides.items():
+        node, *path = key.split(".")
+        target = c
+        for part in [node, *path][:-1]:
+            target = getattr(target, part)
+        setattr(target, [node, *path][-1], value)
+    return c
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss.dpo.beta": 0.0}, "loss.dpo.beta: must be > 0"),
+    ({"loss.weights.ce": 1.0}, "loss.weights.ce: loss.weights.dpo is a mean over preference"),
+    ({"loss.dpo.loss_type": "sigmoid"}, "loss.dpo.reference_workdir: loss_type='sigmoid'"),
+    ({"batch_size": 6, "grad_accum_steps": 2}, "batch_size: 6 rows do not split"),
+    ({"loss.dpo.label_smoothing": 0.5}, "loss.dpo.label_smoothing: must be in [0, 0.5)"),
+])
+def test_bad_preference_configs_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(dpo_config(**overrides))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------
+# Slow: equality with TRL on a tiny Hugging Face model.
+
+def _hf_llama(seed: int, out: Path):
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """(policy, reference): tiny random Llamas, saved and imported as run directories."""
+    pytest.importorskip("transformers")
+    from jaxlm.checkpoints.hf_import import import_hf
+    root = tmp_path_factory.mktemp("dpo_hf")
+    out = {}
+    for name, seed in (("policy", 0), ("reference", 1)):
+        model = _hf_llama(seed, root / f"{name}_hf")
+        import_hf(root / f"{name}_hf", root / name, get_base_config(), devices=jax.devices()[:1])
+        out[name] = (model, root / name)
+    return out
+
+
+def _trl_loss(policy, reference, ids, mask, loss_type, beta, label_smoothing):
+    """TRL's DPOTrainer._compute_loss on the batch, and the policy's gradients."""
+    import collections
+    import torch
+    from trl import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+    for model, fields in ((policy, ("log_probs", "entropy", "mean_logits", "is_top1")),
+                          (reference, ("log_probs",))):
+        if not getattr(model, "_fused_for_test", False):
+            add_fused_lm_head(model, outputs=fields)
+            model._fused_for_test = True
+    identity = lambda x: x  # noqa: E731
+    fake = SimpleNamespace(
+        model=policy.train(), ref_model=reference.eval(), aux_loss_enabled=False,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity,
+                                    gather=identity, unwrap_model=identity),
+        ld_alpha=None, precompute_ref_logps=False, f_divergence_type="reverse_kl",
+        loss_types=[loss_type], loss_weights=[1.0], beta=beta,
+        label_smoothing=label_smoothing, use_weighting=False,
+        _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    policy.zero_grad()
+    inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.ones_like(torch.tensor(ids)),
+              "completion_mask": torch.tensor(mask)}
+    loss = DPOTrainer._compute_loss(fake, policy, inputs, False)
+    loss.backward()
+    grads = {n: p.grad.numpy().copy() for n, p in policy.named_parameters()}
+    return float(loss), grads, {k: v[-1] for k, v in fake._metrics["train"].items()}
+
+
+def _our_loss(runs, batch, **dpo):
+    run = runs["policy"][1]
+    config = rundir.load_config(run).replace(**{
+        "loss.weights.ce": 0.0, "loss.weights.dpo": 1.0, "init.from_workdir": str(run),
+        "loss.dpo.reference_workdir": str(runs["reference"][1]), "seq_len": LENGTH - 1,
+        **{f"loss.dpo.{k}": v for k, v in dpo.items()}})
+    exp = Experiment.build(config, run, jax.devices()[:1])
+    policy = Teacher.from_run(str(runs["policy"][1]), 0, exp.mesh).restore()
+    ref_out = exp.teacher.forward(exp.teacher.restore(), batch, return_hidden=False)
+    loss_fn = make_loss_fn(exp.graphdef, exp.model_cfg, exp.objective)
+    (total, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy, batch, None,
+                                                                      ref_out)
+    n = stats["weight_sum"]
+    return float(total / n), jax.tree.map(lambda g: np.asarray(g / n), grads), \
+        {k: float(v / n) for k, v in stats.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("ipo", 0.0),
+                                                  ("robust", 0.2)])
+def test_dpo_loss_and_gradient_equal_trl(hf_pair, loss_type, smoothing):
+    pytest.importorskip("trl")
+    ids, mask = preference_batch()
+    beta = 0.3
+    theirs, t_grads, t_metrics = _trl_loss(hf_pair["policy"][0], hf_pair["reference"][0], ids,
+                                           mask, loss_type, beta, smoothing)
+    ours, grads, metrics = _our_loss(hf_pair, interleaved(ids, mask), loss_type=loss_type,
+                                     beta=beta, label_smoothing=smoothing)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    for name, ours_g in (("model.embed_tokens.weight", grads["embed"]["embedding"]),
+                         ("lm_head.weight", grads["lm_head"]["kernel"].T)):
+        g = t_grads[name]
+        np.testing.assert_allclose(ours_g[:VOCAB], g, atol=1e-5 * np.abs(g).max())
+    for ours_key, trl_key in (("dpo/rewards/chosen", "rewards/chosen"),
+                              ("dpo/rewards/rejected", "rewards/rejected"),
+                              ("dpo/rewards/accuracy", "rewards/accuracies"),
+                              ("dpo/rewards/margin", "rewards/margins"),
+                              ("dpo/logps/chosen", "logps/chosen"),
+                              ("dpo/logps/rejected", "logps/rejected")):
+        np.testing.assert_allclose(metrics[ours_key], t_metrics[trl_key], rtol=1e-5, atol=1e-6)
