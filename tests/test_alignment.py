@@ -215,3 +215,62 @@ def test_dpo_loss_and_gradient_equal_trl(hf_pair, loss_type, smoothing):
                               ("dpo/logps/chosen", "logps/chosen"),
                               ("dpo/logps/rejected", "logps/rejected")):
         np.testing.assert_allclose(metrics[ours_key], t_metrics[trl_key], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Slow: training steps, references, layouts.
+
+def tiny_pairs(rows: int, length: int, vocab: int = 65, seed: int = 0):
+    """A preference batch of random pairs: a shared prompt, then different responses."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (rows, length + 1))
+    ids[1::2, :length // 2] = ids[0::2, :length // 2]
+    mask = np.zeros_like(ids)
+    mask[:, length // 2:] = 1
+    mask[1::2, -3:] = 0  # shorter rejected responses
+    return {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
+            "weights": mask[:, 1:].astype(np.float32)}
+
+
+def _preference_run(tiny_config, tmp_path, kind):
+    c = tiny_config.copy_and_resolve_references()
+    c.loss.weights.ce, c.loss.weights.dpo = 0.0, 1.0
+    c.loss.dpo.beta, c.learning_rate, c.warmup_steps, c.grad_accum_steps = 0.5, 3e-3, 0, 2
+    c.seq_len = 16
+    if kind == "lora":
+        c.lora.rank = 4
+    else:  # the reference is the run the policy starts from (the same seed: its init)
+        from tests.helpers import step0_run
+        base = tiny_config.copy_and_resolve_references()
+        c.init.from_workdir = str(step0_run(base, tmp_path / "base"))
+    return c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "reference_run"])
+def test_dpo_starts_at_log2_learns_and_data2_fsdp2_tensor2_equals_one_device(
+        tiny_config, tmp_path, kind):
+    c = _preference_run(tiny_config, tmp_path, kind)
+    batch = tiny_pairs(c.batch_size, c.seq_len)
+
+    def train(data, fsdp, tensor, devices):
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+        exp = Experiment.build(c, tmp_path / f"run{len(devices)}", devices)
+        state, out = exp.init_state(), []
+        for _ in range(3):
+            state, m = exp.train_step(state, exp.to_global(batch))
+            out.append({k: float(v) for k, v in m.items()})
+        return out
+
+    one = train(1, 1, 1, jax.devices()[:1])
+    eight = train(2, 2, 2, jax.devices())
+    # The policy starts as its reference: every reward is 0 and the loss is log 2.
+    assert one[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert one[0]["dpo/rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+    assert one[0]["dpo/kl"] == pytest.approx(0.0, abs=1e-6)
+    # Training on the pairs raises the margin, the accuracy and the KL, lowers the loss.
+    assert one[-1]["loss"] < one[0]["loss"] and one[-1]["dpo/rewards/margin"] > 0
+    assert one[-1]["dpo/rewards/accuracy"] > 0.5 and one[-1]["dpo/kl"] > 0
+    for a, b in zip(one, eight):
+        for key in ("loss", "grad_norm", "dpo/rewards/margin", "dpo/logps/chosen", "dpo/kl"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
