@@ -583,7 +583,7 @@ class Dpo(Section):
     """Direct preference optimisation on (chosen, rejected) row pairs (docs/alignment.md)."""
     loss_type: PreferenceLoss = "sigmoid"
     beta: PositiveFloat = 0.1  # the KL strength (IPO: tau; SimPO: the reward scale)
-    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # sigmoid, robust
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # sigmoid, robust, simpo
     simpo_gamma: NonNegativeFloat = 0.5  # SimPO's target reward margin
     # The frozen reference run; "" = init.from_workdir (a LoRA run: its base, adapters off).
     reference_workdir: str = ""

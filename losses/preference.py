@@ -4,8 +4,8 @@ SimPO), as functions of sequence log-probabilities.
 A preference batch holds each pair in two adjacent rows: row 2i is the chosen response,
 row 2i+1 the rejected one, both after the same prompt; the token weights are 1 on the
 response tokens and 0 on the prompt and the padding. The formulas follow TRL's
-`DPOTrainer` (sigmoid, robust, ipo) and `CPOTrainer` (simpo); the sigmoid loss takes
-conservative label smoothing (cDPO): -(1-e) log s(b d) - e log s(-b d).
+`DPOTrainer` (sigmoid, robust, ipo) and `CPOTrainer` (simpo); the sigmoid and simpo
+losses take conservative label smoothing (cDPO): -(1-e) log s(z) - e log s(-z).
 """
 
 from typing import NamedTuple
@@ -54,7 +54,10 @@ def pair_losses(policy: Pairs, reference: Pairs | None, *, loss_type: str, beta:
     if loss_type == "simpo":
         chosen = beta * policy.chosen / jnp.maximum(policy.chosen_len, 1.0)
         rejected = beta * policy.rejected / jnp.maximum(policy.rejected_len, 1.0)
-        return -jax.nn.log_sigmoid(chosen - rejected - simpo_gamma), chosen, rejected
+        z = chosen - rejected - simpo_gamma
+        loss = (-(1 - label_smoothing) * jax.nn.log_sigmoid(z)
+                - label_smoothing * jax.nn.log_sigmoid(-z))
+        return loss, chosen, rejected
     chosen_ratio = policy.chosen - reference.chosen
     rejected_ratio = policy.rejected - reference.rejected
     delta = chosen_ratio - rejected_ratio

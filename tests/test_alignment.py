@@ -175,6 +175,30 @@ def _trl_loss(policy, reference, ids, mask, loss_type, beta, label_smoothing):
     return float(loss), grads, {k: v[-1] for k, v in fake._metrics["train"].items()}
 
 
+def _trl_simpo(policy, ids, mask, beta, label_smoothing, gamma):
+    """TRL's CPOTrainer SimPO loss (its average log-probabilities) and the gradients."""
+    import torch
+    from trl.experimental.cpo import CPOTrainer
+    fake = SimpleNamespace(alpha=0.0, loss_type="simpo", beta=beta, simpo_gamma=gamma,
+                           label_smoothing=label_smoothing,
+                           accelerator=SimpleNamespace(device=torch.device("cpu")))
+    policy.zero_grad()
+    ids_t = torch.tensor(ids)
+    logits = policy.train()(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)).logits
+    labels = ids_t.masked_fill(torch.tensor(mask) == 0, -100)
+    logps = CPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    chosen, rejected = logps.chunk(2)
+    losses, chosen_r, rejected_r = CPOTrainer.cpo_loss(fake, chosen, rejected)
+    loss = losses.mean()
+    loss.backward()
+    grads = {n: p.grad.numpy().copy() for n, p in policy.named_parameters()}
+    margin = float((chosen_r - rejected_r).mean())
+    return float(loss), grads, {"rewards/chosen": float(chosen_r.mean()),
+                                "rewards/rejected": float(rejected_r.mean()),
+                                "rewards/margins": margin,
+                                "rewards/accuracies": float((chosen_r > rejected_r).float().mean())}
+
+
 def _our_loss(runs, batch, **dpo):
     run = runs["policy"][1]
     config = rundir.load_config(run).replace(**{
@@ -183,7 +207,8 @@ def _our_loss(runs, batch, **dpo):
         **{f"loss.dpo.{k}": v for k, v in dpo.items()}})
     exp = Experiment.build(config, run, jax.devices()[:1])
     policy = Teacher.from_run(str(runs["policy"][1]), 0, exp.mesh).restore()
-    ref_out = exp.teacher.forward(exp.teacher.restore(), batch, return_hidden=False)
+    ref_out = None if exp.teacher is None else exp.teacher.forward(
+        exp.teacher.restore(), batch, return_hidden=False)  # SimPO has no reference
     loss_fn = make_loss_fn(exp.graphdef, exp.model_cfg, exp.objective)
     (total, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy, batch, None,
                                                                       ref_out)
@@ -194,15 +219,19 @@ def _our_loss(runs, batch, **dpo):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("ipo", 0.0),
-                                                  ("robust", 0.2)])
+                                                  ("robust", 0.2), ("simpo", 0.1)])
 def test_dpo_loss_and_gradient_equal_trl(hf_pair, loss_type, smoothing):
     pytest.importorskip("trl")
     ids, mask = preference_batch()
-    beta = 0.3
-    theirs, t_grads, t_metrics = _trl_loss(hf_pair["policy"][0], hf_pair["reference"][0], ids,
-                                           mask, loss_type, beta, smoothing)
+    beta, gamma = 0.3, 0.4
+    if loss_type == "simpo":
+        theirs, t_grads, t_metrics = _trl_simpo(hf_pair["policy"][0], ids, mask, beta,
+                                                smoothing, gamma)
+    else:
+        theirs, t_grads, t_metrics = _trl_loss(hf_pair["policy"][0], hf_pair["reference"][0],
+                                               ids, mask, loss_type, beta, smoothing)
     ours, grads, metrics = _our_loss(hf_pair, interleaved(ids, mask), loss_type=loss_type,
-                                     beta=beta, label_smoothing=smoothing)
+                                     beta=beta, label_smoothing=smoothing, simpo_gamma=gamma)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     for name, ours_g in (("model.embed_tokens.weight", grads["embed"]["embedding"]),
                          ("lm_head.weight", grads["lm_head"]["kernel"].T)):
@@ -214,6 +243,8 @@ def test_dpo_loss_and_gradient_equal_trl(hf_pair, loss_type, smoothing):
                               ("dpo/rewards/margin", "rewards/margins"),
                               ("dpo/logps/chosen", "logps/chosen"),
                               ("dpo/logps/rejected", "logps/rejected")):
+        if trl_key not in t_metrics:  # CPOTrainer.cpo_loss returns the rewards only
+            continue
         np.testing.assert_allclose(metrics[ours_key], t_metrics[trl_key], rtol=1e-5, atol=1e-6)
 
 
@@ -274,3 +305,18 @@ def test_dpo_starts_at_log2_learns_and_data2_fsdp2_tensor2_equals_one_device(
     for a, b in zip(one, eight):
         for key in ("loss", "grad_norm", "dpo/rewards/margin", "dpo/logps/chosen", "dpo/kl"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_reference_run_with_another_model_is_refused_before_compiling(tiny_config, tmp_path):
+    from tests.helpers import step0_run
+    other = tiny_config.copy_and_resolve_references()
+    other.model.d_ff = 48
+    reference = step0_run(other, tmp_path / "reference")
+    c = tiny_config.copy_and_resolve_references()
+    c.loss.weights.ce, c.loss.weights.dpo = 0.0, 1.0
+    c.loss.dpo.reference_workdir = str(reference)
+    with pytest.raises(ConfigError) as e:
+        Experiment.build(c, tmp_path / "run", jax.devices()[:1])
+    assert str(e.value).startswith("loss.dpo.reference_workdir: model.d_ff is ")
+    assert "in the reference" in str(e.value)
