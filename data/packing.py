@@ -21,6 +21,7 @@ number the pieces of a row from 1 (0 = padding), `positions` restart at 0 for ev
 piece, and `weights` are 1 on real targets and 0 on padding (for an SFT set, the stored
 weight of each target token: 0 on prompt tokens). SFT sets are always packed as
 documents (`resolve_packing`), and their examples are never cut (`check_examples_fit`).
+A preference set trains in rows of (chosen, rejected) pairs instead (data/preference.py).
 A document's first token is never a target: nothing is predicted across a document
 boundary.
 
@@ -42,6 +43,7 @@ import numpy as np
 from jaxlm.configs.errors import ConfigError
 from jaxlm.data.mixture import Mixture
 from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, target_bytes
+from jaxlm.data.preference import pair_rows
 
 PACKINGS = ("windows", "documents")
 # Host-side bookkeeping, not model inputs: [rows] (`source`, `target_bytes`) or per batch.
@@ -403,6 +405,10 @@ def train_dataset(data: Mixture, *, seq_len: int, global_batch: int, seed: int,
     _check_lengths(data, seq_len, packing)
     check_examples_fit(data, seq_len)
     rows = _process_rows(global_batch, process_index, process_count)
+    if data.sources[0].is_preference:  # one source (training/layout.py): rows of pairs
+        ds = pair_rows(data.sources[0], "train", seq_len=seq_len, global_batch=global_batch,
+                       seed=seed, rows=rows, num_epochs=num_epochs)
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if packing == "windows":
         ds = windows_source(data, seq_len=seq_len, global_batch=global_batch, seed=seed,
                             process_index=process_index, process_count=process_count)

@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxlm.configs.errors import ConfigError, exit_on_environment_error
 from jaxlm.configs.sections import parse_mixture
+from jaxlm.data.preference import make_pair
 from jaxlm.data.readers import COMPRESSED, Task, expand_inputs, file_format, parse_task, read_tasks
 from jaxlm.data.sft import (DEFAULT_END_TEXT, BadRecord, ChatTemplate, Example, find_chat_template,
                             make_example, special_token_strings, template_directory)
@@ -688,8 +689,9 @@ def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, 
                 truncate: bool = False, strict: bool = False,
                 end_text: str = DEFAULT_END_TEXT, chat_template: str = "auto",
                 overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
-                progress: bool = True) -> Path:
+                progress: bool = True, record_format: str = "sft") -> Path:
     """JSON-lines SFT records (data/sft.py) -> `output` (format 3); returns `output`.
+    `record_format="preference"`: preference records, two examples each (data/preference.py).
 
     Like a corpus of documents (one document per example, split by a hash of the
     record), plus `{split}.weights`: one uint8 per token, 1 where the token is a
@@ -727,7 +729,7 @@ def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, 
             raise ConfigError("--input", f"{f} is not JSON lines (.jsonl, .json or .ndjson, "
                                          f"optionally .gz or .zst): SFT records are JSON "
                                          f"lines")
-    settings = {"format_version": SFT_FORMAT_VERSION, "format": "sft",
+    settings = {"format_version": SFT_FORMAT_VERSION, "format": record_format,
                 "tokenizer": tok.to_dict(), "seq_len": seq_len, "truncate": truncate,
                 "strict": strict, "val_fraction": val_fraction, "end_text": end_text,
                 "chat_template": None if template is None else template.source}
@@ -759,9 +761,10 @@ def _build_sft(files: list[Path], tmp: Path, tok: Tokenizer, template: ChatTempl
             for item, line in zip(task.items, task.lines):
                 records += 1
                 try:
-                    ex = make_example(item, tok, template, seq_len=settings["seq_len"],
-                                      truncate=settings["truncate"],
-                                      end_text=settings["end_text"])
+                    exs = (make_pair if settings["format"] == "preference" else
+                           lambda *a, **k: [make_example(*a, **k)])(
+                        item, tok, template, seq_len=settings["seq_len"],
+                        truncate=settings["truncate"], end_text=settings["end_text"])
                 except BadRecord as e:
                     if settings["strict"]:
                         raise ConfigError("--input", f"{task.file}:{line}: {e.reason}: "
@@ -772,9 +775,9 @@ def _build_sft(files: list[Path], tmp: Path, tok: Tokenizer, template: ChatTempl
                                                       "line": line, "detail": e.detail})
                     entry["count"] += 1
                     continue
-                truncated += ex.truncated
-                split = "val" if _is_val(ex.key, settings["val_fraction"]) else "train"
-                kept[split].append(ex)
+                truncated += any(ex.truncated for ex in exs)
+                split = "val" if _is_val(exs[0].key, settings["val_fraction"]) else "train"
+                kept[split] += exs
             for split, exs in kept.items():
                 if exs:
                     longest[split] = max(longest[split], *(len(x.tokens) for x in exs))
@@ -787,7 +790,7 @@ def _build_sft(files: list[Path], tmp: Path, tok: Tokenizer, template: ChatTempl
         bar.close()
         splits = {s: w.close() for s, w in writers.items()}
     _check_sft_splits(splits, records, bad, files, settings)
-    return {"format_version": SFT_FORMAT_VERSION, "format": "sft",
+    return {"format_version": SFT_FORMAT_VERSION, "format": settings["format"],
             "tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "dtype": dtype.name,
             "splits": splits, "counts": {s: splits[s]["tokens"] for s in splits},
             "documents": {s: splits[s]["documents"] for s in splits},
@@ -873,9 +876,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="token shard size in MiB")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     sft = ap.add_argument_group("supervised fine-tuning (--format=sft)")
-    sft.add_argument("--format", choices=("auto", "sft"), default="auto",
+    sft.add_argument("--format", choices=("auto", "sft", "preference"), default="auto",
                      help="auto: text or a corpus of documents, by the inputs; sft: "
-                          "prompt/completion or chat records with per-token loss weights")
+                          "prompt/completion or chat records with per-token loss weights; "
+                          "preference: prompt/chosen/rejected records, as sft (docs/alignment.md)")
     sft.add_argument("--seq_len", type=int, default=None,
                      help="sft: the training seq_len; longer examples are bad records "
                           "(default: the seq_len of a run directory given as --tokenizer; "
@@ -890,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      help="sft: auto | simple | a Jinja template file")
     args = ap.parse_args(argv)
     with _one_line_on_failure(args.output):
-        if args.format == "sft":
+        if args.format in ("sft", "preference"):
             _main_sft(args)
         else:
             _main_text(args)
@@ -961,7 +965,7 @@ def _main_sft(args: argparse.Namespace) -> None:
                           end_text=args.end_text, chat_template=args.chat_template,
                           overwrite=args.overwrite,
                           shard_bytes=_flag_amount(args.shard_mb, "--shard_mb", 2**20),
-                          progress=not args.quiet)
+                          progress=not args.quiet, record_format=args.format)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     meta = json.loads((out / META).read_text())

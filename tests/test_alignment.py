@@ -1,5 +1,6 @@
 """Preference optimisation: DPO and its variants against TRL, metrics, references, errors."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -114,6 +115,58 @@ def test_bad_preference_configs_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
         Config.from_dict(dpo_config(**overrides))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------
+# Fast: preference data.
+
+def write_preferences(path: Path, n: int = 24, bad: bool = True) -> Path:
+    """n arithmetic pairs (the right sum chosen), then one bad record of each kind."""
+    lines = [json.dumps({"prompt": f"{i}+{i % 7}=", "chosen": str(i + i % 7),
+                         "rejected": str(i + i % 7 + 1)}) for i in range(n)]
+    if bad:
+        lines += [json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "2"}),
+                  json.dumps({"prompt": "1+1=", "chosen": "", "rejected": "3"}),
+                  "{not json",
+                  json.dumps({"prompt": "9" * 40, "chosen": "1", "rejected": "2"})]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def prepare_preferences(tmp_path, **kw):
+    from jaxlm.data.prepare import prepare_sft
+    src = write_preferences(tmp_path / "pairs.jsonl", **kw.pop("records", {}))
+    return prepare_sft([src], tmp_path / "prepared", tokenizer="byte", seq_len=16,
+                       record_format="preference", progress=False, val_fraction=0.25, **kw)
+
+
+def test_preference_records_become_pairs_and_bad_ones_are_counted(tmp_path):
+    from jaxlm.data.pipeline import TokenData
+    from jaxlm.data.preference import pair_rows
+    data = TokenData.load(prepare_preferences(tmp_path))
+    meta = data.meta
+    assert {r: b["count"] for r, b in meta["bad"].items()} == {
+        "identical_responses": 1, "empty_completion": 1, "invalid_json": 1, "too_long": 1}
+    assert data.is_preference and meta["records"] == 28
+    assert sum(meta["examples"].values()) == 2 * 24  # two examples a pair, same split
+    assert all(n % 2 == 0 for n in meta["examples"].values())
+    batch = pair_rows(data, "train", seq_len=16, global_batch=4, seed=0,
+                      rows=slice(None))[0]
+    for c, r in ((0, 1), (2, 3)):
+        inputs, weights = batch["inputs"], batch["weights"]
+        prompt = int(np.argmax(weights[c] > 0))  # the first target that is a response token
+        assert prompt > 0 and weights[c, :prompt].sum() == 0 == weights[r, :prompt].sum()
+        np.testing.assert_array_equal(inputs[c, :prompt + 1], inputs[r, :prompt + 1])
+        text = lambda row: bytes(int(t) for t, w in zip(batch["targets"][row], batch["weights"][row]) if w).decode()  # noqa: E731
+        a, b = text(c).strip(), text(r).strip()
+        assert int(b) == int(a) + 1  # the chosen sum is right, the rejected one off by one
+
+
+def test_strict_refuses_the_first_bad_preference_record(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        prepare_preferences(tmp_path, strict=True)
+    assert str(e.value).startswith("--input: ") and "pairs.jsonl:25: identical_responses" in \
+        str(e.value)
 
 
 # ----------------------------------------------------------------------------------------
@@ -251,28 +304,19 @@ def test_dpo_loss_and_gradient_equal_trl(hf_pair, loss_type, smoothing):
 # ----------------------------------------------------------------------------------------
 # Slow: training steps, references, layouts.
 
-def tiny_pairs(rows: int, length: int, vocab: int = 65, seed: int = 0):
-    """A preference batch of random pairs: a shared prompt, then different responses."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (rows, length + 1))
-    ids[1::2, :length // 2] = ids[0::2, :length // 2]
-    mask = np.zeros_like(ids)
-    mask[:, length // 2:] = 1
-    mask[1::2, -3:] = 0  # shorter rejected responses
-    return {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
-            "weights": mask[:, 1:].astype(np.float32)}
-
-
 def _preference_run(tiny_config, tmp_path, kind):
     c = tiny_config.copy_and_resolve_references()
+    c.data.path, c.data.tokenizer = str(prepare_preferences(tmp_path, records={"bad": False})), "byte"
     c.loss.weights.ce, c.loss.weights.dpo = 0.0, 1.0
     c.loss.dpo.beta, c.learning_rate, c.warmup_steps, c.grad_accum_steps = 0.5, 3e-3, 0, 2
-    c.seq_len = 16
+    c.seq_len, c.batch_size = 16, 8
     if kind == "lora":
         c.lora.rank = 4
     else:  # the reference is the run the policy starts from (the same seed: its init)
         from tests.helpers import step0_run
         base = tiny_config.copy_and_resolve_references()
+        (tmp_path / "text.txt").write_text("0+0=0\n1+2=3\n" * 50)
+        base.data.path, base.data.tokenizer = str(tmp_path / "text.txt"), "byte"
         c.init.from_workdir = str(step0_run(base, tmp_path / "base"))
     return c
 
@@ -282,14 +326,14 @@ def _preference_run(tiny_config, tmp_path, kind):
 def test_dpo_starts_at_log2_learns_and_data2_fsdp2_tensor2_equals_one_device(
         tiny_config, tmp_path, kind):
     c = _preference_run(tiny_config, tmp_path, kind)
-    batch = tiny_pairs(c.batch_size, c.seq_len)
 
     def train(data, fsdp, tensor, devices):
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
         exp = Experiment.build(c, tmp_path / f"run{len(devices)}", devices)
+        batch, _ = exp.to_device(next(exp.train_batches()), train=True)
         state, out = exp.init_state(), []
         for _ in range(3):
-            state, m = exp.train_step(state, exp.to_global(batch))
+            state, m = exp.train_step(state, batch)
             out.append({k: float(v) for k, v in m.items()})
         return out
 
@@ -305,6 +349,18 @@ def test_dpo_starts_at_log2_learns_and_data2_fsdp2_tensor2_equals_one_device(
     for a, b in zip(one, eight):
         for key in ("loss", "grad_norm", "dpo/rewards/margin", "dpo/logps/chosen", "dpo/kl"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_needs_preference_data_and_preference_data_needs_dpo(tiny_config, tmp_path):
+    c = tiny_config.copy_and_resolve_references()
+    c.loss.weights.ce, c.loss.weights.dpo, c.loss.dpo.loss_type = 0.0, 1.0, "simpo"
+    with pytest.raises(ConfigError, match="^data.path: loss.weights.dpo trains on"):
+        Experiment.build(c, tmp_path / "a", jax.devices()[:1])
+    c = tiny_config.copy_and_resolve_references()
+    c.data.path, c.data.tokenizer = str(prepare_preferences(tmp_path)), "byte"
+    c.seq_len = 16
+    with pytest.raises(ConfigError, match="^loss.weights.dpo: data.path holds preference"):
+        Experiment.build(c, tmp_path / "b", jax.devices()[:1])
 
 
 @pytest.mark.slow

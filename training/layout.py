@@ -227,10 +227,25 @@ def _check_data(config: Config, data: Mixture) -> None:
             if packing == "documents" and not np.any(np.diff(source.docs(split)) >= 2):
                 raise ConfigError(data.key, f"the {split} split of {source.path} has no document "
                                        f"of 2 or more tokens")
+    _check_preference(config, data)
     vocab = config.model.vocab_size
     if vocab and vocab < data.vocab_size:
         raise ConfigError("model.vocab_size", f"{vocab} is smaller than the data's vocabulary "
                                               f"{data.vocab_size}")
+
+
+def _check_preference(config: Config, data: Mixture) -> None:
+    """A preference objective reads one preference set, and a preference set is read by
+    one: its rows are pairs."""
+    preference = [source.is_preference for source in data.sources]
+    if config.loss.weights.dpo > 0 and not (preference == [True]):
+        raise ConfigError(data.key, "loss.weights.dpo trains on (chosen, rejected) pairs of "
+                                    "one preference set: prepare it with python -m "
+                                    "jaxlm.data.prepare --format=preference")
+    if any(preference) and not config.loss.weights.dpo > 0:
+        raise ConfigError("loss.weights.dpo", f"{data.key} holds preference pairs: train on "
+                                              "them with --config.loss.weights.dpo=1 "
+                                              "--config.loss.weights.ce=0")
 
 
 def _check_model_split(config: Config, mesh: Mesh, rules: Rules) -> None:
