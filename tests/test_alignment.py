@@ -162,6 +162,28 @@ def test_preference_records_become_pairs_and_bad_ones_are_counted(tmp_path):
         assert int(b) == int(a) + 1  # the chosen sum is right, the rejected one off by one
 
 
+def test_chat_preference_records_use_the_sft_template():
+    from jaxlm.data.preference import make_pair
+    from jaxlm.data.sft import BadRecord
+    from jaxlm.data.tokenizers import ByteTokenizer
+    tok = ByteTokenizer()
+    prompt = [{"role": "user", "content": "2+2?"}]
+    line = json.dumps({"prompt": prompt, "chosen": "4",
+                       "rejected": [{"role": "assistant", "content": "5"}]}).encode()
+    chosen, rejected = make_pair(line, tok, None, seq_len=None)
+    text = lambda ex, w: bytes(int(t) for t, x in zip(ex.tokens, ex.weights) if x == w)  # noqa: E731
+    assert text(chosen, 0) == text(rejected, 0) == b"user: 2+2?\nassistant: "
+    assert (text(chosen, 1), text(rejected, 1)) == (b"4\n", b"5\n")
+    assert chosen.key == rejected.key
+    same = json.dumps({"messages": prompt, "chosen": "4",
+                       "rejected": [{"role": "assistant", "content": "4"}]}).encode()
+    with pytest.raises(BadRecord, match="identical_responses"):
+        make_pair(same, tok, None, seq_len=None)
+    with pytest.raises(BadRecord, match="too_long: rejected: "):
+        make_pair(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "2" * 30}).encode(),
+                  tok, None, seq_len=16)
+
+
 def test_strict_refuses_the_first_bad_preference_record(tmp_path):
     with pytest.raises(ConfigError) as e:
         prepare_preferences(tmp_path, strict=True)
