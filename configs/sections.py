@@ -526,6 +526,14 @@ class LossWeights(Section):
     distill: TeacherTermWeight = 0.0  # logit distillation from loss.distill.teacher_workdir
     feature: TeacherTermWeight = 0.0  # hidden-state distillation (loss.feature)
     dpo: TermWeight = 0.0  # preference optimisation on (chosen, rejected) pairs (loss.dpo)
+    reward: TermWeight = 0.0  # a reward model: Bradley-Terry loss of a scalar value head
+
+    PAIR_TERMS: ClassVar[tuple[str, ...]] = ("dpo", "reward")  # means over preference pairs
+
+    @property
+    def pair_term(self) -> str | None:
+        """The weighted term that trains on preference pairs, if any."""
+        return next((n for n in self.PAIR_TERMS if getattr(self, n) > 0), None)
 
     @classmethod
     def teacher_terms(cls) -> tuple[str, ...]:
@@ -616,11 +624,12 @@ class Loss(Section):
 
     @model_validator(mode="after")
     def _pairs_alone(self) -> "Loss":
-        if self.weights.dpo > 0:
-            for name in ("ce", *LossWeights.teacher_terms()):
-                require(getattr(self.weights, name) == 0, f"weights.{name}",
-                       "loss.weights.dpo is a mean over preference pairs and does not mix "
-                       f"with per-token terms; set --config.loss.weights.{name}=0")
+        pair = self.weights.pair_term
+        if pair is not None:
+            for name in ("ce", *LossWeights.teacher_terms(), *LossWeights.PAIR_TERMS):
+                require(name == pair or getattr(self.weights, name) == 0, f"weights.{name}",
+                       f"loss.weights.{pair} is a mean over preference pairs and does not mix "
+                       f"with other terms; set --config.loss.weights.{name}=0")
         return self
 
 
@@ -941,7 +950,7 @@ class Config(BaseModel):
     def _check_pairs(self) -> None:
         """A preference run: whole pairs in every micro-batch and a reference to compare
         with (SimPO needs none; a LoRA run's is its own base)."""
-        if not self.loss.weights.dpo:
+        if self.loss.weights.pair_term is None:
             return
         rows = 2 * self.train.grad_accum_steps
         require(self.train.batch_size % rows == 0, "batch_size",
@@ -950,7 +959,7 @@ class Config(BaseModel):
         require(self.train.eval_batch_size % 2 == 0, "eval_batch_size",
                f"{self.train.eval_batch_size} rows do not split into (chosen, rejected) pairs")
         dpo = self.loss.dpo
-        if dpo.needs_reference and not self.lora.rank:
+        if self.loss.weights.dpo and dpo.needs_reference and not self.lora.rank:
             require(bool(dpo.reference_workdir or self.init.from_workdir),
                    "loss.dpo.reference_workdir", f"loss_type={dpo.loss_type!r} compares with a "
                    "frozen reference run: set it, or init.from_workdir (its default)")

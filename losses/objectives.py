@@ -39,7 +39,8 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.configs.sections import Config, LossWeights
 from jaxlm.losses.cross_entropy import cross_entropy
 from jaxlm.losses.distill import distill_loss, feature_loss
-from jaxlm.losses.preference import pair_losses, pairs, token_kl, token_logps
+from jaxlm.losses.preference import (last_response_hidden, pair_losses, pairs, token_kl,
+                                     token_logps)
 
 OBJECTIVE_PARAMS = "objective"  # key of the objective's own parameters in the params dict
 
@@ -334,3 +335,30 @@ def _dpo(ctx: BuildContext) -> Term:
         return jnp.sum(per_pair * valid), metrics
 
     return Term(loss, unit="pair")
+
+
+@register_term("reward")
+def _reward(ctx: BuildContext) -> Term:
+    """A reward model: a scalar value head on the last block's output at each row's last
+    response position, trained with the Bradley-Terry loss -log s(r_chosen - r_rejected)."""
+    d = ctx.model_cfg.model.d_model
+
+    def init(key):
+        return {"w": jax.random.normal(key, (d,), jnp.float32) / math.sqrt(d),
+                "b": jnp.zeros((), jnp.float32)}
+
+    def loss(x: TermInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        h_BxD = last_response_hidden(x.outputs.hidden[-1], x.weights)
+        r_B = h_BxD @ x.params["w"] + x.params["b"]
+        chosen, rejected = r_B[0::2], r_B[1::2]
+        valid = pairs(jnp.zeros(x.batch["targets"].shape), x.weights).valid
+        sg = jax.lax.stop_gradient
+        metrics = {"reward/chosen": sg(chosen), "reward/rejected": sg(rejected),
+                   "reward/accuracy": (chosen > rejected).astype(jnp.float32),
+                   "reward/margin": sg(chosen - rejected)}
+        per_pair = -jax.nn.log_sigmoid(chosen - rejected)
+        return (jnp.sum(per_pair * valid),
+                {k: jnp.sum(v * valid) for k, v in metrics.items()})
+
+    return Term(loss, needs_hidden=True, init_params=init, unit="pair",
+                param_axes={"w": P("embed"), "b": P()})

@@ -1,5 +1,5 @@
 """Preference losses on (chosen, rejected) pairs: DPO and its variants (IPO, robust DPO,
-SimPO), as functions of sequence log-probabilities.
+SimPO), as functions of sequence log-probabilities, and a reward model's read-out.
 
 A preference batch holds each pair in two adjacent rows: row 2i is the chosen response,
 row 2i+1 the rejected one, both after the same prompt; the token weights are 1 on the
@@ -85,3 +85,19 @@ def token_kl(policy_BxLxV: jax.Array, reference_BxLxV: jax.Array, vocab_size: in
                                                 vocab_size))
     p = jnp.exp(logp)
     return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
+
+
+def last_response_hidden(hidden_BxLxD: jax.Array, weights_BxL: jax.Array | None
+                         ) -> jax.Array:
+    """[B, D] each row's hidden state at its last response position (the last weighted
+    target: it has read every response token but the last), RMS-normalised (a learned
+    head absorbs the final norm's scale)."""
+    length = hidden_BxLxD.shape[1]
+    if weights_BxL is None:
+        last_B = jnp.full(hidden_BxLxD.shape[:1], length - 1)
+    else:
+        pos_BxL = jnp.arange(length)[None, :]
+        last_B = jnp.max(jnp.where(weights_BxL > 0, pos_BxL, 0), axis=1)
+    one_hot = jax.nn.one_hot(last_B, length, dtype=hidden_BxLxD.dtype)
+    h_BxD = jnp.einsum("bl,bld->bd", one_hot, hidden_BxLxD).astype(jnp.float32)
+    return h_BxD * jax.lax.rsqrt(jnp.mean(h_BxD ** 2, axis=-1, keepdims=True) + 1e-6)

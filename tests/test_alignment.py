@@ -91,6 +91,16 @@ def test_token_logps_ignore_the_padded_vocabulary():
                                rtol=1e-6)
 
 
+def test_the_reward_reads_each_rows_last_response_position():
+    from jaxlm.losses.preference import last_response_hidden
+    hidden = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3) + 1.0
+    weights = jnp.asarray([[0, 1, 1, 0], [0, 0, 0, 1]], jnp.float32)
+    out = last_response_hidden(hidden, weights)
+    for row, pos in ((0, 2), (1, 3)):
+        h = np.asarray(hidden[row, pos])
+        np.testing.assert_allclose(out[row], h / np.sqrt(np.mean(h ** 2)), rtol=1e-5)
+
+
 def dpo_config(**overrides):
     c = get_base_config()
     c.loss.weights.ce, c.loss.weights.dpo = 0.0, 1.0
@@ -110,6 +120,7 @@ def dpo_config(**overrides):
     ({"loss.dpo.loss_type": "sigmoid"}, "loss.dpo.reference_workdir: loss_type='sigmoid'"),
     ({"batch_size": 6, "grad_accum_steps": 2}, "batch_size: 6 rows do not split"),
     ({"loss.dpo.label_smoothing": 0.5}, "loss.dpo.label_smoothing: must be in [0, 0.5)"),
+    ({"loss.weights.reward": 1.0}, "loss.weights.reward: loss.weights.dpo is a mean over"),
 ])
 def test_bad_preference_configs_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -371,6 +382,35 @@ def test_dpo_starts_at_log2_learns_and_data2_fsdp2_tensor2_equals_one_device(
     for a, b in zip(one, eight):
         for key in ("loss", "grad_norm", "dpo/rewards/margin", "dpo/logps/chosen", "dpo/kl"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_reward_model_learns_pairs_and_data2_fsdp2_tensor2_equals_one_device(tiny_config,
+                                                                               tmp_path):
+    c = _preference_run(tiny_config, tmp_path, "lora")  # the head trains with the adapters
+    c.loss.weights.dpo, c.loss.weights.reward, c.learning_rate = 0.0, 1.0, 1e-2
+
+    def train(data, fsdp, tensor, devices):
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+        exp = Experiment.build(c, tmp_path / f"reward{len(devices)}", devices)
+        batch, _ = exp.to_device(next(exp.train_batches()), train=True)
+        state, out = exp.init_state(), []
+        for _ in range(6):
+            state, m = exp.train_step(state, batch)
+            out.append({k: float(v) for k, v in m.items()})
+        head = exp.trainable(state.params)[0]["objective"]["reward"]
+        return out, jax.device_get(head)
+
+    one, head1 = train(1, 1, 1, jax.devices()[:1])
+    eight, head8 = train(2, 2, 2, jax.devices())
+    # Bradley-Terry: loss = mean softplus(-margin); training separates the pairs.
+    assert one[-1]["loss"] < one[0]["loss"]
+    assert one[-1]["reward/margin"] > one[0]["reward/margin"]
+    assert one[-1]["reward/accuracy"] >= one[0]["reward/accuracy"]
+    for a, b in zip(one, eight):
+        for key in ("loss", "grad_norm", "reward/margin", "reward/chosen"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(head8["w"], head1["w"], rtol=1e-4, atol=1e-6)
 
 
 def test_dpo_needs_preference_data_and_preference_data_needs_dpo(tiny_config, tmp_path):

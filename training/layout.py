@@ -144,10 +144,11 @@ def _check_pipeline(config: Config, mesh: Mesh, rules: Rules, model_cfg: ModelCo
             raise ConfigError("pipeline_microbatches",
                               f"{micro} micro-batches do not split {key} {batch} into "
                               f"micro-batches divisible by the data-parallel size {dp}")
-    if config.loss.weights.feature > 0:
-        raise ConfigError("loss.weights.feature", "needs the student's hidden states, which "
-                                                  "pipelined layers do not return; use "
-                                                  "mesh.pipeline=1")
+    for name in ("feature", "reward"):
+        if getattr(config.loss.weights, name) > 0:
+            raise ConfigError(f"loss.weights.{name}", "needs the model's hidden states, which "
+                                                      "pipelined layers do not return; use "
+                                                      "mesh.pipeline=1")
 
 
 def sequence_split(mesh: Mesh, rules: Rules) -> tuple[tuple[str, ...], int]:
@@ -238,14 +239,15 @@ def _check_preference(config: Config, data: Mixture) -> None:
     """A preference objective reads one preference set, and a preference set is read by
     one: its rows are pairs."""
     preference = [source.is_preference for source in data.sources]
-    if config.loss.weights.dpo > 0 and not (preference == [True]):
-        raise ConfigError(data.key, "loss.weights.dpo trains on (chosen, rejected) pairs of "
-                                    "one preference set: prepare it with python -m "
+    pair = config.loss.weights.pair_term
+    if pair is not None and not (preference == [True]):
+        raise ConfigError(data.key, f"loss.weights.{pair} trains on (chosen, rejected) pairs "
+                                    "of one preference set: prepare it with python -m "
                                     "jaxlm.data.prepare --format=preference")
-    if any(preference) and not config.loss.weights.dpo > 0:
+    if any(preference) and pair is None:
         raise ConfigError("loss.weights.dpo", f"{data.key} holds preference pairs: train on "
-                                              "them with --config.loss.weights.dpo=1 "
-                                              "--config.loss.weights.ce=0")
+                                              "them with --config.loss.weights.dpo=1 (or "
+                                              "reward=1) --config.loss.weights.ce=0")
 
 
 def _check_model_split(config: Config, mesh: Mesh, rules: Rules) -> None:
