@@ -419,6 +419,15 @@ def train_dataset(data: Mixture, *, seq_len: int, global_batch: int, seed: int,
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
 
 
+def pair_eval_batches(data: TokenData, *, seq_len: int, global_batch: int,
+                      process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """A preference set's validation split once, in batches of whole pairs (the last
+    padded with empty rows): this process's rows of each."""
+    rows = _process_rows(global_batch, process_index, process_count)
+    return pair_rows(data, "val", seq_len=seq_len, global_batch=global_batch, seed=0,
+                     rows=rows, num_epochs=1)
+
+
 def train_batches(data: Mixture, **kwargs: Any) -> grain.DatasetIterator:
     """`iter(train_dataset(data, **kwargs))`: a checkpointable iterator of batches."""
     return iter(train_dataset(data, **kwargs))

@@ -105,17 +105,23 @@ class _ReadPairs(grain.transforms.Map):
     """A batch of pair indices -> this process's rows: each example alone in a row."""
 
     def __init__(self, tokens: Any, weights: Any, offsets: np.ndarray, seq_len: int,
-                 rows: slice):
+                 rows: slice, global_batch: int):
         self.tokens, self.weights, self.offsets = tokens, weights, offsets
-        self.seq_len, self.rows = seq_len, rows
+        self.seq_len, self.rows, self.global_batch = seq_len, rows, global_batch
 
     def map(self, pairs_P: np.ndarray) -> dict[str, np.ndarray]:
-        docs_B = np.stack([2 * pairs_P, 2 * pairs_P + 1], 1).reshape(-1)[self.rows]
+        docs_B = np.stack([2 * pairs_P, 2 * pairs_P + 1], 1).reshape(-1)
+        # A last, short batch is padded with empty rows (-1): pairs without tokens count
+        # for nothing.
+        docs_B = np.concatenate([docs_B, np.full(self.global_batch - len(docs_B), -1)])
+        docs_B = docs_B[self.rows]
         shape = (len(docs_B), self.seq_len)
         batch = {k: np.zeros(shape, np.int32) for k in ("inputs", "targets", "segment_ids",
                                                         "positions")}
         batch["weights"] = np.zeros(shape, np.float32)
         for row, doc in enumerate(docs_B):
+            if doc < 0:
+                continue
             a, b = int(self.offsets[doc]), int(self.offsets[doc + 1])
             n = b - a - 1
             batch["inputs"][row, :n] = self.tokens[a:b - 1]
@@ -129,9 +135,11 @@ class _ReadPairs(grain.transforms.Map):
 def pair_rows(data: Any, split: str, *, seq_len: int, global_batch: int, seed: int,
               rows: slice, num_epochs: int | None = None) -> grain.MapDataset:
     """Batches of whole pairs from a preference `TokenData`: global_batch / 2 pairs, in a
-    (seed)-shuffle of the pairs repeated per epoch; this process's `rows` of each."""
+    (seed)-shuffle of the pairs repeated per epoch; this process's `rows` of each. With
+    `num_epochs`, the last batch is padded with empty rows."""
     offsets = data.docs(split)
     num_pairs = (len(offsets) - 1) // 2
     ds = grain.MapDataset.range(num_pairs).shuffle(seed=seed % 2**32).repeat(num_epochs)
     ds = ds.batch(global_batch // 2, drop_remainder=num_epochs is None)
-    return ds.map(_ReadPairs(data.tokens(split), data.weights(split), offsets, seq_len, rows))
+    return ds.map(_ReadPairs(data.tokens(split), data.weights(split), offsets, seq_len, rows,
+                             global_batch))

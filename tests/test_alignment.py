@@ -438,3 +438,22 @@ def test_a_reference_run_with_another_model_is_refused_before_compiling(tiny_con
         Experiment.build(c, tmp_path / "run", jax.devices()[:1])
     assert str(e.value).startswith("loss.dpo.reference_workdir: model.d_ff is ")
     assert "in the reference" in str(e.value)
+
+
+@pytest.mark.slow
+def test_held_out_pairs_give_the_objective_metrics(tiny_config, tmp_path):
+    from jaxlm.training.evaluate import evaluate
+    c = _preference_run(tiny_config, tmp_path, "lora")
+    c.loss.dpo.loss_type, c.eval_batch_size = "simpo", 8  # 4 pairs a batch: a padded last
+    exp = Experiment.build(c, tmp_path / "run", jax.devices()[:1])
+    state = exp.init_state()
+    result = evaluate(exp, state.params)
+    n = (len(exp.data.sources[0].docs("val")) - 1) // 2
+    assert n % 4 and {"eval_dpo", "eval_dpo/rewards/accuracy"} <= set(result)
+    # The same means as the pairs' own objective computed in one batch.
+    from jaxlm.data.preference import pair_rows
+    batch = pair_rows(exp.data.sources[0], "val", seq_len=c.seq_len, global_batch=2 * n,
+                      seed=0, rows=slice(None), num_epochs=1)[0]
+    stats = exp.pair_eval_step(state.params, exp.to_global(batch))
+    assert float(stats["weight_sum"]) == n
+    np.testing.assert_allclose(result["eval_dpo"], float(stats["loss/dpo"]) / n, rtol=1e-5)

@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.configs.sections import Config
 from jaxlm.data.mixture import Mixture, resolve_sources
-from jaxlm.data.packing import eval_sources, resolve_packing, split_row_info, train_batches
+from jaxlm.data.packing import (eval_sources, pair_eval_batches, resolve_packing,
+                                split_row_info, train_batches)
 from jaxlm.data.pipeline import Batch, EvalBatches, TokenData
 from jaxlm.losses.objectives import (OBJECTIVE_PARAMS, Objective, build_objective,
                                      needs_reference, needs_teacher)
@@ -33,7 +34,7 @@ from jaxlm.training.layout import check_layout, pipeline_fields, resolve_mesh_sh
 from jaxlm.training.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
                                   state_logical_axes, state_shardings)
-from jaxlm.training.steps import make_eval_step, make_train_step
+from jaxlm.training.steps import make_eval_step, make_pair_eval_step, make_train_step
 from jaxlm.training.teacher import LoraBase, Teacher, load_reference
 
 BATCH_AXES = ("act_batch", "act_len")
@@ -218,7 +219,27 @@ class Experiment:
         step = make_eval_step(self.graphdef, self.model_cfg, self.mesh, self.rules)
         return jax.jit(step, in_shardings=(self.state_shardings.params, self.batch_sharding))
 
+    @functools.cached_property
+    def pair_eval_step(self):
+        """eval_step(params, batch) -> the sums of a per-pair objective (DPO, reward)."""
+        step = make_pair_eval_step(self.graphdef, self.model_cfg, self.mesh, self.rules,
+                                   self.objective, self.teacher)
+        shardings = (self.state_shardings.params, self.batch_sharding)
+        if self.teacher is None or self.teacher.from_state:
+            return jax.jit(step, in_shardings=shardings)
+        jitted = jax.jit(step, in_shardings=(*shardings, self.teacher.shardings))
+        return _WithTeacher(jitted, lambda: self.teacher_params)
+
     # Data.
+    def pair_eval_batches(self) -> Any:
+        """The validation split of a preference set, in batches of whole pairs (the last
+        padded), this process's rows of each."""
+        train = self.config.train
+        return pair_eval_batches(self.data.sources[0], seq_len=train.seq_len,
+                                 global_batch=train.eval_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
     @property
     def packing(self) -> str:
         """`data.packing`, or `documents` for SFT data (data/packing.py resolve_packing)."""

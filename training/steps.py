@@ -191,3 +191,22 @@ def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: Mesh,
             return stats["loss/ce"], stats["weight_sum"]
 
     return eval_step
+
+
+def make_pair_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: Mesh,
+                        rules: Rules, objective: Objective, teacher: Any = None
+                        ) -> Callable[..., Metrics]:
+    """eval_step(params, batch[, teacher_params]) -> the per-pair objective's sums: its
+    loss (`loss/<term>`), metrics and `weight_sum` (the pairs)."""
+    loss_fn = make_loss_fn(graphdef, model_cfg, objective)
+
+    def eval_step(params, batch: Batch, teacher_params: Any = None):
+        with use_rules(mesh, rules):
+            batch = to_context_order(batch)
+            ref = None
+            if teacher is not None:
+                ref = teacher.forward(params if teacher.from_state else teacher_params, batch,
+                                      return_hidden=objective.needs_hidden)
+            return loss_fn(params, batch, None, ref)[1]
+
+    return eval_step
