@@ -286,18 +286,24 @@ def _trl_simpo(policy, ids, mask, beta, label_smoothing, gamma):
 
 
 def _our_loss(runs, batch, **dpo):
+    """Our objective on the imported runs: the policy's loss, gradients and metrics."""
+    from jaxlm.losses.objectives import build_objective
+    from jaxlm.parallel.mesh import make_mesh
+    from jaxlm.training.layout import resolve_mesh_shape
     run = runs["policy"][1]
     config = rundir.load_config(run).replace(**{
         "loss.weights.ce": 0.0, "loss.weights.dpo": 1.0, "init.from_workdir": str(run),
-        "loss.dpo.reference_workdir": str(runs["reference"][1]), "seq_len": LENGTH - 1,
-        **{f"loss.dpo.{k}": v for k, v in dpo.items()}})
-    exp = Experiment.build(config, run, jax.devices()[:1])
-    policy = Teacher.from_run(str(runs["policy"][1]), 0, exp.mesh).restore()
-    ref_out = None if exp.teacher is None else exp.teacher.forward(
-        exp.teacher.restore(), batch, return_hidden=False)  # SimPO has no reference
-    loss_fn = make_loss_fn(exp.graphdef, exp.model_cfg, exp.objective)
-    (total, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy, batch, None,
-                                                                      ref_out)
+        "seq_len": LENGTH - 1, **{f"loss.dpo.{k}": v for k, v in dpo.items()}})
+    devices = jax.devices()[:1]
+    mesh = make_mesh(resolve_mesh_shape(config.mesh, 1), devices)
+    policy = Teacher.from_run(str(run), 0, mesh)  # the restored run, as a frozen model
+    reference = Teacher.from_run(str(runs["reference"][1]), 0, mesh, role="reference")
+    objective = build_objective(config, policy.model_cfg)
+    ref_out = None if not config.loss.dpo.needs_reference else reference.forward(
+        reference.restore(), batch, return_hidden=False)  # SimPO has no reference
+    loss_fn = make_loss_fn(policy.graphdef, policy.model_cfg, objective)
+    (total, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        policy.restore(), batch, None, ref_out)
     n = stats["weight_sum"]
     return float(total / n), jax.tree.map(lambda g: np.asarray(g / n), grads), \
         {k: float(v / n) for k, v in stats.items()}
@@ -430,9 +436,11 @@ def test_a_reference_run_with_another_model_is_refused_before_compiling(tiny_con
     from tests.helpers import step0_run
     other = tiny_config.copy_and_resolve_references()
     other.model.d_ff = 48
+    (tmp_path / "text.txt").write_text("0+0=0\n1+2=3\n" * 50)
+    other.data.path, other.data.tokenizer = str(tmp_path / "text.txt"), "byte"
     reference = step0_run(other, tmp_path / "reference")
-    c = tiny_config.copy_and_resolve_references()
-    c.loss.weights.ce, c.loss.weights.dpo = 0.0, 1.0
+    c = _preference_run(tiny_config, tmp_path, "lora")
+    c.lora.rank = 0
     c.loss.dpo.reference_workdir = str(reference)
     with pytest.raises(ConfigError) as e:
         Experiment.build(c, tmp_path / "run", jax.devices()[:1])
