@@ -28,10 +28,10 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxlm.configs.cli import flags_parser
+from jaxlm.configs.cli import Launch, flags_parser
 from jaxlm.configs.errors import ConfigError, RunError, exit_on_environment_error
-from jaxlm.configs.sections import EvalRequest, Launch
 from jaxlm.evaluation.modes import run
+from jaxlm.evaluation.request import EvalRequest
 from jaxlm.parallel.distributed import initialize
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)

@@ -21,9 +21,8 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxlm.configs.cli import flags_parser
+from jaxlm.configs.cli import Launch, flags_parser
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import Launch
 from jaxlm.sweeps.report import collect_rows, dry_run_text, write_reports
 from jaxlm.sweeps.runner import run_sweep
 from jaxlm.sweeps.slurm import emit_slurm

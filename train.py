@@ -14,9 +14,9 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxlm.configs.cli import config_value, define_config_flag, flags_parser
+from jaxlm.configs.cli import Launch, config_value, define_config_flag, flags_parser
 from jaxlm.configs.errors import ConfigError, RunError, exit_on_environment_error
-from jaxlm.configs.sections import Config, Launch
+from jaxlm.configs.sections import Config
 from jaxlm.parallel.distributed import initialize
 from jaxlm.training.planner import format_plan, plan
 from jaxlm.training.trainer import describe_devices, log, train

@@ -30,7 +30,7 @@ from jaxlm.data.pipeline import TokenData  # noqa: E402
 from jaxlm.data.prepare import EMBEDDED_CORPUS, prepare, prepare_corpus  # noqa: E402
 
 
-def measure(data, packing: str, seq_len: int, batch: int, n: int, prefetch: int,
+def measure(data: Mixture, packing: str, seq_len: int, batch: int, n: int, prefetch: int,
             repeats: int = 3) -> tuple[float, float]:
     """(best real tokens/s, fraction of positions that are real tokens)."""
     best, fill = 0.0, 0.0
@@ -68,6 +68,7 @@ def main() -> None:
     mixture = Mixture.parse(f"{work / 'docs_char'}:0.7,{work / 'paragraphs_char'}:0.3")
     mean_doc = float(np.diff(docs.train_docs).mean())
     mean_par = float(np.diff(paragraphs.train_docs).mean())
+    one_text, docs, paragraphs = map(Mixture.of_set, (one_text, docs, paragraphs))
     cases = [("windows", "one text", one_text), ("windows", "documents", docs),
              ("documents", "documents", docs), ("documents", "paragraphs", paragraphs),
              ("documents", "mixture 0.7/0.3", mixture)]

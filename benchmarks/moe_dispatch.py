@@ -61,8 +61,8 @@ def main(argv):
 def _time_train_step(exp, jax):
     """Best mean seconds per step over the repeats, and the last step's metrics."""
     state = exp.init_state()
-    source = exp.train_source()
-    batches = [exp.to_global(source[i]) for i in range(4)]
+    it = exp.train_batches()
+    batches = [exp.to_device(next(it), train=True)[0] for _ in range(4)]
     step = exp.train_step.lower(state, batches[0]).compile()
     for i in range(5):
         state, metrics = step(state, batches[i % 4])

@@ -46,8 +46,8 @@ def _batches(exp, synthetic: bool, n: int = 8):
     import numpy as np
     train = exp.config.train
     if not synthetic:
-        source = exp.train_source()
-        return [exp.to_global(source[i]) for i in range(n)]
+        it = exp.train_batches()
+        return [exp.to_device(next(it), train=True)[0] for _ in range(n)]
     rng = np.random.default_rng(0)
     shape = (train.batch_size, train.seq_len)
     return [exp.to_global({k: rng.integers(0, exp.model_cfg.vocab_size, shape, np.int32)

@@ -22,7 +22,7 @@ from jaxlm.losses.objectives import split_objective_params
 from jaxlm.models.model import abstract_model
 from jaxlm.models.lora import merge_adapters
 from jaxlm.storage import dirs
-from jaxlm.training import rundir
+from jaxlm.training import fingerprints, rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.lora import base_quant
@@ -73,6 +73,7 @@ def merge_run(workdir: str | Path, output: str | Path, step: int | None = None,
             ckpt.save(step, merged, new.train_batches())
             ckpt.wait()
         if jax.process_index() == 0:  # last: a run with a config.json is complete
+            fingerprints.write(output, config, exp.data.tokenizer)
             rundir.save_config(config, output)
     return {"workdir": str(workdir), "output": str(output), "step": step,
             "num_params": sum(int(x.size) for x in jax.tree.leaves(merged.params))}

@@ -14,9 +14,11 @@ from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
+from pydantic import model_validator
 
 from jaxlm.configs import keys
 from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import NonNegativeInt, PositiveInt, Section, require
 
 
 def split_spec(config_spec: str) -> tuple[Path, str | None]:
@@ -119,3 +121,18 @@ def _explained(argv: list[str], error: Exception, default_spec: Any) -> ConfigEr
         return explain_flag_error(argv, error, default_spec=default_spec)
     except ConfigError as inner:  # the config file itself is missing or broken
         return inner
+
+
+class Launch(Section):
+    """How a process joins the devices: fake CPU devices, multi-process coordinates."""
+    cpu_devices: NonNegativeInt = 0  # N fake CPU devices; 0 = the real devices
+    coordinator_address: str | None = None  # HOST:PORT of process 0
+    num_processes: PositiveInt | None = None
+    process_id: NonNegativeInt | None = None
+
+    @model_validator(mode="after")
+    def _process_in_range(self) -> "Launch":
+        if self.process_id is not None and self.num_processes is not None:
+            require(self.process_id < self.num_processes, "process_id",
+                   f"{self.process_id} is not below num_processes {self.num_processes}")
+        return self

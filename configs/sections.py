@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict as PydanticConfig, Field, ValidationError, \
-    field_validator, model_validator
+    field_serializer, field_validator, model_validator
 
 from jaxlm.configs import keys
 from jaxlm.configs.errors import ConfigError
@@ -187,7 +187,7 @@ class Section(BaseModel):
         return self.model_dump(by_alias=True)
 
 
-def _check(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError(key, message) unless `condition` (inside validators)."""
     if not condition:
         raise ConfigError(key, message)
@@ -212,7 +212,7 @@ class Train(Section):
 
     @model_validator(mode="after")
     def _accumulation_divides_batch(self) -> "Train":
-        _check(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
+        require(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
                f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
                f"{self.grad_accum_steps}")
         return self
@@ -239,7 +239,7 @@ class Optim(Section):
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> "Optim":
-        _check(self.min_learning_rate <= self.learning_rate, "min_learning_rate",
+        require(self.min_learning_rate <= self.learning_rate, "min_learning_rate",
                f"{self.min_learning_rate} is above learning_rate {self.learning_rate}")
         return self
 
@@ -339,10 +339,10 @@ class Mesh(Section):
     @model_validator(mode="after")
     def _sizes(self) -> "Mesh":
         for name in MESH_AXES:
-            _check(getattr(self, name) != 0, name,
+            require(getattr(self, name) != 0, name,
                    f"must be a positive size or -1, got {getattr(self, name)}")
         wild = [n for n in MESH_AXES if getattr(self, n) == -1]
-        _check(len(wild) <= 1, wild[-1] if wild else "", "only one mesh axis may be -1")
+        require(len(wild) <= 1, wild[-1] if wild else "", "only one mesh axis may be -1")
         return self
 
     def sizes(self) -> dict[str, int]:
@@ -377,10 +377,10 @@ class Sharding(Section):
     def _complete(self) -> "Sharding":
         named = {name for name, _ in self.rules}
         for name in LOGICAL_AXES:
-            _check(name in named, "rules", f"no rule for logical axis {name!r}")
+            require(name in named, "rules", f"no rule for logical axis {name!r}")
         for name, axes in self.rules:
             for axis in (axes,) if isinstance(axes, str) else axes or ():
-                _check(axis in MESH_AXES, "rules", f"logical axis {name!r} maps to unknown "
+                require(axis in MESH_AXES, "rules", f"logical axis {name!r} maps to unknown "
                                                    f"mesh axis {axis!r}; mesh axes: {MESH_AXES}")
         return self
 
@@ -409,7 +409,7 @@ class MoE(Section):
     @model_validator(mode="after")
     def _top_k_fits(self) -> "MoE":
         if self.num_experts:
-            _check(self.top_k <= self.num_experts, "top_k",
+            require(self.top_k <= self.num_experts, "top_k",
                    f"top_k {self.top_k} > num_experts {self.num_experts}")
         return self
 
@@ -427,7 +427,7 @@ class RopeScaling(Section):
     @model_validator(mode="after")
     def _band(self) -> "RopeScaling":
         if self.type == "llama3":
-            _check(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
+            require(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
                    f"must be above low_freq_factor {self.low_freq_factor}, got "
                    f"{self.high_freq_factor}")
         return self
@@ -483,38 +483,54 @@ class Model(Section):
 
     @model_validator(mode="after")
     def _shapes(self) -> "Model":
-        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+        require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                f"num_heads {self.num_heads} is not divisible by num_kv_heads "
                f"{self.num_kv_heads}")
-        _check(bool(self.head_dim) or self.d_model % self.num_heads == 0, "num_heads",
+        require(bool(self.head_dim) or self.d_model % self.num_heads == 0, "num_heads",
                f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}; "
                "set model.head_dim")
         head_dim = self.resolved_head_dim
         if self.position == "rope":
-            _check(head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {head_dim}")
+            require(head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {head_dim}")
         else:
-            _check(self.max_positions > 0, "max_positions",
+            require(self.max_positions > 0, "max_positions",
                    "required by position='learned' (the rows of the position table)")
-            _check(self.rope_scaling.type == "none", "rope_scaling.type",
+            require(self.rope_scaling.type == "none", "rope_scaling.type",
                    "scales RoPE; position='learned' has none")
         if self.attention_impl == "cudnn":
-            _check(self.dtype in ("bfloat16", "float16"), "attention_impl",
+            require(self.dtype in ("bfloat16", "float16"), "attention_impl",
                    f"'cudnn' runs in bfloat16 or float16 only; model.dtype is {self.dtype!r}")
-            _check(head_dim % 8 == 0 and head_dim <= 256, "attention_impl",
+            require(head_dim % 8 == 0 and head_dim <= 256, "attention_impl",
                    f"'cudnn' needs head_dim a multiple of 8 and <= 256, got {head_dim}")
         if self.moe.num_experts:
-            _check(self.num_layers % self.moe.every == 0, "moe.every",
+            require(self.num_layers % self.moe.every == 0, "moe.every",
                    f"num_layers {self.num_layers} is not divisible by every={self.moe.every}")
-            _check(not self.mlp_bias, "mlp_bias", "experts have no biases; use a dense model")
+            require(not self.mlp_bias, "mlp_bias", "experts have no biases; use a dense model")
         return self
 
 
+# A loss term's weight. A field of LossWeights is a term (losses/objectives.py registers
+# its builder under the same name); TeacherTermWeight marks a term that distils from a
+# teacher run, read by the registry and by the teacher check below.
+TermWeight = NonNegativeFloat
+TeacherTermWeight = Annotated[NonNegativeFloat, Field(json_schema_extra={"needs_teacher": True})]
+
+
 class LossWeights(Section):
-    """Weight of each registered objective term (losses/objectives.py); 0 = not computed."""
-    UNKNOWN_KEY: ClassVar[str] = "unknown loss term; loss terms: ['ce', 'distill', 'feature']"
-    ce: NonNegativeFloat = 1.0  # next-token cross-entropy
-    distill: NonNegativeFloat = 0.0  # logit distillation from loss.distill.teacher_workdir
-    feature: NonNegativeFloat = 0.0  # hidden-state distillation (loss.feature)
+    """Weight of each loss term (losses/objectives.py); 0 = not computed."""
+    UNKNOWN_KEY: ClassVar[str] = ""  # set below, from the fields
+    ce: TermWeight = 1.0  # next-token cross-entropy
+    distill: TeacherTermWeight = 0.0  # logit distillation from loss.distill.teacher_workdir
+    feature: TeacherTermWeight = 0.0  # hidden-state distillation (loss.feature)
+
+    @classmethod
+    def teacher_terms(cls) -> tuple[str, ...]:
+        """The terms that need a teacher run."""
+        return tuple(name for name, field in cls.model_fields.items()
+                     if (field.json_schema_extra or {}).get("needs_teacher"))
+
+
+LossWeights.UNKNOWN_KEY = f"unknown loss term; loss terms: {list(LossWeights.model_fields)}"
 
 
 class Distill(Section):
@@ -542,7 +558,7 @@ class Feature(Section):
         for item in filter(None, (s.strip() for s in text.split(","))):
             parts = item.split(":")
             ok = len(parts) == 2 and all(p.strip().lstrip("-").isdigit() for p in parts)
-            _check(ok, "", f"{item!r} is not STUDENT_LAYER:TEACHER_LAYER")
+            require(ok, "", f"{item!r} is not STUDENT_LAYER:TEACHER_LAYER")
         return text
 
     def layer_pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -553,7 +569,7 @@ class Feature(Section):
         for item in filter(None, (s.strip() for s in self.layer_map.split(","))):
             s, t = (int(v) for v in item.split(":"))
             for idx, n, who in ((s, student_layers, "student"), (t, teacher_layers, "teacher")):
-                _check(-n <= idx < n, "loss.feature.layer_map",
+                require(-n <= idx < n, "loss.feature.layer_map",
                        f"{who} layer {idx} is out of range: the {who} has {n} layers")
             pairs.append((s % student_layers, t % teacher_layers))
         return pairs
@@ -566,17 +582,15 @@ class Loss(Section):
     distill: Distill = Distill()
     feature: Feature = Feature()
 
-    TEACHER_TERMS: ClassVar[tuple[str, ...]] = ("distill", "feature")
-
     @property
     def needs_teacher(self) -> bool:
-        return any(getattr(self.weights, name) > 0 for name in self.TEACHER_TERMS)
+        return any(getattr(self.weights, name) > 0 for name in LossWeights.teacher_terms())
 
     @model_validator(mode="after")
     def _teacher_given(self) -> "Loss":
         if self.needs_teacher:
-            name = next(n for n in self.TEACHER_TERMS if getattr(self.weights, n) > 0)
-            _check(bool(self.distill.teacher_workdir), "distill.teacher_workdir",
+            name = next(n for n in LossWeights.teacher_terms() if getattr(self.weights, n) > 0)
+            require(bool(self.distill.teacher_workdir), "distill.teacher_workdir",
                    f"required by loss.weights.{name} > 0")
         return self
 
@@ -585,25 +599,18 @@ class Quant(Section):
     """Integer quantization: fake-quantized weights (and activations) in training with a
     straight-through estimator (QAT); real integers for evaluation (PTQ). 0 bits = float."""
     KEY: ClassVar[str] = "quant"
-    weight_bits: int = 0  # 0 | 8 | 4
-    activation_bits: int = 0  # 0 | 8 (per token, dynamic range)
+    weight_bits: Literal[0, 4, 8] = 0  # 0 = float weights
+    activation_bits: Literal[0, 8] = 0  # per token, dynamic range; 0 = float activations
     granularity: str = PER_CHANNEL  # per_channel | per_tensor | group size, e.g. "32"
     symmetric: bool = True
 
-    WEIGHT_BITS: ClassVar[tuple[int, ...]] = (0, 4, 8)
-    ACTIVATION_BITS: ClassVar[tuple[int, ...]] = (0, 8)
-
     @model_validator(mode="after")
     def _supported(self) -> "Quant":
-        _check(self.weight_bits in self.WEIGHT_BITS, "weight_bits",
-               f"unsupported bits {self.weight_bits!r}; choose 8 or 4 (0 = float)")
-        _check(self.activation_bits in self.ACTIVATION_BITS, "activation_bits",
-               f"unsupported bits {self.activation_bits!r}; choose 8 (0 = float activations)")
         g = self.granularity
         if g not in (PER_CHANNEL, PER_TENSOR):
-            _check(g.isdigit() and int(g) > 0, "granularity",
+            require(g.isdigit() and int(g) > 0, "granularity",
                    f"{g!r} is not per_channel, per_tensor or a positive group size")
-            _check(self.weight_bits != 4 or int(g) % 2 == 0, "granularity",
+            require(self.weight_bits != 4 or int(g) % 2 == 0, "granularity",
                    f"int4 packs pairs of rows: group size {g} must be even")
         return self
 
@@ -627,7 +634,7 @@ class Quant(Section):
         inputs = {"embed": model.d_model, "attn.o": model.num_heads * model.resolved_head_dim,
                   "mlp.down": model.d_ff}
         for name, size in inputs.items():
-            _check(size % self.group_size == 0, "quant.granularity",
+            require(size % self.group_size == 0, "quant.granularity",
                    f"group size {self.group_size} does not divide the {size} input features "
                    f"of {name}")
 
@@ -641,38 +648,40 @@ class Lora(Section):
     rank: NonNegativeInt = 0  # 0 = off (every parameter trains)
     alpha: PositiveFloat = 16.0  # the adapters' output is scaled by alpha / rank
     dropout: UnitInterval = 0.0  # on the adapters' input, in training only
-    # Comma-separated subset of q, k, v, o (attention), gate, up, down (MLP).
-    targets: str = "q,k,v,o"
+    # A subset of q, k, v, o (attention), gate, up, down (MLP); written "q,k,v,o" in
+    # config files, on the command line and in config.json.
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
 
-    @field_validator("targets")
+    @field_validator("targets", mode="before")
     @classmethod
-    def _known_targets(cls, text: str) -> str:
+    def _known_targets(cls, value: Any) -> tuple[str, ...]:
+        text = value if isinstance(value, str) else ",".join(map(str, value))
         names = [t.strip() for t in text.split(",") if t.strip()]
-        _check(bool(names), "", f"no projection named; choose from {list(LORA_TARGETS)}")
+        require(bool(names), "", f"no projection named; choose from {list(LORA_TARGETS)}")
         for name in names:
-            _check(name in LORA_TARGETS, "", f"unknown target {name!r}; choose from "
+            require(name in LORA_TARGETS, "", f"unknown target {name!r}; choose from "
                                              f"{list(LORA_TARGETS)}")
-        _check(len(set(names)) == len(names), "", f"a target is named twice in {text!r}")
-        return text
+        require(len(set(names)) == len(names), "", f"a target is named twice in {text!r}")
+        return tuple(names)
+
+    @field_serializer("targets")
+    def _as_text(self, targets: tuple[str, ...]) -> str:
+        return ",".join(targets)
 
     @property
     def scale(self) -> float:
         """The factor of the adapters' output."""
         return self.alpha / self.rank
 
-    @property
-    def target_names(self) -> tuple[str, ...]:
-        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
-
     def check_model(self, model: "Model") -> None:
         """Every target must exist in `model`; experts have no adapters."""
         if not self.rank:
             return
-        mlp = [t for t in self.target_names if t in MLP_TARGETS]
-        _check(not (mlp and model.moe.num_experts), "lora.targets",
+        mlp = [t for t in self.targets if t in MLP_TARGETS]
+        require(not (mlp and model.moe.num_experts), "lora.targets",
                f"{','.join(mlp)}: adapters on MoE expert projections are not supported; "
                "target the attention projections (q,k,v,o) of an MoE model")
-        _check("gate" not in mlp or model.mlp == "swiglu", "lora.targets",
+        require("gate" not in mlp or model.mlp == "swiglu", "lora.targets",
                f"'gate' is not in this model: model.mlp={model.mlp!r} has no gate projection")
 
 
@@ -681,16 +690,16 @@ def parse_mixture(spec: str, key: str = "data.mixture") -> list[tuple[str, float
     items = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         path, sep, weight = item.rpartition(":")
-        _check(bool(sep and path), key, f"{item!r} is not DIR:WEIGHT")
+        require(bool(sep and path), key, f"{item!r} is not DIR:WEIGHT")
         try:
             w = float(weight)
         except ValueError:
             raise ConfigError(key, f"weight {weight!r} of {path} is not a number") from None
-        _check(math.isfinite(w) and w >= 0, key, f"weight of {path} must be a finite number "
+        require(math.isfinite(w) and w >= 0, key, f"weight of {path} must be a finite number "
                                                  f">= 0, got {weight}")
         items.append((path, w))
-    _check(bool(items), key, "no sources; expected DIR:WEIGHT,DIR:WEIGHT,...")
-    _check(sum(w for _, w in items) > 0, key, f"the weights sum to zero ({spec})")
+    require(bool(items), key, "no sources; expected DIR:WEIGHT,DIR:WEIGHT,...")
+    require(sum(w for _, w in items) > 0, key, f"the weights sum to zero ({spec})")
     return items
 
 
@@ -720,13 +729,13 @@ class Data(Section):
         kind, sep, path = spec.partition(":")
         ok = spec in ("char", "byte", "bpe") or (kind in ("hf", "sentencepiece", "from") and
                                                  bool(path.strip()))
-        _check(ok, "", f"unknown tokenizer {spec!r}; choose one of {TOKENIZER_FORMS}")
+        require(ok, "", f"unknown tokenizer {spec!r}; choose one of {TOKENIZER_FORMS}")
         return spec
 
     @field_validator("vocab_size")
     @classmethod
     def _holds_the_bytes(cls, size: int) -> int:
-        _check(size >= MIN_BPE_VOCAB, "", f"{size} is too small for a byte-level BPE: it needs "
+        require(size >= MIN_BPE_VOCAB, "", f"{size} is too small for a byte-level BPE: it needs "
                                           f"at least {MIN_BPE_VOCAB} ids (256 bytes + "
                                           f"end-of-document)")
         return size
@@ -740,7 +749,7 @@ class Data(Section):
 
     @model_validator(mode="after")
     def _one_corpus(self) -> "Data":
-        _check(not (self.mixture.strip() and self.path), "mixture",
+        require(not (self.mixture.strip() and self.path), "mixture",
                "set data.path or data.mixture, not both")
         return self
 
@@ -762,66 +771,11 @@ class Sampling(Section):
 
     def check_prompts(self, prompts: list[list[int]], context: int) -> None:
         """Every prompt has at least one token and fits the model's context."""
-        _check(bool(prompts) and all(len(p) for p in prompts), "prompt",
+        require(bool(prompts) and all(len(p) for p in prompts), "prompt",
                "every prompt needs at least one token")
         longest = max(len(p) for p in prompts)
-        _check(longest <= context, "prompt", f"a prompt of {longest} tokens is longer than the "
+        require(longest <= context, "prompt", f"a prompt of {longest} tokens is longer than the "
                                              f"model's context of {context} tokens (seq_len)")
-
-
-class Launch(Section):
-    """How a process joins the devices: fake CPU devices, multi-process coordinates."""
-    cpu_devices: NonNegativeInt = 0  # N fake CPU devices; 0 = the real devices
-    coordinator_address: str | None = None  # HOST:PORT of process 0
-    num_processes: PositiveInt | None = None
-    process_id: NonNegativeInt | None = None
-
-    @model_validator(mode="after")
-    def _process_in_range(self) -> "Launch":
-        if self.process_id is not None and self.num_processes is not None:
-            _check(self.process_id < self.num_processes, "process_id",
-                   f"{self.process_id} is not below num_processes {self.num_processes}")
-        return self
-
-
-class Generate(Section):
-    """eval.py's generation flags besides the sampling rules."""
-    length: PositiveInt = 500  # tokens to generate per prompt
-    seed: int = 0
-    draft_tokens: PositiveInt = 4  # speculative decoding: tokens the draft proposes per round
-
-
-class EvalRequest(Section):
-    """eval.py's flags: which checkpoints, which data, what to generate."""
-    FLAT_KEYS: ClassVar[bool] = True  # errors name the flag (--top_p), not sampling.top_p
-    workdir: str
-    step: int | None = None  # default: the latest checkpoint
-    evaluate: bool = True
-    sample: bool = False
-    prompts: tuple[str, ...] = ("\n",)
-    sampling: Sampling = Sampling(temperature=0.8)
-    generate: Generate = Generate()
-    all_steps: bool = False
-    data: str | None = None
-    draft_workdir: str | None = None
-    draft_step: int | None = None
-    compare: bool = True
-    quantize: Literal["int8", "int4"] | None = None
-    quant_granularity: str | None = None
-    quant_symmetric: bool | None = None
-
-    @model_validator(mode="after")
-    def _one_mode(self) -> "EvalRequest":
-        suite = self.all_steps or self.data
-        _check(not (self.quantize and suite), "quantize",
-               "evaluates one checkpoint on the validation split; drop --all_steps/--data")
-        _check(not (self.sample and suite), "sample",
-               "samples from one checkpoint; drop --all_steps/--data")
-        _check(not self.draft_workdir or self.sample, "draft_workdir",
-               "is for sampling; add --sample")
-        _check(bool(self.evaluate or self.sample or self.quantize or suite), "eval",
-               "--noeval without --sample leaves nothing to do")
-        return self
 
 
 # ----------------------------------------------------------------------------------------
@@ -920,37 +874,37 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "Config":
-        _check(self.optim.warmup_steps <= self.train.steps, "warmup_steps",
+        require(self.optim.warmup_steps <= self.train.steps, "warmup_steps",
                f"{self.optim.warmup_steps} warm-up steps are more than steps "
                f"{self.train.steps}")
         self.quant.check_divides(self.model)
         self.lora.check_model(self.model)
         if self.lora.rank:
-            _check(self.mesh.pipeline == 1, "lora.rank",
+            require(self.mesh.pipeline == 1, "lora.rank",
                    "LoRA is not supported with pipeline parallelism (mesh.pipeline > 1)")
-            _check(not self.quant.activation_bits, "lora.rank",
+            require(not self.quant.activation_bits, "lora.rank",
                    "LoRA trains float adapters on a frozen base; quant.activation_bits "
                    "(quantization-aware training) does not apply")
         if self.profile.num_steps:
-            _check(self.profile.start_step <= self.train.steps, "profile.start_step",
+            require(self.profile.start_step <= self.train.steps, "profile.start_step",
                    f"{self.profile.start_step} is beyond steps {self.train.steps}: nothing "
                    "would be traced")
         if self.model.position == "learned":
-            _check(self.train.seq_len <= self.model.max_positions, "seq_len",
+            require(self.train.seq_len <= self.model.max_positions, "seq_len",
                    f"{self.train.seq_len} is longer than the {self.model.max_positions} "
                    "learned positions (model.max_positions)")
-        _check(self.data.packing == "windows" or self.train.seq_len >= 2, "seq_len",
+        require(self.data.packing == "windows" or self.train.seq_len >= 2, "seq_len",
                f"packing=documents needs seq_len >= 2, got {self.train.seq_len}: a row of one "
                f"token has no context inside a document")
         moe = self.model.moe
-        weights = [self.loss.weights.ce, self.loss.weights.distill, self.loss.weights.feature]
+        weights = list(self.loss.weights.to_dict().values())
         if moe.num_experts:
             weights += [moe.load_balance_weight, moe.z_loss_weight]
-        _check(any(w > 0 for w in weights), "loss.weights",
+        require(any(w > 0 for w in weights), "loss.weights",
                "every term has weight 0: nothing to optimize")
         if moe.num_experts and moe.group_size:
             g, length = moe.group_size, self.train.seq_len
-            _check(length % g == 0 or g % length == 0, "model.moe.group_size",
+            require(length % g == 0 or g % length == 0, "model.moe.group_size",
                    f"{g} tokens neither divide seq_len {length} nor are a multiple of it")
         return self
 
@@ -958,13 +912,7 @@ class Config(BaseModel):
         """A copy with dotted ConfigDict keys overridden, validated again."""
         values = self.to_dict()
         for key, value in overrides.items():
-            node = values
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node[part]
-            if leaf not in node:
-                raise keys.unknown_key(values, key)
-            node[leaf] = value
+            keys.set_value(values, key, value)
         return Config.from_dict(values)
 
 

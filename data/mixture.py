@@ -8,9 +8,9 @@ import numpy as np
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import parse_mixture
-from jaxlm.data.pipeline import TokenData, resolve_data
+from jaxlm.data.pipeline import TokenData, check_tokenizer_spec, resolve_data
 from jaxlm.data.prepare import META, is_prepared
-from jaxlm.data.tokenizers import Tokenizer, tokenizer_kind
+from jaxlm.data.tokenizers import Tokenizer
 
 
 @dataclasses.dataclass
@@ -18,11 +18,28 @@ class Mixture:
     """Prepared sets sharing one tokenizer, sampled by weight (rows of a batch).
 
     A weight of 0 keeps a source for evaluation only: it gets per-source eval batches
-    but no training rows. Source i of a batch's `source` key is `names[i]`."""
+    but no training rows. Source i of a batch's `source` key is `names[i]`. One prepared
+    set is the Mixture of one source (`of_set`); batches of several sources carry
+    `source` and `tokens_seen` (data/packing.py), those of one source do not."""
 
     names: list[str]
     sources: list[TokenData]
     weights: np.ndarray  # float64 [sources], normalised to sum to 1
+    key: str = "data.mixture"  # the config key an error about the sources names
+
+    @classmethod
+    def of_set(cls, data: TokenData) -> "Mixture":
+        """One prepared set as a one-source Mixture named by its directory (`data.path`)."""
+        return cls([data.path.name], [data], np.ones(1), "data.path")
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether there are several sources (per-source counts, tags and evaluation)."""
+        return len(self.sources) > 1
+
+    def named(self) -> list[tuple[str, TokenData, float]]:
+        """(name, prepared set, weight) of every source."""
+        return list(zip(self.names, self.sources, self.weights.tolist()))
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -67,17 +84,14 @@ class Mixture:
 def resolve_mixture(data_cfg: Any) -> Mixture:
     """`data.mixture` as a Mixture, checking its tokenizer against `data.tokenizer`."""
     mixture = Mixture.parse(data_cfg.mixture)
-    wanted = tokenizer_kind(data_cfg.tokenizer)
-    if mixture.tokenizer.kind != wanted:
-        raise ConfigError("data.tokenizer", f"the mixture's sources were prepared with the "
-                                            f"{mixture.tokenizer.kind!r} tokenizer, not "
-                                            f"{data_cfg.tokenizer!r}")
+    check_tokenizer_spec(data_cfg.tokenizer, mixture.tokenizer,
+                         f"the mixture's first source {mixture.sources[0].path}")
     return mixture
 
 
-def resolve_sources(data_cfg: Any, workdir: str | Path) -> TokenData | Mixture:
-    """The training data of a `data` config section: `data.mixture` when set, else
-    `data.path` (prepared under `workdir` when it is text)."""
+def resolve_sources(data_cfg: Any, workdir: str | Path) -> Mixture:
+    """The training data of a `data` config section: `data.mixture` when set, else the
+    one set of `data.path` (prepared under `workdir` when it is text)."""
     if data_cfg.mixture.strip():
         return resolve_mixture(data_cfg)
-    return resolve_data(data_cfg, workdir)
+    return Mixture.of_set(resolve_data(data_cfg, workdir))

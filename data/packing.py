@@ -2,15 +2,16 @@
 set or a mixture, as grain datasets whose iterator state is checkpointable.
 
 Every batch is a dict of [rows, seq_len] arrays: int32 `inputs`, `targets`,
-`segment_ids`, `positions` and float32 `weights`; a mixture adds int32 `source` [rows]
-(index into `Mixture.names`) and, in training, float64 `tokens_seen` [sources] (weighted
-targets of the global batches so far, per source, kept in the iterator's state), and
-evaluation batches add float32 `target_bytes` [rows] (UTF-8 bytes of each row's weighted
+`segment_ids`, `positions` and float32 `weights`; a mixture of several sources adds
+int32 `source` [rows] (index into `Mixture.names`) and, in training, float64
+`tokens_seen` [sources] (weighted targets of the global batches so far, per source, kept
+in the iterator's state), and evaluation batches add float32 `target_bytes` [rows] (UTF-8 bytes of each row's weighted
 targets, for bits per byte). `split_row_info` separates these host-side keys from what
 the model takes.
 
-`packing="windows"`: random windows of seq_len + 1 tokens (for one set exactly
-`TrainBatches`), segment_ids 1, positions 0..seq_len-1, weights 1.
+`packing="windows"`: random windows of seq_len + 1 tokens (`WindowPlans`: one source
+draws the starts of global batch s from (seed, s)), segment_ids 1, positions
+0..seq_len-1, weights 1.
 
 `packing="documents"`: each document's inputs and targets are shifted within the
 document (inputs d[:-1], targets d[1:]), cut into pieces of at most seq_len pairs
@@ -40,7 +41,7 @@ import numpy as np
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.data.mixture import Mixture
-from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, TrainBatches, target_bytes
+from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, target_bytes
 
 PACKINGS = ("windows", "documents")
 # Host-side bookkeeping, not model inputs: [rows] (`source`, `target_bytes`) or per batch.
@@ -63,22 +64,9 @@ def _seed32(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1)[0])
 
 
-def _sources(data: TokenData | Mixture) -> tuple[list[TokenData], np.ndarray, bool]:
-    if isinstance(data, Mixture):
-        return data.sources, data.weights, True
-    return [data], np.ones(1), False
-
-
-def named_sources(data: TokenData | Mixture) -> list[tuple[str, TokenData, float]]:
-    """(name, prepared set, weight) of every source: one for a set, each of a mixture's."""
-    if isinstance(data, Mixture):
-        return list(zip(data.names, data.sources, data.weights.tolist()))
-    return [(data.path.name, data, 1.0)]
-
-
-def stores_documents(data: TokenData | Mixture) -> bool:
+def stores_documents(data: Mixture) -> bool:
     """Whether the data is a corpus of documents (stored as [BOS] tokens [EOS])."""
-    return all(s.train_docs is not None for _, s, _ in named_sources(data))
+    return all(s.train_docs is not None for s in data.sources)
 
 
 def split_row_info(batch: Batch) -> tuple[Batch, Batch]:
@@ -102,19 +90,19 @@ def bits_per_byte(loss_sum: float, num_bytes: float) -> float:
     return float(loss_sum) / math.log(2.0) / max(float(num_bytes), 1e-12)
 
 
-def resolve_packing(packing: str, data: TokenData | Mixture) -> str:
+def resolve_packing(packing: str, data: Mixture) -> str:
     """The packing training and evaluation use: `documents` whenever a source is an SFT
     set (windows would cut examples and run across them), else `packing`."""
-    if any(s.is_sft for _, s, _ in named_sources(data)):
+    if any(s.is_sft for s in data.sources):
         return "documents"
     return packing
 
 
-def check_examples_fit(data: TokenData | Mixture, seq_len: int,
+def check_examples_fit(data: Mixture, seq_len: int,
                        splits: tuple[str, ...] = ("train", "val")) -> None:
     """ConfigError when an SFT example has more than seq_len targets: examples are packed
     whole, never cut into pieces."""
-    for _, source, _ in named_sources(data):
+    for source in data.sources:
         if not source.is_sft:
             continue
         for split in splits:
@@ -142,12 +130,11 @@ def target_weights(weights: list[Any], idx_BxL: np.ndarray, valid_BxL: np.ndarra
     return out_BxL
 
 
-def check_documents(data: TokenData | Mixture, split: str = "train") -> None:
+def check_documents(data: Mixture, split: str = "train") -> None:
     """ConfigError when a split has no document of at least 2 tokens (nothing to predict)."""
-    key = "data.mixture" if isinstance(data, Mixture) else "data.path"
-    for source in _sources(data)[0]:
+    for source in data.sources:
         if not np.any(np.diff(source.docs(split)) >= 2):
-            raise ConfigError(key, f"the {split} split of {source.path} has no document "
+            raise ConfigError(data.key, f"the {split} split of {source.path} has no document "
                                    f"of 2 or more tokens")
 
 
@@ -249,10 +236,10 @@ class _ReadPackedRows(grain.transforms.Map):
         return batch
 
 
-def _document_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int, seed: int,
+def _document_dataset(data: Mixture, seq_len: int, global_batch: int, seed: int,
                       rows: slice, num_epochs: int | None,
                       num_packing_bins: int) -> grain.IterDataset:
-    sources, weights, mixture = _sources(data)
+    sources, weights, mixture = data.sources, data.weights, data.is_mixture
     check_documents(data)
     streams = {}
     for i, (source, w) in enumerate(zip(sources, weights)):
@@ -273,49 +260,94 @@ def _document_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int
 
 # Windows.
 
-def _window_keys(batch: Batch) -> Batch:
-    rows, seq_len = batch["inputs"].shape
-    return {**batch, "segment_ids": np.ones((rows, seq_len), np.int32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                         (rows, seq_len)).copy(),
-            "weights": np.ones((rows, seq_len), np.float32)}
+class _SourceRows:
+    """Random access to the window starts of one source of several: row k -> a start in
+    [0, n - L) drawn from (seed, source, k)."""
 
-
-class _WindowStarts:
-    """Random-access window plans of one mixture source: row k -> a start in [0, n - L)."""
-
-    def __init__(self, num_tokens: int, seq_len: int, seed: int, source: int):
-        self.num_tokens, self.seq_len, self.seed, self.source = \
-            num_tokens, seq_len, seed, source
+    def __init__(self, num_starts: int, seed: int, source: int):
+        self.num_starts, self.seed, self.source = num_starts, seed, source
 
     def __len__(self) -> int:
         return 2**62
 
-    def __getitem__(self, k: int) -> dict[str, Any]:
+    def __getitem__(self, k: int) -> tuple[int, int]:
         rng = np.random.default_rng([self.seed, self.source, int(k)])
-        return {"start": rng.integers(0, self.num_tokens - self.seq_len),
-                "source": np.int32(self.source)}
+        return self.source, int(rng.integers(0, self.num_starts))
+
+
+class WindowPlans(collections.abc.Sequence):
+    """Random access: step s -> where the windows of global batch s start, {"source":
+    int32 [B], "start": int64 [B]}. One source draws the B starts from
+    default_rng([seed, s]); several take rows from grain's deterministic mix of the
+    training sources by weight, row k of source i starting at a draw from (seed, i, k)."""
+
+    def __init__(self, data: Mixture, seq_len: int, global_batch: int, seed: int):
+        self.num_starts = [len(s.train) - seq_len for s in data.sources]
+        self.global_batch, self.seed = global_batch, seed
+        self.mixed = None
+        if data.is_mixture:
+            kept = [i for i, w in enumerate(data.weights) if w > 0]
+            rows = [grain.MapDataset.source(_SourceRows(self.num_starts[i], seed, i))
+                    for i in kept]
+            self.mixed = grain.MapDataset.mix(rows, [float(data.weights[i]) for i in kept])
+
+    def __len__(self) -> int:
+        return 2**62  # endless: one global batch per step
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        if self.mixed is None:
+            rng = np.random.default_rng([self.seed, step])
+            start = rng.integers(0, self.num_starts[0], size=self.global_batch)
+            return {"source": np.zeros(self.global_batch, np.int32), "start": start}
+        first = int(step) * self.global_batch
+        source, start = zip(*(self.mixed[first + j] for j in range(self.global_batch)))
+        return {"source": np.asarray(source, np.int32), "start": np.asarray(start, np.int64)}
 
 
 class _ReadWindows(grain.transforms.Map):
-    """A global batch of window plans -> this process's rows of tokens."""
+    """A global batch's window plan -> this process's rows of tokens (with `source` and
+    `source_tokens` when there are several sources)."""
 
-    def __init__(self, tokens: list[Any], seq_len: int, rows: slice):
-        self.tokens, self.rows = tokens, rows
+    def __init__(self, tokens: list[Any], seq_len: int, rows: slice, mixture: bool):
+        self.tokens, self.rows, self.mixture = tokens, rows, mixture
         self.offsets = np.arange(seq_len + 1)
 
     def map(self, plan: dict[str, np.ndarray]) -> Batch:
-        source_tokens = np.bincount(plan["source"], minlength=len(self.tokens)) * \
-            float(len(self.offsets) - 1)  # every row of the global batch: seq_len targets
         start_B, source_B = plan["start"][self.rows], plan["source"][self.rows]
         windows = np.zeros((len(start_B), len(self.offsets)), np.int32)
         for s in np.unique(source_B):
             rows = source_B == s
             windows[rows] = self.tokens[s][start_B[rows, None] + self.offsets]
-        batch = _window_keys({"inputs": windows[:, :-1], "targets": windows[:, 1:]})
-        batch["source"] = source_B.astype(np.int32)
-        batch["source_tokens"] = source_tokens
+        n, seq_len = len(start_B), len(self.offsets) - 1
+        batch = {"inputs": windows[:, :-1], "targets": windows[:, 1:],
+                 "segment_ids": np.ones((n, seq_len), np.int32),
+                 "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                              (n, seq_len)).copy(),
+                 "weights": np.ones((n, seq_len), np.float32)}
+        if self.mixture:  # every row of the global batch: seq_len targets
+            batch["source"] = source_B.astype(np.int32)
+            batch["source_tokens"] = np.bincount(plan["source"], minlength=len(
+                self.tokens)) * float(seq_len)
         return batch
+
+
+def _process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+    """This process's rows of a global batch."""
+    if global_batch % process_count:
+        raise ConfigError("batch_size", f"{global_batch} is not divisible by the "
+                                        f"{process_count} processes")
+    per = global_batch // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def windows_source(data: Mixture, *, seq_len: int, global_batch: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Random access to this process's rows of the training windows: `[s]` is step s's
+    batch, as the windows `train_dataset` yields."""
+    plans = WindowPlans(data, seq_len, global_batch, seed)
+    rows = _process_rows(global_batch, process_index, process_count)
+    return grain.MapDataset.source(plans).map(
+        _ReadWindows([s.train for s in data.sources], seq_len, rows, data.is_mixture))
 
 
 class _CountTokens(grain.IterDataset):
@@ -349,33 +381,16 @@ class _CountTokensIterator(grain.DatasetIterator):
         self.seen = np.asarray(state["tokens_seen"], np.float64)
 
 
-def _windows_dataset(data: TokenData | Mixture, seq_len: int, global_batch: int, seed: int,
-                     process_index: int, process_count: int, rows: slice,
-                     prefetch: int) -> grain.IterDataset:
-    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
-    if not isinstance(data, Mixture):
-        source = TrainBatches(data.train, seq_len, global_batch, seed, process_index,
-                              process_count)
-        return grain.MapDataset.source(source).map(_window_keys).to_iter_dataset(read)
-    plans = [grain.MapDataset.source(_WindowStarts(len(s.train), seq_len, seed, i))
-             for i, s in enumerate(data.sources) if data.weights[i] > 0]
-    kept = [w for w in data.weights if w > 0]
-    ds = grain.MapDataset.mix(plans, [float(w) for w in kept]).batch(global_batch)
-    ds = ds.map(_ReadWindows([s.train for s in data.sources], seq_len, rows))
-    return _CountTokens(ds.to_iter_dataset(read), len(data.sources))
-
-
 # Public entry points.
 
-def _check_lengths(data: TokenData | Mixture, seq_len: int, packing: str) -> None:
-    sources, weights, _ = _sources(data)
-    for source, w in zip(sources, weights):
+def _check_lengths(data: Mixture, seq_len: int, packing: str) -> None:
+    for source, w in zip(data.sources, data.weights):
         if packing == "windows" and w > 0 and len(source.train) < seq_len + 1:
             raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the train split "
                                          f"({len(source.train)} tokens) of {source.path}")
 
 
-def train_dataset(data: TokenData | Mixture, *, seq_len: int, global_batch: int, seed: int,
+def train_dataset(data: Mixture, *, seq_len: int, global_batch: int, seed: int,
                   packing: str = "windows", process_index: int = 0, process_count: int = 1,
                   num_epochs: int | None = None, prefetch: int = 2,
                   num_packing_bins: int = DEFAULT_PACKING_BINS) -> grain.IterDataset:
@@ -387,20 +402,18 @@ def train_dataset(data: TokenData | Mixture, *, seq_len: int, global_batch: int,
     check_packing(packing, seq_len)
     _check_lengths(data, seq_len, packing)
     check_examples_fit(data, seq_len)
-    if global_batch % process_count:
-        raise ConfigError("batch_size", f"{global_batch} is not divisible by the "
-                                        f"{process_count} processes")
-    per = global_batch // process_count
-    rows = slice(process_index * per, (process_index + 1) * per)
+    rows = _process_rows(global_batch, process_index, process_count)
     if packing == "windows":
-        return _windows_dataset(data, seq_len, global_batch, seed, process_index,
-                                process_count, rows, prefetch)
+        ds = windows_source(data, seq_len=seq_len, global_batch=global_batch, seed=seed,
+                            process_index=process_index, process_count=process_count)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+        return _CountTokens(ds, len(data.sources)) if data.is_mixture else ds
     ds = _document_dataset(data, seq_len, global_batch, seed, rows, num_epochs,
                            num_packing_bins)
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
 
 
-def train_batches(data: TokenData | Mixture, **kwargs: Any) -> grain.DatasetIterator:
+def train_batches(data: Mixture, **kwargs: Any) -> grain.DatasetIterator:
     """`iter(train_dataset(data, **kwargs))`: a checkpointable iterator of batches."""
     return iter(train_dataset(data, **kwargs))
 
@@ -484,9 +497,9 @@ def eval_batches(data: TokenData, *, seq_len: int, global_batch: int,
     """Every target of a split once, with `target_bytes` for bits per byte: windows
     (EvalBatches) or packed documents (PackedEvalBatches). An SFT set is packed as
     documents whatever `packing`, weighted by its loss weights: the completion-only loss."""
-    packing = resolve_packing(packing, data)
+    packing = resolve_packing(packing, Mixture.of_set(data))
     check_packing(packing, seq_len)
-    check_examples_fit(data, seq_len, (split,))
+    check_examples_fit(Mixture.of_set(data), seq_len, (split,))
     tokens = data.tokens(split)
     if packing == "windows":
         return EvalBatches(tokens, seq_len, global_batch, process_index, process_count,
@@ -496,10 +509,7 @@ def eval_batches(data: TokenData, *, seq_len: int, global_batch: int,
                              weights=data.weights(split))
 
 
-def eval_sources(data: TokenData | Mixture, **kwargs: Any
-                 ) -> dict[str, EvalBatches | PackedEvalBatches]:
-    """Per-source evaluation batches: {source name: batches} (one entry for one set)."""
+def eval_sources(data: Mixture, **kwargs: Any) -> dict[str, EvalBatches | PackedEvalBatches]:
+    """Per-source evaluation batches: {source name: batches}."""
     kwargs["packing"] = resolve_packing(kwargs.get("packing", "windows"), data)
-    if isinstance(data, Mixture):
-        return {name: eval_batches(s, **kwargs) for name, s in zip(data.names, data.sources)}
-    return {data.path.name: eval_batches(data, **kwargs)}
+    return {name: eval_batches(s, **kwargs) for name, s in zip(data.names, data.sources)}

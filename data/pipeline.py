@@ -1,12 +1,8 @@
-"""Token data sets and the window pipelines for training and evaluation.
+"""Token data sets and the evaluation windows.
 
-Training draws random windows of `seq_len + 1` tokens. The windows of global step `s`
-depend only on (`seed`, `s`), and each process takes its rows of the global batch, so
-the data order is the same for any number of processes and survives restarts exactly.
-Evaluation walks the whole validation split in non-overlapping windows.
-
-Packed documents, mixtures and per-source evaluation build on these in data/packing.py
-and data/mixture.py.
+Evaluation walks the whole validation split in non-overlapping windows (`EvalBatches`).
+Training batches (random windows or packed documents, of one set or a mixture) are made
+in data/packing.py; mixtures are in data/mixture.py.
 """
 
 import dataclasses
@@ -15,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import grain
 import numpy as np
 
 from jaxlm.configs.errors import ConfigError
@@ -25,7 +20,8 @@ from jaxlm.data.prepare import (EMBEDDED_CORPUS, FORMAT_VERSION, FORMAT_VERSIONS
 from jaxlm.data.readers import COMPRESSED, file_format
 from jaxlm.data.shards import ShardedTokens
 from jaxlm.data.tokenizers import (DEFAULT_BPE_VOCAB, Tokenizer, first_vocabulary_difference,
-                                   parse_tokenizer_spec, tokenizer_from_dict)
+                                   load_hf_tokenizer, load_sentencepiece, parse_tokenizer_spec,
+                                   tokenizer_from_dict, vocabulary_difference)
 
 Batch = dict[str, np.ndarray]
 
@@ -147,6 +143,36 @@ def _load_weights(path: Path, layout: dict[str, Any], num_tokens: int,
     return w
 
 
+def check_tokenizer_spec(spec: str, tok: Tokenizer, source: str,
+                         key: str = "data.tokenizer") -> None:
+    """Refuse a `data.tokenizer` that is not the tokenizer `source` (prepared data) was
+    made with: another kind, another `from:DIR` vocabulary, or another (or a missing)
+    `hf:` / `sentencepiece:` file."""
+    kind, path = parse_tokenizer_spec(spec, key)
+    if kind == "from":
+        named = tokenizer_of_directory(path, key)
+    elif kind == "hf" and tok.kind == "hf":
+        named = load_hf_tokenizer(path, key)
+    elif kind == "sentencepiece" and tok.kind == "sentencepiece":
+        named = load_sentencepiece(path, key)
+    elif tok.kind != kind:
+        raise ConfigError(key, f"{source} was prepared with the {tok.kind!r} tokenizer, "
+                               f"not {spec!r}")
+    else:
+        return
+    if kind == "from":
+        difference = first_vocabulary_difference(named, tok)
+    else:  # the file fixes the ids; special ids may come from other files beside it
+        difference = vocabulary_difference(
+            {"kind": kind, "sha256": named.sha256, "vocab_size": named.vocab_size},
+            {"kind": kind, "sha256": tok.sha256, "vocab_size": tok.vocab_size})
+    if difference is not None:
+        fix = f"prepare it with --tokenizer={path}" if kind == "from" else \
+            f"set data.tokenizer to the file it was prepared with, or prepare it again " \
+            f"with --tokenizer={spec}"
+        raise ConfigError(key, f"{source}'s tokenizer is not {path}'s ({difference}): {fix}")
+
+
 def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
     """Load `data.path`: a prepared directory is used as is; text is prepared under workdir."""
     source = Path(data_cfg.path) if data_cfg.path else EMBEDDED_CORPUS
@@ -154,18 +180,7 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
         raise ConfigError("data.path", f"no such file or directory: {source}")
     if is_prepared(source):
         data = TokenData.load(source)
-        kind, path = parse_tokenizer_spec(data_cfg.tokenizer)
-        if kind == "from":
-            difference = first_vocabulary_difference(tokenizer_of_directory(path),
-                                                     data.tokenizer)
-            if difference is not None:
-                raise ConfigError("data.tokenizer",
-                                  f"{source}'s tokenizer is not {path}'s ({difference}): "
-                                  f"prepare it with --tokenizer={path}")
-        elif data.tokenizer.kind != kind:
-            raise ConfigError("data.tokenizer",
-                              f"{source} was prepared with the {data.tokenizer.kind!r} "
-                              f"tokenizer, not {data_cfg.tokenizer!r}")
+        check_tokenizer_spec(data_cfg.tokenizer, data.tokenizer, str(source))
         return data
     if source.is_file() and (file_format(source) != "text" or
                              source.name.lower().endswith(COMPRESSED)):
@@ -185,32 +200,6 @@ def target_bytes(batch: Batch, token_bytes: np.ndarray) -> np.ndarray:
     """float32 [rows]: UTF-8 bytes of the weighted targets of each row."""
     per_token_BxL = np.asarray(token_bytes)[batch["targets"]] * batch["weights"]
     return per_token_BxL.sum(axis=1).astype(np.float32)
-
-
-class TrainBatches:
-    """Random-access source: index `s` -> this process's rows of global batch `s`."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
-        assert global_batch % process_count == 0, (global_batch, process_count)  # layout.py
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
-        self.global_batch = global_batch
-        rows = global_batch // process_count
-        self.rows = slice(process_index * rows, (process_index + 1) * rows)
-        self._offsets = np.arange(seq_len + 1)
-
-    def __len__(self) -> int:
-        return 2**62  # endless: one batch per step
-
-    def starts(self, step: int) -> np.ndarray:
-        """Window start positions of the whole global batch of `step`."""
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch)
-
-    def __getitem__(self, step: int) -> Batch:
-        windows = self.tokens[self.starts(step)[self.rows, None] + self._offsets]
-        windows = windows.astype(np.int32)
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
 class EvalBatches:
@@ -247,9 +236,3 @@ class EvalBatches:
             batch["target_bytes"] = target_bytes(batch, self.token_bytes)
         return batch
 
-
-def train_iterator(source: TrainBatches, prefetch: int = 2) -> grain.DatasetIterator:
-    """A checkpointable iterator over training batches, prefetched on a background thread."""
-    ds = grain.MapDataset.source(source).to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
-    return iter(ds)

@@ -310,19 +310,24 @@ def describe_tokenizer(tok: Tokenizer) -> str:
 
 def first_vocabulary_difference(a: Tokenizer, b: Tokenizer) -> str | None:
     """A short phrase naming how `b`'s vocabulary differs from `a`'s; None when equal."""
-    va, vb = vocabulary(a), vocabulary(b)
+    return vocabulary_difference(vocabulary(a), vocabulary(b))
+
+
+def vocabulary_difference(va: dict[str, Any], vb: dict[str, Any]) -> str | None:
+    """`first_vocabulary_difference` of two `vocabulary` records (e.g. one saved by a run)."""
     if va == vb:
         return None
-    if va["kind"] != vb["kind"]:
-        return f"a {vb['kind']} tokenizer, not {va['kind']}"
-    if va["kind"] == "char" and va["chars"] != vb["chars"]:
-        ca, cb = set(va["chars"]), set(vb["chars"])
+    if va.get("kind") != vb.get("kind"):
+        return f"a {vb.get('kind')} tokenizer, not {va.get('kind')}"
+    if va["kind"] == "char" and va.get("chars") != vb.get("chars"):
+        ca, cb = set(va.get("chars", "")), set(vb.get("chars", ""))
         extra, missing = sorted(cb - ca), sorted(ca - cb)
         parts = ([f"characters {''.join(extra)[:20]!r} added"] if extra else []) + \
             ([f"{''.join(missing)[:20]!r} missing"] if missing else [])
         return ", ".join(parts) or "the same characters in another order"
     if va.get("sha256") != vb.get("sha256"):
-        return f"another {va['kind']} file ({describe_tokenizer(b)})"
+        return (f"another {va['kind']} file: sha256 {str(va.get('sha256'))[:8]} -> "
+                f"{str(vb.get('sha256'))[:8]}, {vb.get('vocab_size')} tokens")
     return "other special-token ids"
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from jaxlm.configs.errors import RunError
-from jaxlm.configs.sections import EvalRequest
+from jaxlm.evaluation.request import EvalRequest
 from jaxlm.evaluation.quantized import evaluate_quantized
 from jaxlm.evaluation.restore import json_line, restore_run, save_result
 from jaxlm.evaluation.sampling import sample, sample_speculative

@@ -10,7 +10,7 @@ import jax
 
 from jaxlm.configs.errors import RunError, environment_error, environment_message
 from jaxlm.configs.sections import MESH_AXES
-from jaxlm.training import rundir
+from jaxlm.training import fingerprints, rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 
@@ -42,7 +42,11 @@ def load_run(workdir: str | Path, devices: list[jax.Device] | None = None,
              overrides: dict[str, Any] | None = None) -> Experiment:
     """The run's experiment (its saved config, a data-parallel mesh), nothing restored."""
     config = rundir.load_config(workdir).replace(**{**RESTORE_MESH, **(overrides or {})})
-    return Experiment.build(config, workdir, devices)
+    fingerprints.check_data(config, workdir)  # before its text is tokenized again
+    exp = Experiment.build(config, workdir, devices)
+    fingerprints.check_tokenizer(workdir, exp.data.tokenizer, fingerprints.data_name(config),
+                                 "workdir")
+    return exp
 
 
 def json_line(result: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxlm.configs.errors import ConfigError, RunError
+from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import resolve_packing
 from jaxlm.data.pipeline import TokenData
 from jaxlm.data.prepare import META, is_prepared
@@ -92,7 +93,7 @@ def _check_targets(exp: Any, data: TokenData | np.ndarray, path: Path) -> None:
     if isinstance(data, np.ndarray):
         if len(data) < 2:
             raise ConfigError("data", f"{path} has {len(data)} tokens; at least 2 are needed")
-    elif resolve_packing(exp.config.data.packing, data) == "documents":
+    elif resolve_packing(exp.config.data.packing, Mixture.of_set(data)) == "documents":
         if not np.any(np.diff(data.docs("val")) >= 2):
             raise ConfigError("data", f"the validation split of {path} has no document of "
                                       f"2 or more tokens")

@@ -16,8 +16,8 @@ to `loss`, the weighted total that is optimized. A term may also own parameters 
 the feature-distillation projection): they live in the train state under
 `params["objective"][<name>]`, are trained with the model and saved in its checkpoints.
 
-To add a term: declare `loss.weights.<name>` (and any options, with their limits) in
-`configs/sections.py` and register a builder below (or in a module imported here). A term
+To add a term: declare `loss.weights.<name>` (a `TeacherTermWeight` when it distils from a
+teacher; any options with their limits) in `configs/sections.py` and register a builder below (or in a module imported here). A term
 may take its weight from another key: the MoE router losses are the terms
 `moe_load_balance` and `moe_z_loss`, weighted by `model.moe.load_balance_weight` and
 `model.moe.z_loss_weight`, computed for MoE models only.
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.configs.sections import Config
+from jaxlm.configs.sections import Config, LossWeights
 from jaxlm.losses.cross_entropy import cross_entropy
 from jaxlm.losses.distill import distill_loss, feature_loss
 
@@ -77,13 +77,17 @@ class TermSpec:
 TERMS: dict[str, TermSpec] = {}
 
 
-def register_term(name: str, *, needs_teacher: bool = False,
-                  weight: Callable[[Config], float] | None = None,
+def register_term(name: str, *, weight: Callable[[Config], float] | None = None,
                   applies: Callable[[Config], bool] = lambda config: True):
-    """Register a term's builder. Its weight is `loss.weights.<name>` unless `weight` reads
-    another key (e.g. a model option); `applies` can limit it to some models."""
+    """Register a term's builder. Its weight is `loss.weights.<name>` (whose type says
+    whether it needs a teacher) unless `weight` reads another key (e.g. a model option);
+    `applies` can limit it to some models."""
+    if weight is None and name not in LossWeights.model_fields:
+        raise ValueError(f"loss term {name!r}: declare loss.weights.{name} in "
+                         f"configs/sections.py, or pass `weight`")
+
     def deco(build: Callable[[BuildContext], Term]) -> Callable[[BuildContext], Term]:
-        TERMS[name] = TermSpec(build, needs_teacher,
+        TERMS[name] = TermSpec(build, name in LossWeights.teacher_terms(),
                                weight or (lambda c: getattr(c.loss.weights, name)), applies)
         return build
     return deco
@@ -194,7 +198,7 @@ def _ce(ctx: BuildContext) -> Term:
     return Term(loss)
 
 
-@register_term("distill", needs_teacher=True)
+@register_term("distill")
 def _distill(ctx: BuildContext) -> Term:
     """T^2 * KL between teacher and student next-token distributions (loss.distill.*)."""
     d, steps = ctx.config.loss.distill, ctx.config.train.steps
@@ -216,7 +220,7 @@ def _distill(ctx: BuildContext) -> Term:
     return Term(loss, weight=weight, scalars=scalars)
 
 
-@register_term("feature", needs_teacher=True)
+@register_term("feature")
 def _feature(ctx: BuildContext) -> Term:
     """Distance between chosen student and teacher block outputs (loss.feature.*), with a
     learned linear projection when the widths differ."""

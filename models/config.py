@@ -67,7 +67,7 @@ class ModelConfig:
 
     def adapter(self, projection: str) -> Lora | None:
         """The adapter of a projection (q, k, v, o, gate, up, down), or None."""
-        if self.lora is None or projection not in self.lora.target_names:
+        if self.lora is None or projection not in self.lora.targets:
             return None
         return self.lora
 

@@ -40,6 +40,13 @@ INCOMPLETE = ".incomplete"  # a run being written in place; left behind by a kil
 HOST = socket.gethostname()
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename: a crash never leaves half."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _holder() -> str:
     return f"host {HOST}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
 

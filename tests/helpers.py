@@ -1,15 +1,24 @@
 """Shared test helpers."""
 
 import contextlib
+import functools
+import io
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
 
 import jax
 import jax.monitoring
 import numpy as np
 
+from jaxlm.data.packing import windows_source
 from jaxlm.training.loop import Hook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +33,54 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env_extra=Non
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def call_cli(args: list[str], cwd: Path = ROOT) -> SimpleNamespace:
+    """Run `python <args>` (a script path or `-m module`, as in `run_cli`) in this process;
+    returns `returncode`, `stdout` and `stderr` as the interpreter would give them: a
+    SystemExit message is printed to stderr with status 1, an uncaught exception is a
+    traceback with status 1. The absl flags the script defines are removed afterwards and
+    the rest unparsed, so the next call parses its own command line. For failures that
+    happen before any device is configured: `--cpu_devices` is refused here."""
+    from absl import app, flags, logging
+    app.define_help_flags()  # absl.app's own flags stay defined across calls
+    assert not any(a.startswith("--cpu_devices") for a in args), "use run_cli"
+    if args[0] == "-m":
+        name, argv = args[1], [args[1], *args[2:]]
+        target = functools.partial(runpy.run_module, name, run_name="__main__", alter_sys=True)
+    else:
+        path, argv = str(cwd / args[0]), list(args)
+        target = functools.partial(runpy.run_path, path, run_name="__main__")
+    before, verbosity, devices = set(flags.FLAGS), logging.get_verbosity(), jax.device_count()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with (contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
+          mock.patch.object(sys, "argv", argv), warnings.catch_warnings()):
+        # `python -m` of a module this process imported already: runpy's warning about it
+        # is not something the real command prints.
+        warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+        try:
+            target()
+        except SystemExit as e:
+            code = _exit_status(e.code, err)
+        except Exception:  # noqa: BLE001 -- what the interpreter does with it
+            traceback.print_exc(file=err)
+            code = 1
+        finally:
+            for name in set(flags.FLAGS) - before:
+                delattr(flags.FLAGS, name)
+            flags.FLAGS.unparse_flags()
+            logging.set_verbosity(verbosity)
+    assert jax.device_count() == devices
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def _exit_status(code, err) -> int:
+    """The exit status of `SystemExit(code)`, printing a message as the interpreter does."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=err)
+    return 1
 
 
 def step0_run(config, workdir: Path, devices=None) -> Path:
@@ -49,12 +106,22 @@ def model_config(vocab_size: int = 65, seq_len: int = 0, **keys):
     return ModelConfig.from_section(Model.parse(keys), vocab_size, seq_len=seq_len)
 
 
+def train_source(exp) -> Any:
+    """Random access to an Experiment's training windows: `[s]` is this process's rows of
+    step s's `inputs` and `targets` (the keys the train step takes for windows)."""
+    train = exp.config.train
+    ds = windows_source(exp.data, seq_len=train.seq_len, global_batch=train.batch_size,
+                        seed=train.seed, process_index=jax.process_index(),
+                        process_count=jax.process_count())
+    return ds.map(lambda b: {k: b[k] for k in ("inputs", "targets")})
+
+
 def run_steps(config, workdir, devices, n: int | None = None):
     """Train `n` steps (default config.steps) in-process; returns (losses, params on host)."""
     from jaxlm.training.experiment import Experiment
     exp = Experiment.build(config, workdir, devices)
     state = exp.init_state()
-    source = exp.train_source()
+    source = train_source(exp)
     losses = []
     for step in range(config.steps if n is None else n):
         state, metrics = exp.train_step(state, exp.to_global(source[step]))

@@ -18,7 +18,8 @@ from jaxlm.models.attention import xla_attention
 from jaxlm.parallel import context
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import use_rules
-from tests.helpers import assert_trees_close, no_compilation, params_fast_only, run_cli
+from tests.helpers import (assert_trees_close, no_compilation, params_fast_only, run_cli,
+                           train_source)
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.planner import causal_pairs_per_shard
 
@@ -138,7 +139,7 @@ def _train(config, workdir, devices, segments: bool, n: int | None = None):
     segment ids from the data when `segments`."""
     exp = Experiment.build(config, workdir, devices)
     state = exp.init_state()
-    source = exp.train_source()
+    source = train_source(exp)
     losses, stats = [], []
     for step in range(config.steps if n is None else n):
         batch = dict(source[step])

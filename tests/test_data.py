@@ -7,7 +7,9 @@ import pytest
 from ml_collections import ConfigDict
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.data.pipeline import EvalBatches, TokenData, TrainBatches, resolve_data, train_iterator
+from jaxlm.data.mixture import Mixture
+from jaxlm.data.packing import WindowPlans, train_batches, windows_source
+from jaxlm.data.pipeline import EvalBatches, TokenData, resolve_data
 from jaxlm.data.prepare import EMBEDDED_CORPUS, prepare
 from jaxlm.data.tokenizers import ByteTokenizer, CharTokenizer
 
@@ -63,38 +65,56 @@ def test_directory_of_text_files_and_byte_tokenizer(tmp_path):
     np.testing.assert_array_equal(again.val, data.val)
 
 
-def test_train_batches_are_deterministic_and_seed_dependent(shakespeare):
-    a = TrainBatches(shakespeare.train, 64, 12, seed=0)
-    b = TrainBatches(shakespeare.train, 64, 12, seed=0)
-    c = TrainBatches(shakespeare.train, 64, 12, seed=1)
+def windows(data, seq_len, global_batch, seed, **kw):
+    return windows_source(Mixture.of_set(data), seq_len=seq_len, global_batch=global_batch,
+                          seed=seed, **kw)
+
+
+def test_train_windows_are_deterministic_and_seed_dependent(shakespeare):
+    a = windows(shakespeare, 64, 12, seed=0)
+    b = windows(shakespeare, 64, 12, seed=0)
+    c = windows(shakespeare, 64, 12, seed=1)
     np.testing.assert_array_equal(a[5]["inputs"], b[5]["inputs"])
     assert not np.array_equal(a[5]["inputs"], c[5]["inputs"])
     assert not np.array_equal(a[5]["inputs"], a[6]["inputs"])
     batch = a[3]
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    assert "source" not in batch and "source_tokens" not in batch  # one set: no tags
+
+
+def test_windows_of_one_set_start_where_seed_and_step_draw(shakespeare):
+    src = windows(shakespeare, 64, 12, seed=7)
+    tokens = np.asarray(shakespeare.train)
+    for step in (0, 3, 1000):
+        starts = np.random.default_rng([7, step]).integers(0, len(tokens) - 64, size=12)
+        np.testing.assert_array_equal(src[step]["inputs"],
+                                      tokens[starts[:, None] + np.arange(64)])
+        np.testing.assert_array_equal(src[step]["targets"],
+                                      tokens[starts[:, None] + np.arange(1, 65)])
+        assert src[step]["inputs"].dtype == np.int32
 
 
 def test_windows_come_from_the_train_split_only(shakespeare):
-    src = TrainBatches(shakespeare.train, 64, 64, seed=0)
-    starts = np.concatenate([src.starts(s) for s in range(200)])
+    plans = WindowPlans(Mixture.of_set(shakespeare), 64, 64, seed=0)
+    starts = np.concatenate([plans[s]["start"] for s in range(200)])
     assert starts.min() >= 0 and starts.max() + 65 <= len(shakespeare.train)
 
 
 def test_processes_split_the_global_batch(shakespeare):
-    whole = TrainBatches(shakespeare.train, 16, 8, seed=3)[7]["inputs"]
-    parts = [TrainBatches(shakespeare.train, 16, 8, seed=3, process_index=i,
-                          process_count=2)[7]["inputs"] for i in range(2)]
+    whole = windows(shakespeare, 16, 8, seed=3)[7]["inputs"]
+    parts = [windows(shakespeare, 16, 8, seed=3, process_index=i, process_count=2)[7]["inputs"]
+             for i in range(2)]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
 def test_iterator_state_round_trips(shakespeare):
-    src = TrainBatches(shakespeare.train, 32, 4, seed=0)
-    it = train_iterator(src)
+    kw = dict(seq_len=32, global_batch=4, seed=0, packing="windows")
+    it = train_batches(Mixture.of_set(shakespeare), **kw)
     for _ in range(3):
         next(it)
     state = it.get_state()
     expected = [next(it)["inputs"] for _ in range(2)]
-    it2 = train_iterator(src)
+    it2 = train_batches(Mixture.of_set(shakespeare), **kw)
     it2.set_state(json.loads(json.dumps(state)))
     for e in expected:
         np.testing.assert_array_equal(next(it2)["inputs"], e)

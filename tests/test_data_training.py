@@ -2,7 +2,6 @@
 real steps (no attention, gradient or loss across documents), exact resume, mixtures with
 tokens per source, bits per byte, generation with a BPE, and the data config errors."""
 
-import dataclasses
 import json
 import os
 import socket
@@ -183,7 +182,7 @@ def test_documents_resume_exactly_mid_epoch_after_sigterm(corpora, tiny_config, 
     c = _config(tiny_config, path=str(corpora["bpe"]), tokenizer="bpe")
     c.steps, c.log_every, c.eval_every, c.checkpoint_every = STEPS, 1, 6, EVERY
     exp = Experiment.build(c, tmp_path / "probe", one())
-    per_epoch = (np.diff(exp.data.docs("train")) - 1).sum() / (L * ROWS)
+    per_epoch = (np.diff(exp.data.sources[0].docs("train")) - 1).sum() / (L * ROWS)
     assert STEPS < per_epoch  # the stop and the end are both mid-epoch
     summary = trainer.train(c, tmp_path / "ref", one())
     reference = records(tmp_path / "ref")
@@ -207,8 +206,8 @@ def test_bpe_run_evaluates_in_bits_per_byte_and_samples_decoded_text(corpora, ti
     trainer.train(c, tmp_path, one())
     exp, state, _ = restore_run(tmp_path, devices=one())
     result = evaluate(exp, state.params)
-    val = exp.data.val
-    docs = exp.data.docs("val")
+    val = exp.data.sources[0].val
+    docs = exp.data.sources[0].docs("val")
     targets = np.concatenate([np.asarray(val[a + 1:b]) for a, b in zip(docs[:-1], docs[1:])])
     assert result["num_tokens"] == len(targets)
     num_bytes = exp.data.token_bytes[targets].sum()  # the document ends (EOS) have no bytes

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from jaxlm.data.pipeline import EvalBatches, TrainBatches, resolve_data
+from jaxlm.data.mixture import Mixture
+from jaxlm.data.packing import windows_source
+from jaxlm.data.pipeline import EvalBatches, resolve_data
 
 EXPECTED = {
     "char": {
@@ -44,7 +46,8 @@ def test_embedded_default_is_unchanged(tokenizer, tmp_path):
     assert files.hexdigest() == EXPECTED[tokenizer]["files"]
     assert (len(data.train), len(data.val)) == (1003854, 111540)
     assert data.vocab_size == (65 if tokenizer == "char" else 256)
-    train = TrainBatches(data.train, 64, 12, seed=0)
-    assert _batch_digest((train[s] for s in range(20)), True) == EXPECTED[tokenizer]["train"]
+    train = windows_source(Mixture.of_set(data), seq_len=64, global_batch=12, seed=0)
+    pairs = ({k: train[s][k] for k in ("inputs", "targets")} for s in range(20))
+    assert _batch_digest(pairs, True) == EXPECTED[tokenizer]["train"]
     ev = EvalBatches(data.val, 64, 48)
     assert _batch_digest((ev[i] for i in range(len(ev))), False) == EXPECTED[tokenizer]["eval"]

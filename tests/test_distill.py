@@ -10,7 +10,7 @@ import pytest
 from jaxlm.configs import keys
 from jaxlm.configs.errors import ConfigError
 from jaxlm.models.model import count_params
-from tests.helpers import no_compilation, run_cli, run_steps
+from tests.helpers import no_compilation, run_cli, run_steps, train_source
 from jaxlm.training.experiment import Experiment
 
 
@@ -81,7 +81,7 @@ def test_no_gradient_reaches_the_teacher(tiny_config, teacher_dir, tmp_path):
     c = _student(tiny_config, teacher_dir, distill=1.0, feature=1.0)
     exp = Experiment.build(c, tmp_path, jax.devices()[:1])
     params, t_params = exp.init_state().params, exp.teacher_params
-    batch = exp.to_global(exp.train_source()[0])
+    batch = exp.to_global(train_source(exp)[0])
     loss_fn = make_loss_fn(exp.graphdef, exp.model_cfg, exp.objective)
 
     def total(params, t_params):
@@ -124,8 +124,8 @@ def _set(c, key, value):
     ({"loss.weights.distill": 1.0, "data.tokenizer": "byte"},
      "loss.distill.teacher_workdir: vocabulary mismatch: the teacher has 65 tokens (char "
      "tokenizer), the student 256 (byte tokenizer)"),
-    ({"quant.weight_bits": 3}, "quant.weight_bits: unsupported bits 3; choose 8 or 4"),
-    ({"quant.activation_bits": 4}, "quant.activation_bits: unsupported bits 4"),
+    ({"quant.weight_bits": 3}, "quant.weight_bits: unknown value 3; choose one of [0, 4, 8]"),
+    ({"quant.activation_bits": 4}, "quant.activation_bits: unknown value 4; choose one of [0, 8]"),
     ({"quant.weight_bits": 4, "quant.granularity": "12"},
      "quant.granularity: group size 12 does not divide the 32 input features of embed"),
     ({"loss.weights.focal": 1.0}, "loss.weights.focal: unknown loss term; loss terms:"),
@@ -166,3 +166,28 @@ def test_cli_distill_flags_and_quantized_eval(teacher_dir, tmp_path):
     assert (tmp_path / "eval" / "step_2_int4.json").is_file()
     res = run_cli(["eval.py", f"--workdir={tmp_path}", "--quantize=int3", "--cpu_devices=1"])
     assert res.returncode != 0
+
+
+def test_a_teacher_whose_prepared_data_was_rebuilt_since_is_refused(tiny_config, tmp_path):
+    """The teacher's tokenizer is the one it was trained with, not its data's today."""
+    from jaxlm.data.prepare import prepare_corpus
+    from jaxlm.training.trainer import train
+    lines = "".join(f"{i} To be, or not to be, that is the question.\n\n" for i in range(60))
+    prepared, text = tmp_path / "prepared", tmp_path / "docs.txt"
+
+    def build(content: str) -> None:
+        text.write_text(content, encoding="utf-8")
+        prepare_corpus([text], prepared, tokenizer="char", workers=0, progress=False,
+                       overwrite=True, split_blank_lines=True)
+    build(lines)
+    c = _tiny(tiny_config)
+    c.steps, c.warmup_steps, c.data.path = 1, 0, str(prepared)
+    train(c, tmp_path / "teacher", jax.devices()[:1])
+    build(lines.replace("e", "\u00e9"))  # as many characters
+    c = _student(c, tmp_path / "teacher", distill=1.0)
+    with no_compilation() as compiled, pytest.raises(ConfigError) as err:
+        Experiment.build(c, tmp_path / "student", jax.devices()[:1])
+    assert str(err.value).startswith(
+        f"loss.distill.teacher_workdir: the tokenizer of {prepared} is not the one the run in "
+        f"{tmp_path / 'teacher'} was trained with (characters '\u00e9' added, 'e' missing)")
+    assert compiled == []

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from jaxlm.configs.errors import ConfigError, RunError
-from jaxlm.configs.sections import EvalRequest
+from jaxlm.evaluation.request import EvalRequest
 from jaxlm.evaluation.restore import json_line
 from jaxlm.training import rundir, trainer
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.hooks import Progress
 from jaxlm.training.metrics import MetricWriter
 from jaxlm.training.metrics import WALL_CLOCK_KEYS
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_cli, train_source
 
 STEPS, EVERY = 12, 4
 
@@ -225,7 +225,7 @@ def test_skipped_step_keeps_the_state(config, tmp_path):
     exp = Experiment.build(config, tmp_path, one())
     state = exp.init_state()
     before = jax.device_get(state.params)
-    batch = exp.train_source()[0]
+    batch = train_source(exp)[0]
     bad = dict(batch, weights=np.full(batch["inputs"].shape, np.nan, np.float32))
     state, metrics = exp.train_step(state, exp.to_global(bad))
     assert int(metrics["skipped"]) == 1 and int(state.step) == 1
@@ -538,3 +538,84 @@ def test_a_text_field_of_another_type_is_named_as_such():
     lines = parse_task(Task("jsonl", "t.jsonl", [b'{"text": 3}'], [1], 1), "text")
     assert lines.error == ("--text_field", "t.jsonl:1: field 'text' is a JSON number, not a "
                                            "string")
+
+
+# Runs record what their tokens mean (training/fingerprints.py).
+
+def _text(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler.\n" * 60
+
+
+def test_a_text_edited_since_the_run_is_refused_by_resume_and_eval(config, tmp_path):
+    """The same data.path with other content: a shifted character vocabulary."""
+    config.steps, config.checkpoint_every = 2, 2
+    config.data.path = _text(tmp_path / "input.txt", TEXT)
+    run = tmp_path / "run"
+    trainer.train(config, run, one())
+    record = json.loads((run / "fingerprints.json").read_text())
+    assert record["tokenizer"]["kind"] == "char" and "sha256" in record["data"][0]
+    meta = (run / "data" / "meta.json").read_text()
+    _text(tmp_path / "input.txt", TEXT.replace("e", "\u00e9"))  # as many characters
+    message = (f"data.path: {tmp_path / 'input.txt'} changed since the run in {run} "
+               f"tokenized it (sha256 ")
+    config.steps = 4
+    with pytest.raises(ConfigError) as err:
+        trainer.train(config, run, one(), allow_schedule_change=True)
+    assert str(err.value).startswith(message)
+    assert str(err.value).endswith("); restore it, or use a new --workdir")
+    from jaxlm.evaluation.restore import restore_run
+    with pytest.raises(ConfigError) as err:
+        restore_run(run, devices=one())
+    assert str(err.value).startswith(message)
+    assert (run / "data" / "meta.json").read_text() == meta  # not tokenized again
+    _text(tmp_path / "input.txt", TEXT)  # restored: the run goes on
+    assert trainer.train(config, run, one(), allow_schedule_change=True)["step"] == 4
+
+
+def test_a_prepared_set_rebuilt_since_the_run_is_refused(config, tmp_path):
+    """--overwrite with other inputs: another vocabulary of the same size."""
+    from jaxlm.data.prepare import prepare_corpus
+    prepared = tmp_path / "prepared"
+
+    def build(text: str) -> None:
+        prepare_corpus([_text(tmp_path / "docs.txt", text)], prepared, tokenizer="char",
+                       workers=0, progress=False, overwrite=True, split_blank_lines=True)
+    docs = "".join(f"{i} {line}\n\n" for i, line in enumerate(TEXT.splitlines()))
+    build(docs)
+    config.steps, config.checkpoint_every = 2, 2
+    config.model.mlp = "swiglu"  # a model Hugging Face can express, for the export
+    config.data.path = str(prepared)
+    trainer.train(config, tmp_path / "run", one())
+    build(docs.replace("e", "\u00e9"))
+    with pytest.raises(ConfigError) as err:
+        trainer.train(config, tmp_path / "run", one())
+    assert str(err.value).startswith(f"data.path: {prepared} was prepared again since the run "
+                                     f"in {tmp_path / 'run'} trained on it (fingerprint ")
+    from jaxlm.checkpoints.hf_export import export_hf
+    with pytest.raises(ConfigError) as err:  # the export's tokenizer would be the new one
+        export_hf(tmp_path / "run", tmp_path / "hf", devices=one())
+    assert str(err.value).startswith(f"workdir: the tokenizer of {prepared} is not the one "
+                                     f"the run in {tmp_path / 'run'} was trained with "
+                                     f"(characters '\u00e9' added, 'e' missing)")
+    assert not (tmp_path / "hf").exists()
+    # The record is checked again where the data is read: a record of another tokenizer.
+    (tmp_path / "run" / "fingerprints.json").write_text(json.dumps(
+        {"tokenizer": {"kind": "char", "chars": "abc"}}))
+    with pytest.raises(ConfigError, match=r"data.tokenizer: the tokenizer of .*prepared is not "
+                                          r"the one the run in .* was trained with \(characters"):
+        trainer.train(config, tmp_path / "run", one())
+
+
+def test_a_run_without_a_record_is_accepted_and_recorded(config, tmp_path):
+    config.steps, config.checkpoint_every = 2, 2
+    trainer.train(config, tmp_path / "run", one())
+    (tmp_path / "run" / "fingerprints.json").unlink()  # a run made before records existed
+    config.steps = 4
+    assert trainer.train(config, tmp_path / "run", one(), allow_schedule_change=True
+                         )["step"] == 4
+    record = json.loads((tmp_path / "run" / "fingerprints.json").read_text())
+    assert set(record) == {"data", "tokenizer"}

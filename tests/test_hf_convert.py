@@ -19,7 +19,7 @@ from jaxlm.configs.sections import Config, Model
 from jaxlm.configs.sections import Sampling
 from jaxlm.evaluation.restore import restore_run
 from jaxlm.inference.generate import Generator
-from tests.helpers import assert_trees_close, run_cli, step0_run
+from tests.helpers import assert_trees_close, call_cli, run_cli, step0_run, train_source
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.init_from import check_source, restore_initial_state
 from jaxlm.training.trainer import train
@@ -173,11 +173,11 @@ def test_export_refuses_a_model_no_architecture_expresses(override, message):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    r = run_cli(["convert.py", f"--from_hf={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'r'}"])
+    r = call_cli(["convert.py", f"--from_hf={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'r'}"])
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"error: from_hf: {tmp_path / 'nothing'} has no config.json: not a Hugging Face "
         "model directory")
-    r = run_cli(["convert.py", f"--workdir={tmp_path / 'r'}"])
+    r = call_cli(["convert.py", f"--workdir={tmp_path / 'r'}"])
     assert r.returncode == 1 and "error: from_hf: give exactly one of" in r.stderr
 
 
@@ -266,7 +266,7 @@ def test_an_imported_model_trains_alike_on_8_devices_and_on_one(runs, tmp_path):
         config = Config.from_dict(c)
         exp = Experiment.build(config, tmp_path / f"{mesh}", devices)
         state, _ = restore_initial_state(exp, check_source(config, exp.model_cfg))
-        losses, source = [], exp.train_source()
+        losses, source = [], train_source(exp)
         for s in range(3):
             state, metrics = exp.train_step(state, exp.to_global(source[s]))
             losses.append(float(metrics["loss"]))

@@ -18,7 +18,7 @@ from jaxlm.configs.errors import ConfigError
 from jaxlm.data.prepare import META, prepare_corpus, prepare_sft
 from jaxlm.data.readers import Task, parse_task
 from jaxlm.data.sft import BadRecord, ChatTemplate, parse_record
-from tests.helpers import run_cli
+from tests.helpers import call_cli
 
 
 def _one_error_line(r, start: str) -> str:
@@ -145,7 +145,7 @@ def test_cli_import_of_a_damaged_checkpoint_is_one_line(tmp_path):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 100,
         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4}))
-    r = run_cli(["convert.py", f"--from_hf={hf}", f"--workdir={tmp_path / 'run'}"])
+    r = call_cli(["convert.py", f"--from_hf={hf}", f"--workdir={tmp_path / 'run'}"])
     _one_error_line(r, f"error: from_hf: {hf / 'model.safetensors'} is not a valid "
                        f"safetensors file (tensors a and b share bytes)")
 
@@ -269,14 +269,14 @@ def test_sft_reads_damaged_files_and_hostile_records_alike(tmp_path):
 
 def test_cli_prepare_damaged_input_and_non_finite_sizes_are_one_line(tmp_path):
     src = _truncated_gz(tmp_path / "a.jsonl.gz")
-    r = run_cli(["-m", "jaxlm.data.prepare", f"--input={src}", f"--output={tmp_path / 'o'}",
-                 "--tokenizer=byte", "--workers=0", "--quiet", "--skip_bad"])
+    r = call_cli(["-m", "jaxlm.data.prepare", f"--input={src}", f"--output={tmp_path / 'o'}",
+                  "--tokenizer=byte", "--workers=0", "--quiet", "--skip_bad"])
     _one_error_line(r, f"error: --input: {src} is damaged or truncated after line ")
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"text": f"d{i}"}) + "\n" for i in range(50)))
     for flag in ("--shard_mb=nan", "--shard_mb=inf", "--bpe_train_mb=nan"):
-        r = run_cli(["-m", "jaxlm.data.prepare", f"--input={good}",
-                     f"--output={tmp_path / 'o'}", "--tokenizer=byte", "--quiet", flag])
+        r = call_cli(["-m", "jaxlm.data.prepare", f"--input={good}",
+                      f"--output={tmp_path / 'o'}", "--tokenizer=byte", "--quiet", flag])
         name, value = flag.split("=")
         _one_error_line(r, f"error: {name}: must be a number ")
         assert value in r.stderr
@@ -345,11 +345,11 @@ def test_cli_sft_template_errors_are_one_line(tmp_path):
     bad.write_text("{% for m in messages %}{{ m.content }}")
     args = ["-m", "jaxlm.data.prepare", "--format=sft", f"--input={src}",
             "--tokenizer=byte", "--quiet"]
-    r = run_cli([*args, f"--output={tmp_path / 'o1'}", f"--chat_template={bad}"])
+    r = call_cli([*args, f"--output={tmp_path / 'o1'}", f"--chat_template={bad}"])
     _one_error_line(r, f"error: --chat_template: {bad} is not a valid Jinja template")
     huge = tmp_path / "huge.jinja"
     huge.write_text("{% for m in messages %}{{ m.content * 4000000000 }}{% endfor %}")
-    r = run_cli([*args, f"--output={tmp_path / 'o2'}", f"--chat_template={huge}"])
+    r = call_cli([*args, f"--output={tmp_path / 'o2'}", f"--chat_template={huge}"])
     line = _one_error_line(r, "error: --input: no usable SFT records")
     assert "template_error 20" in line
 
@@ -380,8 +380,8 @@ def test_a_damaged_tokenizer_json_in_a_prepared_directory_is_one_error(damage, t
                                           r"tokenizer.json is not the tokenizer file this "
                                           r"data was prepared with"):
         TokenData.load(data)
-    r = run_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={tmp_path / 'a.jsonl'}",
-                 f"--output={tmp_path / 'sft'}", f"--tokenizer={data}", "--quiet"])
+    r = call_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={tmp_path / 'a.jsonl'}",
+                  f"--output={tmp_path / 'sft'}", f"--tokenizer={data}", "--quiet"])
     _one_error_line(r, f"error: --tokenizer: cannot load the tokenizer of {data}")
 
 

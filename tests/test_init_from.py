@@ -148,3 +148,27 @@ def test_another_vocabulary_than_the_source_is_refused(tiny_config, source_run, 
     assert message.startswith("data.tokenizer: the data's tokenizer is not the one ")
     assert "missing" in message and f"data.tokenizer=from:{source_run}" in message
     assert not compiled
+
+
+def test_a_source_whose_prepared_data_was_rebuilt_since_is_refused(tiny_config, tmp_path):
+    """The source trained on a prepared set later rebuilt with another vocabulary of the
+    same size: its data's tokenizer today is not the one it was trained with."""
+    from jaxlm.data.prepare import prepare_corpus
+    lines = [f"{i} To be, or not to be, that is the question.\n\n" for i in range(60)]
+    prepared = tmp_path / "prepared"
+
+    def build(text: str) -> None:
+        prepare_corpus([_write_text(tmp_path / "docs.txt", text)], prepared, tokenizer="char",
+                       workers=0, progress=False, overwrite=True, split_blank_lines=True)
+    build("".join(lines))
+    c = _fast(tiny_config)
+    c.data.path, c.checkpoint_every = str(prepared), 2
+    trainer.train(c, tmp_path / "source", jax.devices()[:1])
+    build("".join(lines).replace("e", "\u00e9"))  # as many characters
+    c.init.from_workdir = str(tmp_path / "source")
+    with no_compilation() as compiled, pytest.raises(ConfigError) as err:
+        trainer.train(c, tmp_path / "ft", jax.devices()[:1])
+    assert str(err.value).startswith(f"init.from_workdir: the tokenizer of {prepared} is not "
+                                     f"the one the run in {tmp_path / 'source'} was trained "
+                                     f"with (characters '\u00e9' added, 'e' missing)")
+    assert not compiled

@@ -18,7 +18,7 @@ from jaxlm.evaluation.sampling import sample, sample_speculative
 from jaxlm.models.model import abstract_model
 from jaxlm.models.lora import merge_adapters
 from jaxlm.models.quant import QTensor
-from tests.helpers import assert_trees_close, params_fast_only, run_cli
+from tests.helpers import assert_trees_close, call_cli, params_fast_only, run_cli, train_source
 from jaxlm.training import lora, rundir, trainer
 from jaxlm.training.evaluate import evaluate
 from jaxlm.training.experiment import Experiment
@@ -51,7 +51,7 @@ def _has_adapter(path) -> bool:
 
 
 def _train(exp, state, steps, same_batch=False):
-    source = exp.train_source()
+    source = train_source(exp)
     losses = []
     for step in range(steps):
         state, metrics = exp.train_step(state, exp.to_global(source[0 if same_batch else step]))
@@ -146,7 +146,7 @@ def test_data2_fsdp2_tensor2_equals_one_device(tiny_config, tmp_path):
 
     def train(c, devices):
         exp = Experiment.build(c, tmp_path / str(len(devices)), devices)
-        state, source, out = exp.init_state(), exp.train_source(), []
+        state, source, out = exp.init_state(), train_source(exp), []
         for step in range(3):
             state, m = exp.train_step(state, exp.to_global(source[step]))
             out.append((float(m["loss"]), float(m["grad_norm"])))  # adapter gradients
@@ -186,9 +186,9 @@ def test_bad_configs_are_one_line_errors(tiny_config, overrides, message):
 
 
 def test_cli_error_before_compiling(tmp_path):
-    out = run_cli(["train.py", "--config=configs/shakespeare_char.py:tiny",
-                   f"--workdir={tmp_path}", "--config.lora.rank=4",
-                   "--config.lora.targets=q,gate"])
+    out = call_cli(["train.py", "--config=configs/shakespeare_char.py:tiny",
+                    f"--workdir={tmp_path}", "--config.lora.rank=4",
+                    "--config.lora.targets=q,gate"])
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
         "error: lora.targets: 'gate' is not in this model: model.mlp='gelu' has no gate "
@@ -297,7 +297,7 @@ def test_lora_student_distils_from_its_base_run(base_run, tmp_path):
     exp = Experiment.build(c, tmp_path, jax.devices()[:1])
     state = exp.init_state()
     frozen0 = jax.device_get(lora.split_trainable(state.params)[1])
-    source = exp.train_source()
+    source = train_source(exp)
     for step in range(2):
         state, metrics = exp.train_step(state, exp.to_global(source[step]))
     assert np.isfinite(float(metrics["loss/distill"])) and float(metrics["loss/feature"]) > 0
@@ -310,3 +310,29 @@ def test_rules_saved_before_the_rank_axis_existed_still_load():
     rules = [list(r) for r in Config().sharding.rules if r[0] != "lora_rank"]
     config = Config.from_dict({"sharding": {"rules": rules}})
     assert ("lora_rank", None) in config.sharding.rules
+
+
+def test_another_base_of_the_same_shapes_is_refused_by_eval_resume_and_merge(tiny_config,
+                                                                              tmp_path):
+    """WORKDIR/lora_base/ replaced by the base of another run with the same model."""
+    import shutil
+    c = _fast(_lora(tiny_config, rank=2, targets="q,v"))
+    c.steps, c.checkpoint_every = 2, 2
+    trainer.train(c, tmp_path / "a", jax.devices()[:1])
+    other = c.copy_and_resolve_references()
+    other.seed = 7  # another random base
+    trainer.train(other, tmp_path / "b", jax.devices()[:1])
+    restore_run(tmp_path / "a", devices=jax.devices()[:1])  # its own base restores
+    shutil.rmtree(tmp_path / "a" / lora.BASE_DIR)
+    shutil.copytree(tmp_path / "b" / lora.BASE_DIR, tmp_path / "a" / lora.BASE_DIR)
+    message = (f"workdir: {tmp_path / 'a' / lora.BASE_DIR} is not the frozen base the LoRA "
+               f"run in {tmp_path / 'a'} stored (sha256 ")
+    c.steps = 4
+    for use in (lambda: restore_run(tmp_path / "a", devices=jax.devices()[:1]),
+                lambda: trainer.train(c, tmp_path / "a", jax.devices()[:1],
+                                      allow_schedule_change=True),
+                lambda: merge_run(tmp_path / "a", tmp_path / "merged", devices=jax.devices()[:1])):
+        with pytest.raises(ConfigError) as err:
+            use()
+        assert str(err.value).startswith(message)
+    assert not (tmp_path / "merged" / "checkpoints").exists()

@@ -14,7 +14,7 @@ from jaxlm.models.moe import (CapacityGroups, aux_statistics, capacity, capacity
                               capacity_slots, dispatch_capacity, dispatch_dropless, expert_ffn,
                               load_balance_loss, moe_tokens, route)
 from jaxlm.parallel.pipeline import _merge_microbatches, _split_microbatches
-from tests.helpers import assert_trees_close, model_config, run_steps
+from tests.helpers import assert_trees_close, model_config, run_steps, train_source
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.steps import split_microbatches
 
@@ -297,7 +297,7 @@ def test_moe_trains_with_metrics_and_pipeline(tiny_config, tmp_path):
     losses, _, exp, _ = run_steps(c, tmp_path, jax.devices())
     assert np.all(np.isfinite(losses))
     state = exp.init_state()
-    _, metrics = exp.train_step(state, exp.to_global(exp.train_source()[0]))
+    _, metrics = exp.train_step(state, exp.to_global(train_source(exp)[0]))
     assert metrics["moe_load"].shape == (8,)
     assert float(metrics["moe_load_balance"]) >= 1.0 - 1e-5
     assert float(metrics["moe_drop_fraction"]) == 0.0
@@ -306,7 +306,7 @@ def test_moe_trains_with_metrics_and_pipeline(tiny_config, tmp_path):
 def run_with_drops(config, workdir, devices):
     """Train config.steps steps; returns (losses, drop fractions, parameters on host)."""
     exp = Experiment.build(config, workdir, devices)
-    state, source = exp.init_state(), exp.train_source()
+    state, source = exp.init_state(), train_source(exp)
     losses, drops = [], []
     for step in range(config.steps):
         state, metrics = exp.train_step(state, exp.to_global(source[step]))

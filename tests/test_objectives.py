@@ -9,6 +9,7 @@ from jaxlm.losses.distill import distill_loss, feature_loss, token_feature_dista
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Feature
 from jaxlm.losses.objectives import TERMS, make_schedule
+from tests.helpers import train_source
 
 P = np.array([0.7, 0.2, 0.1])
 Q = np.array([0.2, 0.5, 0.3])
@@ -130,7 +131,7 @@ def test_moe_router_losses_are_registered_terms(tiny_config, tmp_path):
     exp = Experiment.build(c, tmp_path / "moe", jax.devices()[:1])
     assert set(exp.objective.terms) == {"ce", "moe_load_balance", "moe_z_loss"}
     state = exp.init_state()
-    _, m = exp.train_step(state, exp.to_global(exp.train_source()[0]))
+    _, m = exp.train_step(state, exp.to_global(train_source(exp)[0]))
     total = m["loss/ce"] + 0.5 * m["loss/moe_load_balance"] + 0.1 * m["loss/moe_z_loss"]
     np.testing.assert_allclose(float(m["loss"]), float(total), rtol=1e-6)
     np.testing.assert_allclose(float(m["loss/moe_load_balance"]),

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import (PackedEvalBatches, bits_per_byte, check_packing, eval_batches,
                                 split_row_info, train_batches, train_dataset)
-from jaxlm.data.pipeline import TokenData, TrainBatches
+from jaxlm.data.pipeline import TokenData
 from jaxlm.data.prepare import EMBEDDED_CORPUS, prepare, prepare_corpus
 
 L = 16
@@ -46,7 +47,8 @@ def take(it, n):
 
 
 def test_batch_keys_dtypes_and_row_invariants(docs_data):
-    it = train_batches(docs_data, seq_len=L, global_batch=8, seed=0, packing="documents")
+    it = train_batches(Mixture.of_set(docs_data), seq_len=L, global_batch=8, seed=0,
+                       packing="documents")
     for b in take(it, 20):
         assert set(b) == {"inputs", "targets", "segment_ids", "positions", "weights"}
         for k in ("inputs", "targets", "segment_ids", "positions"):
@@ -73,8 +75,8 @@ def test_batch_keys_dtypes_and_row_invariants(docs_data):
 
 def test_every_document_token_once_per_epoch(docs_data):
     docs = documents(docs_data)
-    ds = train_dataset(docs_data, seq_len=L, global_batch=8, seed=3, packing="documents",
-                       num_epochs=1)
+    ds = train_dataset(Mixture.of_set(docs_data), seq_len=L, global_batch=8, seed=3,
+                       packing="documents", num_epochs=1)
     targets, inputs = collections.Counter(), collections.Counter()
     for b in ds:
         w = b["weights"] > 0
@@ -88,15 +90,15 @@ def test_every_document_token_once_per_epoch(docs_data):
 
 def test_epoch_order_is_a_seeded_shuffle_per_epoch(docs_data):
     def first_rows(seed, n=200):
-        it = train_batches(docs_data, seq_len=L, global_batch=4, seed=seed,
+        it = train_batches(Mixture.of_set(docs_data), seq_len=L, global_batch=4, seed=seed,
                            packing="documents")
         return np.concatenate([b["inputs"] for b in take(it, n)])
     a, b, c = first_rows(0), first_rows(0), first_rows(1)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     # Epoch 2 is ordered differently from epoch 1: compare each epoch's first rows.
-    ds = train_dataset(docs_data, seq_len=L, global_batch=4, seed=0, packing="documents",
-                       num_epochs=1)
+    ds = train_dataset(Mixture.of_set(docs_data), seq_len=L, global_batch=4, seed=0,
+                       packing="documents", num_epochs=1)
     per_epoch = sum(1 for _ in ds)
     rows = first_rows(0, 2 * per_epoch + 2)
     first, second = rows[:4 * per_epoch], rows[4 * per_epoch:8 * per_epoch]
@@ -105,10 +107,10 @@ def test_epoch_order_is_a_seeded_shuffle_per_epoch(docs_data):
 
 @pytest.mark.parametrize("packing", ["documents", "windows"])
 def test_global_batch_is_the_same_for_any_number_of_processes(docs_data, packing):
-    whole = take(train_batches(docs_data, seq_len=L, global_batch=8, seed=5,
+    whole = take(train_batches(Mixture.of_set(docs_data), seq_len=L, global_batch=8, seed=5,
                                packing=packing), 12)
     for count in (2, 4):
-        parts = [take(train_batches(docs_data, seq_len=L, global_batch=8, seed=5,
+        parts = [take(train_batches(Mixture.of_set(docs_data), seq_len=L, global_batch=8, seed=5,
                                     packing=packing, process_index=i, process_count=count), 12)
                  for i in range(count)]
         for step in range(12):
@@ -127,35 +129,39 @@ def _orbax_round_trip(it_a, it_b, path):
 @pytest.mark.parametrize("packing", ["documents", "windows"])
 def test_resume_mid_epoch_is_exact_through_grain_checkpoints(docs_data, packing, tmp_path):
     kw = dict(seq_len=L, global_batch=4, seed=1, packing=packing)
-    it = train_batches(docs_data, **kw)
+    it = train_batches(Mixture.of_set(docs_data), **kw)
     take(it, 37)  # mid-epoch, mid packed batch
     state = it.get_state()
     expected = take(it, 10)
-    it2 = train_batches(docs_data, **kw)
+    it2 = train_batches(Mixture.of_set(docs_data), **kw)
     it2.set_state(json.loads(json.dumps(state)))
     for e, g in zip(expected, take(it2, 10)):
         for k in e:
             np.testing.assert_array_equal(g[k], e[k])
-    it3 = train_batches(docs_data, **kw)
+    it3 = train_batches(Mixture.of_set(docs_data), **kw)
     take(it3, 37)
-    it4 = train_batches(docs_data, **kw)
+    it4 = train_batches(Mixture.of_set(docs_data), **kw)
     _orbax_round_trip(it3, it4, tmp_path / "data_state")
     for e, g in zip(expected, take(it4, 10)):
         for k in e:
             np.testing.assert_array_equal(g[k], e[k])
 
 
-def test_windows_for_one_set_are_train_batches(tmp_path):
+def test_windows_for_one_set_draw_their_starts_from_seed_and_step(tmp_path):
     data = TokenData.load(prepare(EMBEDDED_CORPUS, tmp_path / "d"))
-    it = train_batches(data, seq_len=64, global_batch=12, seed=0, packing="windows")
-    src = TrainBatches(data.train, 64, 12, seed=0)
+    it = train_batches(Mixture.of_set(data), seq_len=64, global_batch=12, seed=0,
+                       packing="windows")
+    tokens = np.asarray(data.train)
     for step, b in enumerate(take(it, 5)):
-        np.testing.assert_array_equal(b["inputs"], src[step]["inputs"])
-        np.testing.assert_array_equal(b["targets"], src[step]["targets"])
+        starts = np.random.default_rng([0, step]).integers(0, len(tokens) - 64, size=12)
+        np.testing.assert_array_equal(b["inputs"], tokens[starts[:, None] + np.arange(64)])
+        np.testing.assert_array_equal(b["targets"], tokens[starts[:, None] + np.arange(1, 65)])
         assert (b["segment_ids"] == 1).all() and (b["weights"] == 1).all()
         np.testing.assert_array_equal(b["positions"][3], np.arange(64))
+        assert "source" not in b and "tokens_seen" not in b
     # A one-text set packs as one long document.
-    b = next(train_batches(data, seq_len=64, global_batch=12, seed=0, packing="documents"))
+    b = next(train_batches(Mixture.of_set(data), seq_len=64, global_batch=12, seed=0,
+                           packing="documents"))
     assert b["weights"].sum() == 12 * 64
 
 
@@ -202,8 +208,9 @@ def test_bits_per_byte_and_row_info(docs_data):
 
 def test_packing_errors(docs_data):
     with pytest.raises(ConfigError, match="seq_len: packing=documents needs seq_len >= 2"):
-        train_dataset(docs_data, seq_len=1, global_batch=4, seed=0, packing="documents")
+        train_dataset(Mixture.of_set(docs_data), seq_len=1, global_batch=4, seed=0,
+                      packing="documents")
     with pytest.raises(ConfigError, match="data.packing: unknown value 'rows'"):
         check_packing("rows", 8)
     with pytest.raises(ConfigError, match="batch_size: 6 is not divisible by the 4"):
-        train_dataset(docs_data, seq_len=8, global_batch=6, seed=0, process_count=4)
+        train_dataset(Mixture.of_set(docs_data), seq_len=8, global_batch=6, seed=0, process_count=4)

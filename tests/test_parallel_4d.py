@@ -11,7 +11,8 @@ import pytest
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.parallel.pipeline import bubble_fraction, stage_major_permutation
-from tests.helpers import ROOT, assert_trees_close, params_fast_only, run_cli, run_steps
+from tests.helpers import (ROOT, assert_trees_close, params_fast_only, run_cli, run_steps,
+                           train_source)
 from jaxlm.training import trainer
 from jaxlm.evaluation.restore import restore_run
 from jaxlm.training.evaluate import evaluate
@@ -100,7 +101,7 @@ def test_vocab_sharded_logits_are_never_gathered(tiny_config, tmp_path):
     """With tensor=8 the compiled step holds no full [batch, seq, vocab] array."""
     c = apply_layout(model_config(tiny_config), dict(tensor=8))
     exp = Experiment.build(c, tmp_path, jax.devices())
-    batch = exp.to_global(exp.train_source()[0])
+    batch = exp.to_global(train_source(exp)[0])
     hlo = exp.train_step.lower(exp.init_state(), batch).compile().as_text()
     assert "f32[16,32,16]" in hlo  # the per-device logit shard
     assert "f32[16,32,128]" not in hlo

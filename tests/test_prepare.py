@@ -16,6 +16,7 @@ from jaxlm.storage import dirs
 from jaxlm.data.pipeline import TokenData
 from jaxlm.data.prepare import META, prepare, prepare_corpus, token_dtype
 from jaxlm.data.shards import ShardedTokens
+from tests.helpers import call_cli
 from tests.test_tokenizers import sentencepiece_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,9 +229,8 @@ def test_bad_inputs_name_the_flag_and_file(tmp_path):
     _error(tmp_path, r"--val_fraction: must be in \(0, 1\)", [src], val_fraction=1.0)
 
 
-def _run_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "jaxlm.data.prepare", *args], cwd=ROOT,
-                          capture_output=True, text=True, **kwargs)
+def _run_cli(*args):
+    return call_cli(["-m", "jaxlm.data.prepare", *args])
 
 
 def test_cli_errors_are_one_line_and_single_text_keeps_the_old_format(tmp_path):
@@ -316,6 +316,21 @@ def test_one_text_with_bpe_and_resolve_data_with_tokenizer_specs(tmp_path):
     assert resolve_data(cfg, tmp_path / "wd2").train_docs is not None
     cfg.tokenizer = "char"
     with pytest.raises(ConfigError, match="data.tokenizer: .*prepared with the 'hf' tokenizer"):
+        resolve_data(cfg, tmp_path / "wd2")
+    # The file is checked too, not only the kind: another tokenizer, or none.
+    from jaxlm.data.tokenizers import train_bpe
+    other = train_bpe(["Another text, another merge table entirely.\n" * 40], 300,
+                      tmp_path / "other.json")
+    cfg.tokenizer = f"hf:{other.path}"
+    with pytest.raises(ConfigError) as err:
+        resolve_data(cfg, tmp_path / "wd2")
+    assert str(err.value) == (
+        f"data.tokenizer: {out}'s tokenizer is not {other.path}'s (another hf file: sha256 "
+        f"{other.sha256[:8]} -> {data.tokenizer.sha256[:8]}, {data.vocab_size} tokens): set "
+        f"data.tokenizer to the file it was prepared with, or prepare it again with "
+        f"--tokenizer=hf:{other.path}")
+    cfg.tokenizer = f"hf:{tmp_path / 'missing.json'}"
+    with pytest.raises(ConfigError, match="data.tokenizer: no such tokenizer file: "):
         resolve_data(cfg, tmp_path / "wd2")
 
 

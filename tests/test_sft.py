@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config
+from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import eval_batches, train_batches
 from jaxlm.data.pipeline import TokenData, resolve_data
 from jaxlm.data.prepare import META, SFT_FORMAT_VERSION, prepare_corpus, prepare_sft
@@ -20,7 +21,7 @@ from jaxlm.data.sft import ChatTemplate, make_example, simple_pieces
 from jaxlm.data.tokenizers import HFTokenizer, train_bpe
 from jaxlm.losses.cross_entropy import cross_entropy
 from jaxlm.losses.objectives import split_objective_params
-from tests.helpers import run_cli
+from tests.helpers import call_cli, run_cli
 from jaxlm.training import rundir
 from jaxlm.training.evaluate import evaluate
 from jaxlm.training.experiment import Experiment
@@ -197,9 +198,9 @@ def test_bad_records_are_counted_by_reason_with_their_first_line(base_run, tmp_p
     assert meta["records"] == len(lines) and meta["skipped"]["bad"] == 11
     assert sum(meta["examples"].values()) == 40
     # The CLI prints each reason with its count and first line, and the summary.
-    r = run_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={src}",
-                 f"--output={tmp_path / 'cli'}", f"--tokenizer={base_run}", f"--seq_len={L}",
-                 "--val_fraction=0.2", "--quiet"])
+    r = call_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={src}",
+                  f"--output={tmp_path / 'cli'}", f"--tokenizer={base_run}", f"--seq_len={L}",
+                  "--val_fraction=0.2", "--quiet"])
     assert r.returncode == 0, r.stderr
     assert f"skipped 1 bad record(s): too_long (first at {src}:17: 145 tokens" in r.stderr
     summary = json.loads(r.stdout)
@@ -213,9 +214,9 @@ def test_strict_refuses_the_file_at_its_first_bad_record(base_run, tmp_path):
         prepare_sft([src], tmp_path / "out", tokenizer=str(base_run), seq_len=L,
                     strict=True, progress=False)
     assert not (tmp_path / "out").exists()
-    r = run_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={src}",
-                 f"--output={tmp_path / 'out'}", f"--tokenizer={base_run}", f"--seq_len={L}",
-                 "--strict", "--quiet"])
+    r = call_cli(["-m", "jaxlm.data.prepare", "--format=sft", f"--input={src}",
+                  f"--output={tmp_path / 'out'}", f"--tokenizer={base_run}", f"--seq_len={L}",
+                  "--strict", "--quiet"])
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         (f"error: --input: {src}:6: missing_field: no 'completion' field (has: prompt) "
@@ -305,7 +306,8 @@ def test_packed_batches_keep_examples_whole_with_shifted_weights(sft_dir):
     examples: dict[tuple, set] = {}  # the same text may split prompt/completion elsewhere
     for a, b in itertools.pairwise(docs):
         examples.setdefault(tuple(toks[a:b].tolist()), set()).add(tuple(w[a + 1:b].tolist()))
-    it = train_batches(data, seq_len=2 * L, global_batch=8, seed=0, packing="windows")
+    it = train_batches(Mixture.of_set(data), seq_len=2 * L, global_batch=8, seed=0,
+                       packing="windows")
     seen = 0
     for _ in range(3):
         b = next(it)

@@ -17,7 +17,7 @@ from jaxlm.sweeps.report import columns, dry_run_text
 from jaxlm.sweeps.runner import make_slots, run_sweep, worker_command
 from jaxlm.sweeps.slurm import emit_slurm
 from jaxlm.sweeps.spec import load_sweep, split_cli_overrides
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, call_cli, run_cli
 
 TINY_SWEEP = '''
 from jaxlm.configs import sweep_utils as su
@@ -174,7 +174,7 @@ def test_cli_unknown_override_key_is_one_error_line(tmp_path):
         def get_sweep(arg=None):
             return su.axis("model.d_modle", [32, 64])
         """)
-    res = run_cli(["sweep.py", f"--config={path}:tiny", f"--workdir={tmp_path / 'out'}"])
+    res = call_cli(["sweep.py", f"--config={path}:tiny", f"--workdir={tmp_path / 'out'}"])
     assert res.returncode == 1 and "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines[-1] == ("error: model.d_modle: unknown config key in sweep variant "

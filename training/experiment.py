@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlm.configs.sections import Config
 from jaxlm.data.mixture import Mixture, resolve_sources
 from jaxlm.data.packing import eval_sources, resolve_packing, split_row_info, train_batches
-from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, TrainBatches
+from jaxlm.data.pipeline import Batch, EvalBatches, TokenData
 from jaxlm.losses.objectives import OBJECTIVE_PARAMS, Objective, build_objective, needs_teacher
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import abstract_model, param_logical_axes, split_params
@@ -49,7 +49,7 @@ class Experiment:
     workdir: str
     mesh: Mesh
     rules: Rules
-    data: TokenData | Mixture
+    data: Mixture
     model_cfg: ModelConfig
     graphdef: nnx.GraphDef
     optimizer: optax.GradientTransformation
@@ -219,19 +219,12 @@ class Experiment:
 
     def train_batches(self) -> Any:
         """This process's rows of every training batch: a checkpointable grain iterator
-        (windows or packed documents, one set or a mixture; data/packing.py)."""
+        (windows or packed documents of the run's sources; data/packing.py)."""
         train, data = self.config.train, self.config.data
         return train_batches(self.data, seq_len=train.seq_len, global_batch=train.batch_size,
                              seed=train.seed, packing=data.packing,
                              process_index=jax.process_index(),
                              process_count=jax.process_count(), prefetch=data.prefetch)
-
-    def train_source(self) -> TrainBatches:
-        """Random access to the training windows of one set (benchmarks and tests): step s
-        -> the same inputs and targets as `train_batches` with packing=windows."""
-        train = self.config.train
-        return TrainBatches(self.data.train, train.seq_len, train.batch_size, train.seed,
-                            jax.process_index(), jax.process_count())
 
     def eval_sources(self, data: TokenData | np.ndarray | None = None) -> dict[str, Any]:
         """{source name: evaluation batches} covering every target once, with
@@ -243,7 +236,7 @@ class Experiment:
                   max_batches=train.eval_max_batches)
         if isinstance(data, np.ndarray):
             return {"text": EvalBatches(data, token_bytes=self.data.token_bytes, **kw)}
-        return eval_sources(self.data if data is None else data,
+        return eval_sources(self.data if data is None else Mixture.of_set(data),
                             packing=self.config.data.packing, **kw)
 
     def to_device(self, batch: Batch, *, train: bool = False

@@ -20,8 +20,7 @@ from jax.sharding import Mesh
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import MESH_AXES, Config
 from jaxlm.data.mixture import Mixture
-from jaxlm.data.packing import check_examples_fit, named_sources, resolve_packing
-from jaxlm.data.pipeline import TokenData
+from jaxlm.data.packing import check_examples_fit, resolve_packing
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.attention import IMPL_PLATFORMS
 from jaxlm.parallel.context import BLOCK_IMPLS
@@ -67,7 +66,7 @@ def pipeline_fields(config: Config, mesh: Mesh) -> dict[str, int]:
             "pipeline_repeats": config.pipeline.repeats}
 
 
-def check_layout(config: Config, mesh: Mesh, data: TokenData | Mixture, model_cfg: ModelConfig,
+def check_layout(config: Config, mesh: Mesh, data: Mixture, model_cfg: ModelConfig,
                  params: Any, param_axes: Any, teacher: Any = None,
                  process_count: int | None = None) -> None:
     """Raise ConfigError for the first way `config` does not fit the mesh, data or teacher.
@@ -211,21 +210,20 @@ def _check_moe_groups(config: Config, mesh: Mesh, rules: Rules) -> None:
                               f"group would straddle devices")
 
 
-def _check_data(config: Config, data: TokenData | Mixture) -> None:
+def _check_data(config: Config, data: Mixture) -> None:
     """Windows need seq_len + 1 tokens in each split they read; packed documents need a
     document of 2 or more tokens there (a target), and SFT examples must fit in seq_len.
     Every source has a validation split."""
     seq_len, packing = config.train.seq_len, resolve_packing(config.data.packing, data)
     check_examples_fit(data, seq_len)
-    key = "data.mixture" if isinstance(data, Mixture) else "data.path"
-    for _, source, weight in named_sources(data):
+    for _, source, weight in data.named():
         for split in ("train", "val") if weight > 0 else ("val",):
             tokens = source.tokens(split)
             if packing == "windows" and len(tokens) < seq_len + 1:
                 raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the {split} "
                                              f"split ({len(tokens)} tokens) of {source.path}")
             if packing == "documents" and not np.any(np.diff(source.docs(split)) >= 2):
-                raise ConfigError(key, f"the {split} split of {source.path} has no document "
+                raise ConfigError(data.key, f"the {split} split of {source.path} has no document "
                                        f"of 2 or more tokens")
     vocab = config.model.vocab_size
     if vocab and vocab < data.vocab_size:
@@ -259,7 +257,7 @@ def _check_divisible(params: Any, param_axes: Any, mesh: Mesh, rules: Rules,
                                   f"divisible by mesh axes {'x'.join(axes)}={shards}")
 
 
-def _check_teacher(config: Config, data: TokenData | Mixture, model_cfg: ModelConfig, teacher: Any,
+def _check_teacher(config: Config, data: Mixture, model_cfg: ModelConfig, teacher: Any,
                    mesh: Mesh) -> None:
     key = "loss.distill.teacher_workdir"
     s_tok, t_tok = data.tokenizer.to_dict(), teacher.tokenizer.to_dict()

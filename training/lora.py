@@ -5,7 +5,8 @@ parameters, e.g. a distillation projection); everything else is the frozen base.
 train state holds both, but the optimizer sees only the trainable ones, and checkpoints
 hold only them with the optimizer state: the base is written once, when the run starts,
 to WORKDIR/lora_base/0 (as integers with `quant.weight_bits`: QLoRA), with its origin in
-WORKDIR/lora_base.json. Restoring a checkpoint of a LoRA run reads the base from there.
+WORKDIR/lora_base.json, and the hash of its files in WORKDIR/fingerprints.json. Restoring a
+checkpoint of a LoRA run reads the base from there, after checking that hash.
 """
 
 import json
@@ -22,6 +23,7 @@ from jaxlm.configs.sections import Config, Quant
 from jaxlm.losses.objectives import OBJECTIVE_PARAMS, split_objective_params
 from jaxlm.models.lora import join_trees, split_adapters
 from jaxlm.models.ptq import quantize_params, quantized_axes
+from jaxlm.training import fingerprints
 from jaxlm.training.checkpoint import Checkpointer
 
 BASE_DIR = "lora_base"
@@ -66,6 +68,7 @@ def save_base(workdir: str | Path, frozen: Any, source: dict[str, Any]) -> None:
         ckpt.wait()
     if jax.process_index() == 0:
         (Path(workdir) / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    fingerprints.record_base(workdir, directory)
 
 
 def restore_base(workdir: str | Path, abstract_frozen: Any) -> Any:
@@ -77,6 +80,7 @@ def restore_base(workdir: str | Path, abstract_frozen: Any) -> Any:
             raise RunError(f"{directory} is missing: a LoRA run's checkpoints hold only the "
                            "adapters, and their frozen base is stored there once; start the "
                            "run again in a new --workdir")
+        fingerprints.check_base(workdir, directory)
         try:
             return ckpt.restore(0, abstract_frozen)
         except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types

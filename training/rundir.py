@@ -11,6 +11,7 @@
     WORKDIR/damaged_checkpoints/N/   checkpoints that failed to restore, moved aside
     WORKDIR/lora_base/0/    a LoRA run's frozen base, stored once (training/lora.py)
     WORKDIR/lora_base.json  where that base came from
+    WORKDIR/fingerprints.json  what its data, tokenizer and base were (training/fingerprints.py)
 """
 
 import contextlib
@@ -23,6 +24,7 @@ from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config, parse_mixture
 from jaxlm.data.pipeline import TokenData, is_prepared
 from jaxlm.storage import dirs
+from jaxlm.training import fingerprints
 
 CONFIG_FILE = dirs.RUN_CONFIG
 CHECKPOINTS = dirs.RUN_CHECKPOINTS
@@ -122,10 +124,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def save_config(config: Config, workdir: Path) -> None:
     """Write `config.json` atomically (a crash never leaves half a file)."""
-    path = workdir / CONFIG_FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2))
-    tmp.replace(path)
+    dirs.write_text_atomically(workdir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
 
 
 def lock(workdir: Path) -> contextlib.AbstractContextManager[None]:
@@ -156,6 +155,8 @@ def load_data(config: Config, workdir: str | os.PathLike, key: str = "workdir") 
         path = Path(parse_mixture(config.data.mixture)[0][0])
     directory = path if path is not None and is_prepared(path) else Path(workdir) / "data"
     try:
-        return TokenData.load(directory)
+        data = TokenData.load(directory)
     except ConfigError as e:
         raise ConfigError(key, f"cannot read the tokenizer of {workdir}: {e}") from None
+    fingerprints.check_tokenizer(workdir, data.tokenizer, directory, key)
+    return data

@@ -11,11 +11,9 @@ import jax
 
 from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.configs.sections import Config
-from jaxlm.data.mixture import Mixture
-from jaxlm.data.packing import named_sources
 from jaxlm.models.model import active_params, count_params
 from jaxlm.storage import dirs
-from jaxlm.training import rundir
+from jaxlm.training import fingerprints, lora, rundir
 from jaxlm.training.checkpoint import Checkpointer, SaveFailed
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device
@@ -49,6 +47,7 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
             latest = existing.latest_step()
         for notice in rundir.check_resume(config, workdir, latest, allow_schedule_change):
             log(notice)  # checked before the data is read or anything is built
+        fingerprints.check_data(config, workdir)
         if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("log.wandb_project", "needs the wandb package: pip install -e "
                                                    "'.[wandb]'")
@@ -58,6 +57,7 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
                                                    "WANDB_MODE=offline (sync later with "
                                                    "`wandb sync`)")
         exp = Experiment.build(config, workdir, devices)
+        fingerprints.check_tokenizer(workdir, exp.data.tokenizer, fingerprints.data_name(config))
         # init.from_workdir starts a new run; a resume continues from its own checkpoints.
         source = check_source(config, exp.model_cfg, exp.data.tokenizer) if config.init.from_workdir and \
             latest is None else None
@@ -77,6 +77,8 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
         state, start = _restore_or_init(exp, ckpt, data_iter, writer, source)
         if start < config.train.steps and jax.process_index() == 0:
             rundir.save_config(config, workdir)  # only a run that trains records its config
+            fingerprints.write(workdir, config, exp.data.tokenizer,
+                               lora.base_dir(workdir) if lora.enabled(config) else None)
         n_params = count_params(exp.abstract_state.params)
         log(describe(exp, n_params))
         loop, metrics, evaluation = _loop(exp, workdir, ckpt, data_iter, writer, start,
@@ -113,7 +115,7 @@ def _loop(exp: Experiment, workdir: Path, ckpt: Checkpointer, data_iter: Any,
     """The loop and its hooks, in the order they run after each step (`training/hooks.py`)."""
     config = exp.config
     intervals, train = config.intervals, config.train
-    counter = SourceTokens(exp.data.names) if isinstance(exp.data, Mixture) else None
+    counter = SourceTokens(exp.data.names) if exp.data.is_mixture else None
 
     def next_batch() -> dict[str, jax.Array]:
         batch, host = exp.to_device(next(data_iter), train=True)
@@ -195,7 +197,7 @@ def describe(exp: Experiment, n_params: int) -> str:
 
 def describe_data(exp: Experiment) -> str:
     """Each source's path, tokens (and mixture weight), the tokenizer and the packing."""
-    sources = named_sources(exp.data)
+    sources = exp.data.named()
     parts = [f"{s.path} ({len(s.train):,} train / {len(s.val):,} val tokens"
              + (f", weight {w:.2f})" if len(sources) > 1 else ")") for _, s, w in sources]
     tok = exp.data.tokenizer

@@ -1,0 +1,47 @@
+"""eval.py's request: which checkpoints, which data, what to generate (typed flags)."""
+
+from typing import ClassVar, Literal
+
+from pydantic import model_validator
+
+from jaxlm.configs.sections import PositiveInt, Sampling, Section, require
+
+
+class Generate(Section):
+    """eval.py's generation flags besides the sampling rules."""
+    length: PositiveInt = 500  # tokens to generate per prompt
+    seed: int = 0
+    draft_tokens: PositiveInt = 4  # speculative decoding: tokens the draft proposes per round
+
+
+class EvalRequest(Section):
+    """eval.py's flags: which checkpoints, which data, what to generate."""
+    FLAT_KEYS: ClassVar[bool] = True  # errors name the flag (--top_p), not sampling.top_p
+    workdir: str
+    step: int | None = None  # default: the latest checkpoint
+    evaluate: bool = True
+    sample: bool = False
+    prompts: tuple[str, ...] = ("\n",)
+    sampling: Sampling = Sampling(temperature=0.8)
+    generate: Generate = Generate()
+    all_steps: bool = False
+    data: str | None = None
+    draft_workdir: str | None = None
+    draft_step: int | None = None
+    compare: bool = True
+    quantize: Literal["int8", "int4"] | None = None
+    quant_granularity: str | None = None
+    quant_symmetric: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "EvalRequest":
+        suite = self.all_steps or self.data
+        require(not (self.quantize and suite), "quantize",
+               "evaluates one checkpoint on the validation split; drop --all_steps/--data")
+        require(not (self.sample and suite), "sample",
+               "samples from one checkpoint; drop --all_steps/--data")
+        require(not self.draft_workdir or self.sample, "draft_workdir",
+               "is for sampling; add --sample")
+        require(bool(self.evaluate or self.sample or self.quantize or suite), "eval",
+               "--noeval without --sample leaves nothing to do")
+        return self
