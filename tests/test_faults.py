@@ -161,6 +161,13 @@ def _stopped_at(config, workdir: Path, step: int, monkeypatch) -> None:
         assert trainer.train(config, workdir, one())["step"] == step
 
 
+def _truncate_every_chunk(workdir: Path, step: int) -> None:
+    """Damage every array chunk of checkpoint `step`: parameters and optimizer state."""
+    for f in (workdir / "checkpoints" / str(step) / "state").glob("**/d/*"):
+        with open(f, "r+b") as chunk:
+            chunk.truncate(16)
+
+
 def _truncate_largest_file(workdir: Path, step: int) -> None:
     """Damage checkpoint `step`: its largest file keeps only 16 bytes."""
     files = sorted((workdir / "checkpoints" / str(step)).rglob("*"),
@@ -381,7 +388,7 @@ def test_init_and_export_from_a_damaged_latest_checkpoint_use_the_one_before_unm
     config.steps, config.model.mlp = 8, "swiglu"  # Llama's MLP: the run exports
     run = tmp_path / "run"
     trainer.train(config, run, one())
-    _truncate_largest_file(run, 8)
+    _truncate_every_chunk(run, 8)
     capsys.readouterr()
     assert export_hf(run, tmp_path / "hf", devices=one())["step"] == 4
     warning = f"warning: checkpoint step 8 in {run / 'checkpoints'} does not restore ("
@@ -396,7 +403,7 @@ def test_init_and_export_from_a_damaged_latest_checkpoint_use_the_one_before_unm
     assert steps_on_disk(run) == [4, 8]  # another run's checkpoints are never moved
     assert not (run / "damaged_checkpoints").exists()
 
-    _truncate_largest_file(run, 4)
+    _truncate_every_chunk(run, 4)
     with pytest.raises(RunError, match=r"no checkpoint in .* restores .*step 8 .*step 4 "):
         trainer.train(new, tmp_path / "newer", one())
     res = run_cli(["convert.py", f"--to_hf={tmp_path / 'hf2'}", f"--workdir={run}"])

@@ -40,15 +40,17 @@ logging.getLogger("absl").addFilter(_OrbaxNoise())
 
 
 class _AbandonedIO(logging.Filter):
-    """Silences the echoes of a failed restore or save, once one has failed.
+    """Silences the echoes of a failed restore or save.
 
     When one array of a step fails to read or write, orbax closes its event loop while
     tensorstore still completes the step's other reads and writes: each then reports
     `RuntimeError: Event loop is closed` (its completion callback), an abandoned
     `_read_array_index_and_device_put` coroutine, or `_GatheringFuture exception was never
     retrieved` (asyncio), at any later time up to the process's exit. The failure itself
-    reaches `Checkpointer` as an exception and is reported as one line; these are dropped
-    from then on (`sys.unraisablehook` and the `asyncio` logger), everything else passes.
+    reaches `Checkpointer` as an exception and is reported as one line. An echo can print
+    before that exception arrives, so from the first `Checkpointer` on, these are dropped
+    (`sys.unraisablehook`, `sys.excepthook`, which a callback that tensorstore runs on its
+    own thread reports through, and the `asyncio` logger); everything else passes.
     """
 
     ECHO_COROUTINES = ("_read_array_index_and_device_put",)
@@ -56,12 +58,16 @@ class _AbandonedIO(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.previous_hook: Callable[[Any], None] | None = None
+        self.previous_excepthook: Callable[..., None] | None = None
 
     def start(self) -> None:
         """Drop the echoes from now on (idempotent)."""
         if sys.unraisablehook is not self.unraisable:
             self.previous_hook = sys.unraisablehook
             sys.unraisablehook = self.unraisable
+        if sys.excepthook is not self.excepthook:
+            self.previous_excepthook = sys.excepthook
+            sys.excepthook = self.excepthook
         logging.getLogger("asyncio").addFilter(self)  # a second add is a no-op
 
     def is_echo(self, exc: BaseException | None, obj: Any) -> bool:
@@ -72,8 +78,13 @@ class _AbandonedIO(logging.Filter):
         if not self.is_echo(unraisable.exc_value, unraisable.object):
             (self.previous_hook or sys.__unraisablehook__)(unraisable)
 
+    def excepthook(self, kind: type, exc: BaseException, tb: Any) -> None:
+        if not self.is_echo(exc, None):
+            (self.previous_excepthook or sys.__excepthook__)(kind, exc, tb)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).endswith("exception was never retrieved")
+        first_line = str(record.msg).split("\n", 1)[0]  # then "future: <Task ...>"
+        return not first_line.endswith("exception was never retrieved")
 
 
 _ABANDONED_IO = _AbandonedIO()
@@ -109,6 +120,7 @@ class Checkpointer:
             enable_async_checkpointing=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only)  # leftovers of a killed save
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        _ABANDONED_IO.start()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -168,7 +180,6 @@ class Checkpointer:
             try:
                 value = restore(step)
             except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
-                _ABANDONED_IO.start()
                 failed.append((step, restore_failure(e)))
                 continue
             for bad, reason in failed:
@@ -189,7 +200,6 @@ class Checkpointer:
         try:
             return restore(step)
         except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
-            _ABANDONED_IO.start()
             raise RunError(f"checkpoint step {step} in {self.directory} does not restore "
                            f"({restore_failure(e)})") from None
 
@@ -224,7 +234,6 @@ class Checkpointer:
     def _save_failed(self, error: Exception) -> SaveFailed:
         """The one line for a failed save: why, and the last complete checkpoint (an
         unfinished one is only a temporary directory, removed at the next start)."""
-        _ABANDONED_IO.start()
         self.manager.reload()
         last = self.manager.latest_step()
         resume = f"step {last}" if last is not None else "step 0 (there is no checkpoint yet)"
