@@ -161,13 +161,25 @@ def _stopped_at(config, workdir: Path, step: int, monkeypatch) -> None:
         assert trainer.train(config, workdir, one())["step"] == step
 
 
+def _truncate_every_chunk(workdir: Path, step: int) -> None:
+    """Damage every array chunk of checkpoint `step`: parameters and optimizer state."""
+    for f in (workdir / "checkpoints" / str(step) / "state").glob("**/d/*"):
+        with open(f, "r+b") as chunk:
+            chunk.truncate(16)
+
+
+def _truncate_largest_file(workdir: Path, step: int) -> None:
+    """Damage checkpoint `step`: its largest file keeps only 16 bytes."""
+    files = sorted((workdir / "checkpoints" / str(step)).rglob("*"),
+                   key=lambda p: p.stat().st_size if p.is_file() else -1)
+    with open(files[-1], "r+b") as f:
+        f.truncate(16)
+
+
 def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumes(
         config, reference, tmp_path, capsys, monkeypatch):
     _stopped_at(config, tmp_path / "run", 8, monkeypatch)
-    files = sorted((tmp_path / "run" / "checkpoints" / "8").rglob("*"),
-                   key=lambda p: p.stat().st_size if p.is_file() else -1)
-    with open(files[-1], "r+b") as f:  # truncate the largest file of the latest step
-        f.truncate(16)
+    _truncate_largest_file(tmp_path / "run", 8)
     second = trainer.train(config, tmp_path / "run", one())
     out = capsys.readouterr()
     assert "checkpoint step 8" in out.out and "does not restore" in out.out
@@ -368,6 +380,60 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_next_run_resumes(
     monkeypatch.undo()
     assert trainer.train(config, tmp_path / "run", one())["step"] == STEPS
     assert records(tmp_path / "run") == reference
+
+
+def test_init_and_export_from_a_damaged_latest_checkpoint_use_the_one_before_unmoved(
+        config, tmp_path, capsys):
+    from jaxlm.checkpoints.hf_export import export_hf
+    config.steps, config.model.mlp = 8, "swiglu"  # Llama's MLP: the run exports
+    run = tmp_path / "run"
+    trainer.train(config, run, one())
+    _truncate_every_chunk(run, 8)
+    capsys.readouterr()
+    assert export_hf(run, tmp_path / "hf", devices=one())["step"] == 4
+    warning = f"warning: checkpoint step 8 in {run / 'checkpoints'} does not restore ("
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(warning) and err[0].endswith("; using step 4")
+
+    new = config.copy_and_resolve_references()
+    new.init.from_workdir, new.steps = str(run), 4
+    assert trainer.train(new, tmp_path / "new", one())["step"] == 4
+    out = capsys.readouterr().out
+    assert warning in out and f"Starting from the parameters of {run} (step 4)" in out
+    assert steps_on_disk(run) == [4, 8]  # another run's checkpoints are never moved
+    assert not (run / "damaged_checkpoints").exists()
+
+    _truncate_every_chunk(run, 4)
+    with pytest.raises(RunError, match=r"no checkpoint in .* restores .*step 8 .*step 4 "):
+        trainer.train(new, tmp_path / "newer", one())
+    res = run_cli(["convert.py", f"--to_hf={tmp_path / 'hf2'}", f"--workdir={run}"])
+    lines = res.stderr.strip().splitlines()  # no orbax log or traceback
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: no checkpoint in {run / 'checkpoints'} restores (")
+    assert steps_on_disk(run) == [4, 8]
+
+
+_TRAIN = """
+import json, sys
+import jax
+import ml_collections
+from jaxlm.training import trainer
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+trainer.train(config, sys.argv[2], jax.devices()[:1])
+"""
+
+
+def test_the_abandoned_reads_of_a_damaged_checkpoint_print_nothing(config, tmp_path,
+                                                                    monkeypatch):
+    run = tmp_path / "run"
+    _stopped_at(config, run, 8, monkeypatch)
+    for f in (run / "checkpoints" / "8" / "state").glob("**/d/*"):
+        f.unlink()  # every array chunk of the latest step: many reads fail at once
+    res = run_cli(["-c", _TRAIN, config.to_json(), str(run)])
+    assert res.returncode == 0, res.stderr
+    assert "checkpoint step 8" in res.stdout and "using step 4" in res.stdout
+    assert "Event loop is closed" not in res.stderr, res.stderr
+    assert "Exception ignored" not in res.stderr, res.stderr
 
 
 def test_environment_errors_are_found_behind_other_exceptions():
