@@ -122,14 +122,42 @@ import runpy
 runpy.run_path("train.py", run_name="__main__")
 """
 
+_CTRL_C_TWICE = """
+import os, signal, sys
+sys.argv = sys.argv[1:]
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.metrics import MetricWriter
+write, save = MetricWriter.write, Checkpointer.save
+def write_then_ctrl_c(self, step, **values):
+    write(self, step, **values)
+    if step == 15 and "loss" in values:  # Ctrl-C: save after this step and stop
+        os.kill(os.getpid(), signal.SIGINT)
+def save_then_ctrl_c(self, step, *args):
+    out = save(self, step, *args)
+    if step > 15:  # the second Ctrl-C, while the stop's checkpoint is being written
+        print(f"second Ctrl-C at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+    return out
+MetricWriter.write, Checkpointer.save = write_then_ctrl_c, save_then_ctrl_c
+import runpy
+runpy.run_path("train.py", run_name="__main__")
+"""
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["before_first_checkpoint", "during_save", "after_save"])
+@pytest.mark.parametrize("point", ["before_first_checkpoint", "during_save", "after_save",
+                                   "second_ctrl_c_during_save"])
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, tmp_path):
     ref = run_cli(_cli(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "run"
-    if point == "during_save":
+    if point == "second_ctrl_c_during_save":  # exits at once, like a kill, but says so
+        res = run_cli(["-c", _CTRL_C_TWICE, *_cli(run)])
+        stopped = int(res.stdout.split("second Ctrl-C at step ")[1].split()[0])
+        assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+            "interrupted: exited at once"), res.stderr
+        assert steps_on_disk(run)[-1] in (10, stopped)  # never a half-written step
+    elif point == "during_save":
         res = run_cli(["-c", _KILL_DURING_SAVE, *_cli(run)])
         assert res.returncode == -signal.SIGKILL
         assert steps_on_disk(run) == [10]  # the half-written step 20 is not a checkpoint
