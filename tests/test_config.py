@@ -45,6 +45,7 @@ def test_sections_are_frozen():
     ("model.moe.jitter", -0.5, "model.moe.jitter: must be in [0, 1), got -0.5"),
     ("mesh.fsdp", -2, "mesh.fsdp: must be >= -1, got -2"),
     ("mesh.tensor", -1, "mesh.tensor: only one mesh axis may be -1"),
+    ("mesh.data", 0, "mesh.data: must be a positive size or -1, got 0"),
     ("quant.granularity", "fine", "quant.granularity: 'fine' is not per_channel"),
     ("loss.distill.temperature", 0.0, "loss.distill.temperature: must be > 0, got 0.0"),
     ("data.val_fraction", 1.0, "data.val_fraction: must be in (0, 1), got 1.0"),
