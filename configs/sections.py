@@ -141,7 +141,7 @@ class Train(Section):
         return self
 
 
-class Optim(Section):
+class Updates(Section):
     """The learning-rate schedule and the keys every optimizer shares, plus AdamW's own
     (beta1, beta2, adam_eps; Muon's AdamW for its non-matrix parameters uses them too).
     Weight decay is decoupled (scaled by the learning rate) and on matrices only."""
@@ -161,7 +161,7 @@ class Optim(Section):
     adam_eps: NonNegativeFloat = 1e-8
 
     @model_validator(mode="after")
-    def _floor_below_peak(self) -> "Optim":
+    def _floor_below_peak(self) -> "Updates":
         require(self.min_learning_rate <= self.learning_rate, "min_learning_rate",
                f"{self.min_learning_rate} is above learning_rate {self.learning_rate}")
         return self
@@ -655,7 +655,7 @@ class Sampling(Section):
 # The whole config.
 
 SECTIONS: dict[str, type[Section]] = {
-    "train": Train, "optim": Optim, "intervals": Intervals, "pipeline": Pipeline,
+    "train": Train, "updates": Updates, "intervals": Intervals, "pipeline": Pipeline,
     "mesh": Mesh, "sharding": Sharding, "model": Model, "loss": Loss, "quant": Quant,
     "data": Data, "init": Init, "optimizer": Optimizer, "log": Log, "profile": Profile,
     "lora": Lora,
@@ -668,7 +668,7 @@ _NOTICES_SHOWN: set[str] = set()
 def _scale_default_warmup(values: dict[str, Any]) -> dict[str, Any]:
     """A run shorter than the default warm-up warms up for a tenth of its steps instead
     (with one notice); a warm-up the user set longer than the run stays an error."""
-    default = Optim.model_fields["warmup_steps"].default
+    default = Updates.model_fields["warmup_steps"].default
     steps, warmup = values.get("steps"), values.get("warmup_steps", default)
     if not (isinstance(steps, int) and not isinstance(steps, bool) and warmup == default
             and 0 < steps < default):
@@ -688,7 +688,7 @@ class Config(BaseModel):
     model_config = PydanticConfig(frozen=True, extra="forbid")
     name: str = "base"
     train: Train = Train()
-    optim: Optim = Optim()
+    updates: Updates = Updates()
     intervals: Intervals = Intervals()
     pipeline: Pipeline = Pipeline()
     mesh: Mesh = Mesh()
@@ -747,8 +747,8 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "Config":
-        require(self.optim.warmup_steps <= self.train.steps, "warmup_steps",
-               f"{self.optim.warmup_steps} warm-up steps are more than steps "
+        require(self.updates.warmup_steps <= self.train.steps, "warmup_steps",
+               f"{self.updates.warmup_steps} warm-up steps are more than steps "
                f"{self.train.steps}")
         self.quant.check_divides(self.model)
         self.lora.check_model(self.model)

@@ -114,7 +114,7 @@ def test_config_dict_and_typed_config_are_interchangeable_at_the_entry():
 def test_a_short_run_scales_the_default_warmup_but_not_a_chosen_one(capsys):
     from jaxlm.configs.sections import Config
     config = Config().replace(steps=20)
-    assert config.optim.warmup_steps == 2
+    assert config.updates.warmup_steps == 2
     assert "warming up for 2 steps" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="warmup_steps: 50 warm-up steps are more than steps 20"):
         Config().replace(steps=20, warmup_steps=50)

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import Config, Optim
+from jaxlm.configs.sections import Config, Updates
 from tests.helpers import params_fast_only, run_steps
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.optimizer import learning_rate_schedule, muon_dimension_numbers
@@ -91,7 +91,7 @@ STEPS, WARMUP, PEAK, FLOOR = 100, 10, 1e-3, 1e-4
 
 
 def _schedule(kind, **kw):
-    return learning_rate_schedule(Optim(learning_rate=PEAK, min_learning_rate=FLOOR,
+    return learning_rate_schedule(Updates(learning_rate=PEAK, min_learning_rate=FLOOR,
                                         warmup_steps=WARMUP, schedule=kind, **kw), STEPS)
 
 
