@@ -35,10 +35,10 @@ def split_tokenizer_spec(spec: str, key: str = "") -> tuple[str, str | None]:
 def bpe_vocab_size(size: int, key: str = "") -> int:
     """`size` if a byte-level BPE can have that many ids."""
     require(size >= MIN_BPE_VOCAB, key, f"{size} is too small for a byte-level BPE: it needs "
-                                         f"at least {MIN_BPE_VOCAB} ids (256 bytes + "
-                                         f"end-of-document)")
+                                        f"at least {MIN_BPE_VOCAB} ids (256 bytes + "
+                                        f"end-of-document)")
     require(size <= MAX_VOCAB, key, f"{size} is too large: token ids are int32 (at most "
-                                     f"{MAX_VOCAB})")
+                                    f"{MAX_VOCAB})")
     return size
 
 
@@ -53,7 +53,7 @@ def parse_mixture(spec: str, key: str = "data.mixture") -> list[tuple[str, float
         except ValueError:
             raise ConfigError(key, f"weight {weight!r} of {path} is not a number") from None
         require(math.isfinite(w) and w >= 0, key, f"weight of {path} must be a finite "
-                                                   f"number >= 0, got {weight}")
+                                                  f"number >= 0, got {weight}")
         items.append((path, w))
     require(bool(items), key, "no sources; expected DIR:WEIGHT,DIR:WEIGHT,...")
     require(sum(w for _, w in items) > 0, key, f"the weights sum to zero ({spec})")

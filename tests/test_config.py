@@ -49,6 +49,8 @@ def test_sections_are_frozen():
     ("quant.granularity", "fine", "quant.granularity: 'fine' is not per_channel"),
     ("loss.distill.temperature", 0.0, "loss.distill.temperature: must be > 0, got 0.0"),
     ("data.val_fraction", 1.0, "data.val_fraction: must be in (0, 1), got 1.0"),
+    ("data.vocab_size", 2**31, "data.vocab_size: 2147483648 is too large: token ids are int32 "
+                               "(at most 2147483647)"),
 ])
 def test_bad_values_name_their_key(key, value, message):
     d = get_base_config().to_dict()

@@ -155,3 +155,11 @@ def test_resuming_with_another_mesh_says_so(tmp_path):
     assert notices == [f"Resuming the run in {tmp_path} with changed settings: mesh.fsdp 4 -> "
                        f"1, mesh.context 1 -> 4"]
     assert rundir.check_resume(Config().replace(**{"mesh.fsdp": 4}), tmp_path, 10) == []
+
+
+def test_the_shared_optimizer_keys_are_top_level_keys():
+    """`--config.learning_rate`, and `learning_rate` in config.json: no section prefix."""
+    saved = Config().replace(learning_rate=3e-4, schedule="wsd").to_dict()
+    assert (saved["learning_rate"], saved["schedule"]) == (3e-4, "wsd")
+    assert "updates" not in saved and "optim" not in saved
+    assert Config.from_dict(saved).updates.learning_rate == 3e-4
