@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import Config, parse_mixture
+from jaxlm.configs.sections import Config
+from jaxlm.configs.specs import parse_mixture
 from jaxlm.data.pipeline import TokenData, is_prepared
 from jaxlm.storage import dirs
 from jaxlm.training import fingerprints
