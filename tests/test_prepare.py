@@ -349,10 +349,10 @@ def test_output_inside_an_input_directory_is_not_read_back(tmp_path):
 def test_bpe_can_train_on_a_prefix(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", docs_of(200, seed=6))
     out = prepare_corpus([src], tmp_path / "out", tokenizer="bpe", vocab_size=300,
-                         workers=0, progress=False, bpe_train_chars=500)
+                         workers=0, progress=False, bpe_train_mb=0.0005)
     data = TokenData.load(out)
     assert json.loads((out / META).read_text())["settings"]["bpe_train_chars"] == 500
     assert sum(len(d) for d in decoded_docs(data, "train")) > 500  # all documents written
     with pytest.raises(ConfigError, match="--bpe_train_mb: must be >= 0"):
-        prepare_corpus([src], tmp_path / "o2", tokenizer="bpe", bpe_train_chars=-1,
+        prepare_corpus([src], tmp_path / "o2", tokenizer="bpe", bpe_train_mb=-1,
                        workers=0, progress=False)

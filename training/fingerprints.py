@@ -22,7 +22,7 @@ import jax
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config, parse_mixture
-from jaxlm.data.prepare import EMBEDDED_CORPUS, META, _text_files, is_prepared
+from jaxlm.data.prepare.formats import EMBEDDED_CORPUS, META, is_prepared, text_files
 from jaxlm.storage import dirs
 from jaxlm.data.tokenizers import (Tokenizer, file_sha256, vocabulary,
                                    vocabulary_difference)
@@ -58,7 +58,7 @@ def data_fingerprint(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         return {}
     h = hashlib.sha256()
-    for f in _text_files(path):
+    for f in text_files(path):
         h.update(f"{f.relative_to(path)}|{file_sha256(f)}\n".encode())
     return {**out, "sha256": h.hexdigest()}
 
