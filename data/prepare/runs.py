@@ -1,5 +1,5 @@
 """Tokenizers taken from elsewhere: a prepared directory's, a training run's (through the
-data it trained on), and SFT's base tokenizer."""
+data it trained on, checked against its fingerprints.json), and SFT's base tokenizer."""
 
 import os
 from pathlib import Path
@@ -12,6 +12,7 @@ from jaxlm.data.sft import ChatTemplate, choose_template, find_chat_template, sa
     template_directory
 from jaxlm.data.tokenizers import (ByteTokenizer, Tokenizer, load_hf_tokenizer,
                                    load_sentencepiece, parse_tokenizer_spec, tokenizer_from_dict)
+from jaxlm.training import fingerprints
 
 
 def is_run(path: Path) -> bool:
@@ -73,14 +74,19 @@ def sft_tokenizer(spec: str, chat_template: str = "auto"
     """`--tokenizer` and `--chat_template` of SFT preparation -> (tokenizer, template).
 
     `spec` is a prepared data directory or a run directory (its tokenizer is reused
-    exactly), `byte`, `hf:PATH` or `sentencepiece:PATH`; char and bpe would fit a new
-    vocabulary to the fine-tuning data, which no base model shares. `chat_template`: `auto` (the tokenizer's Hugging
+    exactly; a run's must be the one its fingerprints.json recorded), `byte`, `hf:PATH`
+    or `sentencepiece:PATH`; char and bpe would fit a new vocabulary to the fine-tuning
+    data, which no base model shares. `chat_template`: `auto` (the tokenizer's Hugging
     Face template when it has one, else the simple one), `simple`, or a Jinja file."""
     spec = spec.removeprefix("from:")
     directory = prepared_directory_of(spec) if Path(spec).is_dir() else None
     found: ChatTemplate | None = None
     if directory is not None:
         tok, meta = reuse_tokenizer(directory)
+        if directory != Path(spec):  # a run's: the one it trained with
+            fingerprints.check_tokenizer(spec, tok, directory, key="--tokenizer",
+                                         fix="pass as --tokenizer the prepared directory "
+                                             "the run was trained on")
         found = saved_template(meta, directory / META)
     else:
         kind, path = parse_tokenizer_spec(spec, "--tokenizer")
