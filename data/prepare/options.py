@@ -1,8 +1,8 @@
 """`Prepare`: the settings of one preparation, as `python -m jaxlm.data.prepare` takes them
 (each field is a flag: its type, default and help).
 
-The value checks are the types of the run config's `data` section (configs/sections.py):
-a range or a minimum is written once, there. Errors name the flag (`--val_fraction`).
+The value checks are those of the run config's `data` keys (configs/specs.py): a range or
+a minimum is written once, there. Errors name the flag (`--val_fraction`).
 """
 
 import types
@@ -11,14 +11,12 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origi
 from pydantic import Field, model_validator
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import (Data, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+from jaxlm.configs.sections import (NonNegativeFloat, NonNegativeInt, PositiveFloat,
                                     PositiveInt, Section)
+from jaxlm.configs.specs import ValFraction, bpe_vocab_size
 from jaxlm.data.prepare.formats import SHARD_BYTES
 from jaxlm.data.sft import DEFAULT_END_TEXT
 from jaxlm.data.tokenizers import DEFAULT_BPE_VOCAB
-
-ValFraction = Annotated[float, *Data.model_fields["val_fraction"].metadata]  # (0, 1)
-VocabSize = Annotated[int, *Data.model_fields["vocab_size"].metadata]
 
 
 class Prepare(Section):
@@ -34,7 +32,7 @@ class Prepare(Section):
     tokenizer: str = Field(
         "char", description="char | byte | bpe | hf:PATH | sentencepiece:PATH; sft: a run "
                             "or prepared directory, byte, hf:PATH or sentencepiece:PATH.")
-    vocab_size: VocabSize = Field(DEFAULT_BPE_VOCAB, description="bpe only: its ids.")
+    vocab_size: int = Field(DEFAULT_BPE_VOCAB, description="bpe only: its ids.")
     bpe_train_mb: NonNegativeFloat = Field(
         0.0, description="bpe only: train on the first N million characters of the training "
                          "documents (0: all).")
@@ -73,8 +71,8 @@ class Prepare(Section):
 
     @model_validator(mode="after")
     def _bpe_holds_the_bytes(self) -> "Prepare":
-        if self.tokenizer == "bpe":  # the data section's minimum for a byte-level BPE
-            Data.parse({"vocab_size": self.vocab_size}, prefix="")
+        if self.tokenizer == "bpe":  # vocab_size is read by bpe only
+            bpe_vocab_size(self.vocab_size, "vocab_size")
         return self
 
     @property

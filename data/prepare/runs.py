@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import parse_mixture
+from jaxlm.configs.specs import parse_mixture
 from jaxlm.data.prepare.formats import META, RUN_CONFIG, is_prepared, read_json_file
 from jaxlm.data.sft import ChatTemplate, choose_template, find_chat_template, saved_template, \
     template_directory
