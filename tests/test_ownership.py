@@ -2,8 +2,8 @@
 config.json only when the run trains; a sweep variant keeps its recorded config."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys

@@ -224,9 +224,10 @@ class TextSource:
                                            f"represent it: remove or replace it in the text"
                               ) from None
         n_train = int(len(ids) * (1.0 - self.settings["val_fraction"]))
-        none = np.zeros(2, np.int64)
+        # Two documents: the training part and the validation part (format 1 records no
+        # text bytes per document).
         yield Encoded(ids.astype(dtype), np.array([n_train, len(ids) - n_train], np.int64),
-                      none, np.array([False, True]))
+                      np.zeros(2, np.int64), np.array([False, True]))
 
     def meta(self, tok: Tokenizer, dtype: np.dtype, splits: dict[str, Any]) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "source": str(self.source.resolve()),
