@@ -22,7 +22,7 @@ from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.hooks import Progress
 from jaxlm.training.metrics import MetricWriter
 from jaxlm.training.metrics import WALL_CLOCK_KEYS
-from tests.helpers import ROOT, run_cli, train_source
+from tests.helpers import ROOT, call_cli, run_cli, train_source
 
 STEPS, EVERY = 12, 4
 
@@ -534,24 +534,25 @@ def test_data_prepare_stopped_or_out_of_space_is_one_line_and_leaves_no_output(
         fault, tmp_path, monkeypatch):
     import errno
 
-    from jaxlm.data import prepare
+    from jaxlm.data.prepare import build, is_prepared
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
     out = tmp_path / "out"
-    original = prepare._build
+    original = build._write
 
-    def failing_build(*args, **kwargs):
+    def failing_write(*args, **kwargs):
         if fault == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
         elif fault == "ctrl_c":
             raise KeyboardInterrupt
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "train_0.bin"))
-    monkeypatch.setattr(prepare, "_build", failing_build)
-    argv = ["--input", str(corpus), "--output", str(out), "--workers", "0", "--quiet"]
+    monkeypatch.setattr(build, "_write", failing_write)
+    argv = ["-m", "jaxlm.data.prepare", "--input", str(corpus), "--output", str(out),
+            "--workers", "0", "--quiet"]
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as stopped:
-        prepare.main(argv)
-    message = str(stopped.value.code)
+    stopped = call_cli(argv)
+    message = stopped.stderr.strip()
+    assert stopped.returncode == 1
     if fault == "disk_full":
         assert message == (f"error: {out / 'train_0.bin'}: No space left on device; free some "
                            "space and run the same command again")
@@ -560,9 +561,9 @@ def test_data_prepare_stopped_or_out_of_space_is_one_line_and_leaves_no_output(
                            f"{out} was not prepared; run the same command again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
-    monkeypatch.setattr(prepare, "_build", original)
-    prepare.main(argv)  # the next run works
-    assert prepare.is_prepared(out)
+    monkeypatch.setattr(build, "_write", original)
+    assert call_cli(argv).returncode == 0  # the next run works
+    assert is_prepared(out)
 
 
 def test_a_text_field_of_another_type_is_named_as_such():
