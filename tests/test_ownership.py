@@ -117,7 +117,9 @@ def test_prepare_refuses_unrelated_other_settings_and_concurrent_outputs(tmp_pat
                         r"--overwrite.*\n", refused.stderr)
     assert (tmp_path / "out" / META).read_text() == before
     with dirs.output_lock(tmp_path / "new"):  # what a concurrent data.prepare holds
-        with pytest.raises(ConfigError, match=r"--output: .*new is in use by another process"):
+        with pytest.raises(ConfigError, match=r"--output: .*new is in use by another process"
+                                              r".*; wait for it to finish or use another "
+                                              r"--output$"):
             prepare(text, tmp_path / "new", tokenizer="byte")
     assert not (tmp_path / "new").exists()
     assert prepare_main(f"--input={text}", f"--output={tmp_path / 'out'}", "--tokenizer=byte",
