@@ -10,7 +10,8 @@ import jax
 
 from jaxlm.configs.errors import RunError, environment_error, environment_message
 from jaxlm.configs.sections import MESH_AXES
-from jaxlm.training import fingerprints, rundir
+from jaxlm.data import fingerprints
+from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 

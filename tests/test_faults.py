@@ -576,7 +576,7 @@ def test_a_text_field_of_another_type_is_named_as_such():
                                            "string")
 
 
-# Runs record what their tokens mean (training/fingerprints.py).
+# Runs record what their tokens mean (data/fingerprints.py).
 
 def _text(path: Path, text: str) -> str:
     path.write_text(text, encoding="utf-8")

@@ -22,7 +22,8 @@ from jaxlm.data.tokenizers import HFTokenizer, train_bpe
 from jaxlm.losses.cross_entropy import cross_entropy
 from jaxlm.losses.objectives import split_objective_params
 from tests.helpers import call_cli, run_cli
-from jaxlm.training import fingerprints, rundir
+from jaxlm.data import fingerprints
+from jaxlm.training import rundir
 from jaxlm.training.evaluate import evaluate
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.steps import make_loss_fn

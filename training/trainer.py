@@ -13,7 +13,8 @@ from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.configs.sections import Config
 from jaxlm.models.model import active_params, count_params
 from jaxlm.storage import dirs
-from jaxlm.training import fingerprints, lora, rundir
+from jaxlm.data import fingerprints
+from jaxlm.training import lora, rundir
 from jaxlm.training.checkpoint import Checkpointer, SaveFailed
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device

@@ -12,7 +12,7 @@ from jaxlm.data.sft import ChatTemplate, choose_template, find_chat_template, sa
     template_directory
 from jaxlm.data.tokenizers import (ByteTokenizer, Tokenizer, load_hf_tokenizer,
                                    load_sentencepiece, parse_tokenizer_spec, tokenizer_from_dict)
-from jaxlm.training import fingerprints
+from jaxlm.data import fingerprints
 
 
 def is_run(path: Path) -> bool:
