@@ -9,6 +9,8 @@
   python eval.py --workdir=runs/big --noeval --sample --temperature=0 \
       --draft_workdir=runs/small --draft_tokens=4                 # speculative decoding
   python eval.py --workdir=runs/shakespeare_char --quantize=int4   # real int4 weights
+  python eval.py --workdir=runs/shakespeare_char --noeval --sample --num_beams=4 \
+      --length_penalty=1.0 --early_stopping=false                 # beam search
 
 Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
 summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
@@ -44,6 +46,12 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1 = "
+                                  "sample as --temperature/--top_k/--top_p say).")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0, "Beam search: a hypothesis "
+                                     "scores sum logprob / length**this.")
+_EARLY_STOPPING = flags.DEFINE_string("early_stopping", "false", "Beam search: true | "
+                                      "false | never, as in transformers' generate.")
 _ALL_STEPS = flags.DEFINE_bool("all_steps", False, "Evaluate every kept checkpoint; write "
                                "eval/summary.csv and eval/eval_loss.png.")
 _DATA = flags.DEFINE_string("data", None, "Evaluate on this text file or prepared token "
@@ -80,7 +88,9 @@ def main(argv: list[str]) -> None:
             sampling={"temperature": _TEMPERATURE.value, "top_k": _TOP_K.value,
                       "top_p": _TOP_P.value},
             generate={"length": _LENGTH.value, "seed": _SEED.value,
-                      "draft_tokens": _DRAFT_TOKENS.value},
+                      "draft_tokens": _DRAFT_TOKENS.value, "num_beams": _NUM_BEAMS.value,
+                      "length_penalty": _LENGTH_PENALTY.value,
+                      "early_stopping": _EARLY_STOPPING.value},
             all_steps=_ALL_STEPS.value, data=_DATA.value, draft_workdir=_DRAFT_WORKDIR.value,
             draft_step=_DRAFT_STEP.value, compare=_COMPARE.value, quantize=_QUANTIZE.value,
             quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value))

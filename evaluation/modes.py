@@ -3,7 +3,8 @@
   evaluate     the validation loss of one checkpoint (the default; with --quantize, real
                int8/int4 weights)
   checkpoints  every kept checkpoint and/or other data (--all_steps, --data)
-  sample       generate text (--sample), after evaluating unless --noeval
+  sample       generate text (--sample; beam search with --num_beams > 1), after
+               evaluating unless --noeval
   speculative  generate with a draft model (--sample --draft_workdir)
 
 Results are JSON lines on stdout (and files under WORKDIR/eval/); generated text goes to
@@ -22,7 +23,7 @@ from jaxlm.configs.errors import RunError
 from jaxlm.evaluation.request import EvalRequest
 from jaxlm.evaluation.quantized import evaluate_quantized
 from jaxlm.evaluation.restore import json_line, restore_run, save_result
-from jaxlm.evaluation.sampling import sample, sample_speculative
+from jaxlm.evaluation.sampling import beam_search, sample, sample_speculative
 from jaxlm.evaluation.suite import evaluate_checkpoints
 from jaxlm.training.evaluate import NonFiniteEval, evaluate
 
@@ -76,8 +77,13 @@ def sample_mode(req: EvalRequest) -> None:
     exp, state, step = restore_run(req.workdir, req.step)
     if req.evaluate or req.quantize:
         _evaluate_one(req, exp, state, step)
-    texts, stats = sample(exp, state.params, list(req.prompts), req.generate.length,
-                          req.sampling, req.generate.seed)
+    g = req.generate
+    if g.num_beams > 1:
+        texts, stats = beam_search(exp, state.params, list(req.prompts), g.length,
+                                   g.num_beams, g.length_penalty, g.early_stopping_value())
+    else:
+        texts, stats = sample(exp, state.params, list(req.prompts), g.length, req.sampling,
+                              g.seed)
     _print_samples(req, texts, stats)
 
 

@@ -12,6 +12,13 @@ class Generate(Section):
     length: PositiveInt = 500  # tokens to generate per prompt
     seed: int = 0
     draft_tokens: PositiveInt = 4  # speculative decoding: tokens the draft proposes per round
+    num_beams: PositiveInt = 1  # > 1: beam search (deterministic; the sampling flags unused)
+    length_penalty: float = 1.0  # beam search: hypothesis score = sum logprob / length**this
+    early_stopping: Literal["true", "false", "never"] = "false"  # as `transformers`' generate
+
+    def early_stopping_value(self) -> bool | str:
+        """`early_stopping` as `transformers` spells it: True, False or "never"."""
+        return {"true": True, "false": False}.get(self.early_stopping, self.early_stopping)
 
 
 class EvalRequest(Section):
@@ -42,6 +49,8 @@ class EvalRequest(Section):
                "samples from one checkpoint; drop --all_steps/--data")
         require(not self.draft_workdir or self.sample, "draft_workdir",
                "is for sampling; add --sample")
+        require(not (self.draft_workdir and self.generate.num_beams > 1), "num_beams",
+               "beam search does not take a draft model; drop --draft_workdir")
         require(bool(self.evaluate or self.sample or self.quantize or suite), "eval",
                "--noeval without --sample leaves nothing to do")
         return self

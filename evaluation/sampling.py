@@ -6,6 +6,7 @@ from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Sampling
 from jaxlm.data.packing import stores_documents
 from jaxlm.evaluation.restore import restore_run
+from jaxlm.inference.beam import BeamSearch, EarlyStopping
 from jaxlm.inference.generate import Generator
 from jaxlm.inference.speculative import SpeculativeGenerator
 from jaxlm.losses.objectives import split_objective_params
@@ -29,6 +30,18 @@ def sample(exp: Experiment, params: Any, prompts: list[str], length: int, sp: Sa
     ids = encode_prompts(exp, prompts)
     gen = Generator(exp.graphdef, exp.model_cfg, exp.config.train.seq_len)
     out, stats = gen.generate(split_objective_params(params)[0], ids, length, sp, seed)
+    return [exp.data.tokenizer.decode(o) for o in out], stats
+
+
+def beam_search(exp: Experiment, params: Any, prompts: list[str], length: int,
+                num_beams: int, length_penalty: float = 1.0,
+                early_stopping: EarlyStopping = False) -> tuple[list[str], dict[str, float]]:
+    """Each prompt's best beam-search continuation of at most `length` tokens; a
+    hypothesis ends at the tokenizer's EOS, if it has one."""
+    ids = encode_prompts(exp, prompts)
+    beam = BeamSearch(exp.graphdef, exp.model_cfg, exp.config.train.seq_len)
+    out, stats = beam.generate(split_objective_params(params)[0], ids, length, num_beams,
+                               exp.data.tokenizer.eos_id, length_penalty, early_stopping)
     return [exp.data.tokenizer.decode(o) for o in out], stats
 
 
