@@ -11,6 +11,8 @@
   python eval.py --workdir=runs/shakespeare_char --quantize=int4   # real int4 weights
   python eval.py --workdir=runs/shakespeare_char --noeval --sample --num_beams=4 \
       --length_penalty=1.0 --early_stopping=false                 # beam search
+  python eval.py --workdir=runs/shakespeare_char --noeval --generation_set=heldout.jsonl \
+      --length=40 --stop=$'\n' --temperature=0                   # BLEU, chrF, ROUGE
 
 Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
 summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
@@ -69,6 +71,14 @@ _GRANULARITY = flags.DEFINE_string("quant_granularity", None,
                                    "run's quant.granularity).")
 _SYMMETRIC = flags.DEFINE_bool("quant_symmetric", None,
                                "Symmetric integers (default: the run's quant.symmetric).")
+_GENERATION_SET = flags.DEFINE_string("generation_set", None, "A JSON-lines file of prompts "
+                                      "and references: generate, then score BLEU, chrF and "
+                                      "ROUGE; writes eval/generation/<name>_step_<N>.json.")
+_PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt", "--generation_set's prompt key.")
+_REFERENCE_FIELD = flags.DEFINE_string("reference_field", "reference",
+                                       "--generation_set's reference key.")
+_STOP = flags.DEFINE_string("stop", None, "A generation ends before this string (and at EOS).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts generated at once.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs.")
@@ -93,7 +103,10 @@ def main(argv: list[str]) -> None:
                       "early_stopping": _EARLY_STOPPING.value},
             all_steps=_ALL_STEPS.value, data=_DATA.value, draft_workdir=_DRAFT_WORKDIR.value,
             draft_step=_DRAFT_STEP.value, compare=_COMPARE.value, quantize=_QUANTIZE.value,
-            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value))
+            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value,
+            generation_set=_GENERATION_SET.value, prompt_field=_PROMPT_FIELD.value,
+            reference_field=_REFERENCE_FIELD.value, stop=_STOP.value,
+            batch_size=_BATCH_SIZE.value))
         initialize(**Launch.parse(dict(
             cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())

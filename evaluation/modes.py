@@ -6,6 +6,8 @@
   sample       generate text (--sample; beam search with --num_beams > 1), after
                evaluating unless --noeval
   speculative  generate with a draft model (--sample --draft_workdir)
+  generation   generate for a prompt/reference set and score BLEU, chrF, ROUGE
+               (--generation_set)
 
 Results are JSON lines on stdout (and files under WORKDIR/eval/); generated text goes to
 stdout and speed figures to stderr.
@@ -23,7 +25,8 @@ from jaxlm.configs.errors import RunError
 from jaxlm.evaluation.request import EvalRequest
 from jaxlm.evaluation.quantized import evaluate_quantized
 from jaxlm.evaluation.restore import json_line, restore_run, save_result
-from jaxlm.evaluation.sampling import beam_search, sample, sample_speculative
+from jaxlm.evaluation.generation_set import cut_at_stop, generation_report, load_generation_set
+from jaxlm.evaluation.sampling import beam_search, continue_prompts, sample, sample_speculative
 from jaxlm.evaluation.suite import evaluate_checkpoints
 from jaxlm.training.evaluate import NonFiniteEval, evaluate
 
@@ -98,7 +101,41 @@ def speculative_mode(req: EvalRequest) -> None:
     _print_samples(req, texts, stats)
 
 
+def decoding_settings(req: EvalRequest) -> dict[str, Any]:
+    """How the generations were decoded, as saved beside their scores."""
+    g, sp = req.generate, req.sampling
+    settings: dict[str, Any] = {"max_new_tokens": g.length, "stop": req.stop,
+                                "batch_size": req.batch_size}
+    if g.num_beams > 1:
+        return {"method": "beam", "num_beams": g.num_beams, "length_penalty": g.length_penalty,
+                "early_stopping": g.early_stopping_value(), **settings}
+    if sp.temperature <= 0.0:
+        return {"method": "greedy", **settings}
+    return {"method": "sample", "temperature": sp.temperature, "top_k": sp.top_k,
+            "top_p": sp.top_p, "seed": g.seed, **settings}
+
+
+def generation_set_mode(req: EvalRequest) -> None:
+    """Generate for every prompt of --generation_set and score against its references."""
+    examples = load_generation_set(req.generation_set, req.prompt_field, req.reference_field)
+    exp, state, step = restore_run(req.workdir, req.step)
+    if req.evaluate:
+        _evaluate_one(req, exp, state, step)
+    texts = continue_prompts(exp, state.params, [e["prompt"] for e in examples], req.generate,
+                             req.sampling, req.batch_size)
+    report = generation_report(examples, [cut_at_stop(t, req.stop) for t in texts],
+                               decoding_settings(req))
+    name = Path(req.generation_set).name.split(".")[0]
+    result = {"step": step, "generation_set": str(req.generation_set), **report}
+    _print_result({k: v for k, v in result.items() if k != "examples"})
+    if jax.process_index() == 0:
+        save_result(Path(req.workdir) / "eval" / "generation" / f"{name}_step_{step}.json",
+                    json.dumps(result, indent=1) + "\n")
+
+
 def pick_mode(req: EvalRequest) -> Callable[[EvalRequest], None]:
+    if req.generation_set:
+        return generation_set_mode
     if req.all_steps or req.data:
         return checkpoints_mode
     if req.sample:

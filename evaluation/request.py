@@ -39,6 +39,11 @@ class EvalRequest(Section):
     quantize: Literal["int8", "int4"] | None = None
     quant_granularity: str | None = None
     quant_symmetric: bool | None = None
+    generation_set: str | None = None  # JSON lines of prompts and references: BLEU/chrF/ROUGE
+    prompt_field: str = "prompt"
+    reference_field: str = "reference"
+    stop: str | None = None  # a continuation ends before this string (besides EOS)
+    batch_size: PositiveInt = 8  # prompts generated at once
 
     @model_validator(mode="after")
     def _one_mode(self) -> "EvalRequest":
@@ -47,10 +52,15 @@ class EvalRequest(Section):
                "evaluates one checkpoint on the validation split; drop --all_steps/--data")
         require(not (self.sample and suite), "sample",
                "samples from one checkpoint; drop --all_steps/--data")
+        require(not (self.generation_set and (suite or self.sample or self.quantize or
+                                              self.draft_workdir)), "generation_set",
+               "scores one checkpoint's generations; drop --all_steps/--data/--sample/"
+               "--quantize/--draft_workdir")
         require(not self.draft_workdir or self.sample, "draft_workdir",
                "is for sampling; add --sample")
         require(not (self.draft_workdir and self.generate.num_beams > 1), "num_beams",
                "beam search does not take a draft model; drop --draft_workdir")
-        require(bool(self.evaluate or self.sample or self.quantize or suite), "eval",
+        require(bool(self.evaluate or self.sample or self.quantize or suite or
+                     self.generation_set), "eval",
                "--noeval without --sample leaves nothing to do")
         return self
