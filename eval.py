@@ -13,6 +13,7 @@
       --length_penalty=1.0 --early_stopping=false                 # beam search
   python eval.py --workdir=runs/shakespeare_char --noeval --generation_set=heldout.jsonl \
       --length=40 --stop=$'\n' --temperature=0                   # BLEU, chrF, ROUGE
+  python eval.py --workdir=runs/shakespeare_char --noeval --attention_maps --prompt="ROMEO:"
 
 Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
 summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
@@ -79,6 +80,9 @@ _REFERENCE_FIELD = flags.DEFINE_string("reference_field", "reference",
                                        "--generation_set's reference key.")
 _STOP = flags.DEFINE_string("stop", None, "A generation ends before this string (and at EOS).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts generated at once.")
+_ATTENTION_MAPS = flags.DEFINE_bool("attention_maps", False, "Write the --prompt's attention "
+                                    "maps (a PNG per layer), heads.csv and maps.npz to "
+                                    "eval/attention/step_<N>/.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs.")
@@ -106,7 +110,7 @@ def main(argv: list[str]) -> None:
             quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value,
             generation_set=_GENERATION_SET.value, prompt_field=_PROMPT_FIELD.value,
             reference_field=_REFERENCE_FIELD.value, stop=_STOP.value,
-            batch_size=_BATCH_SIZE.value))
+            batch_size=_BATCH_SIZE.value, attention_maps=_ATTENTION_MAPS.value))
         initialize(**Launch.parse(dict(
             cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())

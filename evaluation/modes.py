@@ -8,6 +8,7 @@
   speculative  generate with a draft model (--sample --draft_workdir)
   generation   generate for a prompt/reference set and score BLEU, chrF, ROUGE
                (--generation_set)
+  attention    the prompt's attention maps and head statistics (--attention_maps)
 
 Results are JSON lines on stdout (and files under WORKDIR/eval/); generated text goes to
 stdout and speed figures to stderr.
@@ -25,6 +26,7 @@ from jaxlm.configs.errors import RunError
 from jaxlm.evaluation.request import EvalRequest
 from jaxlm.evaluation.quantized import evaluate_quantized
 from jaxlm.evaluation.restore import json_line, restore_run, save_result
+from jaxlm.evaluation.attention_maps import heads_table, prompt_attention
 from jaxlm.evaluation.generation_set import cut_at_stop, generation_report, load_generation_set
 from jaxlm.evaluation.sampling import beam_search, continue_prompts, sample, sample_speculative
 from jaxlm.evaluation.suite import evaluate_checkpoints
@@ -133,9 +135,24 @@ def generation_set_mode(req: EvalRequest) -> None:
                     json.dumps(result, indent=1) + "\n")
 
 
+def attention_maps_mode(req: EvalRequest) -> None:
+    """The prompt's attention maps and head statistics under WORKDIR/eval/attention/."""
+    exp, state, step = restore_run(req.workdir, req.step)
+    if req.evaluate:
+        _evaluate_one(req, exp, state, step)
+    out = Path(req.workdir) / "eval" / "attention" / f"step_{step}"
+    stats = prompt_attention(exp, state.params, req.prompts[0], out)
+    print(heads_table(stats))
+    _print_result({"step": step, "attention_maps": str(out),
+                   "layers": int(stats["entropy"].shape[0]),
+                   "heads": int(stats["entropy"].shape[1])})
+
+
 def pick_mode(req: EvalRequest) -> Callable[[EvalRequest], None]:
     if req.generation_set:
         return generation_set_mode
+    if req.attention_maps:
+        return attention_maps_mode
     if req.all_steps or req.data:
         return checkpoints_mode
     if req.sample:

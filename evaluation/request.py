@@ -44,6 +44,7 @@ class EvalRequest(Section):
     reference_field: str = "reference"
     stop: str | None = None  # a continuation ends before this string (besides EOS)
     batch_size: PositiveInt = 8  # prompts generated at once
+    attention_maps: bool = False  # the prompt's per-layer, per-head attention maps
 
     @model_validator(mode="after")
     def _one_mode(self) -> "EvalRequest":
@@ -60,7 +61,13 @@ class EvalRequest(Section):
                "is for sampling; add --sample")
         require(not (self.draft_workdir and self.generate.num_beams > 1), "num_beams",
                "beam search does not take a draft model; drop --draft_workdir")
+        require(not (self.attention_maps and (suite or self.sample or self.quantize or
+                                              self.draft_workdir or self.generation_set)),
+               "attention_maps", "maps one checkpoint's attention; drop --all_steps/--data/"
+               "--sample/--quantize/--draft_workdir/--generation_set")
+        require(not self.attention_maps or len(self.prompts) == 1, "attention_maps",
+               f"maps one prompt; got {len(self.prompts)} --prompt flags")
         require(bool(self.evaluate or self.sample or self.quantize or suite or
-                     self.generation_set), "eval",
+                     self.generation_set or self.attention_maps), "eval",
                "--noeval without --sample leaves nothing to do")
         return self
