@@ -14,6 +14,8 @@
   python eval.py --workdir=runs/shakespeare_char --noeval --generation_set=heldout.jsonl \
       --length=40 --stop=$'\n' --temperature=0                   # BLEU, chrF, ROUGE
   python eval.py --workdir=runs/shakespeare_char --noeval --attention_maps --prompt="ROMEO:"
+  python eval.py --workdir=runs/shakespeare_char --noeval --lm_eval=TASKS \
+      --lm_eval_include=DIR --num_fewshot=N --limit=N             # lm-evaluation-harness
 
 Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
 summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
@@ -83,6 +85,15 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts generated at once."
 _ATTENTION_MAPS = flags.DEFINE_bool("attention_maps", False, "Write the --prompt's attention "
                                     "maps (a PNG per layer), heads.csv and maps.npz to "
                                     "eval/attention/step_<N>/.")
+_LM_EVAL = flags.DEFINE_list("lm_eval", [], "lm-evaluation-harness tasks (comma-separated): "
+                             "writes eval/lm_eval/step_<N>.json and prints the table.")
+_LM_EVAL_INCLUDE = flags.DEFINE_string("lm_eval_include", None, "A directory of extra "
+                                       "lm-eval task YAML files.")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "lm-eval few-shot examples "
+                                    "(default: each task's own).")
+_LIMIT = flags.DEFINE_float("limit", None, "lm-eval examples per task (< 1: a fraction).")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap_iters", 100000, "lm-eval stderr resamples "
+                                  "(0 = none).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs.")
@@ -110,7 +121,10 @@ def main(argv: list[str]) -> None:
             quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value,
             generation_set=_GENERATION_SET.value, prompt_field=_PROMPT_FIELD.value,
             reference_field=_REFERENCE_FIELD.value, stop=_STOP.value,
-            batch_size=_BATCH_SIZE.value, attention_maps=_ATTENTION_MAPS.value))
+            batch_size=_BATCH_SIZE.value, attention_maps=_ATTENTION_MAPS.value,
+            lm_eval=tuple(_LM_EVAL.value), lm_eval_include=_LM_EVAL_INCLUDE.value,
+            num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
+            bootstrap_iters=_BOOTSTRAP.value))
         initialize(**Launch.parse(dict(
             cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())

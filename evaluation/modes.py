@@ -9,6 +9,7 @@
   generation   generate for a prompt/reference set and score BLEU, chrF, ROUGE
                (--generation_set)
   attention    the prompt's attention maps and head statistics (--attention_maps)
+  lm_eval      lm-evaluation-harness tasks (--lm_eval, evaluation/harness.py)
 
 Results are JSON lines on stdout (and files under WORKDIR/eval/); generated text goes to
 stdout and speed figures to stderr.
@@ -30,6 +31,7 @@ from jaxlm.evaluation.attention_maps import heads_table, prompt_attention
 from jaxlm.evaluation.generation_set import cut_at_stop, generation_report, load_generation_set
 from jaxlm.evaluation.sampling import beam_search, continue_prompts, sample, sample_speculative
 from jaxlm.evaluation.suite import evaluate_checkpoints
+from jaxlm.training import rundir
 from jaxlm.training.evaluate import NonFiniteEval, evaluate
 
 
@@ -148,7 +150,28 @@ def attention_maps_mode(req: EvalRequest) -> None:
                    "heads": int(stats["entropy"].shape[1])})
 
 
+def lm_eval_mode(req: EvalRequest) -> None:
+    """lm-evaluation-harness tasks on one checkpoint: the table on stdout, the results
+    JSON under WORKDIR/eval/lm_eval/."""
+    from jaxlm.evaluation import harness  # the optional `lm_eval` package
+    context = rundir.load_config(req.workdir).train.seq_len
+    manager = harness.load_tasks(list(req.lm_eval), req.lm_eval_include, context)
+    exp, state, step = restore_run(req.workdir, req.step)
+    if req.evaluate:
+        _evaluate_one(req, exp, state, step)
+    limit = None if req.limit is None else int(req.limit) if req.limit >= 1 else req.limit
+    results = harness.run_harness(exp, state.params, list(req.lm_eval), req.lm_eval_include,
+                                  req.num_fewshot, limit, req.batch_size,
+                                  req.bootstrap_iters, manager)
+    print(harness.summary_table(results), flush=True)
+    if jax.process_index() == 0:
+        harness.write_harness_results(
+            results, Path(req.workdir) / "eval" / "lm_eval" / f"step_{step}.json")
+
+
 def pick_mode(req: EvalRequest) -> Callable[[EvalRequest], None]:
+    if req.lm_eval:
+        return lm_eval_mode
     if req.generation_set:
         return generation_set_mode
     if req.attention_maps:

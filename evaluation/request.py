@@ -4,7 +4,7 @@ from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
-from jaxlm.configs.sections import PositiveInt, Sampling, Section, require
+from jaxlm.configs.sections import PositiveFloat, PositiveInt, Sampling, Section, require
 
 
 class Generate(Section):
@@ -45,6 +45,11 @@ class EvalRequest(Section):
     stop: str | None = None  # a continuation ends before this string (besides EOS)
     batch_size: PositiveInt = 8  # prompts generated at once
     attention_maps: bool = False  # the prompt's per-layer, per-head attention maps
+    lm_eval: tuple[str, ...] = ()  # lm-evaluation-harness tasks or groups
+    lm_eval_include: str | None = None  # a directory of extra task YAML files
+    num_fewshot: int | None = None  # default: each task's own
+    limit: PositiveFloat | None = None  # examples per task (< 1: a fraction)
+    bootstrap_iters: int = 100000  # the harness's stderr resamples (0 = none)
 
     @model_validator(mode="after")
     def _one_mode(self) -> "EvalRequest":
@@ -65,9 +70,18 @@ class EvalRequest(Section):
                                               self.draft_workdir or self.generation_set)),
                "attention_maps", "maps one checkpoint's attention; drop --all_steps/--data/"
                "--sample/--quantize/--draft_workdir/--generation_set")
+        require(not (self.lm_eval and (suite or self.sample or self.quantize or
+                                       self.draft_workdir or self.generation_set or
+                                       self.attention_maps)), "lm_eval",
+               "runs the harness on one checkpoint; drop --all_steps/--data/--sample/"
+               "--quantize/--draft_workdir/--generation_set/--attention_maps")
+        require(self.lm_eval_include is None or bool(self.lm_eval), "lm_eval_include",
+               "adds tasks for --lm_eval; name the tasks to run with --lm_eval")
+        require(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot",
+               f"must be 0 or more (got {self.num_fewshot})")
         require(not self.attention_maps or len(self.prompts) == 1, "attention_maps",
                f"maps one prompt; got {len(self.prompts)} --prompt flags")
         require(bool(self.evaluate or self.sample or self.quantize or suite or
-                     self.generation_set or self.attention_maps), "eval",
+                     self.generation_set or self.attention_maps or self.lm_eval), "eval",
                "--noeval without --sample leaves nothing to do")
         return self
