@@ -94,7 +94,11 @@ class JaxlmLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    **kwargs: Any) -> list[int]:
-        ids = self.tok.encode(string).tolist()
+        try:
+            ids = self.tok.encode(string).tolist()
+        except ValueError as e:
+            raise ConfigError("lm_eval", f"a request's text does not fit the run's "
+                                         f"{self.tok.kind} tokenizer ({e})") from None
         if add_special_tokens and self.tok.bos_id is not None:
             ids = [self.tok.bos_id] + ids
         return ids
