@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Sampling
-from jaxlm.inference.generate import Generator, _left_pad
+from jaxlm.inference.generate import Generator, _left_pad  # one padding rule for both
 from jaxlm.losses.cross_entropy import mask_padded_vocab
 
 EarlyStopping = Literal[True, False, "never"]
@@ -161,8 +161,8 @@ class BeamSearch:
         t0 = time.perf_counter()
         logits, cache, pos, kv_valid = self.gen._prefill(
             params, jnp.asarray(seq_np[:, :width]), jnp.asarray(valid_np[:, :width]))
-        rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731 -- rows b*K .. b*K+K-1
-        logits, pos, kv_valid = rep(logits), rep(pos), rep(kv_valid)
+        # Prompt b's beams are rows b*K .. b*K+K-1.
+        logits, pos, kv_valid = (jnp.repeat(x, k, axis=0) for x in (logits, pos, kv_valid))
         cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)
         seqs = jnp.broadcast_to(jnp.asarray(seq_np)[:, None], (b, k, total))
         state = {"running_seqs": seqs,

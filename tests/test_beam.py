@@ -2,7 +2,6 @@
 imported tiny models; bad settings are one-line errors."""
 
 import jax
-import numpy as np
 import pytest
 
 from jaxlm.checkpoints.hf_import import import_hf
