@@ -22,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm.configs.sections import Sampling
+from jaxlm.evaluation.sampling import encode_prompts
+from jaxlm.losses.objectives import split_objective_params
 from jaxlm.models.transformer import BlockGroup
 
 STATS = ("entropy", "mean_distance", "first_token")
@@ -85,6 +88,7 @@ def heads_table(stats: dict[str, np.ndarray]) -> str:
 
 def plot_layer(path: Path, probs_HxLxL: np.ndarray, labels: list[str], layer: int) -> None:
     """One PNG: a grid of the layer's heads, rows = queries, columns = keys."""
+    # Deferred: matplotlib is heavy and only the attention maps draw.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -127,9 +131,6 @@ def prompt_attention(exp: Any, params: Any, prompt: str, out_dir: Path
                      ) -> dict[str, np.ndarray]:
     """The attention maps of `prompt` (in the run's tokenizer, as sampling encodes it)
     written under `out_dir` (`write_attention_maps`); returns the head statistics."""
-    from jaxlm.configs.sections import Sampling
-    from jaxlm.evaluation.sampling import encode_prompts
-    from jaxlm.losses.objectives import split_objective_params
     ids = encode_prompts(exp, [prompt])
     Sampling().check_prompts(ids, exp.config.train.seq_len)
     probs, _ = jax.jit(attention_maps, static_argnums=0)(

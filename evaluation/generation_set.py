@@ -52,6 +52,7 @@ def load_generation_set(path: str | Path, prompt_field: str, reference_field: st
 def score_generations(generations: list[str], references: list[str]
                       ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """(per-example scores, overall scores) from the libraries, default settings."""
+    # Deferred: sacrebleu and rouge-score are optional (the `eval` extra).
     import sacrebleu
     from rouge_score import rouge_scorer
     rouge = rouge_scorer.RougeScorer(list(ROUGE_TYPES))

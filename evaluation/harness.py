@@ -26,16 +26,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from lm_eval import simple_evaluate
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.tasks import TaskManager, get_task_dict
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Sampling
+from jaxlm.evaluation.restore import restore_run, save_result
 from jaxlm.inference.generate import Generator
 from jaxlm.losses.cross_entropy import mask_padded_vocab
 from jaxlm.losses.objectives import split_objective_params
@@ -62,7 +66,6 @@ class JaxlmLM(TemplateLM):
                  batch_size: int = 8, run: tuple[Any, Any] | None = None):
         super().__init__()
         if run is None:
-            from jaxlm.evaluation.restore import restore_run
             exp, state, _ = restore_run(workdir, None if step is None else int(step))
             run = (exp, state.params)
         self.exp, params = run
@@ -201,7 +204,6 @@ def _leaf_tasks(task_dict: dict[Any, Any]) -> list[Any]:
 def _task_manager(names: list[str], include: str | None) -> Any:
     """The tasks of `include` alone when they hold every name (no scan of the built-in
     tasks), else the harness's full TaskManager."""
-    from lm_eval.tasks import TaskManager
     if include is not None:
         local = TaskManager(include_path=include, include_defaults=False)
         if all(name in local.all_tasks for name in names):
@@ -212,7 +214,6 @@ def _task_manager(names: list[str], include: str | None) -> Any:
 @contextlib.contextmanager
 def _quietly() -> Iterator[None]:
     """No dataset progress bars, and only the harness's errors, while tasks load."""
-    import datasets
     log = logging.getLogger("lm_eval")
     level, bars = log.level, datasets.utils.logging.is_progress_bar_enabled()
     log.setLevel(logging.ERROR)
@@ -228,7 +229,6 @@ def _quietly() -> Iterator[None]:
 def load_tasks(names: list[str], include: str | None, context: int) -> Any:
     """The harness's TaskManager, after checking that every name is a task or group it
     knows and that no generation task needs more tokens than the context holds."""
-    from lm_eval.tasks import TaskManager, get_task_dict
     if include is not None and not Path(include).is_dir():
         raise ConfigError("lm_eval_include", f"{include} is not a directory of task YAML "
                                              "files")
@@ -259,7 +259,6 @@ def run_harness(exp: Any, params: Any, names: list[str], include: str | None,
                 bootstrap_iters: int, manager: Any | None = None) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` of the tasks on this run; returns the harness's results
     (with per-sample records under "samples")."""
-    from lm_eval import simple_evaluate
     manager = manager or load_tasks(names, include, exp.config.train.seq_len)
     lm = JaxlmLM.from_run(exp, params, batch_size)
     return simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
@@ -270,7 +269,6 @@ def run_harness(exp: Any, params: Any, names: list[str], include: str | None,
 def write_harness_results(results: dict[str, Any], out: Path) -> None:
     """The results JSON (as the harness writes it) at `out`, and every task's samples as
     JSON lines beside it (`<out stem>_samples_<task>.jsonl`)."""
-    from jaxlm.evaluation.restore import save_result
     samples = results.get("samples", {})
     body = {k: v for k, v in results.items() if k != "samples"}
     save_result(out, json.dumps(body, indent=2, default=lm_utils.handle_non_serializable,

@@ -153,7 +153,8 @@ def attention_maps_mode(req: EvalRequest) -> None:
 def lm_eval_mode(req: EvalRequest) -> None:
     """lm-evaluation-harness tasks on one checkpoint: the table on stdout, the results
     JSON under WORKDIR/eval/lm_eval/."""
-    from jaxlm.evaluation import harness  # the optional `lm_eval` package
+    # Deferred: the `lm_eval` package is optional (the `eval` extra) and slow to import.
+    from jaxlm.evaluation import harness
     context = rundir.load_config(req.workdir).train.seq_len
     manager = harness.load_tasks(list(req.lm_eval), req.lm_eval_include, context)
     exp, state, step = restore_run(req.workdir, req.step)
