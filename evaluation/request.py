@@ -4,7 +4,7 @@ from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
-from jaxlm.configs.sections import PositiveInt, Sampling, Section, require
+from jaxlm.configs.sections import PositiveFloat, PositiveInt, Sampling, Section, require
 
 
 class Generate(Section):
@@ -12,6 +12,13 @@ class Generate(Section):
     length: PositiveInt = 500  # tokens to generate per prompt
     seed: int = 0
     draft_tokens: PositiveInt = 4  # speculative decoding: tokens the draft proposes per round
+    num_beams: PositiveInt = 1  # > 1: beam search (deterministic; the sampling flags unused)
+    length_penalty: float = 1.0  # beam search: hypothesis score = sum logprob / length**this
+    early_stopping: Literal["true", "false", "never"] = "false"  # as `transformers`' generate
+
+    def early_stopping_value(self) -> bool | str:
+        """`early_stopping` as `transformers` spells it: True, False or "never"."""
+        return {"true": True, "false": False}.get(self.early_stopping, self.early_stopping)
 
 
 class EvalRequest(Section):
@@ -32,6 +39,17 @@ class EvalRequest(Section):
     quantize: Literal["int8", "int4"] | None = None
     quant_granularity: str | None = None
     quant_symmetric: bool | None = None
+    generation_set: str | None = None  # JSON lines of prompts and references: BLEU/chrF/ROUGE
+    prompt_field: str = "prompt"
+    reference_field: str = "reference"
+    stop: str | None = None  # a continuation ends before this string (besides EOS)
+    batch_size: PositiveInt = 8  # prompts generated at once
+    attention_maps: bool = False  # the prompt's per-layer, per-head attention maps
+    lm_eval: tuple[str, ...] = ()  # lm-evaluation-harness tasks or groups
+    lm_eval_include: str | None = None  # a directory of extra task YAML files
+    num_fewshot: int | None = None  # default: each task's own
+    limit: PositiveFloat | None = None  # examples per task (< 1: a fraction)
+    bootstrap_iters: int = 100000  # the harness's stderr resamples (0 = none)
 
     @model_validator(mode="after")
     def _one_mode(self) -> "EvalRequest":
@@ -40,8 +58,30 @@ class EvalRequest(Section):
                "evaluates one checkpoint on the validation split; drop --all_steps/--data")
         require(not (self.sample and suite), "sample",
                "samples from one checkpoint; drop --all_steps/--data")
+        require(not (self.generation_set and (suite or self.sample or self.quantize or
+                                              self.draft_workdir)), "generation_set",
+               "scores one checkpoint's generations; drop --all_steps/--data/--sample/"
+               "--quantize/--draft_workdir")
         require(not self.draft_workdir or self.sample, "draft_workdir",
                "is for sampling; add --sample")
-        require(bool(self.evaluate or self.sample or self.quantize or suite), "eval",
+        require(not (self.draft_workdir and self.generate.num_beams > 1), "num_beams",
+               "beam search does not take a draft model; drop --draft_workdir")
+        require(not (self.attention_maps and (suite or self.sample or self.quantize or
+                                              self.draft_workdir or self.generation_set)),
+               "attention_maps", "maps one checkpoint's attention; drop --all_steps/--data/"
+               "--sample/--quantize/--draft_workdir/--generation_set")
+        require(not (self.lm_eval and (suite or self.sample or self.quantize or
+                                       self.draft_workdir or self.generation_set or
+                                       self.attention_maps)), "lm_eval",
+               "runs the harness on one checkpoint; drop --all_steps/--data/--sample/"
+               "--quantize/--draft_workdir/--generation_set/--attention_maps")
+        require(self.lm_eval_include is None or bool(self.lm_eval), "lm_eval_include",
+               "adds tasks for --lm_eval; name the tasks to run with --lm_eval")
+        require(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot",
+               f"must be 0 or more (got {self.num_fewshot})")
+        require(not self.attention_maps or len(self.prompts) == 1, "attention_maps",
+               f"maps one prompt; got {len(self.prompts)} --prompt flags")
+        require(bool(self.evaluate or self.sample or self.quantize or suite or
+                     self.generation_set or self.attention_maps or self.lm_eval), "eval",
                "--noeval without --sample leaves nothing to do")
         return self
