@@ -9,6 +9,8 @@
   python eval.py --workdir=runs/big --noeval --sample --temperature=0 \
       --draft_workdir=runs/small --draft_tokens=4                 # speculative decoding
   python eval.py --workdir=runs/shakespeare_char --quantize=int4   # real int4 weights
+  python eval.py --workdir=runs/shakespeare_char --quantize=int4 --quant_method=gptq \
+      --quant_granularity=64 --calibration_batches=32              # GPTQ int4, groups of 64
 
 Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
 summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
@@ -17,11 +19,13 @@ The run's saved config is used; no --config is needed. --all_steps prints one li
 checkpoint (char runs add bits_per_char) and writes WORKDIR/eval/summary.csv and
 eval_loss.png; with --data=PATH (a text file, or a directory prepared with the run's
 tokenizer: its validation split) the files go to WORKDIR/eval/<data name>/. Generated
-text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4
+text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4|int3
 the weights are quantized after training (with the run's `quant` granularity and
 symmetry unless overridden), stored as integers plus scales, and the line adds
 `weight_bytes` (vs `float_weight_bytes`); the result goes to
-WORKDIR/eval/step_<N>_int8.json (or _int4).
+WORKDIR/eval/step_<N>_int8.json (or _int4, _int3). --quant_method=gptq quantizes the
+blocks' matrices with GPTQ, calibrated on --calibration_batches batches of the training
+split (or of --data) (result: step_<N>_int4_gptq.json); see docs/quantization.md.
 """
 
 import sys
@@ -54,8 +58,16 @@ _DRAFT_STEP = flags.DEFINE_integer("draft_step", None, "The draft's checkpoint s
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round.")
 _COMPARE = flags.DEFINE_bool("compare", True, "With --draft_workdir, also decode without the "
                              "draft and report the speed-up.")
-_QUANTIZE = flags.DEFINE_string("quantize", None, "int8 | int4: evaluate with real integer "
-                                "weights of this width.")
+_QUANTIZE = flags.DEFINE_string("quantize", None, "int8 | int4 | int3: evaluate with real "
+                                "integer weights of this width.")
+_METHOD = flags.DEFINE_string("quant_method", "rtn", "rtn (round to nearest) | gptq "
+                              "(calibrated on the training split, or on --data).")
+_CALIBRATION = flags.DEFINE_integer("calibration_batches", 32, "GPTQ: calibration batches "
+                                    "of train.batch_size windows.")
+_DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: dampening, a fraction of the mean "
+                           "Hessian diagonal.")
+_ACT_ORDER = flags.DEFINE_bool("gptq_act_order", False, "GPTQ: quantize inputs by "
+                               "decreasing Hessian diagonal.")
 _GRANULARITY = flags.DEFINE_string("quant_granularity", None,
                                    "per_channel | per_tensor | a group size (default: the "
                                    "run's quant.granularity).")
@@ -83,7 +95,9 @@ def main(argv: list[str]) -> None:
                       "draft_tokens": _DRAFT_TOKENS.value},
             all_steps=_ALL_STEPS.value, data=_DATA.value, draft_workdir=_DRAFT_WORKDIR.value,
             draft_step=_DRAFT_STEP.value, compare=_COMPARE.value, quantize=_QUANTIZE.value,
-            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value))
+            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value,
+            quant_method=_METHOD.value, calibration_batches=_CALIBRATION.value,
+            gptq_damp=_DAMP.value, gptq_act_order=_ACT_ORDER.value))
         initialize(**Launch.parse(dict(
             cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())

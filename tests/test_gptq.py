@@ -1,0 +1,120 @@
+"""GPTQ: one matrix against a NumPy transcription of the paper's algorithm, a whole model
+against round-to-nearest, and the refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.configs.sections import Quant
+from jaxlm.models.gptq import GptqSettings, gptq_matrix
+from jaxlm.models.quant import unpack_int4
+
+
+def reference_gptq(w_OxI, h_IxI, bits, group, symmetric, damp, act_order, block=128):
+    """Algorithm 1 of Frantar et al. (2022) in the paper's layout (W is [rows, columns] =
+    [O, I]), with the reference code's grouping, asymmetric grid, dead inputs and
+    act-order (static groups). Returns the integers [O, I]."""
+    w = w_OxI.astype(np.float64).copy()
+    h = h_IxI.astype(np.float64).copy()
+    rows, cols = w.shape
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    top = 2 ** (bits - 1) - 1
+    qmin, qmax = (-top, top) if symmetric else (-top - 1, top)
+
+    def find_params(x):  # per row of x [O, n]
+        if symmetric:
+            s = np.abs(x).max(axis=1) / qmax
+            z = np.zeros_like(s)
+        else:
+            lo, hi = np.minimum(x.min(axis=1), 0), np.maximum(x.max(axis=1), 0)
+            s = (hi - lo) / (qmax - qmin)
+            s = np.where(s > 0, s, 1.0)
+            z = qmin - np.round(lo / s)
+        return np.where(s > 0, s, 1.0), z
+
+    g = group if group > 0 else cols
+    static = [find_params(w[:, k:k + g]) for k in range(0, cols, g)]
+    scale, zero = static[0]
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * np.mean(np.diag(h)) * np.eye(cols)
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: Hinv = U^T U
+    q = np.zeros_like(w)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1 = w[:, i1:i2].copy(), np.zeros((rows, i2 - i1))
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group > 0:
+                if act_order:
+                    scale, zero = static[perm[col] // g]
+                elif col % g == 0:  # from the group's columns as updated so far
+                    scale, zero = find_params(w1[:, i:i + g])
+            x = w1[:, i]
+            qi = np.clip(np.round(x / scale + zero), qmin, qmax)
+            q[:, col] = qi
+            err = (x - (qi - zero) * scale) / hinv1[i, i]
+            w1[:, i:] -= np.outer(err, hinv1[i, i:])
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q[:, np.argsort(perm)].astype(np.int64)
+
+
+def _layer(i=64, o=24, n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    # Correlated inputs with unequal scales, one input always zero (a dead column).
+    x = rng.normal(size=(n, i)) @ rng.normal(size=(i, i)) * 0.3 + rng.normal(size=i)
+    x[:, 5] = 0.0
+    w = rng.normal(size=(i, o)) * 0.05
+    return w.astype(np.float32), (2.0 * x.T @ x / n).astype(np.float32), x.astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,granularity,symmetric,act_order", [
+    (4, "16", True, False), (4, "per_channel", False, True), (3, "32", False, False),
+    (8, "16", True, True)])
+def test_one_matrix_equals_the_papers_algorithm(bits, granularity, symmetric, act_order):
+    w, h, _ = _layer()
+    cfg = Quant(weight_bits=bits, granularity=granularity, symmetric=symmetric)
+    qt = gptq_matrix(jnp.asarray(w), jnp.asarray(h), cfg, GptqSettings(0.01, act_order))
+    q = np.asarray(unpack_int4(qt.qvalue) if bits <= 4 else qt.qvalue).astype(np.int64)
+    ref = reference_gptq(w.T, h, bits, cfg.group_size, symmetric, 0.01, act_order, block=32)
+    mismatch = np.mean(q != ref.T)
+    assert mismatch == 0, f"{mismatch:.2%} of the integers differ"
+
+
+def test_gptq_has_lower_output_error_than_rounding_to_nearest():
+    from jaxlm.models.quant import quantize_matrix
+    w, h, x = _layer(seed=1)
+    cfg = Quant(weight_bits=4, granularity="16")
+    gptq = np.asarray(gptq_matrix(jnp.asarray(w), jnp.asarray(h), cfg).dequantize())
+    rtn = np.asarray(quantize_matrix(jnp.asarray(w), cfg).dequantize())
+    err = lambda wq: float(np.mean((x @ (wq - w)) ** 2))  # noqa: E731
+    assert err(gptq) < 0.7 * err(rtn), (err(gptq), err(rtn))
+
+
+@pytest.fixture(scope="module")
+def step0(tmp_path_factory):
+    from jaxlm.configs.shakespeare_char import get_config
+    from tests.helpers import step0_run
+    c = get_config("tiny")
+    return step0_run(c, tmp_path_factory.mktemp("gptq_run"), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--quant_granularity=24"], "error: quant.granularity: group size 24 does not divide the "
+                                 "32 input features of embed"),
+    (["--calibration_batches=5000"], "error: calibration_batches: 5000 batches of 8 x 32 "
+                                     "tokens need 40000 windows"),
+    (["--gptq_damp=0"], "error: gptq_damp: 0.0 is not in (0, 1)"),
+])
+def test_bad_gptq_input_is_one_line(step0, args, line):
+    from tests.helpers import call_cli
+    res = call_cli(["eval.py", f"--workdir={step0}", "--quantize=int4", "--quant_method=gptq",
+                    *args])
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith(line), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
