@@ -23,6 +23,14 @@ next block's inputs. Last, the output projection (the tied embedding table, or t
 `lm_head`) is quantized by GPTQ on the final norm's outputs; the same integers serve the
 tied table's lookups. An untied input embedding is rounded to nearest, as
 `models.ptq.quantize_params` does (a lookup has no inputs to calibrate on).
+
+Sharding: the calibration activations are split over the batch axes like any batch; each
+device sums X^T X over its rows and the jitted sum over the batch is an all-reduce, so
+every device ends with the whole [I, I] Hessian of each matrix of the current block
+(replicated, float32), and runs the column loop on the replicated matrix. Per block that
+holds one Hessian per Linear (q, k, v, gate and up repeat their shared input's): 211.6 MiB
+at configs/gpt_1b.py (`benchmarks/gptq.py --plan_config`), all-reduced once per
+calibration batch.
 """
 
 import dataclasses
