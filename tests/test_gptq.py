@@ -151,3 +151,29 @@ def test_a_calibration_text_shorter_than_asked_is_one_line(step0, tmp_path):
     assert res.stderr.strip() == ("error: calibration_batches: 4 batches of 8 x 32 tokens need "
                                   "32 windows (1,024 tokens) of --data, which has 860; "
                                   "calibrate on fewer batches"), res.stderr
+
+
+
+def test_block_hessians_of_a_batch_split_over_four_devices_equal_one_devices():
+    """The Gram matrices of calibration inputs split over the batch axis are all-reduced:
+    every device gets those of the whole batch."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxlm.models.gptq import block_hessians
+    from jaxlm.models.model import abstract_model, split_params
+    from tests.helpers import model_config
+    model = abstract_model(model_config(num_layers=1, d_model=32, num_heads=4, d_ff=64))
+    rng = np.random.default_rng(1)
+    unit = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape[1:]) * 0.1, jnp.float32),
+                        split_params(model)[1]["blocks"])
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 32)), jnp.float32)
+    rows = {"positions": jnp.broadcast_to(jnp.arange(16), (8, 16))}
+    run = jax.jit(lambda p, x, r: block_hessians(model.blocks_graphdef, p, x, r)[1])
+    one = run(unit, x, rows)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    split = NamedSharding(mesh, P("data"))
+    four = run(jax.device_put(unit, NamedSharding(mesh, P())), jax.device_put(x, split),
+               jax.device_put(rows, split))
+    assert {("attn", "q"), ("attn", "o"), ("mlp", "down")} <= set(one)
+    for path in one:
+        assert four[path].sharding.is_fully_replicated
+        np.testing.assert_allclose(four[path], one[path], rtol=1e-5, atol=1e-4)
