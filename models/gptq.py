@@ -206,7 +206,10 @@ def gptq_params(float_model: nnx.Module, quant_model: nnx.Module, params: dict[s
     hessians = jax.jit(lambda p, x, r: block_hessians(f_graphdef, p, x, r))
     forward = jax.jit(lambda p, x, r: block_forward(q_graphdef, p, x, r))
     final_gram = jax.jit(lambda p, x: output_gram(float_model, p, x))
-    quantize = jax.jit(gptq_matrix, static_argnames=("cfg", "settings", "shape"))
+    jitted = jax.jit(gptq_matrix, static_argnames=("cfg", "settings"))
+
+    def quantize(w_IxO, h, cfg, settings, shape):  # one compilation per [I, O] shape
+        return jitted(w_IxO, h, cfg, settings).replace(shape=shape)
     inputs = [embed(params, b) for b in batches]
     count = sum(x.shape[0] * x.shape[1] for x, _ in inputs)  # tokens
     stacked = params["blocks"]
