@@ -16,6 +16,8 @@
   python eval.py --workdir=runs/shakespeare_char --noeval --attention_maps --prompt="ROMEO:"
   python eval.py --workdir=runs/shakespeare_char --noeval --lm_eval=TASKS \
       --lm_eval_include=DIR --num_fewshot=N --limit=N             # lm-evaluation-harness
+  python eval.py --workdir=runs/shakespeare_char --quantize=int4 --quant_method=gptq \
+      --quant_granularity=64 --calibration_batches=32              # GPTQ int4, groups of 64
 
 Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
 summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
@@ -24,11 +26,13 @@ The run's saved config is used; no --config is needed. --all_steps prints one li
 checkpoint (char runs add bits_per_char) and writes WORKDIR/eval/summary.csv and
 eval_loss.png; with --data=PATH (a text file, or a directory prepared with the run's
 tokenizer: its validation split) the files go to WORKDIR/eval/<data name>/. Generated
-text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4
+text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4|int3
 the weights are quantized after training (with the run's `quant` granularity and
 symmetry unless overridden), stored as integers plus scales, and the line adds
 `weight_bytes` (vs `float_weight_bytes`); the result goes to
-WORKDIR/eval/step_<N>_int8.json (or _int4).
+WORKDIR/eval/step_<N>_int8.json (or _int4, _int3). --quant_method=gptq quantizes the
+blocks' matrices with GPTQ, calibrated on --calibration_batches batches of the training
+split (or of --data) (result: step_<N>_int4_gptq.json); see docs/quantization.md.
 """
 
 import sys
@@ -67,8 +71,16 @@ _DRAFT_STEP = flags.DEFINE_integer("draft_step", None, "The draft's checkpoint s
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round.")
 _COMPARE = flags.DEFINE_bool("compare", True, "With --draft_workdir, also decode without the "
                              "draft and report the speed-up.")
-_QUANTIZE = flags.DEFINE_string("quantize", None, "int8 | int4: evaluate with real integer "
-                                "weights of this width.")
+_QUANTIZE = flags.DEFINE_string("quantize", None, "int8 | int4 | int3: evaluate with real "
+                                "integer weights of this width.")
+_METHOD = flags.DEFINE_string("quant_method", "rtn", "rtn (round to nearest) | gptq "
+                              "(calibrated on the training split, or on --data).")
+_CALIBRATION = flags.DEFINE_integer("calibration_batches", 32, "GPTQ: calibration batches "
+                                    "of train.batch_size windows.")
+_DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: dampening, a fraction of the mean "
+                           "Hessian diagonal.")
+_ACT_ORDER = flags.DEFINE_bool("gptq_act_order", False, "GPTQ: quantize inputs by "
+                               "decreasing Hessian diagonal.")
 _GRANULARITY = flags.DEFINE_string("quant_granularity", None,
                                    "per_channel | per_tensor | a group size (default: the "
                                    "run's quant.granularity).")
@@ -124,7 +136,9 @@ def main(argv: list[str]) -> None:
             batch_size=_BATCH_SIZE.value, attention_maps=_ATTENTION_MAPS.value,
             lm_eval=tuple(_LM_EVAL.value), lm_eval_include=_LM_EVAL_INCLUDE.value,
             num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
-            bootstrap_iters=_BOOTSTRAP.value))
+            bootstrap_iters=_BOOTSTRAP.value,
+            quant_method=_METHOD.value, calibration_batches=_CALIBRATION.value,
+            gptq_damp=_DAMP.value, gptq_act_order=_ACT_ORDER.value))
         initialize(**Launch.parse(dict(
             cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())

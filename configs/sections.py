@@ -514,7 +514,7 @@ class Quant(Section):
     """Integer quantization: fake-quantized weights (and activations) in training with a
     straight-through estimator (QAT); real integers for evaluation (PTQ). 0 bits = float."""
     KEY: ClassVar[str] = "quant"
-    weight_bits: Literal[0, 4, 8] = 0  # 0 = float weights
+    weight_bits: Literal[0, 3, 4, 8] = 0  # 0 = float weights; 3 and 4 bits are stored in nibbles
     activation_bits: Literal[0, 8] = 0  # per token, dynamic range; 0 = float activations
     granularity: str = PER_CHANNEL  # per_channel | per_tensor | group size, e.g. "32"
     symmetric: bool = True
@@ -525,8 +525,8 @@ class Quant(Section):
         if g not in (PER_CHANNEL, PER_TENSOR):
             require(g.isdigit() and int(g) > 0, "granularity",
                    f"{g!r} is not per_channel, per_tensor or a positive group size")
-            require(self.weight_bits != 4 or int(g) % 2 == 0, "granularity",
-                   f"int4 packs pairs of rows: group size {g} must be even")
+            require(self.weight_bits not in (3, 4) or int(g) % 2 == 0, "granularity",
+                   f"int{self.weight_bits} packs pairs of rows: group size {g} must be even")
         return self
 
     @property

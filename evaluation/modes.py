@@ -1,7 +1,8 @@
 """What `eval.py` does, one function per mode; `run` picks the mode from the request.
 
   evaluate     the validation loss of one checkpoint (the default; with --quantize, real
-               int8/int4 weights)
+               int8/int4/int3 weights, rounded to nearest or by GPTQ calibrated on --data
+               or the training split)
   checkpoints  every kept checkpoint and/or other data (--all_steps, --data)
   sample       generate text (--sample; beam search with --num_beams > 1), after
                evaluating unless --noeval
@@ -30,7 +31,7 @@ from jaxlm.evaluation.restore import json_line, restore_run, save_result
 from jaxlm.evaluation.attention_maps import heads_table, prompt_attention
 from jaxlm.evaluation.generation_set import cut_at_stop, generation_report, load_generation_set
 from jaxlm.evaluation.sampling import beam_search, continue_prompts, sample, sample_speculative
-from jaxlm.evaluation.suite import evaluate_checkpoints
+from jaxlm.evaluation.suite import evaluate_checkpoints, load_eval_data
 from jaxlm.training import rundir
 from jaxlm.training.evaluate import NonFiniteEval, evaluate
 
@@ -52,15 +53,24 @@ def _evaluate_one(req: EvalRequest, exp: Any, state: Any, step: int) -> None:
     result that cannot be saved is still printed)."""
     try:
         if req.quantize:
+            calibration = load_eval_data(exp, req.data)[0] if req.data else None
             result = {"step": step, **evaluate_quantized(
-                exp, state.params, req.quantize, req.quant_granularity, req.quant_symmetric)}
+                exp, state.params, req.quantize, req.quant_granularity, req.quant_symmetric,
+                req.gptq, req.calibration_batches, calibration)}
         else:
             result = {"step": step, **evaluate(exp, state.params)}
     except NonFiniteEval as e:
         raise RunError(f"checkpoint step {step} in {req.workdir}: {e}; the run had diverged "
                        "by then: evaluate an earlier --step") from None
     _print_result(result)
-    write_eval_result(req.workdir, result, suffix=f"_{req.quantize}" if req.quantize else "")
+    write_eval_result(req.workdir, result, suffix=quantized_suffix(req))
+
+
+def quantized_suffix(req: EvalRequest) -> str:
+    """The result file's suffix: `_int4`, `_int4_gptq`, ... ('' for float weights)."""
+    if not req.quantize:
+        return ""
+    return f"_{req.quantize}" + ("" if req.quant_method == "rtn" else f"_{req.quant_method}")
 
 
 def _print_samples(req: EvalRequest, texts: list[str], stats: dict[str, float]) -> None:
@@ -177,7 +187,7 @@ def pick_mode(req: EvalRequest) -> Callable[[EvalRequest], None]:
         return generation_set_mode
     if req.attention_maps:
         return attention_maps_mode
-    if req.all_steps or req.data:
+    if req.all_steps or (req.data and req.gptq is None):
         return checkpoints_mode
     if req.sample:
         return speculative_mode if req.draft_workdir else sample_mode

@@ -5,6 +5,7 @@ from typing import ClassVar, Literal
 from pydantic import model_validator
 
 from jaxlm.configs.sections import PositiveFloat, PositiveInt, Sampling, Section, require
+from jaxlm.models.gptq import GptqSettings
 
 
 class Generate(Section):
@@ -36,7 +37,7 @@ class EvalRequest(Section):
     draft_workdir: str | None = None
     draft_step: int | None = None
     compare: bool = True
-    quantize: Literal["int8", "int4"] | None = None
+    quantize: Literal["int8", "int4", "int3"] | None = None
     quant_granularity: str | None = None
     quant_symmetric: bool | None = None
     generation_set: str | None = None  # JSON lines of prompts and references: BLEU/chrF/ROUGE
@@ -50,12 +51,21 @@ class EvalRequest(Section):
     num_fewshot: int | None = None  # default: each task's own
     limit: PositiveFloat | None = None  # examples per task (< 1: a fraction)
     bootstrap_iters: int = 100000  # the harness's stderr resamples (0 = none)
+    quant_method: Literal["rtn", "gptq"] = "rtn"  # round to nearest, or GPTQ (calibrated)
+    calibration_batches: PositiveInt = 32  # GPTQ: batches of train.batch_size windows
+    gptq_damp: float = 0.01  # GPTQ: added to the Hessian's diagonal, times its mean
+    gptq_act_order: bool = False  # GPTQ: quantize inputs by decreasing Hessian diagonal
 
     @model_validator(mode="after")
     def _one_mode(self) -> "EvalRequest":
-        suite = self.all_steps or self.data
+        suite = self.all_steps or (self.data and not self.gptq)
         require(not (self.quantize and suite), "quantize",
-               "evaluates one checkpoint on the validation split; drop --all_steps/--data")
+               "evaluates one checkpoint on the validation split; drop --all_steps/--data "
+               "(with --quant_method=gptq, --data is the calibration set)")
+        require(self.quant_method == "rtn" or bool(self.quantize), "quant_method",
+               "quantizes weights: add --quantize=int8|int4|int3")
+        require(0 < self.gptq_damp < 1, "gptq_damp",
+               f"{self.gptq_damp} is not in (0, 1): it is a fraction of the mean of diag(H)")
         require(not (self.sample and suite), "sample",
                "samples from one checkpoint; drop --all_steps/--data")
         require(not (self.generation_set and (suite or self.sample or self.quantize or
@@ -85,3 +95,10 @@ class EvalRequest(Section):
                      self.generation_set or self.attention_maps or self.lm_eval), "eval",
                "--noeval without --sample leaves nothing to do")
         return self
+
+    @property
+    def gptq(self) -> GptqSettings | None:
+        """The GPTQ settings with --quant_method=gptq, else None."""
+        if self.quant_method != "gptq":
+            return None
+        return GptqSettings(damp=self.gptq_damp, act_order=self.gptq_act_order)

@@ -164,7 +164,7 @@ def test_cli_distill_flags_and_quantized_eval(teacher_dir, tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["quantize"] == "int4" and out["weight_bytes"] < out["float_weight_bytes"] / 4
     assert (tmp_path / "eval" / "step_2_int4.json").is_file()
-    res = run_cli(["eval.py", f"--workdir={tmp_path}", "--quantize=int3", "--cpu_devices=1"])
+    res = run_cli(["eval.py", f"--workdir={tmp_path}", "--quantize=int2", "--cpu_devices=1"])
     assert res.returncode != 0
 
 
