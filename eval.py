@@ -9,6 +9,15 @@
   python eval.py --workdir=runs/big --noeval --sample --temperature=0 \
       --draft_workdir=runs/small --draft_tokens=4                 # speculative decoding
   python eval.py --workdir=runs/shakespeare_char --quantize=int4   # real int4 weights
+  python eval.py --workdir=runs/shakespeare_char --noeval --sample --num_beams=4 \
+      --length_penalty=1.0 --early_stopping=false                 # beam search
+  python eval.py --workdir=runs/shakespeare_char --noeval --generation_set=heldout.jsonl \
+      --length=40 --stop=$'\n' --temperature=0                   # BLEU, chrF, ROUGE
+  python eval.py --workdir=runs/shakespeare_char --noeval --attention_maps --prompt="ROMEO:"
+  python eval.py --workdir=runs/shakespeare_char --noeval --lm_eval=TASKS \
+      --lm_eval_include=DIR --num_fewshot=N --limit=N             # lm-evaluation-harness
+  python eval.py --workdir=runs/shakespeare_char --quantize=int4 --quant_method=gptq \
+      --quant_granularity=64 --calibration_batches=32              # GPTQ int4, groups of 64
 
 Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
 summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
@@ -17,11 +26,13 @@ The run's saved config is used; no --config is needed. --all_steps prints one li
 checkpoint (char runs add bits_per_char) and writes WORKDIR/eval/summary.csv and
 eval_loss.png; with --data=PATH (a text file, or a directory prepared with the run's
 tokenizer: its validation split) the files go to WORKDIR/eval/<data name>/. Generated
-text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4
+text is decoded with the run's tokenizer, whatever its kind. With --quantize=int8|int4|int3
 the weights are quantized after training (with the run's `quant` granularity and
 symmetry unless overridden), stored as integers plus scales, and the line adds
 `weight_bytes` (vs `float_weight_bytes`); the result goes to
-WORKDIR/eval/step_<N>_int8.json (or _int4).
+WORKDIR/eval/step_<N>_int8.json (or _int4, _int3). --quant_method=gptq quantizes the
+blocks' matrices with GPTQ, calibrated on --calibration_batches batches of the training
+split (or of --data) (result: step_<N>_int4_gptq.json); see docs/quantization.md.
 """
 
 import sys
@@ -44,6 +55,12 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1 = "
+                                  "sample as --temperature/--top_k/--top_p say).")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0, "Beam search: a hypothesis "
+                                     "scores sum logprob / length**this.")
+_EARLY_STOPPING = flags.DEFINE_string("early_stopping", "false", "Beam search: true | "
+                                      "false | never, as in transformers' generate.")
 _ALL_STEPS = flags.DEFINE_bool("all_steps", False, "Evaluate every kept checkpoint; write "
                                "eval/summary.csv and eval/eval_loss.png.")
 _DATA = flags.DEFINE_string("data", None, "Evaluate on this text file or prepared token "
@@ -54,13 +71,41 @@ _DRAFT_STEP = flags.DEFINE_integer("draft_step", None, "The draft's checkpoint s
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round.")
 _COMPARE = flags.DEFINE_bool("compare", True, "With --draft_workdir, also decode without the "
                              "draft and report the speed-up.")
-_QUANTIZE = flags.DEFINE_string("quantize", None, "int8 | int4: evaluate with real integer "
-                                "weights of this width.")
+_QUANTIZE = flags.DEFINE_string("quantize", None, "int8 | int4 | int3: evaluate with real "
+                                "integer weights of this width.")
+_METHOD = flags.DEFINE_string("quant_method", "rtn", "rtn (round to nearest) | gptq "
+                              "(calibrated on the training split, or on --data).")
+_CALIBRATION = flags.DEFINE_integer("calibration_batches", 32, "GPTQ: calibration batches "
+                                    "of train.batch_size windows.")
+_DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: dampening, a fraction of the mean "
+                           "Hessian diagonal.")
+_ACT_ORDER = flags.DEFINE_bool("gptq_act_order", False, "GPTQ: quantize inputs by "
+                               "decreasing Hessian diagonal.")
 _GRANULARITY = flags.DEFINE_string("quant_granularity", None,
                                    "per_channel | per_tensor | a group size (default: the "
                                    "run's quant.granularity).")
 _SYMMETRIC = flags.DEFINE_bool("quant_symmetric", None,
                                "Symmetric integers (default: the run's quant.symmetric).")
+_GENERATION_SET = flags.DEFINE_string("generation_set", None, "A JSON-lines file of prompts "
+                                      "and references: generate, then score BLEU, chrF and "
+                                      "ROUGE; writes eval/generation/<name>_step_<N>.json.")
+_PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt", "--generation_set's prompt key.")
+_REFERENCE_FIELD = flags.DEFINE_string("reference_field", "reference",
+                                       "--generation_set's reference key.")
+_STOP = flags.DEFINE_string("stop", None, "A generation ends before this string (and at EOS).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts generated at once.")
+_ATTENTION_MAPS = flags.DEFINE_bool("attention_maps", False, "Write the --prompt's attention "
+                                    "maps (a PNG per layer), heads.csv and maps.npz to "
+                                    "eval/attention/step_<N>/.")
+_LM_EVAL = flags.DEFINE_list("lm_eval", [], "lm-evaluation-harness tasks (comma-separated): "
+                             "writes eval/lm_eval/step_<N>.json and prints the table.")
+_LM_EVAL_INCLUDE = flags.DEFINE_string("lm_eval_include", None, "A directory of extra "
+                                       "lm-eval task YAML files.")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "lm-eval few-shot examples "
+                                    "(default: each task's own).")
+_LIMIT = flags.DEFINE_float("limit", None, "lm-eval examples per task (< 1: a fraction).")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap_iters", 100000, "lm-eval stderr resamples "
+                                  "(0 = none).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs.")
@@ -80,10 +125,20 @@ def main(argv: list[str]) -> None:
             sampling={"temperature": _TEMPERATURE.value, "top_k": _TOP_K.value,
                       "top_p": _TOP_P.value},
             generate={"length": _LENGTH.value, "seed": _SEED.value,
-                      "draft_tokens": _DRAFT_TOKENS.value},
+                      "draft_tokens": _DRAFT_TOKENS.value, "num_beams": _NUM_BEAMS.value,
+                      "length_penalty": _LENGTH_PENALTY.value,
+                      "early_stopping": _EARLY_STOPPING.value},
             all_steps=_ALL_STEPS.value, data=_DATA.value, draft_workdir=_DRAFT_WORKDIR.value,
             draft_step=_DRAFT_STEP.value, compare=_COMPARE.value, quantize=_QUANTIZE.value,
-            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value))
+            quant_granularity=_GRANULARITY.value, quant_symmetric=_SYMMETRIC.value,
+            generation_set=_GENERATION_SET.value, prompt_field=_PROMPT_FIELD.value,
+            reference_field=_REFERENCE_FIELD.value, stop=_STOP.value,
+            batch_size=_BATCH_SIZE.value, attention_maps=_ATTENTION_MAPS.value,
+            lm_eval=tuple(_LM_EVAL.value), lm_eval_include=_LM_EVAL_INCLUDE.value,
+            num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
+            bootstrap_iters=_BOOTSTRAP.value,
+            quant_method=_METHOD.value, calibration_batches=_CALIBRATION.value,
+            gptq_damp=_DAMP.value, gptq_act_order=_ACT_ORDER.value))
         initialize(**Launch.parse(dict(
             cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())

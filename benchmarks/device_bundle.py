@@ -59,7 +59,7 @@ BUNDLE = frozenset({
     "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
     "tensorboardx",
     "matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver", "pillow", "pyparsing",
-    "python-dateutil", "tzdata",
+    "python-dateutil", "six",  # python-dateutil 2.9 (constraints/*.txt)
     "sentencepiece", "zstandard",
 })
 

@@ -27,7 +27,7 @@ from jaxlm.checkpoints.lora_merge import merge_lora
 from jaxlm.checkpoints.safetensors_io import write_sharded
 from jaxlm.configs.errors import ConfigError
 from jaxlm.data.tokenizers import Tokenizer
-from jaxlm.evaluation.restore import restore_run
+from jaxlm.evaluation.restore import print_warning, restore_run
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import abstract_params
 from jaxlm.parallel.mesh import make_mesh
@@ -128,9 +128,13 @@ def restore_run_params(workdir: Path, step: int | None, devices: list[jax.Device
     _, abstract, axes = abstract_params(model_cfg)
     mesh = make_mesh({}, devices[:1])
     shardings = tree_shardings(mesh, axes, config.sharding.rules)
+    abstract = abstract_with_shardings(abstract, shardings)
     with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
-        step = rundir.pick_step(ckpt.all_steps(), step, workdir)
-        params = ckpt.restore_params(step, abstract_with_shardings(abstract, shardings))
+        rundir.pick_step(ckpt.all_steps(), step, workdir)  # refuses a missing step
+        if step is None:  # the newest that restores (a damaged one is reported, not moved)
+            params, step = ckpt.restore_latest_params(abstract, warn=print_warning)
+        else:
+            params = ckpt.restore_given(step, lambda s: ckpt.restore_params(s, abstract))
     return config, model_cfg, params, step
 
 

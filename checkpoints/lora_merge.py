@@ -22,7 +22,8 @@ from jaxlm.losses.objectives import split_objective_params
 from jaxlm.models.model import abstract_model
 from jaxlm.models.lora import merge_adapters
 from jaxlm.storage import dirs
-from jaxlm.training import fingerprints, rundir
+from jaxlm.data import fingerprints
+from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.lora import base_quant

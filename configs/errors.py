@@ -17,6 +17,13 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError(key, message) unless `condition` (inside validators: key "" is the
+    field being validated)."""
+    if not condition:
+        raise ConfigError(key, message)
+
+
 class RunError(RuntimeError):
     """A run that cannot go on: it diverged, or no checkpoint restores. The message says
     what happened and what was kept; the entry points print it as one line and exit 1."""

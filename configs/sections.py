@@ -14,16 +14,21 @@ may name its ConfigDict key with an alias (`pipeline_repeats` -> `Pipeline.repea
 the command line exactly when it is declared here.
 """
 
-import math
 import sys
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict as PydanticConfig, Field, ValidationError, \
     field_serializer, field_validator, model_validator
 
 from jaxlm.configs import keys
-from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.errors import ConfigError, require
+from jaxlm.configs.migrate import upgrade
+from jaxlm.configs.specs import BpeVocabSize, MixtureSpec, TokenizerSpec, ValFraction
+from jaxlm.configs.wording import config_error
+# Also importable from here: the helpers section code uses with them.
+from jaxlm.configs.specs import parse_mixture  # noqa: F401
+from jaxlm.configs.wording import choices  # noqa: F401
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -76,8 +81,6 @@ RopeScalingKind = Literal["none", "llama3"]
 RouterOrder = Literal["softmax_topk", "topk_softmax"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocks"]
 Packing = Literal["windows", "documents"]
-TOKENIZER_FORMS = "char, byte, bpe, hf:PATH, sentencepiece:PATH, from:DIR"
-MIN_BPE_VOCAB = 257  # the 256 byte symbols of a byte-level BPE + end-of-document
 KlKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl"]
 FeatureKind = Literal["mse", "cosine"]
 ScheduleKind = Literal["constant", "linear", "cosine"]
@@ -89,80 +92,6 @@ OptimizerName = Literal["adamw", "lion", "adafactor", "muon", "sgd"]
 PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections, by name
 MLP_TARGETS = ("gate", "up", "down")
-
-
-def choices(literal: Any) -> tuple[Any, ...]:
-    """The allowed values of a Literal type (or of the Literals in a union, e.g. an optional
-    Literal), e.g. `choices(AttentionImpl)`."""
-    if get_origin(literal) is Literal:
-        return get_args(literal)
-    return tuple(v for arg in get_args(literal) for v in choices(arg))
-
-
-# ----------------------------------------------------------------------------------------
-# Validation machinery: pydantic does the checking, `_error` words its errors our way.
-
-_TYPE_NAMES = {"int_type": "an integer", "int_from_float": "an integer",
-               "float_type": "a number", "bool_type": "true or false",
-               "string_type": "a string", "tuple_type": "a list"}
-
-
-def _bounds(section: type[BaseModel], name: str) -> dict[str, Any]:
-    field = section.model_fields.get(name)
-    out: dict[str, Any] = {}
-    for meta in getattr(field, "metadata", ()):
-        for bound in ("gt", "ge", "lt", "le"):
-            if getattr(meta, bound, None) is not None:
-                out[bound] = getattr(meta, bound)
-    return out
-
-
-def _range_text(b: dict[str, Any]) -> str:
-    if ("gt" in b or "ge" in b) and ("lt" in b or "le" in b):
-        lo = f"({b['gt']}" if "gt" in b else f"[{b['ge']}"
-        hi = f"{b['lt']})" if "lt" in b else f"{b['le']}]"
-        return f"in {lo}, {hi}"
-    for bound, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        if bound in b:
-            return f"{op} {b[bound]}"
-    return "valid"
-
-
-def _error(section: type[BaseModel], prefix: str, err: dict[str, Any]) -> ConfigError:
-    """One pydantic error -> ConfigError(dotted key, message in the project's words)."""
-    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-    owner: Any = section
-    for part in loc[:-1]:  # the section class that declares the failing field
-        field = owner.model_fields.get(part) if hasattr(owner, "model_fields") else None
-        owner = getattr(field, "annotation", None) or owner
-    name = loc[-1] if loc else ""
-    key = ".".join(p for p in (prefix, *loc) if p)
-    if getattr(section, "FLAT_KEYS", False) and loc:  # flags: nested fields are flat flags
-        key = name
-    value = err.get("input")
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):
-        inner = ctx["error"]
-        return ConfigError(".".join(p for p in (key, inner.key) if p), inner.message)
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bounds = _bounds(owner, name) if isinstance(owner, type) else {}
-        if kind == "greater_than" and bounds.get("gt") == 0 and isinstance(value, int):
-            return ConfigError(key, f"must be a positive integer, got {value!r}")
-        return ConfigError(key, f"must be {_range_text(bounds or ctx)}, got {value!r}")
-    if kind == "literal_error":
-        field = owner.model_fields.get(name) if isinstance(owner, type) else None
-        allowed = list(choices(field.annotation)) if field is not None else ctx.get("expected")
-        return ConfigError(key, f"unknown value {value!r}; choose one of {allowed}")
-    if kind == "finite_number":
-        return ConfigError(key, f"must be a finite number, got {value!r}")
-    if kind == "extra_forbidden":
-        if isinstance(owner, type) and getattr(owner, "UNKNOWN_KEY", None):
-            return ConfigError(key, owner.UNKNOWN_KEY)
-        return keys.unknown_key(_defaults_tree(), key)
-    if kind in _TYPE_NAMES:
-        return ConfigError(key, f"must be {_TYPE_NAMES[kind]}, got {value!r}")
-    return ConfigError(key, err["msg"])
 
 
 class Section(BaseModel):
@@ -179,7 +108,7 @@ class Section(BaseModel):
         try:
             return cls.model_validate(dict(values))
         except ValidationError as e:
-            raise _error(cls, prefix, e.errors()[0]) from None
+            raise _config_error(cls, prefix, e) from None
 
     @classmethod
     def config_keys(cls) -> list[str]:
@@ -188,12 +117,6 @@ class Section(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)
-
-
-def require(condition: bool, key: str, message: str) -> None:
-    """Raise ConfigError(key, message) unless `condition` (inside validators)."""
-    if not condition:
-        raise ConfigError(key, message)
 
 
 # ----------------------------------------------------------------------------------------
@@ -221,7 +144,7 @@ class Train(Section):
         return self
 
 
-class Optim(Section):
+class Updates(Section):
     """The learning-rate schedule and the keys every optimizer shares, plus AdamW's own
     (beta1, beta2, adam_eps; Muon's AdamW for its non-matrix parameters uses them too).
     Weight decay is decoupled (scaled by the learning rate) and on matrices only."""
@@ -241,7 +164,7 @@ class Optim(Section):
     adam_eps: NonNegativeFloat = 1e-8
 
     @model_validator(mode="after")
-    def _floor_below_peak(self) -> "Optim":
+    def _floor_below_peak(self) -> "Updates":
         require(self.min_learning_rate <= self.learning_rate, "min_learning_rate",
                f"{self.min_learning_rate} is above learning_rate {self.learning_rate}")
         return self
@@ -360,21 +283,13 @@ class Sharding(Section):
     KEY: ClassVar[str] = "sharding"
     rules: tuple[Rule, ...] = DEFAULT_RULES
 
-    # Logical axes added after configs were first saved, with their default rule: rules
-    # that lack them (a run's older config.json) get it.
-    LATER_AXES: ClassVar[tuple[Rule, ...]] = (("lora_rank", None),)
-
     @field_validator("rules", mode="before")
     @classmethod
     def _as_tuples(cls, rules: Any) -> Any:
         """config.json stores the rules as lists."""
         def tup(x):
             return tuple(tup(v) for v in x) if isinstance(x, (list, tuple)) else x
-        rules = tup(rules)
-        if isinstance(rules, tuple):
-            named = {r[0] for r in rules if isinstance(r, tuple) and r}
-            rules += tuple(r for r in cls.LATER_AXES if r[0] not in named)
-        return rules
+        return tup(rules)
 
     @model_validator(mode="after")
     def _complete(self) -> "Sharding":
@@ -637,7 +552,7 @@ class Quant(Section):
     """Integer quantization: fake-quantized weights (and activations) in training with a
     straight-through estimator (QAT); real integers for evaluation (PTQ). 0 bits = float."""
     KEY: ClassVar[str] = "quant"
-    weight_bits: Literal[0, 4, 8] = 0  # 0 = float weights
+    weight_bits: Literal[0, 3, 4, 8] = 0  # 0 = float weights; 3 and 4 bits are stored in nibbles
     activation_bits: Literal[0, 8] = 0  # per token, dynamic range; 0 = float activations
     granularity: str = PER_CHANNEL  # per_channel | per_tensor | group size, e.g. "32"
     symmetric: bool = True
@@ -648,8 +563,8 @@ class Quant(Section):
         if g not in (PER_CHANNEL, PER_TENSOR):
             require(g.isdigit() and int(g) > 0, "granularity",
                    f"{g!r} is not per_channel, per_tensor or a positive group size")
-            require(self.weight_bits != 4 or int(g) % 2 == 0, "granularity",
-                   f"int4 packs pairs of rows: group size {g} must be even")
+            require(self.weight_bits not in (3, 4) or int(g) % 2 == 0, "granularity",
+                   f"int{self.weight_bits} packs pairs of rows: group size {g} must be even")
         return self
 
     @property
@@ -723,24 +638,6 @@ class Lora(Section):
                f"'gate' is not in this model: model.mlp={model.mlp!r} has no gate projection")
 
 
-def parse_mixture(spec: str, key: str = "data.mixture") -> list[tuple[str, float]]:
-    """`DIR:WEIGHT,DIR:WEIGHT,...` -> [(DIR, weight)]; weights finite, >= 0, not all zero."""
-    items = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        path, sep, weight = item.rpartition(":")
-        require(bool(sep and path), key, f"{item!r} is not DIR:WEIGHT")
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ConfigError(key, f"weight {weight!r} of {path} is not a number") from None
-        require(math.isfinite(w) and w >= 0, key, f"weight of {path} must be a finite number "
-                                                 f">= 0, got {weight}")
-        items.append((path, w))
-    require(bool(items), key, "no sources; expected DIR:WEIGHT,DIR:WEIGHT,...")
-    require(sum(w for _, w in items) > 0, key, f"the weights sum to zero ({spec})")
-    return items
-
-
 class Data(Section):
     """The corpus, its tokenizer, and how training rows are cut from it (docs/data.md)."""
     KEY: ClassVar[str] = "data"
@@ -751,39 +648,15 @@ class Data(Section):
     # sentencepiece:PATH (a .model file) | from:DIR (exactly the tokenizer of a run directory
     # or a prepared directory; text it lacks a character of is refused). A prepared
     # data.path must have been made with it.
-    tokenizer: str = "char"
-    vocab_size: Annotated[int, Field(lt=2**31)] = 4096  # bpe: ids of the BPE trained on path
+    tokenizer: TokenizerSpec = "char"
+    vocab_size: BpeVocabSize = 4096  # bpe: ids of the BPE trained on path
     # windows: random windows of the token stream; documents: whole documents packed into
     # rows, with no attention and no loss across documents.
     packing: Packing = "windows"
     # "DIR:WEIGHT,DIR:WEIGHT,...": prepared directories sampled by weight, instead of path.
-    mixture: str = ""
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    mixture: MixtureSpec = ""
+    val_fraction: ValFraction = 0.1
     prefetch: NonNegativeInt = 2
-
-    @field_validator("tokenizer")
-    @classmethod
-    def _tokenizer_form(cls, spec: str) -> str:
-        kind, sep, path = spec.partition(":")
-        ok = spec in ("char", "byte", "bpe") or (kind in ("hf", "sentencepiece", "from") and
-                                                 bool(path.strip()))
-        require(ok, "", f"unknown tokenizer {spec!r}; choose one of {TOKENIZER_FORMS}")
-        return spec
-
-    @field_validator("vocab_size")
-    @classmethod
-    def _holds_the_bytes(cls, size: int) -> int:
-        require(size >= MIN_BPE_VOCAB, "", f"{size} is too small for a byte-level BPE: it needs "
-                                          f"at least {MIN_BPE_VOCAB} ids (256 bytes + "
-                                          f"end-of-document)")
-        return size
-
-    @field_validator("mixture")
-    @classmethod
-    def _mixture_syntax(cls, spec: str) -> str:
-        if spec.strip():
-            parse_mixture(spec, "")
-        return spec
 
     @model_validator(mode="after")
     def _one_corpus(self) -> "Data":
@@ -820,7 +693,7 @@ class Sampling(Section):
 # The whole config.
 
 SECTIONS: dict[str, type[Section]] = {
-    "train": Train, "optim": Optim, "intervals": Intervals, "pipeline": Pipeline,
+    "train": Train, "updates": Updates, "intervals": Intervals, "pipeline": Pipeline,
     "mesh": Mesh, "sharding": Sharding, "model": Model, "loss": Loss, "quant": Quant,
     "data": Data, "init": Init, "optimizer": Optimizer, "log": Log, "profile": Profile,
     "lora": Lora,
@@ -833,7 +706,7 @@ _NOTICES_SHOWN: set[str] = set()
 def _scale_default_warmup(values: dict[str, Any]) -> dict[str, Any]:
     """A run shorter than the default warm-up warms up for a tenth of its steps instead
     (with one notice); a warm-up the user set longer than the run stays an error."""
-    default = Optim.model_fields["warmup_steps"].default
+    default = Updates.model_fields["warmup_steps"].default
     steps, warmup = values.get("steps"), values.get("warmup_steps", default)
     if not (isinstance(steps, int) and not isinstance(steps, bool) and warmup == default
             and 0 < steps < default):
@@ -853,7 +726,7 @@ class Config(BaseModel):
     model_config = PydanticConfig(frozen=True, extra="forbid")
     name: str = "base"
     train: Train = Train()
-    optim: Optim = Optim()
+    updates: Updates = Updates()
     intervals: Intervals = Intervals()
     pipeline: Pipeline = Pipeline()
     mesh: Mesh = Mesh()
@@ -874,7 +747,7 @@ class Config(BaseModel):
         if isinstance(config, Config):
             return config
         values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        values = _scale_default_warmup(values)
+        values = _scale_default_warmup(upgrade(values))
         top_level = {"name"}
         sections = {}
         for attr, section in SECTIONS.items():
@@ -897,7 +770,7 @@ class Config(BaseModel):
         try:
             return cls(name=name, **sections)
         except ValidationError as e:
-            raise _error(cls, "", e.errors()[0]) from None
+            raise _config_error(cls, "", e) from None
 
     def to_dict(self) -> dict[str, Any]:
         """The ConfigDict layout (what `config.json` holds)."""
@@ -912,8 +785,8 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "Config":
-        require(self.optim.warmup_steps <= self.train.steps, "warmup_steps",
-               f"{self.optim.warmup_steps} warm-up steps are more than steps "
+        require(self.updates.warmup_steps <= self.train.steps, "warmup_steps",
+               f"{self.updates.warmup_steps} warm-up steps are more than steps "
                f"{self.train.steps}")
         self.quant.check_divides(self.model)
         self.lora.check_model(self.model)
@@ -975,3 +848,9 @@ class Config(BaseModel):
 def _defaults_tree() -> dict[str, Any]:
     """Every default key (for "did you mean")."""
     return Config().to_dict()
+
+
+def _config_error(section: type[BaseModel], prefix: str, error: ValidationError) -> ConfigError:
+    """The first error of validating `section` as one ConfigError naming its key."""
+    return config_error(section, prefix, error.errors()[0],
+                        lambda key: keys.unknown_key(_defaults_tree(), key))

@@ -2,12 +2,12 @@
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import parse_mixture
+from jaxlm.configs.sections import Data
+from jaxlm.configs.specs import parse_mixture
 from jaxlm.data.pipeline import TokenData, check_tokenizer_spec, resolve_data
 from jaxlm.data.prepare import META, is_prepared
 from jaxlm.data.tokenizers import Tokenizer
@@ -81,7 +81,7 @@ class Mixture:
         return cls(names, sources, np.asarray(weights, np.float64) / total)
 
 
-def resolve_mixture(data_cfg: Any) -> Mixture:
+def resolve_mixture(data_cfg: Data) -> Mixture:
     """`data.mixture` as a Mixture, checking its tokenizer against `data.tokenizer`."""
     mixture = Mixture.parse(data_cfg.mixture)
     check_tokenizer_spec(data_cfg.tokenizer, mixture.tokenizer,
@@ -89,7 +89,7 @@ def resolve_mixture(data_cfg: Any) -> Mixture:
     return mixture
 
 
-def resolve_sources(data_cfg: Any, workdir: str | Path) -> Mixture:
+def resolve_sources(data_cfg: Data, workdir: str | Path) -> Mixture:
     """The training data of a `data` config section: `data.mixture` when set, else the
     one set of `data.path` (prepared under `workdir` when it is text)."""
     if data_cfg.mixture.strip():

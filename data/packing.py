@@ -20,7 +20,8 @@ pieces are packed first-fit into rows (grain's FirstFitPackIterDataset). `segmen
 number the pieces of a row from 1 (0 = padding), `positions` restart at 0 for every
 piece, and `weights` are 1 on real targets and 0 on padding (for an SFT set, the stored
 weight of each target token: 0 on prompt tokens). SFT sets are always packed as
-documents (`resolve_packing`), and their examples are never cut (`check_examples_fit`).
+documents (`resolve_packing`), and their examples are never cut (training/layout.py
+refuses a seq_len shorter than an example).
 A preference set trains in rows of (chosen, rejected) pairs instead (data/preference.py).
 A document's first token is never a target: nothing is predicted across a document
 boundary.
@@ -40,25 +41,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Packing
 from jaxlm.data.mixture import Mixture
-from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, target_bytes
+from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, process_rows, target_bytes
 from jaxlm.data.preference import pair_rows
 
-PACKINGS = ("windows", "documents")
 # Host-side bookkeeping, not model inputs: [rows] (`source`, `target_bytes`) or per batch.
 ROW_KEYS = ("source", "target_bytes", "tokens_seen")
 DEFAULT_PACKING_BINS = 128
-
-
-def check_packing(packing: str, seq_len: int) -> None:
-    """ConfigError for an unknown `data.packing` or documents with seq_len < 2."""
-    if packing not in PACKINGS:
-        raise ConfigError("data.packing", f"unknown value {packing!r}; choose one of "
-                                          f"{list(PACKINGS)}")
-    if packing == "documents" and seq_len < 2:
-        raise ConfigError("seq_len", f"packing=documents needs seq_len >= 2, got {seq_len}: "
-                                     f"a row of one token has no context inside a document")
 
 
 def _seed32(*parts: int) -> int:
@@ -92,30 +82,12 @@ def bits_per_byte(loss_sum: float, num_bytes: float) -> float:
     return float(loss_sum) / math.log(2.0) / max(float(num_bytes), 1e-12)
 
 
-def resolve_packing(packing: str, data: Mixture) -> str:
+def resolve_packing(packing: Packing, data: Mixture) -> Packing:
     """The packing training and evaluation use: `documents` whenever a source is an SFT
     set (windows would cut examples and run across them), else `packing`."""
     if any(s.is_sft for s in data.sources):
         return "documents"
     return packing
-
-
-def check_examples_fit(data: Mixture, seq_len: int,
-                       splits: tuple[str, ...] = ("train", "val")) -> None:
-    """ConfigError when an SFT example has more than seq_len targets: examples are packed
-    whole, never cut into pieces."""
-    for source in data.sources:
-        if not source.is_sft:
-            continue
-        for split in splits:
-            lengths = np.diff(source.docs(split))
-            longest = int(lengths.max()) - 1 if len(lengths) else 0
-            if longest > seq_len:
-                raise ConfigError("seq_len", f"{seq_len} is shorter than the longest "
-                                             f"example of {source.path} ({split} split: "
-                                             f"{longest} targets); examples are never "
-                                             f"split: use seq_len >= {longest}, or prepare "
-                                             f"the set again with --seq_len={seq_len}")
 
 
 def target_weights(weights: list[Any], idx_BxL: np.ndarray, valid_BxL: np.ndarray,
@@ -130,14 +102,6 @@ def target_weights(weights: list[Any], idx_BxL: np.ndarray, valid_BxL: np.ndarra
         at = np.where(valid_BxL[rows], idx_BxL[rows] + 1, 0)
         out_BxL[rows] = np.where(valid_BxL[rows], weights[s][at], 0).astype(np.float32)
     return out_BxL
-
-
-def check_documents(data: Mixture, split: str = "train") -> None:
-    """ConfigError when a split has no document of at least 2 tokens (nothing to predict)."""
-    for source in data.sources:
-        if not np.any(np.diff(source.docs(split)) >= 2):
-            raise ConfigError(data.key, f"the {split} split of {source.path} has no document "
-                                   f"of 2 or more tokens")
 
 
 # Documents: grain pipeline over token positions.
@@ -242,7 +206,6 @@ def _document_dataset(data: Mixture, seq_len: int, global_batch: int, seed: int,
                       rows: slice, num_epochs: int | None,
                       num_packing_bins: int) -> grain.IterDataset:
     sources, weights, mixture = data.sources, data.weights, data.is_mixture
-    check_documents(data)
     streams = {}
     for i, (source, w) in enumerate(zip(sources, weights)):
         if w <= 0:
@@ -333,21 +296,12 @@ class _ReadWindows(grain.transforms.Map):
         return batch
 
 
-def _process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
-    """This process's rows of a global batch."""
-    if global_batch % process_count:
-        raise ConfigError("batch_size", f"{global_batch} is not divisible by the "
-                                        f"{process_count} processes")
-    per = global_batch // process_count
-    return slice(process_index * per, (process_index + 1) * per)
-
-
 def windows_source(data: Mixture, *, seq_len: int, global_batch: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """Random access to this process's rows of the training windows: `[s]` is step s's
     batch, as the windows `train_dataset` yields."""
     plans = WindowPlans(data, seq_len, global_batch, seed)
-    rows = _process_rows(global_batch, process_index, process_count)
+    rows = process_rows(global_batch, process_index, process_count)
     return grain.MapDataset.source(plans).map(
         _ReadWindows([s.train for s in data.sources], seq_len, rows, data.is_mixture))
 
@@ -385,26 +339,18 @@ class _CountTokensIterator(grain.DatasetIterator):
 
 # Public entry points.
 
-def _check_lengths(data: Mixture, seq_len: int, packing: str) -> None:
-    for source, w in zip(data.sources, data.weights):
-        if packing == "windows" and w > 0 and len(source.train) < seq_len + 1:
-            raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the train split "
-                                         f"({len(source.train)} tokens) of {source.path}")
-
-
 def train_dataset(data: Mixture, *, seq_len: int, global_batch: int, seed: int,
-                  packing: str = "windows", process_index: int = 0, process_count: int = 1,
+                  packing: Packing = "windows", process_index: int = 0, process_count: int = 1,
                   num_epochs: int | None = None, prefetch: int = 2,
                   num_packing_bins: int = DEFAULT_PACKING_BINS) -> grain.IterDataset:
     """This process's rows of every global training batch, as a grain IterDataset.
 
     `num_epochs` (documents only; None = endless) ends after that many passes, the last
-    batch padded with empty rows. Windows are endless."""
+    batch padded with empty rows. Windows are endless. The arguments are those
+    training/layout.py `check_layout` accepted: the data fits seq_len and the packing,
+    and the processes divide global_batch."""
     packing = resolve_packing(packing, data)
-    check_packing(packing, seq_len)
-    _check_lengths(data, seq_len, packing)
-    check_examples_fit(data, seq_len)
-    rows = _process_rows(global_batch, process_index, process_count)
+    rows = process_rows(global_batch, process_index, process_count)
     if data.sources[0].is_preference:  # one source (training/layout.py): rows of pairs
         ds = pair_rows(data.sources[0], "train", seq_len=seq_len, global_batch=global_batch,
                        seed=seed, rows=rows, num_epochs=num_epochs)
@@ -423,7 +369,7 @@ def pair_eval_batches(data: TokenData, *, seq_len: int, global_batch: int,
                       process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """A preference set's validation split once, in batches of whole pairs (the last
     padded with empty rows): this process's rows of each."""
-    rows = _process_rows(global_batch, process_index, process_count)
+    rows = process_rows(global_batch, process_index, process_count)
     return pair_rows(data, "val", seq_len=seq_len, global_batch=global_batch, seed=0,
                      rows=rows, num_epochs=1)
 
@@ -444,15 +390,11 @@ class PackedEvalBatches:
     def __init__(self, tokens: Any, offsets: np.ndarray, seq_len: int, global_batch: int,
                  process_index: int = 0, process_count: int = 1, max_batches: int = 0,
                  token_bytes: np.ndarray | None = None, weights: Any = None):
-        check_packing("documents", seq_len)
         self.weights = weights  # SFT: uint8 [tokens] loss weights of the tokens as targets
-        if global_batch % process_count:
-            raise ConfigError("eval_batch_size", f"{global_batch} is not divisible by the "
-                                                 f"{process_count} processes")
         self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
         self.token_bytes = token_bytes
-        per = global_batch // process_count
-        self.rows = np.arange(process_index * per, (process_index + 1) * per)
+        rows = process_rows(global_batch, process_index, process_count)
+        self.rows = np.arange(rows.start, rows.stop)
         starts, rows, cols, lens = [], [], [], []
         row, col = 0, 0
         for a, b in zip(offsets[:-1].tolist(), (offsets[1:] - 1).tolist()):
@@ -506,15 +448,14 @@ class PackedEvalBatches:
 
 
 def eval_batches(data: TokenData, *, seq_len: int, global_batch: int,
-                 packing: str = "windows", split: str = "val", process_index: int = 0,
+                 packing: Packing = "windows", split: str = "val", process_index: int = 0,
                  process_count: int = 1, max_batches: int = 0
                  ) -> EvalBatches | PackedEvalBatches:
     """Every target of a split once, with `target_bytes` for bits per byte: windows
     (EvalBatches) or packed documents (PackedEvalBatches). An SFT set is packed as
-    documents whatever `packing`, weighted by its loss weights: the completion-only loss."""
+    documents whatever `packing`, weighted by its loss weights: the completion-only loss.
+    The split fits seq_len (training/layout.py checks it)."""
     packing = resolve_packing(packing, Mixture.of_set(data))
-    check_packing(packing, seq_len)
-    check_examples_fit(Mixture.of_set(data), seq_len, (split,))
     tokens = data.tokens(split)
     if packing == "windows":
         return EvalBatches(tokens, seq_len, global_batch, process_index, process_count,

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Data
 from jaxlm.data.prepare import (EMBEDDED_CORPUS, FORMAT_VERSION, FORMAT_VERSIONS, META,
                                 SFT_FORMAT_VERSION, is_prepared, prepare,
                                 tokenizer_of_directory)
 from jaxlm.data.readers import COMPRESSED, file_format
 from jaxlm.data.shards import ShardedTokens
-from jaxlm.data.tokenizers import (DEFAULT_BPE_VOCAB, Tokenizer, first_vocabulary_difference,
+from jaxlm.data.tokenizers import (Tokenizer, first_vocabulary_difference,
                                    load_hf_tokenizer, load_sentencepiece, parse_tokenizer_spec,
                                    tokenizer_from_dict, vocabulary_difference)
 
@@ -179,7 +180,7 @@ def check_tokenizer_spec(spec: str, tok: Tokenizer, source: str,
         raise ConfigError(key, f"{source}'s tokenizer is not {path}'s ({difference}): {fix}")
 
 
-def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
+def resolve_data(data_cfg: Data, workdir: str | os.PathLike) -> TokenData:
     """Load `data.path`: a prepared directory is used as is; text is prepared under workdir."""
     source = Path(data_cfg.path) if data_cfg.path else EMBEDDED_CORPUS
     if not source.exists():
@@ -197,9 +198,17 @@ def resolve_data(data_cfg: Any, workdir: str | os.PathLike) -> TokenData:
     # the one that prepares it.
     out = prepare(source, Path(workdir) / "data", tokenizer=data_cfg.tokenizer,
                   val_fraction=data_cfg.val_fraction,
-                  vocab_size=getattr(data_cfg, "vocab_size", DEFAULT_BPE_VOCAB),
+                  vocab_size=data_cfg.vocab_size,
                   overwrite=True, wait=True, key="workdir")
     return TokenData.load(out)
+
+
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+    """This process's rows of a global batch (training/layout.py checks that the processes
+    divide it)."""
+    assert global_batch % process_count == 0, (global_batch, process_count)
+    per = global_batch // process_count
+    return slice(process_index * per, (process_index + 1) * per)
 
 
 def target_bytes(batch: Batch, token_bytes: np.ndarray) -> np.ndarray:
@@ -218,15 +227,13 @@ class EvalBatches:
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int,
                  process_index: int = 0, process_count: int = 1, max_batches: int = 0,
                  token_bytes: np.ndarray | None = None):
-        assert global_batch % process_count == 0, (global_batch, process_count)  # layout.py
+        self.rows = process_rows(global_batch, process_index, process_count)
         self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
         self.token_bytes = token_bytes
         self.num_targets = len(tokens) - 1
         self.num_windows = -(-self.num_targets // seq_len)
         n = -(-self.num_windows // global_batch)
         self.num_batches = min(n, max_batches) if max_batches > 0 else n
-        rows = global_batch // process_count
-        self.rows = slice(process_index * rows, (process_index + 1) * rows)
 
     def __len__(self) -> int:
         return self.num_batches

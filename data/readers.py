@@ -50,7 +50,8 @@ def file_format(path: Path) -> str:
     return "text"
 
 
-def _files_under(directory: Path) -> list[Path]:
+def files_under(directory: Path) -> list[Path]:
+    """Every non-hidden file under `directory` (none of its parts starts with a dot), sorted."""
     return sorted(p for p in directory.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(directory).parts))
 
@@ -65,13 +66,13 @@ def expand_inputs(specs: Sequence[str | os.PathLike], key: str = "--input") -> l
         spec = str(spec)
         path = Path(spec)
         if path.is_dir():
-            found = _files_under(path)
+            found = files_under(path)
         elif path.is_file():
             found = [path]
         elif glob.has_magic(spec):
             found = []
             for m in sorted(glob.glob(spec, recursive=True)):
-                found += _files_under(Path(m)) if Path(m).is_dir() else [Path(m)]
+                found += files_under(Path(m)) if Path(m).is_dir() else [Path(m)]
         else:
             raise ConfigError(key, f"no such file or directory: {spec}")
         if not found:

@@ -436,6 +436,38 @@ def template_directory(spec_path: str | None) -> Path | None:
     return path if path.is_dir() else path.parent
 
 
+def choose_template(chat_template: str, tok: Tokenizer, found: ChatTemplate | None
+                    ) -> ChatTemplate | None:
+    """`--chat_template`: `auto` (`found`, the tokenizer's own template, when there is one,
+    else the simple template: None), `simple` (None), or a Jinja template file."""
+    if chat_template == "auto":
+        return found
+    if chat_template == SIMPLE_TEMPLATE:
+        return None
+    file = Path(chat_template)
+    if not file.is_file():
+        raise ConfigError("--chat_template", f"expected auto, simple or a Jinja template "
+                                             f"file; no such file: {file}")
+    try:
+        source = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("--chat_template", f"{file} is not UTF-8 text ({e.reason} at byte "
+                                             f"{e.start})") from None
+    return ChatTemplate(source, special_token_strings(tok), str(file))
+
+
+def saved_template(meta: dict[str, Any], where: Path) -> ChatTemplate | None:
+    """The chat template a prepared SFT directory's meta.json (at `where`) recorded."""
+    saved = meta.get("chat_template")
+    if not isinstance(saved, dict):
+        return None
+    if not (isinstance(saved.get("source"), str) and
+            isinstance(saved.get("special_tokens"), dict)):
+        raise ConfigError("--tokenizer", f"{where} is damaged (its chat_template has no "
+                                         f"source and special_tokens); prepare it again")
+    return ChatTemplate(saved["source"], saved["special_tokens"], f"the chat template in {where}")
+
+
 # Records.
 
 def parse_record(line: bytes) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.specs import bpe_vocab_size, split_tokenizer_spec
 
 DEFAULT_BPE_VOCAB = 4096
 BPE_EOS = "<|endoftext|>"
@@ -273,26 +274,6 @@ class SentencePieceTokenizer:
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id}
 
 
-class _TokenizerSpecs(tuple):
-    """The accepted `data.tokenizer` values; `in` also accepts `hf:PATH` and
-    `sentencepiece:PATH` (the config validator checks membership)."""
-
-    def __contains__(self, value: object) -> bool:
-        if not isinstance(value, str):
-            return False
-        kind, _, path = value.partition(":")
-        if kind in PATH_KINDS:
-            return bool(path.strip())
-        return value in ("char", "byte", "bpe")
-
-
-# from:DIR reuses exactly the tokenizer of a run directory or a prepared data directory.
-PATH_KINDS = ("hf", "sentencepiece", "from")
-TOKENIZERS = _TokenizerSpecs(("char", "byte", "bpe", "hf:PATH", "sentencepiece:PATH",
-                              "from:DIR"))
-FILE_KINDS = ("hf", "sentencepiece")
-
-
 def vocabulary(tok: Tokenizer) -> dict[str, Any]:
     """What fixes a tokenizer's ids (its kind, characters or file hash, special ids): two
     tokenizers with equal vocabularies encode every text alike."""
@@ -332,12 +313,9 @@ def vocabulary_difference(va: dict[str, Any], vb: dict[str, Any]) -> str | None:
 
 
 def parse_tokenizer_spec(spec: str, key: str = "data.tokenizer") -> tuple[str, str | None]:
-    """`char` -> ("char", None); `hf:PATH` -> ("hf", PATH). Unknown kinds raise ConfigError."""
-    if spec not in TOKENIZERS:
-        raise ConfigError(key, f"unknown tokenizer {spec!r}; choose one of "
-                               f"{', '.join(TOKENIZERS)}")
-    kind, _, path = spec.partition(":")
-    return kind, (path or None)
+    """`char` -> ("char", None); `hf:PATH` -> ("hf", PATH); an unknown spec is a
+    ConfigError naming `key` (configs/specs.py holds the rule)."""
+    return split_tokenizer_spec(spec, key)
 
 
 def tokenizer_kind(spec: str) -> str:
@@ -411,11 +389,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_file: str | os.PathLike
     The vocabulary holds the 256 byte symbols, the end-of-document token and the merges."""
     # Deferred: Hugging Face tokenizers loads only for bpe and hf: tokenizers.
     from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers
-    if vocab_size < 257:
-        raise ConfigError(key, f"{vocab_size} is too small for a byte-level BPE: it needs "
-                               f"at least 257 ids (256 bytes + end-of-document)")
-    if vocab_size > 2**31 - 1:
-        raise ConfigError(key, f"{vocab_size} is too large")
+    bpe_vocab_size(vocab_size, key)
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -4,7 +4,8 @@ from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
-from jaxlm.configs.sections import PositiveInt, Sampling, Section, require
+from jaxlm.configs.sections import PositiveFloat, PositiveInt, Sampling, Section, require
+from jaxlm.models.gptq import GptqSettings
 
 
 class Generate(Section):
@@ -12,6 +13,13 @@ class Generate(Section):
     length: PositiveInt = 500  # tokens to generate per prompt
     seed: int = 0
     draft_tokens: PositiveInt = 4  # speculative decoding: tokens the draft proposes per round
+    num_beams: PositiveInt = 1  # > 1: beam search (deterministic; the sampling flags unused)
+    length_penalty: float = 1.0  # beam search: hypothesis score = sum logprob / length**this
+    early_stopping: Literal["true", "false", "never"] = "false"  # as `transformers`' generate
+
+    def early_stopping_value(self) -> bool | str:
+        """`early_stopping` as `transformers` spells it: True, False or "never"."""
+        return {"true": True, "false": False}.get(self.early_stopping, self.early_stopping)
 
 
 class EvalRequest(Section):
@@ -29,19 +37,68 @@ class EvalRequest(Section):
     draft_workdir: str | None = None
     draft_step: int | None = None
     compare: bool = True
-    quantize: Literal["int8", "int4"] | None = None
+    quantize: Literal["int8", "int4", "int3"] | None = None
     quant_granularity: str | None = None
     quant_symmetric: bool | None = None
+    generation_set: str | None = None  # JSON lines of prompts and references: BLEU/chrF/ROUGE
+    prompt_field: str = "prompt"
+    reference_field: str = "reference"
+    stop: str | None = None  # a continuation ends before this string (besides EOS)
+    batch_size: PositiveInt = 8  # prompts generated at once
+    attention_maps: bool = False  # the prompt's per-layer, per-head attention maps
+    lm_eval: tuple[str, ...] = ()  # lm-evaluation-harness tasks or groups
+    lm_eval_include: str | None = None  # a directory of extra task YAML files
+    num_fewshot: int | None = None  # default: each task's own
+    limit: PositiveFloat | None = None  # examples per task (< 1: a fraction)
+    bootstrap_iters: int = 100000  # the harness's stderr resamples (0 = none)
+    quant_method: Literal["rtn", "gptq"] = "rtn"  # round to nearest, or GPTQ (calibrated)
+    calibration_batches: PositiveInt = 32  # GPTQ: batches of train.batch_size windows
+    gptq_damp: float = 0.01  # GPTQ: added to the Hessian's diagonal, times its mean
+    gptq_act_order: bool = False  # GPTQ: quantize inputs by decreasing Hessian diagonal
 
     @model_validator(mode="after")
     def _one_mode(self) -> "EvalRequest":
-        suite = self.all_steps or self.data
+        suite = self.all_steps or (self.data and not self.gptq)
         require(not (self.quantize and suite), "quantize",
-               "evaluates one checkpoint on the validation split; drop --all_steps/--data")
+               "evaluates one checkpoint on the validation split; drop --all_steps/--data "
+               "(with --quant_method=gptq, --data is the calibration set)")
+        require(self.quant_method == "rtn" or bool(self.quantize), "quant_method",
+               "quantizes weights: add --quantize=int8|int4|int3")
+        require(0 < self.gptq_damp < 1, "gptq_damp",
+               f"{self.gptq_damp} is not in (0, 1): it is a fraction of the mean of diag(H)")
         require(not (self.sample and suite), "sample",
                "samples from one checkpoint; drop --all_steps/--data")
+        require(not (self.generation_set and (suite or self.sample or self.quantize or
+                                              self.draft_workdir)), "generation_set",
+               "scores one checkpoint's generations; drop --all_steps/--data/--sample/"
+               "--quantize/--draft_workdir")
         require(not self.draft_workdir or self.sample, "draft_workdir",
                "is for sampling; add --sample")
-        require(bool(self.evaluate or self.sample or self.quantize or suite), "eval",
+        require(not (self.draft_workdir and self.generate.num_beams > 1), "num_beams",
+               "beam search does not take a draft model; drop --draft_workdir")
+        require(not (self.attention_maps and (suite or self.sample or self.quantize or
+                                              self.draft_workdir or self.generation_set)),
+               "attention_maps", "maps one checkpoint's attention; drop --all_steps/--data/"
+               "--sample/--quantize/--draft_workdir/--generation_set")
+        require(not (self.lm_eval and (suite or self.sample or self.quantize or
+                                       self.draft_workdir or self.generation_set or
+                                       self.attention_maps)), "lm_eval",
+               "runs the harness on one checkpoint; drop --all_steps/--data/--sample/"
+               "--quantize/--draft_workdir/--generation_set/--attention_maps")
+        require(self.lm_eval_include is None or bool(self.lm_eval), "lm_eval_include",
+               "adds tasks for --lm_eval; name the tasks to run with --lm_eval")
+        require(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot",
+               f"must be 0 or more (got {self.num_fewshot})")
+        require(not self.attention_maps or len(self.prompts) == 1, "attention_maps",
+               f"maps one prompt; got {len(self.prompts)} --prompt flags")
+        require(bool(self.evaluate or self.sample or self.quantize or suite or
+                     self.generation_set or self.attention_maps or self.lm_eval), "eval",
                "--noeval without --sample leaves nothing to do")
         return self
+
+    @property
+    def gptq(self) -> GptqSettings | None:
+        """The GPTQ settings with --quant_method=gptq, else None."""
+        if self.quant_method != "gptq":
+            return None
+        return GptqSettings(damp=self.gptq_damp, act_order=self.gptq_act_order)

@@ -10,7 +10,8 @@ import jax
 
 from jaxlm.configs.errors import RunError, environment_error, environment_message
 from jaxlm.configs.sections import MESH_AXES
-from jaxlm.training import fingerprints, rundir
+from jaxlm.data import fingerprints
+from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 
@@ -31,7 +32,7 @@ def restore_run(workdir: str | Path, step: int | None = None,
     with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
         if step is None:  # the newest that restores (a damaged one is reported, not moved)
             rundir.pick_step(ckpt.all_steps(), None, workdir)
-            state, step = ckpt.restore_latest(exp.checkpoint_abstract, warn=_warn)
+            state, step = ckpt.restore_latest(exp.checkpoint_abstract, warn=print_warning)
         else:
             state = restore_step(ckpt, rundir.pick_step(ckpt.all_steps(), step, workdir),
                                  exp.checkpoint_abstract)
@@ -71,13 +72,9 @@ def save_result(path: Path, text: str) -> None:
 
 def restore_step(ckpt: Checkpointer, step: int, abstract_state: Any) -> Any:
     """One given step; a damaged one is a RunError naming it."""
-    try:
-        return ckpt.restore(step, abstract_state)
-    except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        raise RunError(f"checkpoint step {step} in {ckpt.directory} does not restore "
-                       f"({reason})") from None
+    return ckpt.restore_given(step, lambda s: ckpt.restore(s, abstract_state))
 
 
-def _warn(message: str) -> None:
+def print_warning(message: str) -> None:
+    """A warning line, on stderr (stdout carries the results)."""
     print(message, file=sys.stderr)

@@ -5,7 +5,9 @@ from typing import Any
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Sampling
 from jaxlm.data.packing import stores_documents
+from jaxlm.evaluation.request import Generate
 from jaxlm.evaluation.restore import restore_run
+from jaxlm.inference.beam import BeamSearch, EarlyStopping
 from jaxlm.inference.generate import Generator
 from jaxlm.inference.speculative import SpeculativeGenerator
 from jaxlm.losses.objectives import split_objective_params
@@ -30,6 +32,43 @@ def sample(exp: Experiment, params: Any, prompts: list[str], length: int, sp: Sa
     gen = Generator(exp.graphdef, exp.model_cfg, exp.config.train.seq_len)
     out, stats = gen.generate(split_objective_params(params)[0], ids, length, sp, seed)
     return [exp.data.tokenizer.decode(o) for o in out], stats
+
+
+def beam_search(exp: Experiment, params: Any, prompts: list[str], length: int,
+                num_beams: int, length_penalty: float = 1.0,
+                early_stopping: EarlyStopping = False) -> tuple[list[str], dict[str, float]]:
+    """Each prompt's best beam-search continuation of at most `length` tokens; a
+    hypothesis ends at the tokenizer's EOS, if it has one (the text stops before it)."""
+    ids = encode_prompts(exp, prompts)
+    beam = BeamSearch(exp.graphdef, exp.model_cfg, exp.config.train.seq_len)
+    eos = exp.data.tokenizer.eos_id
+    out, stats = beam.generate(split_objective_params(params)[0], ids, length, num_beams,
+                               eos, length_penalty, early_stopping)
+    return [exp.data.tokenizer.decode(_until_eos(o, eos)) for o in out], stats
+
+
+def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def continue_prompts(exp: Experiment, params: Any, prompts: list[str], g: Generate,
+                     sp: Sampling, batch_size: int) -> list[str]:
+    """Each prompt's continuation of at most `g.length` tokens, up to (without) the
+    tokenizer's EOS: beam search when `g.num_beams` > 1, else sampling by `sp`; prompts
+    go `batch_size` at a time (row i of batch j samples with seed g.seed + j)."""
+    params = split_objective_params(params)[0]
+    context, eos = exp.config.train.seq_len, exp.data.tokenizer.eos_id
+    beam = BeamSearch(exp.graphdef, exp.model_cfg, context) if g.num_beams > 1 else None
+    gen = Generator(exp.graphdef, exp.model_cfg, context)
+    out: list[list[int]] = []
+    for j in range(0, len(prompts), batch_size):
+        ids = encode_prompts(exp, prompts[j:j + batch_size])
+        if beam is not None:
+            out += beam.generate(params, ids, g.length, g.num_beams, eos, g.length_penalty,
+                                 g.early_stopping_value())[0]
+        else:
+            out += gen.generate(params, ids, g.length, sp, g.seed + j // batch_size)[0]
+    return [exp.data.tokenizer.decode(_until_eos(o, eos)) for o in out]
 
 
 def sample_speculative(exp: Experiment, params: Any, draft_workdir: str, prompts: list[str],

@@ -22,6 +22,7 @@ from jaxlm.evaluation.restore import json_line, load_run, restore_step, save_res
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.evaluate import NonFiniteEval, evaluate
+from jaxlm.training.layout import check_documents, check_examples_fit
 from jaxlm.training.metrics import read_metrics
 
 LN2 = math.log(2.0)
@@ -89,14 +90,14 @@ def _text_tokens(exp: Any, path: Path) -> np.ndarray:
 
 
 def _check_targets(exp: Any, data: TokenData | np.ndarray, path: Path) -> None:
-    """At least one target: 2 tokens of text, or of one validation document when packed."""
+    """At least one target: 2 tokens of text, or of one validation document when packed
+    (SFT examples no longer than seq_len)."""
     if isinstance(data, np.ndarray):
         if len(data) < 2:
             raise ConfigError("data", f"{path} has {len(data)} tokens; at least 2 are needed")
     elif resolve_packing(exp.config.data.packing, Mixture.of_set(data)) == "documents":
-        if not np.any(np.diff(data.docs("val")) >= 2):
-            raise ConfigError("data", f"the validation split of {path} has no document of "
-                                      f"2 or more tokens")
+        check_documents(data, "val", "data")
+        check_examples_fit(Mixture.of_set(data), exp.config.train.seq_len, ("val",))
     elif len(data.val) < 2:
         raise ConfigError("data", f"the validation split of {path} has {len(data.val)} "
                                   f"tokens; at least 2 are needed")

@@ -1,7 +1,7 @@
 """Softmax attention in plain XLA ops: one block, its mask, its gradient, and the merge.
 
 `attention_block` is the one implementation of softmax(q k^T / sqrt(K) + mask) v outside
-the Pallas kernels. The model's "xla" attention and its KV-cache decoding call it, every
+the Pallas kernels; `attention_weights` returns its probabilities (attention maps). The model's "xla" attention and its KV-cache decoding call it, every
 block of context-parallel attention calls it (blocks of the same queries merge by their
 log-sum-exp, `merge_blocks`), and `reference_attention` wraps it in the kernels' calling
 convention as the oracle of their tests.
@@ -52,18 +52,11 @@ def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, *, causal: bool,
     return functools.reduce(operator.and_, conditions) if conditions else None
 
 
-def attention_block(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
-                    mask_BxLxS: jax.Array | None = None, *, scale: float | None = None,
-                    out_dtype: jnp.dtype | None = None,
-                    precision: jax.lax.Precision | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
-    """(out [B, L, H, K], lse [B, H, L] float32) of softmax(scale q k^T + mask) v, with
-    KV heads shared by groups of query heads.
-
-    `scale` defaults to 1/sqrt(K) and multiplies q in its dtype; the logits are float32;
-    the output is in `out_dtype` (default v's dtype). The mask enters as an additive bias
-    (0 or MASKED). Rows that see no key give output 0 and lse -inf.
-    """
+def _probs(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, mask_BxLxS: jax.Array | None,
+           scale: float | None, precision: jax.lax.Precision | None
+           ) -> tuple[jax.Array, jax.Array, tuple[str, str]]:
+    """(probabilities, lse) float32 in the grouped layout [B, G, R, L, S] / [B, G, R, L]
+    ([B, H, L, S] / [B, H, L] when G == H), and the einsum specs of the two products."""
     b, t, h, kdim = q_BxLxHxK.shape
     g = k_BxSxGxK.shape[2]
     scale = kdim ** -0.5 if scale is None else scale
@@ -83,6 +76,33 @@ def attention_block(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.A
         seen = mask_BxLxS.any(-1)[rows]
         probs = jnp.where(seen[..., None], probs, 0.0)
         lse = jnp.where(seen, lse, -jnp.inf)
+    return probs, lse, specs
+
+
+def attention_weights(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array,
+                      mask_BxLxS: jax.Array | None = None, *, scale: float | None = None,
+                      precision: jax.lax.Precision | None = None) -> jax.Array:
+    """[B, H, L, S] float32: the probabilities `attention_block` multiplies v by (query
+    head h reads KV head h // (H / G)); rows that see no key are 0."""
+    b, t, h, _ = q_BxLxHxK.shape
+    probs = _probs(q_BxLxHxK, k_BxSxGxK, mask_BxLxS, scale, precision)[0]
+    return probs.reshape(b, h, t, k_BxSxGxK.shape[1])
+
+
+def attention_block(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+                    mask_BxLxS: jax.Array | None = None, *, scale: float | None = None,
+                    out_dtype: jnp.dtype | None = None,
+                    precision: jax.lax.Precision | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(out [B, L, H, K], lse [B, H, L] float32) of softmax(scale q k^T + mask) v, with
+    KV heads shared by groups of query heads.
+
+    `scale` defaults to 1/sqrt(K) and multiplies q in its dtype; the logits are float32;
+    the output is in `out_dtype` (default v's dtype). The mask enters as an additive bias
+    (0 or MASKED). Rows that see no key give output 0 and lse -inf.
+    """
+    b, t, h, kdim = q_BxLxHxK.shape
+    probs, lse, specs = _probs(q_BxLxHxK, k_BxSxGxK, mask_BxLxS, scale, precision)
     out = jnp.einsum(specs[1], probs.astype(v_BxSxGxK.dtype), v_BxSxGxK,
                      preferred_element_type=out_dtype, precision=precision)
     return out.reshape(b, t, h, kdim), lse.reshape(b, h, t)

@@ -16,7 +16,8 @@ the student logits is T * (q_T - p_T) for forward KL, so its size does not shrin
 import jax
 import jax.numpy as jnp
 
-from jaxlm.configs.sections import FeatureKind, KlKind, choices
+from jaxlm.configs.sections import FeatureKind, KlKind
+from jaxlm.configs.wording import choices
 from jaxlm.losses.cross_entropy import mask_padded_vocab
 
 KL_KINDS = choices(KlKind)

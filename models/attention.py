@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.kernels.flash_attention import flash_attention
-from jaxlm.kernels.reference import attention_block, attention_mask
+from jaxlm.kernels.reference import attention_block, attention_mask, attention_weights
 from jaxlm.models.layers import Linear, RMSNorm, rope
 from jaxlm.parallel.context import context_attention, context_shards
 from jaxlm.parallel.sharding import constrain, shard_map_logical
@@ -48,10 +48,16 @@ def xla_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Arr
                   causal: bool = True, segment_ids_BxL: jax.Array | None = None,
                   window: int | None = None) -> jax.Array:
     """Attention by `kernels.reference.attention_block`: materialises the [L, S] scores."""
-    t, s = q_BxLxHxK.shape[1], k_BxSxGxK.shape[1]
-    mask = attention_mask(jnp.arange(t)[None], jnp.arange(s)[None], causal=causal,
-                          window=window, q_segment=segment_ids_BxL)
+    mask = self_attention_mask(q_BxLxHxK.shape[1], k_BxSxGxK.shape[1], causal=causal,
+                               segment_ids_BxL=segment_ids_BxL, window=window)
     return attention_block(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask)[0]
+
+
+def self_attention_mask(t: int, s: int, *, causal: bool, segment_ids_BxL: jax.Array | None,
+                        window: int | None) -> jax.Array | None:
+    """The mask of an attention implementation's arguments (module docstring)."""
+    return attention_mask(jnp.arange(t)[None], jnp.arange(s)[None], causal=causal,
+                          window=window, q_segment=segment_ids_BxL)
 
 
 # Logical axes of the kernels' operands. The length axis stays whole on every shard.
@@ -157,14 +163,7 @@ class Attention(nnx.Module):
                  lora_key: jax.Array | None = None,
                  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         keys = (None,) * 4 if lora_key is None else jax.random.split(lora_key, 4)
-        q = constrain(self.q(x_BxLxD, keys[0]), ("act_batch", "act_len", "act_heads", None))
-        k = constrain(self.k(x_BxLxD, keys[1]), ("act_batch", "act_len", "act_kv_heads", None))
-        v = constrain(self.v(x_BxLxD, keys[2]), ("act_batch", "act_len", "act_kv_heads", None))
-        if self.use_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling)
-            k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling)
+        q, k, v = self.qkv(x_BxLxD, positions_BxL, keys[:3])
         if cache is None and context_shards() > 1:  # the sequence is split: zig-zag order
             out = context_attention(q, k, v, impl=self.impl, mode=self.context_mode,
                                     segment_ids_BxL=segment_ids_BxL, window=self.window)
@@ -178,6 +177,33 @@ class Attention(nnx.Module):
             out, new_cache = self._attend_cached(q, k, v, cache, cache_index, kv_valid_BxS)
         out = constrain(out, ("act_batch", "act_len", "act_heads", None))
         return self.o(out, keys[3]), new_cache
+
+    def qkv(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+            lora_keys: tuple[jax.Array | None, ...] = (None,) * 3
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The queries [B, L, H, K], keys and values [B, L, G, K] (normed and rotated)."""
+        q = constrain(self.q(x_BxLxD, lora_keys[0]), ("act_batch", "act_len", "act_heads", None))
+        k = constrain(self.k(x_BxLxD, lora_keys[1]),
+                      ("act_batch", "act_len", "act_kv_heads", None))
+        v = constrain(self.v(x_BxLxD, lora_keys[2]),
+                      ("act_batch", "act_len", "act_kv_heads", None))
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q = rope(q, positions_BxL, self.rope_theta, self.rope_scaling)
+            k = rope(k, positions_BxL, self.rope_theta, self.rope_scaling)
+        return q, k, v
+
+    def weights(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        """[B, H, L, L] float32: the attention probabilities of a cache-free call on these
+        inputs, as the "xla" implementation computes them (the causal mask, the window,
+        the segments)."""
+        q, k, _ = self.qkv(x_BxLxD, positions_BxL)
+        t = q.shape[1]
+        mask = self_attention_mask(t, t, causal=True, segment_ids_BxL=segment_ids_BxL,
+                                   window=self.window)
+        return attention_weights(q, k, mask)
 
     def _attend_cached(self, q, k, v, cache, cache_index, kv_valid_BxS):
         """Write this chunk's K/V at `cache_index`, then attend over the whole cache.

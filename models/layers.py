@@ -80,6 +80,7 @@ class Linear(nnx.Module):
     """
 
     quant = None
+    capture = False  # models/gptq.py sets it: keep the inputs' Gram matrix X^T X as `gram`
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str],
                  *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs, bias: bool = False,
@@ -115,6 +116,9 @@ class Linear(nnx.Module):
         else:
             x2, w2, out_shape = linear_operands(x2, w, self.quant, n, self.dtype)
         y = matmul(x2, w2)
+        if self.capture:
+            x32 = x2.reshape(-1, x2.shape[-1]).astype(jnp.float32)
+            self.gram = nnx.Intermediate(x32.T @ x32)
         if self.lora is not None:
             y = y + self._adapter(x_in, lora_key)
         y = y.reshape(*batch_shape, *out_shape)

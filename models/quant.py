@@ -111,7 +111,8 @@ def fake_quant_activation(x_NxI: jax.Array, cfg: Quant) -> jax.Array:
 class QTensor:
     """A weight matrix as integers plus scales. Leading (stacked-layer) dims are allowed.
 
-    qvalue: int8 [..., I, O], or for 4 bits uint8 [..., I/2, O] holding two values each.
+    qvalue: int8 [..., I, O], or for 3 and 4 bits uint8 [..., I/2, O] holding two values
+            each (a nibble per value).
     scale:  float32 [..., groups, O] (per channel: 1 group; per tensor: [..., 1, 1]).
     zero:   int8 like scale (asymmetric), or None (symmetric).
     """
@@ -123,7 +124,7 @@ class QTensor:
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The [I, O] float matrix (the last two dims; call per layer for stacked ones)."""
-        q = unpack_int4(self.qvalue) if self.bits == 4 else self.qvalue
+        q = unpack_int4(self.qvalue) if self.bits <= 4 else self.qvalue
         i, o = q.shape[-2:]
         g = self.scale.shape[-2]
         qf = q.astype(jnp.float32).reshape(*q.shape[:-2], g, i // g, o)
@@ -158,7 +159,7 @@ def quantize_matrix(w_IxO: jax.Array, cfg: Quant, shape: tuple[int, ...] | None 
     g_axis = scale.shape[0] if cfg.group_size != -1 else 1
     scale = scale.reshape(g_axis, -1)
     zero = None if cfg.symmetric else zero.reshape(g_axis, -1).astype(jnp.int8)
-    return QTensor(qvalue=pack_int4(q) if bits == 4 else q, scale=scale, zero=zero, bits=bits,
+    return QTensor(qvalue=pack_int4(q) if bits <= 4 else q, scale=scale, zero=zero, bits=bits,
                    shape=tuple(shape or w_IxO.shape))
 
 

@@ -138,10 +138,7 @@ class Transformer(nnx.Module):
         b, length = tokens_BxL.shape
         if positions_BxL is None:  # 0..L-1, in the layout's order when the sequence is split
             positions_BxL = default_positions(b, length)
-        x = self.embed(tokens_BxL)
-        if self.cfg.model.position == "learned":
-            x = x + self.pos_embed(positions_BxL)
-        x = constrain(x, ACT_BxLxD)
+        x = self.embed_tokens(tokens_BxL, positions_BxL)
         if dropout_key is not None:
             emb_key, dropout_key = jax.random.split(dropout_key)
             x = dropout(x, self.cfg.model.dropout, emb_key)
@@ -164,13 +161,23 @@ class Transformer(nnx.Module):
                                                self.cfg, return_hidden=return_hidden)
         if new_cache is not None and k > 1:
             new_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_cache)
-        x = self.final_norm(x)
+        return Output(logits=self.head(x), cache=new_cache, hidden=hidden, aux=aux)
+
+    def embed_tokens(self, tokens_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+        """The first block's input: token embeddings (+ learned position embeddings)."""
+        x = self.embed(tokens_BxL)
+        if self.cfg.model.position == "learned":
+            x = x + self.pos_embed(positions_BxL)
+        return constrain(x, ACT_BxLxD)
+
+    def head(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Float32 logits of the last block's output: final norm, then the LM head."""
+        x = self.final_norm(x_BxLxD)
         if self.cfg.model.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head(x)
-        logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
-        return Output(logits=logits, cache=new_cache, hidden=hidden, aux=aux)
+        return constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
 
     @property
     def blocks_graphdef(self) -> nnx.GraphDef:

@@ -40,6 +40,11 @@ INCOMPLETE = ".incomplete"  # a run being written in place; left behind by a kil
 HOST = socket.gethostname()
 
 
+def _flag(key: str) -> str:
+    """The command-line spelling of `key`: 'output' and '--output' both give '--output'."""
+    return "--" + key.lstrip("-")
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and a rename: a crash never leaves half."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -66,7 +71,7 @@ def _flock(path: Path, directory: Path, key: str, user: str, unlink: bool,
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(key, f"{directory} is in use by {user} ({holder}); wait for "
-                                   f"it to finish or use another --{key}") from None
+                                   f"it to finish or use another {_flag(key)}") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -134,20 +139,20 @@ def check_output(output: Path, key: str, kind: str, is_own: Callable[[Path], boo
     if not output.exists():
         return True
     if not output.is_dir():
-        raise ConfigError(key, f"{output} is a file, not a directory; choose another --{key}")
+        raise ConfigError(key, f"{output} is a file, not a directory; choose another {_flag(key)}")
     if is_run_dir(output):
         raise ConfigError(key, f"{output} is a training run's directory, which is never "
-                               f"replaced by {kind}; choose another --{key}")
+                               f"replaced by {kind}; choose another {_flag(key)}")
     if not any(output.iterdir()):
         return True
     if not is_own(output):
         raise ConfigError(key, f"{output} is not empty and is not {kind} (it holds "
-                               f"{_listing(output)}); choose a new or empty --{key}")
+                               f"{_listing(output)}); choose a new or empty {_flag(key)}")
     if same is not None and same(output):
         return False
     if not overwrite:
         raise ConfigError(key, f"{output} holds {kind} made from other inputs or settings; "
-                               f"pass --overwrite to replace it, or choose another --{key}")
+                               f"pass --overwrite to replace it, or choose another {_flag(key)}")
     return True
 
 
@@ -212,7 +217,7 @@ def check_complete(workdir: Path, key: str = "workdir") -> None:
     if (Path(workdir) / INCOMPLETE).exists():
         raise ConfigError(key, f"{workdir} was left half-written by an import or merge that "
                                f"did not finish ({(Path(workdir) / INCOMPLETE).read_text()}); "
-                               f"run that command again, or use another --{key}")
+                               f"run that command again, or use another {_flag(key)}")
 
 
 def _is_lock(name: str) -> bool:
@@ -236,7 +241,7 @@ def _check_empty(workdir: Path, key: str) -> None:
         run = (workdir / RUN_CHECKPOINTS).is_dir() or (workdir / RUN_CONFIG).is_file()
         raise ConfigError(key, f"{workdir} is {'a run' if run else 'not empty'} (it holds "
                                f"{_listing(workdir)}); write the new run into a new or "
-                               f"empty --{key}")
+                               f"empty {_flag(key)}")
 
 
 @contextlib.contextmanager

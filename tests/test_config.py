@@ -45,9 +45,12 @@ def test_sections_are_frozen():
     ("model.moe.jitter", -0.5, "model.moe.jitter: must be in [0, 1), got -0.5"),
     ("mesh.fsdp", -2, "mesh.fsdp: must be >= -1, got -2"),
     ("mesh.tensor", -1, "mesh.tensor: only one mesh axis may be -1"),
+    ("mesh.data", 0, "mesh.data: must be a positive size or -1, got 0"),
     ("quant.granularity", "fine", "quant.granularity: 'fine' is not per_channel"),
     ("loss.distill.temperature", 0.0, "loss.distill.temperature: must be > 0, got 0.0"),
     ("data.val_fraction", 1.0, "data.val_fraction: must be in (0, 1), got 1.0"),
+    ("data.vocab_size", 2**31, "data.vocab_size: 2147483648 is too large: token ids are int32 "
+                               "(at most 2147483647)"),
 ])
 def test_bad_values_name_their_key(key, value, message):
     d = get_base_config().to_dict()
@@ -113,7 +116,7 @@ def test_config_dict_and_typed_config_are_interchangeable_at_the_entry():
 def test_a_short_run_scales_the_default_warmup_but_not_a_chosen_one(capsys):
     from jaxlm.configs.sections import Config
     config = Config().replace(steps=20)
-    assert config.optim.warmup_steps == 2
+    assert config.updates.warmup_steps == 2
     assert "warming up for 2 steps" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="warmup_steps: 50 warm-up steps are more than steps 20"):
         Config().replace(steps=20, warmup_steps=50)

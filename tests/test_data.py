@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Data
 from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import WindowPlans, train_batches, windows_source
 from jaxlm.data.pipeline import EvalBatches, TokenData, resolve_data
@@ -15,7 +15,7 @@ from jaxlm.data.tokenizers import ByteTokenizer, CharTokenizer
 
 
 def data_cfg(path="", tokenizer="char"):
-    return ConfigDict(dict(path=str(path), tokenizer=tokenizer, val_fraction=0.1, prefetch=2))
+    return Data(path=str(path), tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

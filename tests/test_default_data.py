@@ -5,8 +5,8 @@ import hashlib
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
+from jaxlm.configs.sections import Data
 from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import windows_source
 from jaxlm.data.pipeline import EvalBatches, resolve_data
@@ -38,7 +38,7 @@ def _batch_digest(batches, with_dtype: bool) -> str:
 
 @pytest.mark.parametrize("tokenizer", ["char", "byte"])
 def test_embedded_default_is_unchanged(tokenizer, tmp_path):
-    cfg = ConfigDict(dict(path="", tokenizer=tokenizer, val_fraction=0.1, prefetch=2))
+    cfg = Data(tokenizer=tokenizer)
     data = resolve_data(cfg, tmp_path)
     files = hashlib.sha256()
     for f in ("train.bin", "val.bin"):

@@ -124,7 +124,7 @@ def _set(c, key, value):
     ({"loss.weights.distill": 1.0, "data.tokenizer": "byte"},
      "loss.distill.teacher_workdir: vocabulary mismatch: the teacher has 65 tokens (char "
      "tokenizer), the student 256 (byte tokenizer)"),
-    ({"quant.weight_bits": 3}, "quant.weight_bits: unknown value 3; choose one of [0, 4, 8]"),
+    ({"quant.weight_bits": 2}, "quant.weight_bits: unknown value 2; choose one of [0, 3, 4, 8]"),
     ({"quant.activation_bits": 4}, "quant.activation_bits: unknown value 4; choose one of [0, 8]"),
     ({"quant.weight_bits": 4, "quant.granularity": "12"},
      "quant.granularity: group size 12 does not divide the 32 input features of embed"),
@@ -164,7 +164,7 @@ def test_cli_distill_flags_and_quantized_eval(teacher_dir, tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["quantize"] == "int4" and out["weight_bytes"] < out["float_weight_bytes"] / 4
     assert (tmp_path / "eval" / "step_2_int4.json").is_file()
-    res = run_cli(["eval.py", f"--workdir={tmp_path}", "--quantize=int3", "--cpu_devices=1"])
+    res = run_cli(["eval.py", f"--workdir={tmp_path}", "--quantize=int2", "--cpu_devices=1"])
     assert res.returncode != 0
 
 

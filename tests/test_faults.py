@@ -22,7 +22,7 @@ from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.hooks import Progress
 from jaxlm.training.metrics import MetricWriter
 from jaxlm.training.metrics import WALL_CLOCK_KEYS
-from tests.helpers import ROOT, run_cli, train_source
+from tests.helpers import ROOT, call_cli, run_cli, train_source
 
 STEPS, EVERY = 12, 4
 
@@ -122,14 +122,42 @@ import runpy
 runpy.run_path("train.py", run_name="__main__")
 """
 
+_CTRL_C_TWICE = """
+import os, signal, sys
+sys.argv = sys.argv[1:]
+from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.metrics import MetricWriter
+write, save = MetricWriter.write, Checkpointer.save
+def write_then_ctrl_c(self, step, **values):
+    write(self, step, **values)
+    if step == 15 and "loss" in values:  # Ctrl-C: save after this step and stop
+        os.kill(os.getpid(), signal.SIGINT)
+def save_then_ctrl_c(self, step, *args):
+    out = save(self, step, *args)
+    if step > 15:  # the second Ctrl-C, while the stop's checkpoint is being written
+        print(f"second Ctrl-C at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+    return out
+MetricWriter.write, Checkpointer.save = write_then_ctrl_c, save_then_ctrl_c
+import runpy
+runpy.run_path("train.py", run_name="__main__")
+"""
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["before_first_checkpoint", "during_save", "after_save"])
+@pytest.mark.parametrize("point", ["before_first_checkpoint", "during_save", "after_save",
+                                   "second_ctrl_c_during_save"])
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, tmp_path):
     ref = run_cli(_cli(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "run"
-    if point == "during_save":
+    if point == "second_ctrl_c_during_save":  # exits at once, like a kill, but says so
+        res = run_cli(["-c", _CTRL_C_TWICE, *_cli(run)])
+        stopped = int(res.stdout.split("second Ctrl-C at step ")[1].split()[0])
+        assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+            "interrupted: exited at once"), res.stderr
+        assert steps_on_disk(run)[-1] in (10, stopped)  # never a half-written step
+    elif point == "during_save":
         res = run_cli(["-c", _KILL_DURING_SAVE, *_cli(run)])
         assert res.returncode == -signal.SIGKILL
         assert steps_on_disk(run) == [10]  # the half-written step 20 is not a checkpoint
@@ -161,13 +189,25 @@ def _stopped_at(config, workdir: Path, step: int, monkeypatch) -> None:
         assert trainer.train(config, workdir, one())["step"] == step
 
 
+def _truncate_every_chunk(workdir: Path, step: int) -> None:
+    """Damage every array chunk of checkpoint `step`: parameters and optimizer state."""
+    for f in (workdir / "checkpoints" / str(step) / "state").glob("**/d/*"):
+        with open(f, "r+b") as chunk:
+            chunk.truncate(16)
+
+
+def _truncate_largest_file(workdir: Path, step: int) -> None:
+    """Damage checkpoint `step`: its largest file keeps only 16 bytes."""
+    files = sorted((workdir / "checkpoints" / str(step)).rglob("*"),
+                   key=lambda p: p.stat().st_size if p.is_file() else -1)
+    with open(files[-1], "r+b") as f:
+        f.truncate(16)
+
+
 def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumes(
         config, reference, tmp_path, capsys, monkeypatch):
     _stopped_at(config, tmp_path / "run", 8, monkeypatch)
-    files = sorted((tmp_path / "run" / "checkpoints" / "8").rglob("*"),
-                   key=lambda p: p.stat().st_size if p.is_file() else -1)
-    with open(files[-1], "r+b") as f:  # truncate the largest file of the latest step
-        f.truncate(16)
+    _truncate_largest_file(tmp_path / "run", 8)
     second = trainer.train(config, tmp_path / "run", one())
     out = capsys.readouterr()
     assert "checkpoint step 8" in out.out and "does not restore" in out.out
@@ -370,6 +410,60 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_next_run_resumes(
     assert records(tmp_path / "run") == reference
 
 
+def test_init_and_export_from_a_damaged_latest_checkpoint_use_the_one_before_unmoved(
+        config, tmp_path, capsys):
+    from jaxlm.checkpoints.hf_export import export_hf
+    config.steps, config.model.mlp = 8, "swiglu"  # Llama's MLP: the run exports
+    run = tmp_path / "run"
+    trainer.train(config, run, one())
+    _truncate_every_chunk(run, 8)
+    capsys.readouterr()
+    assert export_hf(run, tmp_path / "hf", devices=one())["step"] == 4
+    warning = f"warning: checkpoint step 8 in {run / 'checkpoints'} does not restore ("
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(warning) and err[0].endswith("; using step 4")
+
+    new = config.copy_and_resolve_references()
+    new.init.from_workdir, new.steps = str(run), 4
+    assert trainer.train(new, tmp_path / "new", one())["step"] == 4
+    out = capsys.readouterr().out
+    assert warning in out and f"Starting from the parameters of {run} (step 4)" in out
+    assert steps_on_disk(run) == [4, 8]  # another run's checkpoints are never moved
+    assert not (run / "damaged_checkpoints").exists()
+
+    _truncate_every_chunk(run, 4)
+    with pytest.raises(RunError, match=r"no checkpoint in .* restores .*step 8 .*step 4 "):
+        trainer.train(new, tmp_path / "newer", one())
+    res = run_cli(["convert.py", f"--to_hf={tmp_path / 'hf2'}", f"--workdir={run}"])
+    lines = res.stderr.strip().splitlines()  # no orbax log or traceback
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: no checkpoint in {run / 'checkpoints'} restores (")
+    assert steps_on_disk(run) == [4, 8]
+
+
+_TRAIN = """
+import json, sys
+import jax
+import ml_collections
+from jaxlm.training import trainer
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+trainer.train(config, sys.argv[2], jax.devices()[:1])
+"""
+
+
+def test_the_abandoned_reads_of_a_damaged_checkpoint_print_nothing(config, tmp_path,
+                                                                    monkeypatch):
+    run = tmp_path / "run"
+    _stopped_at(config, run, 8, monkeypatch)
+    for f in (run / "checkpoints" / "8" / "state").glob("**/d/*"):
+        f.unlink()  # every array chunk of the latest step: many reads fail at once
+    res = run_cli(["-c", _TRAIN, config.to_json(), str(run)])
+    assert res.returncode == 0, res.stderr
+    assert "checkpoint step 8" in res.stdout and "using step 4" in res.stdout
+    assert "Event loop is closed" not in res.stderr, res.stderr
+    assert "Exception ignored" not in res.stderr, res.stderr
+
+
 def test_environment_errors_are_found_behind_other_exceptions():
     import errno
 
@@ -440,24 +534,25 @@ def test_data_prepare_stopped_or_out_of_space_is_one_line_and_leaves_no_output(
         fault, tmp_path, monkeypatch):
     import errno
 
-    from jaxlm.data import prepare
+    from jaxlm.data.prepare import build, is_prepared
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
     out = tmp_path / "out"
-    original = prepare._build
+    original = build._write
 
-    def failing_build(*args, **kwargs):
+    def failing_write(*args, **kwargs):
         if fault == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
         elif fault == "ctrl_c":
             raise KeyboardInterrupt
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "train_0.bin"))
-    monkeypatch.setattr(prepare, "_build", failing_build)
-    argv = ["--input", str(corpus), "--output", str(out), "--workers", "0", "--quiet"]
+    monkeypatch.setattr(build, "_write", failing_write)
+    argv = ["-m", "jaxlm.data.prepare", "--input", str(corpus), "--output", str(out),
+            "--workers", "0", "--quiet"]
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as stopped:
-        prepare.main(argv)
-    message = str(stopped.value.code)
+    stopped = call_cli(argv)
+    message = stopped.stderr.strip()
+    assert stopped.returncode == 1
     if fault == "disk_full":
         assert message == (f"error: {out / 'train_0.bin'}: No space left on device; free some "
                            "space and run the same command again")
@@ -466,9 +561,9 @@ def test_data_prepare_stopped_or_out_of_space_is_one_line_and_leaves_no_output(
                            f"{out} was not prepared; run the same command again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
-    monkeypatch.setattr(prepare, "_build", original)
-    prepare.main(argv)  # the next run works
-    assert prepare.is_prepared(out)
+    monkeypatch.setattr(build, "_write", original)
+    assert call_cli(argv).returncode == 0  # the next run works
+    assert is_prepared(out)
 
 
 def test_a_text_field_of_another_type_is_named_as_such():
@@ -481,7 +576,7 @@ def test_a_text_field_of_another_type_is_named_as_such():
                                            "string")
 
 
-# Runs record what their tokens mean (training/fingerprints.py).
+# Runs record what their tokens mean (data/fingerprints.py).
 
 def _text(path: Path, text: str) -> str:
     path.write_text(text, encoding="utf-8")

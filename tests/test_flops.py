@@ -1,15 +1,23 @@
 """The model FLOP count, the peak table and MFU in the training records."""
 
+import json
+
+import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxlm.configs.sections import Model
+from jaxlm.configs import keys
+from jaxlm.configs.sections import Config, Model
 from jaxlm.models.config import ModelConfig
+from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import (mean_keys_per_query, model_flops_per_token, peak_flops_per_device,
                                   throughput_fields)
 from jaxlm.training.hooks import Metrics, WriteRecords
 from jaxlm.training.loop import TrainLoop
-from tests.helpers import ROOT
+from jaxlm.training.metrics import read_metrics
+from jaxlm.training.planner import plan
+from jaxlm.training.trainer import train
+from tests.helpers import call_cli
 
 
 def _model(**kw):
@@ -75,11 +83,39 @@ def test_records_carry_model_flops_per_device_and_mfu():
     assert throughput_fields(100.0, 10.0, 2, None) == {"flops_per_sec_per_device": 500.0}
 
 
-def test_one_flop_count_in_the_code():
-    """The planner, the throughput benchmark and the records share training/flops.py."""
-    defining = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
-                if ".venv" not in p.parts and p.parts[-2] != "tests"
-                and "def model_flops_per_token" in p.read_text()]
-    assert defining == ["training/flops.py"]
-    for user in ("training/planner.py", "benchmarks/train_throughput.py", "training/trainer.py"):
-        assert "model_flops_per_token" in (ROOT / user).read_text(), user
+def _flops_in_records(workdir, num_devices: int) -> float:
+    """Model FLOPs per token behind the MFU of a run's records."""
+    record = next(r for r in read_metrics(workdir)[0] if "tokens_per_sec" in r)
+    return record["flops_per_sec_per_device"] * num_devices / record["tokens_per_sec"]
+
+
+def _benchmark(overrides: list[str]) -> dict:
+    """The JSON line of benchmarks/train_throughput.py (one timed step)."""
+    res = call_cli(["benchmarks/train_throughput.py", "--config=configs/shakespeare_char.py:tiny",
+                    "--steps=1", "--warmup=1", "--repeats=1", "--synthetic", *overrides])
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    {}, {"model.mlp": "swiglu", "model.sliding_window": 8, "model.moe.num_experts": 4,
+         "model.moe.every": 2}])
+def test_mfu_the_planner_and_the_benchmark_count_the_same_flops(overrides, tiny_config,
+                                                                 tmp_path):
+    """The FLOPs per token behind the records' MFU, the dry-run plan and the throughput
+    benchmark are the count of training/flops.py for the run's model."""
+    tiny_config.steps, tiny_config.seq_len = 2, 32
+    for key, value in overrides.items():
+        keys.set_value(tiny_config, key, value)
+    config = Config.from_dict(tiny_config)
+    train(config, tmp_path / "run", jax.devices()[:1])
+    exp = Experiment.build(config, tmp_path / "run", jax.devices()[:1])
+    expected = model_flops_per_token(exp.model_cfg, 32)
+    assert _flops_in_records(tmp_path / "run", 1) == pytest.approx(expected, rel=1e-6)
+    assert plan(config, str(tmp_path / "run"), jax.devices()[:1])["model_flops_per_token"] \
+        == expected
+    flags = [f"--config.{k}={v}" for k, v in {"steps": 2, "seq_len": 32, **overrides}.items()]
+    line = _benchmark(flags)
+    tokens = line["batch_size"] * line["seq_len"]
+    assert line["model_gflops_per_step"] == round(expected * tokens / 1e9, 3)

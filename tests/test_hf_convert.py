@@ -265,7 +265,7 @@ def test_an_imported_model_trains_alike_on_8_devices_and_on_one(runs, tmp_path):
         c.mesh.fsdp, c.mesh.tensor = mesh
         config = Config.from_dict(c)
         exp = Experiment.build(config, tmp_path / f"{mesh}", devices)
-        state = restore_initial_state(exp, check_source(config, exp.model_cfg))
+        state, _ = restore_initial_state(exp, check_source(config, exp.model_cfg))
         losses, source = [], train_source(exp)
         for s in range(3):
             state, metrics = exp.train_step(state, exp.to_global(source[s]))

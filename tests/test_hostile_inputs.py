@@ -278,7 +278,7 @@ def test_cli_prepare_damaged_input_and_non_finite_sizes_are_one_line(tmp_path):
         r = call_cli(["-m", "jaxlm.data.prepare", f"--input={good}",
                       f"--output={tmp_path / 'o'}", "--tokenizer=byte", "--quiet", flag])
         name, value = flag.split("=")
-        _one_error_line(r, f"error: {name}: must be a number ")
+        _one_error_line(r, f"error: {name}: must be a finite number, got {value}")
         assert value in r.stderr
 
 

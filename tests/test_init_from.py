@@ -85,8 +85,9 @@ def test_start_from_a_run_on_another_mesh_then_resume_from_own_checkpoints(tiny_
     config = Config.from_dict(b)
     exp = Experiment.build(config, tmp_path / "b", jax.devices())
     source = check_source(config, exp.model_cfg)
-    assert source.step == 3
-    state = restore_initial_state(exp, source)
+    assert source.step is None  # the newest that restores
+    state, step = restore_initial_state(exp, source)
+    assert step == 3
     assert int(state.step) == 0
     assert_trees_close(jax.device_get(state.params), a_params, rtol=0, atol=0)
     assert all(float(np.abs(x).max()) == 0.0 for x in jax.tree.leaves(state.opt_state)

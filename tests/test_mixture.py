@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Data
 from jaxlm.data.mixture import Mixture, resolve_mixture
 from jaxlm.data.packing import eval_sources, tokens_per_source, train_batches
 from jaxlm.data.prepare import prepare_corpus
@@ -94,9 +94,9 @@ def test_zero_weight_is_evaluation_only_and_eval_is_per_source(sets):
 
 
 def test_resolve_mixture_checks_the_config_tokenizer(sets):
-    cfg = ConfigDict(dict(mixture=f"{sets['low']}:1,{sets['high']}:1", tokenizer="byte"))
+    cfg = Data(mixture=f"{sets['low']}:1,{sets['high']}:1", tokenizer="byte")
     assert resolve_mixture(cfg).vocab_size == 257
-    cfg.tokenizer = "char"
+    cfg = cfg.model_copy(update={"tokenizer": "char"})
     with pytest.raises(ConfigError, match="data.tokenizer: the mixture's first source .* "
                                           "was prepared with the 'byte' tokenizer"):
         resolve_mixture(cfg)

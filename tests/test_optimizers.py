@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import Config, Optim
+from jaxlm.configs.sections import Config, Updates
 from tests.helpers import params_fast_only, run_steps
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.optimizer import learning_rate_schedule, muon_dimension_numbers
@@ -91,7 +91,7 @@ STEPS, WARMUP, PEAK, FLOOR = 100, 10, 1e-3, 1e-4
 
 
 def _schedule(kind, **kw):
-    return learning_rate_schedule(Optim(learning_rate=PEAK, min_learning_rate=FLOOR,
+    return learning_rate_schedule(Updates(learning_rate=PEAK, min_learning_rate=FLOOR,
                                         warmup_steps=WARMUP, schedule=kind, **kw), STEPS)
 
 
@@ -155,3 +155,11 @@ def test_resuming_with_another_mesh_says_so(tmp_path):
     assert notices == [f"Resuming the run in {tmp_path} with changed settings: mesh.fsdp 4 -> "
                        f"1, mesh.context 1 -> 4"]
     assert rundir.check_resume(Config().replace(**{"mesh.fsdp": 4}), tmp_path, 10) == []
+
+
+def test_the_shared_optimizer_keys_are_top_level_keys():
+    """`--config.learning_rate`, and `learning_rate` in config.json: no section prefix."""
+    saved = Config().replace(learning_rate=3e-4, schedule="wsd").to_dict()
+    assert (saved["learning_rate"], saved["schedule"]) == (3e-4, "wsd")
+    assert "updates" not in saved and "optim" not in saved
+    assert Config.from_dict(saved).updates.learning_rate == 3e-4

@@ -3,6 +3,7 @@ config.json only when the run trains; a sweep variant keeps its recorded config.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,11 +15,11 @@ import pytest
 from jaxlm.checkpoints import hf_import
 from jaxlm.checkpoints.hf_export import export_hf
 from jaxlm.configs.errors import ConfigError
-from jaxlm.data.prepare import META, main as prepare_main, prepare
+from jaxlm.data.prepare import META, prepare
 from jaxlm.storage import dirs
 from jaxlm.sweeps.results import check_recorded_config
 from jaxlm.training import rundir, trainer
-from tests.helpers import ROOT
+from tests.helpers import ROOT, call_cli
 
 
 def one():
@@ -96,26 +97,33 @@ def test_a_failed_import_leaves_nothing_that_blocks_the_rerun(tmp_path, monkeypa
             dirs.INCOMPLETE, dirs.LOCK_FILE]
 
 
+def prepare_main(*args: str):
+    return call_cli(["-m", "jaxlm.data.prepare", *args])
+
+
 def test_prepare_refuses_unrelated_other_settings_and_concurrent_outputs(tmp_path, capsys):
     text = _text(tmp_path)
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "thesis.tex").write_text("mine")
-    with pytest.raises(SystemExit, match="error: --output: .*home is not empty and is not a "
-                                         "prepared data directory"):
-        prepare_main([f"--input={text}", f"--output={tmp_path / 'home'}"])
+    refused = prepare_main(f"--input={text}", f"--output={tmp_path / 'home'}")
+    assert re.fullmatch(r"error: --output: .*home is not empty and is not a prepared data "
+                        r"directory.*\n", refused.stderr)
     assert [p.name for p in (tmp_path / "home").iterdir()] == ["thesis.tex"]
-    prepare_main([f"--input={text}", f"--output={tmp_path / 'out'}", "--tokenizer=char"])
+    assert prepare_main(f"--input={text}", f"--output={tmp_path / 'out'}",
+                        "--tokenizer=char").returncode == 0
     before = (tmp_path / "out" / META).read_text()
-    with pytest.raises(SystemExit, match="error: --output: .*made from other inputs or "
-                                         "settings; pass --overwrite"):
-        prepare_main([f"--input={text}", f"--output={tmp_path / 'out'}", "--tokenizer=byte"])
+    refused = prepare_main(f"--input={text}", f"--output={tmp_path / 'out'}", "--tokenizer=byte")
+    assert re.fullmatch(r"error: --output: .*made from other inputs or settings; pass "
+                        r"--overwrite.*\n", refused.stderr)
     assert (tmp_path / "out" / META).read_text() == before
     with dirs.output_lock(tmp_path / "new"):  # what a concurrent data.prepare holds
-        with pytest.raises(ConfigError, match=r"--output: .*new is in use by another process"):
+        with pytest.raises(ConfigError, match=r"--output: .*new is in use by another process"
+                                              r".*; wait for it to finish or use another "
+                                              r"--output$"):
             prepare(text, tmp_path / "new", tokenizer="byte")
     assert not (tmp_path / "new").exists()
-    prepare_main([f"--input={text}", f"--output={tmp_path / 'out'}", "--tokenizer=byte",
-                  "--overwrite"])
+    assert prepare_main(f"--input={text}", f"--output={tmp_path / 'out'}", "--tokenizer=byte",
+                        "--overwrite").returncode == 0
     assert json.loads((tmp_path / "out" / META).read_text())["tokenizer"]["kind"] == "byte"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -123,9 +131,10 @@ def test_prepare_refuses_unrelated_other_settings_and_concurrent_outputs(tmp_pat
 _KILLED_CHILD = textwrap.dedent("""
     import os, signal, sys
     from jaxlm.data import prepare as p
+    from jaxlm.data.prepare import build
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
-    p.train_bpe = die  # mid-way: after the staging directory exists
+    build.train_bpe = die  # mid-way: after the staging directory exists
     p.prepare(sys.argv[1], sys.argv[2], tokenizer="bpe", vocab_size=300, overwrite=True)
 """)
 

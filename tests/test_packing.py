@@ -2,16 +2,21 @@
 evaluation coverage and bits per byte."""
 
 import collections
+import dataclasses
 import json
 
 import grain
+import jax
 import numpy as np
 import pytest
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Config, Mesh
 from jaxlm.data.mixture import Mixture
-from jaxlm.data.packing import (PackedEvalBatches, bits_per_byte, check_packing, eval_batches,
-                                split_row_info, train_batches, train_dataset)
+from jaxlm.data.packing import (PackedEvalBatches, bits_per_byte, eval_batches, split_row_info,
+                                train_batches, train_dataset)
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.training.layout import check_layout, resolve_mesh_shape
 from jaxlm.data.pipeline import TokenData
 from jaxlm.data.prepare import EMBEDDED_CORPUS, prepare, prepare_corpus
 
@@ -206,11 +211,23 @@ def test_bits_per_byte_and_row_info(docs_data):
     assert set(rows) == {"target_bytes"} and "target_bytes" not in model
 
 
-def test_packing_errors(docs_data):
-    with pytest.raises(ConfigError, match="seq_len: packing=documents needs seq_len >= 2"):
-        train_dataset(Mixture.of_set(docs_data), seq_len=1, global_batch=4, seed=0,
-                      packing="documents")
-    with pytest.raises(ConfigError, match="data.packing: unknown value 'rows'"):
-        check_packing("rows", 8)
-    with pytest.raises(ConfigError, match="batch_size: 6 is not divisible by the 4"):
-        train_dataset(Mixture.of_set(docs_data), seq_len=8, global_batch=6, seed=0, process_count=4)
+def _check_layout(config: dict, data: TokenData, process_count: int = 1) -> None:
+    """check_layout's data and batch checks on one CPU device (no parameters)."""
+    mesh = make_mesh(resolve_mesh_shape(Mesh(), 1), jax.devices()[:1])
+    check_layout(Config.from_dict(config), mesh, Mixture.of_set(data), None, {}, {},
+                 process_count=process_count)
+
+
+def test_the_layout_check_refuses_batches_the_data_cannot_fill(docs_data):
+    documents = {"seq_len": L, "batch_size": 6, "eval_batch_size": 6,
+                 "data": {"packing": "documents"}}
+    _check_layout(documents, docs_data, process_count=3)
+    with pytest.raises(ConfigError, match="^batch_size: 6 is not divisible by the 4 processes$"):
+        _check_layout(documents, docs_data, process_count=4)
+    one_token_docs = dataclasses.replace(docs_data, val_docs=np.arange(len(docs_data.val) + 1))
+    with pytest.raises(ConfigError, match=r"^data.path: the val split of .* has no document of "
+                                          r"2 or more tokens$"):
+        _check_layout(documents, one_token_docs)
+    with pytest.raises(ConfigError, match=r"^seq_len: seq_len 100000 is longer than the train "
+                                          r"split \(\d+ tokens\) of "):
+        _check_layout({**documents, "seq_len": 100_000, "data": {}}, docs_data)

@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import Mesh
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.training.layout import resolve_mesh_shape
 from jaxlm.parallel.sharding import logical_to_spec
@@ -88,21 +89,21 @@ def test_grad_accumulation_with_data_parallel(tiny_config, tmp_path):
 
 
 def test_mesh_minus_one_takes_remaining_devices():
-    assert resolve_mesh_shape({"data": -1, "fsdp": 2}, 8)["data"] == 4
-    mesh = make_mesh(resolve_mesh_shape({"data": 2, "fsdp": -1}, 8), jax.devices())
+    assert resolve_mesh_shape(Mesh(data=-1, fsdp=2), 8)["data"] == 4
+    mesh = make_mesh(resolve_mesh_shape(Mesh(data=2, fsdp=-1), 8), jax.devices())
     assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 4, "expert": 1,
                                 "context": 1, "tensor": 1}
 
 
 @pytest.mark.parametrize("mesh_cfg, msg", [
-    ({"data": 3}, "mesh product 3"),
-    ({"data": -1, "fsdp": 3}, "not divisible"),
-    ({"data": -1, "fsdp": -1}, "only one"),
-    ({"data": 0}, "positive"),
+    ({"data": 3}, "mesh: mesh product 3 (data=3) != device count 8"),
+    ({"data": -1, "fsdp": 3}, "mesh.data: -1 cannot fill the mesh: 8 devices are not divisible "
+                              "by the other axes' product 3"),
 ])
-def test_bad_mesh_is_rejected(mesh_cfg, msg):
-    with pytest.raises(ConfigError, match=msg):
-        resolve_mesh_shape(mesh_cfg, 8)
+def test_a_mesh_the_devices_do_not_fill_is_rejected(mesh_cfg, msg):
+    with pytest.raises(ConfigError) as err:
+        resolve_mesh_shape(Mesh.parse(mesh_cfg), 8)
+    assert str(err.value) == msg
 
 
 def test_logical_rules_skip_mesh_axes_already_used():

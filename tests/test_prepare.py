@@ -233,6 +233,18 @@ def _run_cli(*args):
     return call_cli(["-m", "jaxlm.data.prepare", *args])
 
 
+def test_a_value_out_of_range_is_the_same_line_for_every_format(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("abc\n")
+    docs = write_jsonl(tmp_path / "d.jsonl", ["a", "b"])
+    for args in ([f"--input={text}"], [f"--input={docs}"],
+                 [f"--input={docs}", "--format=sft", "--tokenizer=byte"]):
+        r = _run_cli(*args, f"--output={tmp_path / 'o'}", "--val_fraction=1")
+        assert (r.returncode, r.stderr) == (
+            1, "error: --val_fraction: must be in (0, 1), got 1.0\n"), args
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_errors_are_one_line_and_single_text_keeps_the_old_format(tmp_path):
     r = _run_cli(f"--input={tmp_path / 'missing.jsonl'}", f"--output={tmp_path / 'o'}")
     assert r.returncode != 0 and "Traceback" not in r.stderr
@@ -349,10 +361,10 @@ def test_output_inside_an_input_directory_is_not_read_back(tmp_path):
 def test_bpe_can_train_on_a_prefix(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", docs_of(200, seed=6))
     out = prepare_corpus([src], tmp_path / "out", tokenizer="bpe", vocab_size=300,
-                         workers=0, progress=False, bpe_train_chars=500)
+                         workers=0, progress=False, bpe_train_mb=0.0005)
     data = TokenData.load(out)
     assert json.loads((out / META).read_text())["settings"]["bpe_train_chars"] == 500
     assert sum(len(d) for d in decoded_docs(data, "train")) > 500  # all documents written
     with pytest.raises(ConfigError, match="--bpe_train_mb: must be >= 0"):
-        prepare_corpus([src], tmp_path / "o2", tokenizer="bpe", bpe_train_chars=-1,
+        prepare_corpus([src], tmp_path / "o2", tokenizer="bpe", bpe_train_mb=-1,
                        workers=0, progress=False)

@@ -16,12 +16,13 @@ from jaxlm.configs.sections import Config
 from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import eval_batches, train_batches
 from jaxlm.data.pipeline import TokenData, resolve_data
-from jaxlm.data.prepare import META, SFT_FORMAT_VERSION, prepare_corpus, prepare_sft
+from jaxlm.data.prepare import META, SFT_FORMAT_VERSION, prepare, prepare_corpus, prepare_sft
 from jaxlm.data.sft import ChatTemplate, make_example, simple_pieces
 from jaxlm.data.tokenizers import HFTokenizer, train_bpe
 from jaxlm.losses.cross_entropy import cross_entropy
 from jaxlm.losses.objectives import split_objective_params
 from tests.helpers import call_cli, run_cli
+from jaxlm.data import fingerprints
 from jaxlm.training import rundir
 from jaxlm.training.evaluate import evaluate
 from jaxlm.training.experiment import Experiment
@@ -281,6 +282,31 @@ def test_tokenizer_is_reused_exactly_from_a_run_or_its_data(base_run, sft_dir, t
     assert toks[docs[0]:docs[1]].tolist() == base.tokenizer.encode(text).tolist()
     with pytest.raises(ConfigError, match="--tokenizer: char would fit a new vocabulary"):
         prepare_sft([src], tmp_path / "x", tokenizer="char", seq_len=L, progress=False)
+
+
+def test_a_run_whose_data_was_prepared_again_is_refused_as_the_base(tmp_path):
+    """The tokenizer taken from a run directory must be the one its fingerprints.json
+    recorded: its data prepared again with another vocabulary is one error line."""
+    text = tmp_path / "a.txt"
+    text.write_text("ab ab\n" * 50)
+    data = prepare(text, tmp_path / "data", tokenizer="char")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = Config().replace(**{"data.path": str(data)})
+    rundir.save_config(config, run)
+    fingerprints.write(run, config, TokenData.load(data).tokenizer)
+    src = _write(tmp_path / "r.jsonl", [{"prompt": "a" * (i + 1), "completion": " b"}
+                                        for i in range(40)])
+    assert prepare_sft([src], tmp_path / "ok", tokenizer=str(run), progress=False)
+    text.write_text("ab ba\nc\n" * 50)  # another vocabulary: a, b, c, space, newline
+    prepare(text, data, tokenizer="char", overwrite=True)
+    with pytest.raises(ConfigError, match=rf"^--tokenizer: the tokenizer of {data} is not the "
+                                          rf"one the run in {run} was trained with \(.*\): the "
+                                          rf"data changed since; restore it, or pass as "
+                                          rf"--tokenizer the prepared directory the run was "
+                                          rf"trained on$"):
+        prepare_sft([src], tmp_path / "refused", tokenizer=str(run), progress=False)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_format_versions_old_sets_load_and_unknown_ones_are_refused(base_run, sft_dir, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.data.tokenizers import (TOKENIZERS, ByteTokenizer, CharTokenizer, encode_document,
+from jaxlm.data.tokenizers import (ByteTokenizer, CharTokenizer, encode_document,
                                    encode_documents, load_hf_tokenizer, load_sentencepiece,
                                    parse_tokenizer_spec, tokenizer_from_dict, train_bpe)
 
@@ -100,10 +100,13 @@ def test_hf_directory_reads_bos_and_eos_from_tokenizer_config(bpe, tmp_path):
 def test_specs_and_errors(tmp_path):
     assert parse_tokenizer_spec("hf:/x/y") == ("hf", "/x/y")
     assert parse_tokenizer_spec("byte") == ("byte", None)
-    assert "sentencepiece:/m.model" in TOKENIZERS and "hf" not in TOKENIZERS
-    assert "wordpiece" not in TOKENIZERS and "char" in TOKENIZERS
-    with pytest.raises(ConfigError, match="data.tokenizer: unknown tokenizer 'wordpiece'"):
-        parse_tokenizer_spec("wordpiece")
+    assert parse_tokenizer_spec("from:/runs/a") == ("from", "/runs/a")
+    for spec in ("wordpiece", "hf", "hf: ", "sentencepiece:"):
+        with pytest.raises(ConfigError, match=f"data.tokenizer: unknown tokenizer '{spec}'"):
+            parse_tokenizer_spec(spec)
+    with pytest.raises(ConfigError, match="--tokenizer: unknown tokenizer 'x'; choose one of "
+                                          "char, byte, bpe, hf:PATH"):
+        parse_tokenizer_spec("x", "--tokenizer")
     with pytest.raises(ConfigError, match="no such tokenizer file: .*nope.json"):
         load_hf_tokenizer(tmp_path / "nope.json")
     with pytest.raises(ConfigError, match="no tokenizer file .*tokenizer.json"):

@@ -9,10 +9,11 @@ A step that was damaged later (a truncated file, deleted metadata) fails to rest
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -37,7 +38,65 @@ class _OrbaxNoise(logging.Filter):
 
 logging.getLogger("absl").addFilter(_OrbaxNoise())
 
+
+class _AbandonedIO(logging.Filter):
+    """Silences the echoes of a failed restore or save.
+
+    When one array of a step fails to read or write, orbax closes its event loop while
+    tensorstore still completes the step's other reads and writes: each then reports
+    `RuntimeError: Event loop is closed` (its completion callback), an abandoned
+    `_read_array_index_and_device_put` coroutine, or `_GatheringFuture exception was never
+    retrieved` (asyncio), at any later time up to the process's exit. The failure itself
+    reaches `Checkpointer` as an exception and is reported as one line. An echo can print
+    before that exception arrives, so from the first `Checkpointer` on, these are dropped
+    (`sys.unraisablehook`, `sys.excepthook`, which a callback that tensorstore runs on its
+    own thread reports through, and the `asyncio` logger); everything else passes.
+    """
+
+    ECHO_COROUTINES = ("_read_array_index_and_device_put",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.previous_hook: Callable[[Any], None] | None = None
+        self.previous_excepthook: Callable[..., None] | None = None
+
+    def start(self) -> None:
+        """Drop the echoes from now on (idempotent)."""
+        if sys.unraisablehook is not self.unraisable:
+            self.previous_hook = sys.unraisablehook
+            sys.unraisablehook = self.unraisable
+        if sys.excepthook is not self.excepthook:
+            self.previous_excepthook = sys.excepthook
+            sys.excepthook = self.excepthook
+        logging.getLogger("asyncio").addFilter(self)  # a second add is a no-op
+
+    def is_echo(self, exc: BaseException | None, obj: Any) -> bool:
+        closed = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        return closed or getattr(obj, "__qualname__", None) in self.ECHO_COROUTINES
+
+    def unraisable(self, unraisable: Any) -> None:
+        if not self.is_echo(unraisable.exc_value, unraisable.object):
+            (self.previous_hook or sys.__unraisablehook__)(unraisable)
+
+    def excepthook(self, kind: type, exc: BaseException, tb: Any) -> None:
+        if not self.is_echo(exc, None):
+            (self.previous_excepthook or sys.__excepthook__)(kind, exc, tb)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first_line = str(record.msg).split("\n", 1)[0]  # then "future: <Task ...>"
+        return not first_line.endswith("exception was never retrieved")
+
+
+_ABANDONED_IO = _AbandonedIO()
+
 DAMAGED = "damaged_checkpoints"  # beside the checkpoints directory
+T = TypeVar("T")
+
+
+def restore_failure(error: Exception) -> str:
+    """Why a checkpoint does not restore, in one line: the exception's type and first line."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 class SaveFailed(RunError):
@@ -61,6 +120,7 @@ class Checkpointer:
             enable_async_checkpointing=not read_only, read_only=read_only,
             cleanup_tmp_directories=not read_only)  # leftovers of a killed save
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        _ABANDONED_IO.start()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -93,32 +153,55 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any, data_iter: Any | None = None, *,
                        move_aside: bool = False, warn: Callable[[str], None] = print
                        ) -> tuple[Any, int] | None:
-        """(state, step) of the newest checkpoint that restores, or None without checkpoints.
+        """(state, step) of the newest checkpoint that restores (`newest_restoring`)."""
+        return self.newest_restoring(lambda step: self.restore(step, abstract_state, data_iter),
+                                     move_aside=move_aside, warn=warn)
+
+    def restore_latest_params(self, abstract_params: Any, *,
+                              warn: Callable[[str], None] = print) -> tuple[Any, int] | None:
+        """(params, step) of the newest checkpoint whose parameters restore
+        (`restore_params`); a damaged newer step is reported, never moved."""
+        return self.newest_restoring(lambda step: self.restore_params(step, abstract_params),
+                                     warn=warn)
+
+    def newest_restoring(self, restore: Callable[[int], T], *, move_aside: bool = False,
+                         warn: Callable[[str], None] = print) -> tuple[T, int] | None:
+        """(restore(step), step) for the newest step that restores, or None without
+        checkpoints.
 
         A step that fails while an older one restores is damaged: one warning line names it
-        and, with `move_aside`, it goes to `../damaged_checkpoints/` (never deleted). If
-        none restores (e.g. a config that does not match them), nothing is moved and
-        RunError names every step and why.
+        and, with `move_aside` (for the run's own trainer; readers of a run never change
+        it), it goes to `../damaged_checkpoints/` (never deleted). If none restores (e.g. a
+        config that does not match them), nothing is moved and RunError names every step
+        and why.
         """
         failed: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
-                state = self.restore(step, abstract_state, data_iter)
+                value = restore(step)
             except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
-                failed.append((step, f"{type(e).__name__}: "
-                                     f"{str(e).strip().splitlines()[0][:200]}"))
+                failed.append((step, restore_failure(e)))
                 continue
             for bad, reason in failed:
                 where = self.move_aside(bad) if move_aside else None
                 warn(f"warning: checkpoint step {bad} in {self.directory} does not restore "
                      f"({reason})" + (f"; moved to {where}" if where else "")
                      + f"; using step {step}")
-            return state, step
+            return value, step
         if failed:
             raise RunError(f"no checkpoint in {self.directory} restores (does the config "
                            "still match the run?): " + "; ".join(f"step {s} ({r})"
                                                                  for s, r in failed))
         return None
+
+    def restore_given(self, step: int, restore: Callable[[int], T]) -> T:
+        """restore(step) for a step the user named: if it does not restore, RunError names
+        it (there is no falling back to another)."""
+        try:
+            return restore(step)
+        except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types
+            raise RunError(f"checkpoint step {step} in {self.directory} does not restore "
+                           f"({restore_failure(e)})") from None
 
     def move_aside(self, step: int) -> Path:
         """Move a damaged step to WORKDIR/damaged_checkpoints/ (process 0 only)."""

@@ -95,7 +95,7 @@ class Experiment:
         if objective.param_axes() is not None:
             param_axes = {**param_axes, OBJECTIVE_PARAMS: objective.param_axes()}
         trainable = lora.split_trainable if lora.enabled(config) else None
-        optimizer = make_optimizer(config.optim, config.optimizer, config.train.steps,
+        optimizer = make_optimizer(config.updates, config.optimizer, config.train.steps,
                                    trainable(param_axes)[0] if trainable else param_axes)
         init_fn = make_init_fn(model_cfg, optimizer, config.train.seed, objective.init_params,
                                trainable, prepare)
@@ -108,7 +108,7 @@ class Experiment:
                                            model_cfg.pipeline_repeats)
         return cls(config=config, workdir=str(workdir), mesh=mesh, rules=rules, data=data,
                    model_cfg=model_cfg, graphdef=graphdef, optimizer=optimizer,
-                   schedule=learning_rate_schedule(config.optim, config.train.steps),
+                   schedule=learning_rate_schedule(config.updates, config.train.steps),
                    abstract_state=abstract_with_shardings(abstract, shardings),
                    state_shardings=shardings, state_logical=logical,
                    batch_sharding=named_sharding(mesh, BATCH_AXES, rules), layer_perm=perm,

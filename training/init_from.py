@@ -5,15 +5,18 @@ with `convert.py`. Its model must be the new run's (the keys of `configs.section
 except those in `Model.EXECUTION_KEYS`, and the resolved vocabulary). Only its parameters
 are read (`Checkpointer.restore_params`), straight into the new run's shardings; the
 optimizer starts fresh and the step is 0. `check_source` runs before anything compiles.
+Without `init.step`, a damaged latest checkpoint of the source is reported and the newest
+that restores is used; the source run is never changed.
 """
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.configs.sections import Config
 from jaxlm.data.tokenizers import Tokenizer, first_vocabulary_difference
 from jaxlm.losses.objectives import split_objective_params
@@ -30,9 +33,10 @@ KEY = "init.from_workdir"
 
 @dataclasses.dataclass(frozen=True)
 class InitSource:
-    """A checked source run: its directory and the checkpoint step to start from."""
+    """A checked source run: its directory and the checkpoint step to start from (None:
+    the newest that restores)."""
     workdir: Path
-    step: int
+    step: int | None
 
 
 def check_source(config: Config, model_cfg: ModelConfig,
@@ -71,34 +75,49 @@ def check_source(config: Config, model_cfg: ModelConfig,
                                f"{theirs.padded_vocab}) in {init.from_workdir}; the model "
                                "must match")
     with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
-        step = rundir.pick_step(ckpt.all_steps(), init.step or None, init.from_workdir,
-                                key="init.step", workdir_key=KEY)
-    return InitSource(workdir, step)
+        rundir.pick_step(ckpt.all_steps(), init.step or None, init.from_workdir,
+                         key="init.step", workdir_key=KEY)
+    return InitSource(workdir, init.step or None)
 
 
-def restore_initial_state(exp: Experiment, source: InitSource) -> TrainState:
-    """A step-0 train state: the source's parameters on this run's mesh, fresh optimizer
-    (and fresh objective parameters, e.g. a distillation projection). A LoRA run takes
-    them as its frozen base (as integers for QLoRA), with fresh adapters."""
+def restore_initial_state(exp: Experiment, source: InitSource,
+                          warn: Callable[[str], None] = print) -> tuple[TrainState, int]:
+    """(a step-0 train state, the source step it came from): the source's parameters on this
+    run's mesh, fresh optimizer (and fresh objective parameters, e.g. a distillation
+    projection). A LoRA run takes them as its frozen base (as integers for QLoRA), with
+    fresh adapters. `warn` gets the line for a damaged source checkpoint passed over."""
     if exp.trainable is not None:
-        return _lora_initial_state(exp, source)
+        return _lora_initial_state(exp, source, warn)
     abstract, _ = split_objective_params(exp.abstract_state.params)
-    with Checkpointer(rundir.checkpoint_dir(source.workdir), read_only=True) as ckpt:
-        params = ckpt.restore_params(source.step, abstract)
+    params, step = source_params(source, abstract, warn)
     build = make_state_fn(exp.optimizer, exp.config.train.seed,
                           exp.objective and exp.objective.init_params)
     state = jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=0)(params)
-    return exp.from_checkpoint(state)  # checkpoints hold layers in model order
+    return exp.from_checkpoint(state), step  # checkpoints hold layers in model order
 
 
-def _lora_initial_state(exp: Experiment, source: InitSource) -> TrainState:
+def source_params(source: InitSource, abstract: Any, warn: Callable[[str], None]
+                  ) -> tuple[Any, int]:
+    """(the source's parameters sharded as `abstract` says, their step): `source.step`, else
+    the newest checkpoint that restores; RunError (one line) when it does not restore."""
+    with Checkpointer(rundir.checkpoint_dir(source.workdir), read_only=True) as ckpt:
+        if source.step is not None:
+            return ckpt.restore_given(source.step, lambda s: ckpt.restore_params(s, abstract)), \
+                source.step
+        restored = ckpt.restore_latest_params(abstract, warn=warn)
+    if restored is None:  # checked by check_source; gone since
+        raise RunError(f"{source.workdir} has no checkpoints")
+    return restored
+
+
+def _lora_initial_state(exp: Experiment, source: InitSource, warn: Callable[[str], None]
+                        ) -> tuple[TrainState, int]:
     """The source's float parameters as the frozen base, fresh adapters (A random, B zero)
     and a fresh optimizer for them."""
     model_cfg = dataclasses.replace(exp.model_cfg, lora=None, quant=None)
     _, abstract, axes = abstract_params(model_cfg)
     shardings = tree_shardings(exp.mesh, axes, exp.rules)
-    with Checkpointer(rundir.checkpoint_dir(source.workdir), read_only=True) as ckpt:
-        base = ckpt.restore_params(source.step, abstract_with_shardings(abstract, shardings))
+    base, step = source_params(source, abstract_with_shardings(abstract, shardings), warn)
     init_fn = make_init_fn(exp.model_cfg, exp.optimizer, exp.config.train.seed,
                            exp.objective and exp.objective.init_params, exp.trainable)
 
@@ -107,4 +126,4 @@ def _lora_initial_state(exp: Experiment, source: InitSource) -> TrainState:
         params = lora.join(exp.trainable(fresh.params)[0], base)
         return fresh.replace(params=params if exp.prepare is None else exp.prepare(params))
     donate = (0,) if exp.prepare is None else ()  # integers cannot reuse the float buffers
-    return jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=donate)(base)
+    return jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=donate)(base), step

@@ -18,9 +18,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import MESH_AXES, Config
+from jaxlm.configs.sections import Config, Mesh as MeshSection
 from jaxlm.data.mixture import Mixture
-from jaxlm.data.packing import check_examples_fit, resolve_packing
+from jaxlm.data.packing import resolve_packing
+from jaxlm.data.pipeline import TokenData
 from jaxlm.models.config import ModelConfig, first_model_difference
 from jaxlm.models.attention import IMPL_PLATFORMS
 from jaxlm.parallel.context import BLOCK_IMPLS
@@ -28,19 +29,11 @@ from jaxlm.parallel.sharding import (Rules, indivisible_dims, logical_to_spec, m
                                      mesh_axes_size)
 
 
-def resolve_mesh_shape(mesh: Any, num_devices: int) -> dict[str, int]:
-    """Sizes per mesh axis for `num_devices`, the one -1 (if any) taking the devices left."""
-    sizes = mesh.sizes() if hasattr(mesh, "sizes") else dict(mesh)
-    unknown = set(sizes) - set(MESH_AXES)
-    if unknown:
-        raise ConfigError(f"mesh.{sorted(unknown)[0]}", f"unknown mesh axis; use {MESH_AXES}")
-    sizes = {name: int(sizes.get(name, 1)) for name in MESH_AXES}
-    for name, size in sizes.items():
-        if size == 0 or size < -1:
-            raise ConfigError(f"mesh.{name}", f"must be a positive size or -1, got {size}")
+def resolve_mesh_shape(mesh: MeshSection, num_devices: int) -> dict[str, int]:
+    """Sizes per mesh axis for `num_devices`, the one -1 (if any) taking the devices left.
+    The section holds no 0 and at most one -1 (configs/sections.py `Mesh`)."""
+    sizes = mesh.sizes()
     wild = [n for n, s in sizes.items() if s == -1]
-    if len(wild) > 1:
-        raise ConfigError(f"mesh.{wild[1]}", "only one mesh axis may be -1")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if wild:
         if num_devices % fixed:
@@ -225,9 +218,8 @@ def _check_data(config: Config, data: Mixture) -> None:
             if packing == "windows" and len(tokens) < seq_len + 1:
                 raise ConfigError("seq_len", f"seq_len {seq_len} is longer than the {split} "
                                              f"split ({len(tokens)} tokens) of {source.path}")
-            if packing == "documents" and not np.any(np.diff(source.docs(split)) >= 2):
-                raise ConfigError(data.key, f"the {split} split of {source.path} has no document "
-                                       f"of 2 or more tokens")
+            if packing == "documents":
+                check_documents(source, split, data.key)
     _check_preference(config, data)
     vocab = config.model.vocab_size
     if vocab and vocab < data.vocab_size:
@@ -248,6 +240,32 @@ def _check_preference(config: Config, data: Mixture) -> None:
         raise ConfigError("loss.weights.dpo", f"{data.key} holds preference pairs: train on "
                                               "them with --config.loss.weights.dpo=1 (or "
                                               "reward=1) --config.loss.weights.ce=0")
+
+
+def check_documents(source: TokenData, split: str, key: str) -> None:
+    """ConfigError naming `key` when `split` of `source` has no document of 2 or more
+    tokens: packed documents would have no target."""
+    if not np.any(np.diff(source.docs(split)) >= 2):
+        raise ConfigError(key, f"the {split} split of {source.path} has no document of 2 or "
+                               f"more tokens")
+
+
+def check_examples_fit(data: Mixture, seq_len: int,
+                       splits: tuple[str, ...] = ("train", "val")) -> None:
+    """ConfigError when an SFT example has more than seq_len targets: examples are packed
+    whole, never cut into pieces."""
+    for source in data.sources:
+        if not source.is_sft:
+            continue
+        for split in splits:
+            lengths = np.diff(source.docs(split))
+            longest = int(lengths.max()) - 1 if len(lengths) else 0
+            if longest > seq_len:
+                raise ConfigError("seq_len", f"{seq_len} is shorter than the longest "
+                                             f"example of {source.path} ({split} split: "
+                                             f"{longest} targets); examples are never "
+                                             f"split: use seq_len >= {longest}, or prepare "
+                                             f"the set again with --seq_len={seq_len}")
 
 
 def _check_model_split(config: Config, mesh: Mesh, rules: Rules) -> None:

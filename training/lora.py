@@ -23,7 +23,7 @@ from jaxlm.configs.sections import Config, Quant
 from jaxlm.losses.objectives import OBJECTIVE_PARAMS, split_objective_params
 from jaxlm.models.lora import join_trees, split_adapters
 from jaxlm.models.ptq import quantize_params, quantized_axes
-from jaxlm.training import fingerprints
+from jaxlm.data import fingerprints
 from jaxlm.training.checkpoint import Checkpointer
 
 BASE_DIR = "lora_base"

@@ -10,30 +10,30 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.configs.sections import Optim, Optimizer
+from jaxlm.configs.sections import Updates, Optimizer
 
 # Axes that stack independent matrices: each layer's (and each expert's) own.
 STACKED_AXES = ("layers", "experts")
 
 
-def learning_rate_schedule(optim: Optim, steps: int, peak: float | None = None,
+def learning_rate_schedule(updates: Updates, steps: int, peak: float | None = None,
                            floor: float | None = None) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak (`learning_rate`), then `optim.schedule` down to the
+    """Linear warm-up from 0 to the peak (`learning_rate`), then `updates.schedule` down to the
     floor (`min_learning_rate`). `peak` and `floor` override the two."""
-    peak = optim.learning_rate if peak is None else peak
-    floor = optim.min_learning_rate if floor is None else floor
-    warmup = min(optim.warmup_steps, steps)
-    if optim.schedule == "cosine":
+    peak = updates.learning_rate if peak is None else peak
+    floor = updates.min_learning_rate if floor is None else floor
+    warmup = min(updates.warmup_steps, steps)
+    if updates.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=peak, warmup_steps=warmup,
             decay_steps=max(steps, warmup + 1), end_value=floor)
     after = max(steps - warmup, 1)  # steps after the warm-up
-    if optim.schedule == "linear":
+    if updates.schedule == "linear":
         main = optax.linear_schedule(peak, floor, after)
-    elif optim.schedule == "constant":
+    elif updates.schedule == "constant":
         main = optax.constant_schedule(peak)
-    elif optim.schedule == "wsd":
-        decay = min(max(round(optim.decay_fraction * steps), 1), after)
+    elif updates.schedule == "wsd":
+        decay = min(max(round(updates.decay_fraction * steps), 1), after)
         main = optax.join_schedules([optax.constant_schedule(peak),
                                      optax.linear_schedule(peak, floor, decay)], [after - decay])
     else:  # rsqrt: peak * sqrt(w / t) at step t >= w (w = warmup_steps, at least 1)
@@ -71,33 +71,33 @@ def muon_dimension_numbers(logical_axes: Any) -> Any:
     return jax.tree.map(dims, logical_axes, matrices, is_leaf=lambda x: isinstance(x, P))
 
 
-def make_optimizer(optim: Optim, optimizer: Optimizer, steps: int, logical_axes: Any
+def make_optimizer(updates: Updates, optimizer: Optimizer, steps: int, logical_axes: Any
                    ) -> optax.GradientTransformation:
     """Global-norm clipping, then `optimizer.name` on the schedule."""
-    schedule = learning_rate_schedule(optim, steps)
+    schedule = learning_rate_schedule(updates, steps)
     build = {"adamw": _adamw, "lion": _lion, "adafactor": _adafactor, "muon": _muon,
              "sgd": _sgd}[optimizer.name]
     return optax.chain(
-        optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0
+        optax.clip_by_global_norm(updates.grad_clip) if updates.grad_clip > 0
         else optax.identity(),
-        build(optim, optimizer, schedule, logical_axes, steps),
+        build(updates, optimizer, schedule, logical_axes, steps),
     )
 
 
-def _adamw(optim: Optim, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
+def _adamw(updates: Updates, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
            steps: int) -> optax.GradientTransformation:
-    return optax.adamw(schedule, b1=optim.beta1, b2=optim.beta2, eps=optim.adam_eps,
-                       weight_decay=optim.weight_decay, mask=decay_mask(axes))
+    return optax.adamw(schedule, b1=updates.beta1, b2=updates.beta2, eps=updates.adam_eps,
+                       weight_decay=updates.weight_decay, mask=decay_mask(axes))
 
 
-def _lion(optim: Optim, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
+def _lion(updates: Updates, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
           steps: int) -> optax.GradientTransformation:
     lion = optimizer.lion
-    return optax.lion(schedule, b1=lion.beta1, b2=lion.beta2, weight_decay=optim.weight_decay,
+    return optax.lion(schedule, b1=lion.beta1, b2=lion.beta2, weight_decay=updates.weight_decay,
                       mask=decay_mask(axes))
 
 
-def _adafactor(optim: Optim, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
+def _adafactor(updates: Updates, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
                steps: int) -> optax.GradientTransformation:
     """optax.adafactor's transforms, chained here because its own weight decay is not
     scaled by the learning rate: this decay is AdamW's, like every optimizer's here."""
@@ -110,12 +110,12 @@ def _adafactor(optim: Optim, optimizer: Optimizer, schedule: optax.Schedule, axe
         optax.scale_by_param_block_rms() if af.multiply_by_parameter_scale
         else optax.identity(),
         optax.ema(af.momentum, debias=False) if af.momentum > 0 else optax.identity(),
-        optax.add_decayed_weights(optim.weight_decay, decay_mask(axes)),
+        optax.add_decayed_weights(updates.weight_decay, decay_mask(axes)),
         optax.scale_by_learning_rate(schedule),
     )
 
 
-def _muon(optim: Optim, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
+def _muon(updates: Updates, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
           steps: int) -> optax.GradientTransformation:
     """Muon for the hidden matrices, AdamW (with the top-level AdamW keys, decay on the
     embedding and output projection) for the rest. optax.contrib.muon's own AdamW part has
@@ -125,20 +125,20 @@ def _muon(optim: Optim, optimizer: Optimizer, schedule: optax.Schedule, axes: An
     labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dims,
                           is_leaf=lambda x: x is None or isinstance(
                               x, optax.contrib.MuonDimensionNumbers))
-    floor = (optim.min_learning_rate / optim.learning_rate * mu.adam_learning_rate
-             if optim.learning_rate else 0.0)
-    adam_schedule = learning_rate_schedule(optim, steps, mu.adam_learning_rate, floor)
+    floor = (updates.min_learning_rate / updates.learning_rate * mu.adam_learning_rate
+             if updates.learning_rate else 0.0)
+    adam_schedule = learning_rate_schedule(updates, steps, mu.adam_learning_rate, floor)
     muon = optax.contrib.muon(schedule, ns_steps=mu.ns_steps, beta=mu.beta,
-                              weight_decay=optim.weight_decay, nesterov=mu.nesterov,
+                              weight_decay=updates.weight_decay, nesterov=mu.nesterov,
                               muon_weight_dimension_numbers=dims)
-    adamw = optax.adamw(adam_schedule, b1=optim.beta1, b2=optim.beta2, eps=optim.adam_eps,
-                        weight_decay=optim.weight_decay, mask=decay_mask(axes))
+    adamw = optax.adamw(adam_schedule, b1=updates.beta1, b2=updates.beta2, eps=updates.adam_eps,
+                        weight_decay=updates.weight_decay, mask=decay_mask(axes))
     return optax.partition({"muon": muon, "adamw": adamw}, labels)
 
 
-def _sgd(optim: Optim, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
+def _sgd(updates: Updates, optimizer: Optimizer, schedule: optax.Schedule, axes: Any,
          steps: int) -> optax.GradientTransformation:
     sgd = optimizer.sgd
     return optax.chain(
-        optax.add_decayed_weights(optim.weight_decay, decay_mask(axes)),
+        optax.add_decayed_weights(updates.weight_decay, decay_mask(axes)),
         optax.sgd(schedule, momentum=sgd.momentum or None, nesterov=sgd.nesterov))

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jaxlm.configs.sections import Config
+from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import count_params
 from jaxlm.parallel.context import zigzag_order
 from jaxlm.parallel.pipeline import bubble_fraction
@@ -54,7 +55,7 @@ def computed_pairs_per_shard(length: int, n: int) -> int:
     return 4 * c * c + (n - 1) * 2 * c * c
 
 
-def attention_flops_per_pair(cfg: Any) -> float:
+def attention_flops_per_pair(cfg: ModelConfig) -> float:
     """Training FLOPs of one causal query-key pair, all layers and heads: QK^T and PV
     forward (2 x 2K) and their four backward matmuls (4 x 2K)."""
     return 12.0 * cfg.model.num_layers * cfg.model.num_heads * cfg.head_dim

@@ -11,7 +11,7 @@
     WORKDIR/damaged_checkpoints/N/   checkpoints that failed to restore, moved aside
     WORKDIR/lora_base/0/    a LoRA run's frozen base, stored once (training/lora.py)
     WORKDIR/lora_base.json  where that base came from
-    WORKDIR/fingerprints.json  what its data, tokenizer and base were (training/fingerprints.py)
+    WORKDIR/fingerprints.json  what its data, tokenizer and base were (data/fingerprints.py)
 """
 
 import contextlib
@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from jaxlm.configs.errors import ConfigError
-from jaxlm.configs.sections import Config, parse_mixture
+from jaxlm.configs.sections import Config
+from jaxlm.configs.specs import parse_mixture
 from jaxlm.data.pipeline import TokenData, is_prepared
 from jaxlm.storage import dirs
-from jaxlm.training import fingerprints
+from jaxlm.data import fingerprints
 
 CONFIG_FILE = dirs.RUN_CONFIG
 CHECKPOINTS = dirs.RUN_CHECKPOINTS

@@ -1,6 +1,7 @@
 """Train (or resume) a run: build the experiment, restore, and run the loop with its hooks."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ from jaxlm.configs.errors import ConfigError, RunError
 from jaxlm.configs.sections import Config
 from jaxlm.models.model import active_params, count_params
 from jaxlm.storage import dirs
-from jaxlm.training import fingerprints, lora, rundir
+from jaxlm.data import fingerprints
+from jaxlm.training import lora, rundir
 from jaxlm.training.checkpoint import Checkpointer, SaveFailed
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device
@@ -150,9 +152,10 @@ def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
     if restored is None:  # also drops records of a run killed before its first checkpoint
         writer.truncate_after(0, warn=log)
         if source is not None:
-            log(f"Starting from the parameters of {source.workdir} (step {source.step}); "
+            state, step = restore_initial_state(exp, source, warn=log)
+            source = dataclasses.replace(source, step=step)  # the step it came from
+            log(f"Starting from the parameters of {source.workdir} (step {step}); "
                 "fresh optimizer, step 0.")
-            state = restore_initial_state(exp, source)
         else:
             state = exp.init_state()
         if exp.trainable is not None:  # LoRA: the frozen base is stored once, now

@@ -22,7 +22,7 @@ import jax
 
 from jaxlm.configs.errors import ConfigError
 from jaxlm.configs.sections import Config, parse_mixture
-from jaxlm.data.prepare import EMBEDDED_CORPUS, META, _text_files, is_prepared
+from jaxlm.data.prepare.formats import EMBEDDED_CORPUS, META, is_prepared, text_files
 from jaxlm.storage import dirs
 from jaxlm.data.tokenizers import (Tokenizer, file_sha256, vocabulary,
                                    vocabulary_difference)
@@ -58,7 +58,7 @@ def data_fingerprint(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         return {}
     h = hashlib.sha256()
-    for f in _text_files(path):
+    for f in text_files(path):
         h.update(f"{f.relative_to(path)}|{file_sha256(f)}\n".encode())
     return {**out, "sha256": h.hexdigest()}
 
@@ -124,9 +124,9 @@ def check_data(config: Config, workdir: str | os.PathLike) -> None:
 
 
 def check_tokenizer(workdir: str | os.PathLike, tokenizer: Tokenizer, source: Any,
-                    key: str = "data.tokenizer") -> None:
+                    key: str = "data.tokenizer", fix: str = "use a new --workdir") -> None:
     """Refuse a tokenizer (of the data at `source`) other than the one the run in
-    `workdir` recorded."""
+    `workdir` recorded; `fix` is what the message suggests besides restoring the data."""
     recorded = read(workdir).get("tokenizer")
     if not isinstance(recorded, dict):
         return
@@ -134,7 +134,7 @@ def check_tokenizer(workdir: str | os.PathLike, tokenizer: Tokenizer, source: An
     if difference is not None:
         raise ConfigError(key, f"the tokenizer of {source} is not the one the run in "
                                f"{workdir} was trained with ({difference}): the data changed "
-                               f"since; restore it, or use a new --workdir")
+                               f"since; restore it, or {fix}")
 
 
 def base_sha256(directory: Path) -> str:
