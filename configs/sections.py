@@ -84,6 +84,9 @@ Packing = Literal["windows", "documents"]
 KlKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl"]
 FeatureKind = Literal["mse", "cosine"]
 ScheduleKind = Literal["constant", "linear", "cosine"]
+# sigmoid: DPO (with conservative label smoothing) | robust: rDPO | ipo: IPO |
+# simpo: SimPO (reference-free, length-normalised)
+PreferenceLoss = Literal["sigmoid", "robust", "ipo", "simpo"]
 LearningRateSchedule = Literal["cosine", "wsd", "linear", "constant", "rsqrt"]
 OptimizerName = Literal["adamw", "lion", "adafactor", "muon", "sgd"]
 PER_CHANNEL, PER_TENSOR = "per_channel", "per_tensor"
@@ -437,6 +440,15 @@ class LossWeights(Section):
     ce: TermWeight = 1.0  # next-token cross-entropy
     distill: TeacherTermWeight = 0.0  # logit distillation from loss.distill.teacher_workdir
     feature: TeacherTermWeight = 0.0  # hidden-state distillation (loss.feature)
+    dpo: TermWeight = 0.0  # preference optimisation on (chosen, rejected) pairs (loss.dpo)
+    reward: TermWeight = 0.0  # a reward model: Bradley-Terry loss of a scalar value head
+
+    PAIR_TERMS: ClassVar[tuple[str, ...]] = ("dpo", "reward")  # means over preference pairs
+
+    @property
+    def pair_term(self) -> str | None:
+        """The weighted term that trains on preference pairs, if any."""
+        return next((n for n in self.PAIR_TERMS if getattr(self, n) > 0), None)
 
     @classmethod
     def teacher_terms(cls) -> tuple[str, ...]:
@@ -490,12 +502,28 @@ class Feature(Section):
         return pairs
 
 
+class Dpo(Section):
+    """Direct preference optimisation on (chosen, rejected) row pairs (docs/alignment.md)."""
+    loss_type: PreferenceLoss = "sigmoid"
+    beta: PositiveFloat = 0.1  # the KL strength (IPO: tau; SimPO: the reward scale)
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # sigmoid, robust, simpo
+    simpo_gamma: NonNegativeFloat = 0.5  # SimPO's target reward margin
+    # The frozen reference run; "" = init.from_workdir (a LoRA run: its base, adapters off).
+    reference_workdir: str = ""
+    reference_step: NonNegativeInt = 0  # its checkpoint step; 0 = its latest
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+
 class Loss(Section):
     """The objective: a weighted sum of registered terms."""
     KEY: ClassVar[str] = "loss"
     weights: LossWeights = LossWeights()
     distill: Distill = Distill()
     feature: Feature = Feature()
+    dpo: Dpo = Dpo()
 
     @property
     def needs_teacher(self) -> bool:
@@ -507,6 +535,16 @@ class Loss(Section):
             name = next(n for n in LossWeights.teacher_terms() if getattr(self.weights, n) > 0)
             require(bool(self.distill.teacher_workdir), "distill.teacher_workdir",
                    f"required by loss.weights.{name} > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _pairs_alone(self) -> "Loss":
+        pair = self.weights.pair_term
+        if pair is not None:
+            for name in ("ce", *LossWeights.teacher_terms(), *LossWeights.PAIR_TERMS):
+                require(name == pair or getattr(self.weights, name) == 0, f"weights.{name}",
+                       f"loss.weights.{pair} is a mean over preference pairs and does not mix "
+                       f"with other terms; set --config.loss.weights.{name}=0")
         return self
 
 
@@ -775,11 +813,29 @@ class Config(BaseModel):
             weights += [moe.load_balance_weight, moe.z_loss_weight]
         require(any(w > 0 for w in weights), "loss.weights",
                "every term has weight 0: nothing to optimize")
+        self._check_pairs()
         if moe.num_experts and moe.group_size:
             g, length = moe.group_size, self.train.seq_len
             require(length % g == 0 or g % length == 0, "model.moe.group_size",
                    f"{g} tokens neither divide seq_len {length} nor are a multiple of it")
         return self
+
+    def _check_pairs(self) -> None:
+        """A preference run: whole pairs in every micro-batch and a reference to compare
+        with (SimPO needs none; a LoRA run's is its own base)."""
+        if self.loss.weights.pair_term is None:
+            return
+        rows = 2 * self.train.grad_accum_steps
+        require(self.train.batch_size % rows == 0, "batch_size",
+               f"{self.train.batch_size} rows do not split into (chosen, rejected) pairs in "
+               f"each of {self.train.grad_accum_steps} micro-batches: use a multiple of {rows}")
+        require(self.train.eval_batch_size % 2 == 0, "eval_batch_size",
+               f"{self.train.eval_batch_size} rows do not split into (chosen, rejected) pairs")
+        dpo = self.loss.dpo
+        if self.loss.weights.dpo and dpo.needs_reference and not self.lora.rank:
+            require(bool(dpo.reference_workdir or self.init.from_workdir),
+                   "loss.dpo.reference_workdir", f"loss_type={dpo.loss_type!r} compares with a "
+                   "frozen reference run: set it, or init.from_workdir (its default)")
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted ConfigDict keys overridden, validated again."""

@@ -22,6 +22,7 @@ piece, and `weights` are 1 on real targets and 0 on padding (for an SFT set, the
 weight of each target token: 0 on prompt tokens). SFT sets are always packed as
 documents (`resolve_packing`), and their examples are never cut (training/layout.py
 refuses a seq_len shorter than an example).
+A preference set trains in rows of (chosen, rejected) pairs instead (data/preference.py).
 A document's first token is never a target: nothing is predicted across a document
 boundary.
 
@@ -43,6 +44,7 @@ import numpy as np
 from jaxlm.configs.sections import Packing
 from jaxlm.data.mixture import Mixture
 from jaxlm.data.pipeline import Batch, EvalBatches, TokenData, process_rows, target_bytes
+from jaxlm.data.preference import pair_rows
 
 # Host-side bookkeeping, not model inputs: [rows] (`source`, `target_bytes`) or per batch.
 ROW_KEYS = ("source", "target_bytes", "tokens_seen")
@@ -349,6 +351,10 @@ def train_dataset(data: Mixture, *, seq_len: int, global_batch: int, seed: int,
     and the processes divide global_batch."""
     packing = resolve_packing(packing, data)
     rows = process_rows(global_batch, process_index, process_count)
+    if data.sources[0].is_preference:  # one source (training/layout.py): rows of pairs
+        ds = pair_rows(data.sources[0], "train", seq_len=seq_len, global_batch=global_batch,
+                       seed=seed, rows=rows, num_epochs=num_epochs)
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if packing == "windows":
         ds = windows_source(data, seq_len=seq_len, global_batch=global_batch, seed=seed,
                             process_index=process_index, process_count=process_count)
@@ -357,6 +363,15 @@ def train_dataset(data: Mixture, *, seq_len: int, global_batch: int, seed: int,
     ds = _document_dataset(data, seq_len, global_batch, seed, rows, num_epochs,
                            num_packing_bins)
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+
+
+def pair_eval_batches(data: TokenData, *, seq_len: int, global_batch: int,
+                      process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """A preference set's validation split once, in batches of whole pairs (the last
+    padded with empty rows): this process's rows of each."""
+    rows = process_rows(global_batch, process_index, process_count)
+    return pair_rows(data, "val", seq_len=seq_len, global_batch=global_batch, seed=0,
+                     rows=rows, num_epochs=1)
 
 
 def train_batches(data: Mixture, **kwargs: Any) -> grain.DatasetIterator:

@@ -121,6 +121,12 @@ class TokenData:
         return self.train_weights is not None
 
     @property
+    def is_preference(self) -> bool:
+        """Whether the set holds (chosen, rejected) pairs of SFT examples
+        (data/preference.py)."""
+        return self.is_sft and self.meta.get("format") == "preference"
+
+    @property
     def token_bytes(self) -> np.ndarray:
         """[vocab] int32: UTF-8 bytes of each token's text (0 for special tokens)."""
         return self.tokenizer.token_bytes

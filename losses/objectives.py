@@ -8,7 +8,11 @@ function that returns the *sum over tokens* of its per-token loss, weighted by t
 batch's token weights. The train step divides the weighted sum of all terms by the
 total token weight, so gradient accumulation over micro-batches stays exact. A term
 defined per batch rather than per token (e.g. a router load-balancing loss) returns its
-value times `inputs.token_count`.
+value times `inputs.token_count`. A term over preference pairs (`unit="pair"`, DPO)
+returns the sum of its per-pair loss instead, and the objective then counts pairs: such
+terms do not mix with per-token ones (configs/sections.py refuses the mix). A term may
+also return `(sum, {metric: sum})`: its metrics are logged as given, divided like the
+loss.
 
 A term weight of 0 (the default for all but `ce`) means the term is not built and not
 computed. Each computed term is reported as `loss/<name>` (unweighted, per token), next
@@ -35,6 +39,8 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.configs.sections import Config, LossWeights
 from jaxlm.losses.cross_entropy import cross_entropy
 from jaxlm.losses.distill import distill_loss, feature_loss
+from jaxlm.losses.preference import (last_response_hidden, pair_losses, pairs, token_kl,
+                                     token_logps)
 
 OBJECTIVE_PARAMS = "objective"  # key of the objective's own parameters in the params dict
 
@@ -57,6 +63,7 @@ class Term:
     init_params: Callable[[jax.Array], Any] | None = None  # rng key -> parameters
     param_axes: Any = None  # logical PartitionSpecs, like init_params' output
     scalars: Callable[[jax.Array], dict[str, jax.Array]] | None = None  # extra metrics
+    unit: str = "token"  # what the loss sums over: "token", or "pair" (rows 2i, 2i+1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,23 +79,27 @@ class TermSpec:
     needs_teacher: bool
     weight: Callable[[Config], float]  # the term's weight in a config
     applies: Callable[[Config], bool]  # whether the term exists for this model
+    reference: Callable[[Config], bool]  # whether it compares with a frozen reference model
 
 
 TERMS: dict[str, TermSpec] = {}
 
 
 def register_term(name: str, *, weight: Callable[[Config], float] | None = None,
-                  applies: Callable[[Config], bool] = lambda config: True):
+                  applies: Callable[[Config], bool] = lambda config: True,
+                  reference: Callable[[Config], bool] = lambda config: False):
     """Register a term's builder. Its weight is `loss.weights.<name>` (whose type says
     whether it needs a teacher) unless `weight` reads another key (e.g. a model option);
-    `applies` can limit it to some models."""
+    `applies` can limit it to some models; `reference` says when it needs the outputs of a
+    frozen reference model (training/teacher.py) as its teacher."""
     if weight is None and name not in LossWeights.model_fields:
         raise ValueError(f"loss term {name!r}: declare loss.weights.{name} in "
                          f"configs/sections.py, or pass `weight`")
 
     def deco(build: Callable[[BuildContext], Term]) -> Callable[[BuildContext], Term]:
         TERMS[name] = TermSpec(build, name in LossWeights.teacher_terms(),
-                               weight or (lambda c: getattr(c.loss.weights, name)), applies)
+                               weight or (lambda c: getattr(c.loss.weights, name)), applies,
+                               reference)
         return build
     return deco
 
@@ -103,6 +114,11 @@ def needs_teacher(config: Config) -> bool:
     return any(TERMS[name].needs_teacher for name in active_weights(config))
 
 
+def needs_reference(config: Config) -> bool:
+    """Whether a computed term compares with a frozen reference model."""
+    return any(TERMS[name].reference(config) for name in active_weights(config))
+
+
 class Objective:
     """The weighted sum of the built terms."""
 
@@ -112,6 +128,16 @@ class Objective:
     @property
     def needs_hidden(self) -> bool:
         return any(t.needs_hidden for _, t in self.terms.values())
+
+    @property
+    def per_pair(self) -> bool:
+        """Whether the loss is a mean over (chosen, rejected) row pairs."""
+        return any(t.unit == "pair" for _, t in self.terms.values())
+
+    @property
+    def row_block(self) -> int:
+        """Rows that must stay together in a micro-batch (2: a preference pair)."""
+        return 2 if self.per_pair else 1
 
     def init_params(self, key: jax.Array) -> dict[str, Any] | None:
         out = {name: t.init_params(jax.random.fold_in(key, i))
@@ -130,19 +156,28 @@ class Objective:
 
     def __call__(self, outputs: Any, batch: dict[str, jax.Array], teacher: Any,
                  params: dict[str, Any] | None, step: jax.Array
-                 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
-        """(weighted sum over terms of their token sums, (token weight sum, {name: sum}))."""
+                 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array],
+                                             dict[str, jax.Array]]]:
+        """(weighted sum over terms of their sums, (count, {name: sum}, {metric: sum})).
+
+        The count is the token weight sum, or the number of pairs of a per-pair objective."""
         weights = batch.get("weights")
         count = (jnp.asarray(batch["targets"].size, jnp.float32) if weights is None
                  else jnp.sum(weights.astype(jnp.float32)))
+        if self.per_pair:
+            count = jnp.sum(pairs(jnp.zeros(batch["targets"].shape), weights).valid)
         total = jnp.zeros((), jnp.float32)
-        sums = {}
+        sums, metrics = {}, {}
         for name, (_, term) in self.terms.items():
             inputs = TermInputs(outputs, batch, teacher, (params or {}).get(name), step,
                                 weights, count)
-            sums[name] = term.loss(inputs).astype(jnp.float32)
+            out = term.loss(inputs)
+            if isinstance(out, tuple):
+                out, extra = out
+                metrics.update({k: v.astype(jnp.float32) for k, v in extra.items()})
+            sums[name] = out.astype(jnp.float32)
             total = total + self.weight(name, step) * sums[name]
-        return total, (count, sums)
+        return total, (count, sums, metrics)
 
     def scalars(self, step: jax.Array) -> dict[str, jax.Array]:
         out = {}
@@ -263,3 +298,67 @@ register_term("moe_load_balance", weight=lambda c: c.model.moe.load_balance_weig
               applies=_is_moe)(_moe_aux_term("load_balance"))
 register_term("moe_z_loss", weight=lambda c: c.model.moe.z_loss_weight,
               applies=_is_moe)(_moe_aux_term("z_loss"))
+
+
+def _dpo_reference(config: Config) -> bool:
+    """A reference model is needed except by SimPO."""
+    return config.loss.dpo.needs_reference
+
+
+@register_term("dpo", reference=_dpo_reference)
+def _dpo(ctx: BuildContext) -> Term:
+    """A preference loss (loss.dpo.loss_type) on row pairs (chosen 2i, rejected 2i+1):
+    the sum over pairs, with rewards, log-probabilities, margins and KL as metrics."""
+    d, vocab = ctx.config.loss.dpo, ctx.model_cfg.vocab_size
+    options = dict(loss_type=d.loss_type, beta=float(d.beta),
+                   label_smoothing=float(d.label_smoothing), simpo_gamma=float(d.simpo_gamma))
+
+    def loss(x: TermInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        targets = x.batch["targets"]
+        policy = pairs(token_logps(x.outputs.logits, targets, vocab), x.weights)
+        reference = None
+        if d.needs_reference:
+            reference = pairs(token_logps(x.teacher.logits, targets, vocab), x.weights)
+        per_pair, chosen, rejected = pair_losses(policy, reference, **options)
+        sg, valid = jax.lax.stop_gradient, policy.valid
+        chosen, rejected = sg(chosen), sg(rejected)
+        metrics = {"dpo/rewards/chosen": chosen, "dpo/rewards/rejected": rejected,
+                   "dpo/rewards/accuracy": (chosen > rejected).astype(jnp.float32),
+                   "dpo/rewards/margin": chosen - rejected,
+                   "dpo/logps/chosen": sg(policy.chosen),
+                   "dpo/logps/rejected": sg(policy.rejected)}
+        if reference is not None:
+            kl = token_kl(sg(x.outputs.logits), x.teacher.logits, vocab)
+            kl_B = jnp.sum(kl * (1.0 if x.weights is None else x.weights), axis=-1)
+            metrics["dpo/kl"] = 0.5 * (kl_B[0::2] + kl_B[1::2])
+        metrics = {k: jnp.sum(v * valid) for k, v in metrics.items()}
+        return jnp.sum(per_pair * valid), metrics
+
+    return Term(loss, unit="pair")
+
+
+@register_term("reward")
+def _reward(ctx: BuildContext) -> Term:
+    """A reward model: a scalar value head on the last block's output at each row's last
+    response position, trained with the Bradley-Terry loss -log s(r_chosen - r_rejected)."""
+    d = ctx.model_cfg.model.d_model
+
+    def init(key):
+        return {"w": jax.random.normal(key, (d,), jnp.float32) / math.sqrt(d),
+                "b": jnp.zeros((), jnp.float32)}
+
+    def loss(x: TermInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        h_BxD = last_response_hidden(x.outputs.hidden[-1], x.weights)
+        r_B = h_BxD @ x.params["w"] + x.params["b"]
+        chosen, rejected = r_B[0::2], r_B[1::2]
+        valid = pairs(jnp.zeros(x.batch["targets"].shape), x.weights).valid
+        sg = jax.lax.stop_gradient
+        metrics = {"reward/chosen": sg(chosen), "reward/rejected": sg(rejected),
+                   "reward/accuracy": (chosen > rejected).astype(jnp.float32),
+                   "reward/margin": sg(chosen - rejected)}
+        per_pair = -jax.nn.log_sigmoid(chosen - rejected)
+        return (jnp.sum(per_pair * valid),
+                {k: jnp.sum(v * valid) for k, v in metrics.items()})
+
+    return Term(loss, needs_hidden=True, init_params=init, unit="pair",
+                param_axes={"w": P("embed"), "b": P()})

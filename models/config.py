@@ -4,9 +4,11 @@ data (vocabulary), the training sequence length (MoE capacity groups), the layou
 lives in `configs/sections.py`; this holds only what is derived from them."""
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 
+from jaxlm.configs import keys
 from jaxlm.configs.sections import Lora, Model, Quant, RopeScaling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -112,3 +114,14 @@ class ModelConfig:
         for key, value in values.items():
             merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
         return dataclasses.replace(self, model=Model.parse(merged))
+
+
+def first_model_difference(a: Model, b: Model) -> tuple[str, Any, Any] | None:
+    """(dotted key, a's value, b's value) of the first architecture key that differs."""
+    for key in keys.flat_keys(a):
+        if key in Model.EXECUTION_KEYS:
+            continue
+        va, vb = keys.get(a, key), keys.get(b, key)
+        if not hasattr(va, "model_fields") and va != vb:
+            return key, va, vb
+    return None

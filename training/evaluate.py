@@ -27,7 +27,9 @@ def evaluate(exp: Experiment, params: Any, data: TokenData | np.ndarray | None =
     `bits_per_byte` is the summed loss in bits over the UTF-8 bytes of the evaluated
     targets, comparable across tokenizers. A mixture adds `eval_loss/<source>` and
     `bits_per_byte/<source>` for each source; the totals cover all of them. A non-finite
-    loss is NonFiniteEval, never a number.
+    loss is NonFiniteEval, never a number. A per-pair objective (DPO, a reward model) on
+    the run's own preference set adds its loss and metrics on the validation pairs:
+    `eval_<term>` and `eval_<metric>` (e.g. `eval_reward/accuracy`).
     """
     sums = {name: _sums(exp, params, batches, eval_step or exp.eval_step)
             for name, batches in exp.eval_sources(data).items()}
@@ -36,7 +38,21 @@ def evaluate(exp: Experiment, params: Any, data: TokenData | np.ndarray | None =
         for name, (l, c, b) in sums.items():
             result[f"eval_loss/{name}"] = float(l / c)
             result[f"bits_per_byte/{name}"] = bits_per_byte(float(l), b)
+    if data is None and exp.objective is not None and exp.objective.per_pair:
+        result.update(pair_metrics(exp, params))
     return result
+
+
+def pair_metrics(exp: Experiment, params: Any) -> dict[str, float]:
+    """The per-pair objective's means over the validation pairs."""
+    batches = exp.pair_eval_batches()
+    sums = None
+    for i in range(len(batches)):
+        stats = exp.pair_eval_step(params, exp.to_global(batches[i]))
+        sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
+    count = float(sums.pop("weight_sum"))
+    return {f"eval_{k.removeprefix('loss/')}": float(v) / max(count, 1.0)
+            for k, v in sums.items()}
 
 
 def _sums(exp: Experiment, params: Any, batches: Any, eval_step: Any

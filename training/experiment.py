@@ -19,9 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.configs.sections import Config
 from jaxlm.data.mixture import Mixture, resolve_sources
-from jaxlm.data.packing import eval_sources, resolve_packing, split_row_info, train_batches
+from jaxlm.data.packing import (eval_sources, pair_eval_batches, resolve_packing,
+                                split_row_info, train_batches)
 from jaxlm.data.pipeline import Batch, EvalBatches, TokenData
-from jaxlm.losses.objectives import OBJECTIVE_PARAMS, Objective, build_objective, needs_teacher
+from jaxlm.losses.objectives import (OBJECTIVE_PARAMS, Objective, build_objective,
+                                     needs_reference, needs_teacher)
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import abstract_model, param_logical_axes, split_params
 from jaxlm.parallel.mesh import make_mesh
@@ -32,8 +34,8 @@ from jaxlm.training.layout import check_layout, pipeline_fields, resolve_mesh_sh
 from jaxlm.training.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
                                   state_logical_axes, state_shardings)
-from jaxlm.training.steps import make_eval_step, make_train_step
-from jaxlm.training.teacher import Teacher
+from jaxlm.training.steps import make_eval_step, make_pair_eval_step, make_train_step
+from jaxlm.training.teacher import LoraBase, Teacher, load_reference
 
 BATCH_AXES = ("act_batch", "act_len")
 # Training windows are one segment at positions 0..L-1 with every weight 1: the model's and
@@ -62,7 +64,8 @@ class Experiment:
     # layer at position i. Checkpoints always hold the natural order.
     layer_perm: np.ndarray | None = None
     objective: Objective | None = None  # None = cross-entropy alone
-    teacher: Teacher | None = None  # for objective terms that distil from a teacher run
+    # For objective terms that distil from a teacher run or compare with a reference model.
+    teacher: Teacher | LoraBase | None = None
     # LoRA (training/lora.py): params -> (trainable, frozen base); None = all train.
     trainable: Any = None
     prepare: Any = None  # fresh float params -> the state's (a QLoRA base as integers)
@@ -83,10 +86,12 @@ class Experiment:
                                              **pipeline_fields(config, mesh))
         model = abstract_model(model_cfg)
         graphdef, params = split_params(model)
+        if needs_reference(config):
+            teacher = load_reference(config, mesh, rules, graphdef)
         params, param_axes, prepare = lora.base_format(config, model, params,
                                                        param_logical_axes(model))
         check_layout(config, mesh, data, model_cfg, params, param_axes, teacher)
-        objective = build_objective(config, model_cfg, teacher and teacher.model_cfg)
+        objective = build_objective(config, model_cfg, getattr(teacher, "model_cfg", None))
         if objective.param_axes() is not None:
             param_axes = {**param_axes, OBJECTIVE_PARAMS: objective.param_axes()}
         trainable = lora.split_trainable if lora.enabled(config) else None
@@ -123,8 +128,11 @@ class Experiment:
 
     @functools.cached_property
     def teacher_params(self) -> Any:
-        """The teacher's parameters, restored from its own run on first use (or None)."""
-        return None if self.teacher is None else self.teacher.restore()
+        """The teacher's parameters, restored from its own run on first use (None without a
+        teacher, or for one that reads the train state)."""
+        if self.teacher is None or self.teacher.from_state:
+            return None
+        return self.teacher.restore()
 
     def _permute_layers(self, state: TrainState, index: np.ndarray) -> TrainState:
         """Reorder the `layers` axis of every leaf that has one: out[i] = state[index[i]]."""
@@ -197,7 +205,7 @@ class Experiment:
                                teacher=self.teacher,
                                skip_nonfinite=self.config.train.nan_policy == "skip",
                                trainable=self.trainable)
-        if self.teacher is None:
+        if self.teacher is None or self.teacher.from_state:
             return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                            out_shardings=(self.state_shardings, None), donate_argnums=0)
         # The teacher's parameters are an extra argument: sharded, never donated.
@@ -211,7 +219,27 @@ class Experiment:
         step = make_eval_step(self.graphdef, self.model_cfg, self.mesh, self.rules)
         return jax.jit(step, in_shardings=(self.state_shardings.params, self.batch_sharding))
 
+    @functools.cached_property
+    def pair_eval_step(self):
+        """eval_step(params, batch) -> the sums of a per-pair objective (DPO, reward)."""
+        step = make_pair_eval_step(self.graphdef, self.model_cfg, self.mesh, self.rules,
+                                   self.objective, self.teacher)
+        shardings = (self.state_shardings.params, self.batch_sharding)
+        if self.teacher is None or self.teacher.from_state:
+            return jax.jit(step, in_shardings=shardings)
+        jitted = jax.jit(step, in_shardings=(*shardings, self.teacher.shardings))
+        return _WithTeacher(jitted, lambda: self.teacher_params)
+
     # Data.
+    def pair_eval_batches(self) -> Any:
+        """The validation split of a preference set, in batches of whole pairs (the last
+        padded), this process's rows of each."""
+        train = self.config.train
+        return pair_eval_batches(self.data.sources[0], seq_len=train.seq_len,
+                                 global_batch=train.eval_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+
     @property
     def packing(self) -> str:
         """`data.packing`, or `documents` for SFT data (data/packing.py resolve_packing)."""

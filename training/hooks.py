@@ -186,7 +186,7 @@ class Metrics(Hook):
 class Evaluation(Hook):
     """Every `every`-th step and after the last: evaluates on the validation split(s) and
     readies an eval record, eval_loss and bits_per_byte (and both per source for a
-    mixture), after the step's training record. Its time is `excluded_seconds`."""
+    mixture; a per-pair objective's validation metrics), after the step's training record. Its time is `excluded_seconds`."""
 
     at_last, waits = True, True
 
@@ -202,7 +202,7 @@ class Evaluation(Hook):
             info.failure = f"divergence at step {info.step}: {e}"
             return
         info.ready.append((info.step, {k: v for k, v in self.last.items()
-                                       if k.startswith(("eval_loss", "bits_per"))}))
+                                       if k not in ("perplexity", "num_tokens")}))
         log(f"step {info.step}: eval_loss {self.last['eval_loss']:.4f} "
             f"(perplexity {self.last['perplexity']:.2f}, {self.last['num_tokens']:,} tokens, "
             f"{self.last['bits_per_byte']:.4f} bits per byte)")

@@ -16,12 +16,11 @@ from typing import Any
 
 import jax
 
-from jaxlm.configs import keys
 from jaxlm.configs.errors import ConfigError, RunError
-from jaxlm.configs.sections import Config, Model
+from jaxlm.configs.sections import Config
 from jaxlm.data.tokenizers import Tokenizer, first_vocabulary_difference
 from jaxlm.losses.objectives import split_objective_params
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import ModelConfig, first_model_difference
 from jaxlm.models.model import abstract_params
 from jaxlm.parallel.sharding import tree_shardings
 from jaxlm.training import lora, rundir
@@ -38,17 +37,6 @@ class InitSource:
     the newest that restores)."""
     workdir: Path
     step: int | None
-
-
-def first_model_difference(a: Model, b: Model) -> tuple[str, Any, Any] | None:
-    """(dotted key, a's value, b's value) of the first architecture key that differs."""
-    for key in keys.flat_keys(a):
-        if key in Model.EXECUTION_KEYS:
-            continue
-        va, vb = keys.get(a, key), keys.get(b, key)
-        if not hasattr(va, "model_fields") and va != vb:
-            return key, va, vb
-    return None
 
 
 def check_source(config: Config, model_cfg: ModelConfig,

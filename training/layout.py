@@ -22,7 +22,7 @@ from jaxlm.configs.sections import Config, Mesh as MeshSection
 from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import resolve_packing
 from jaxlm.data.pipeline import TokenData
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import ModelConfig, first_model_difference
 from jaxlm.models.attention import IMPL_PLATFORMS
 from jaxlm.parallel.context import BLOCK_IMPLS
 from jaxlm.parallel.sharding import (Rules, indivisible_dims, logical_to_spec, mesh_axes_of,
@@ -65,9 +65,11 @@ def check_layout(config: Config, mesh: Mesh, data: Mixture, model_cfg: ModelConf
     """Raise ConfigError for the first way `config` does not fit the mesh, data or teacher.
 
     `params`/`param_axes`: the model's abstract parameters and their logical axes;
-    `teacher`: a `training.teacher.Teacher` when the objective distils from one.
+    `teacher`: a `training.teacher.Teacher` when the objective distils from one or
+    compares with a reference run (a LoRA run's own base, `from_state`, needs no check).
     """
     rules = config.sharding.rules
+    teacher = None if getattr(teacher, "from_state", False) else teacher
     _check_context(config, mesh, rules, teacher)
     _check_platform(config, mesh)
     _check_batch(config, mesh, rules, jax.process_count() if process_count is None
@@ -135,10 +137,11 @@ def _check_pipeline(config: Config, mesh: Mesh, rules: Rules, model_cfg: ModelCo
             raise ConfigError("pipeline_microbatches",
                               f"{micro} micro-batches do not split {key} {batch} into "
                               f"micro-batches divisible by the data-parallel size {dp}")
-    if config.loss.weights.feature > 0:
-        raise ConfigError("loss.weights.feature", "needs the student's hidden states, which "
-                                                  "pipelined layers do not return; use "
-                                                  "mesh.pipeline=1")
+    for name in ("feature", "reward"):
+        if getattr(config.loss.weights, name) > 0:
+            raise ConfigError(f"loss.weights.{name}", "needs the model's hidden states, which "
+                                                      "pipelined layers do not return; use "
+                                                      "mesh.pipeline=1")
 
 
 def sequence_split(mesh: Mesh, rules: Rules) -> tuple[tuple[str, ...], int]:
@@ -166,7 +169,7 @@ def _check_context(config: Config, mesh: Mesh, rules: Rules, teacher: Any) -> No
                                      f"sequence is split over {split}, two chunks each")
     impls = [("model.attention_impl", "", config.model.attention_impl)]
     if teacher is not None:
-        impls.append(("loss.distill.teacher_workdir", "the teacher's attention_impl ",
+        impls.append((teacher.key, f"the {teacher.role}'s attention_impl ",
                       teacher.config.model.attention_impl))
     for key, whose, impl in impls:
         if impl not in BLOCK_IMPLS:
@@ -217,10 +220,26 @@ def _check_data(config: Config, data: Mixture) -> None:
                                              f"split ({len(tokens)} tokens) of {source.path}")
             if packing == "documents":
                 check_documents(source, split, data.key)
+    _check_preference(config, data)
     vocab = config.model.vocab_size
     if vocab and vocab < data.vocab_size:
         raise ConfigError("model.vocab_size", f"{vocab} is smaller than the data's vocabulary "
                                               f"{data.vocab_size}")
+
+
+def _check_preference(config: Config, data: Mixture) -> None:
+    """A preference objective reads one preference set, and a preference set is read by
+    one: its rows are pairs."""
+    preference = [source.is_preference for source in data.sources]
+    pair = config.loss.weights.pair_term
+    if pair is not None and not (preference == [True]):
+        raise ConfigError(data.key, f"loss.weights.{pair} trains on (chosen, rejected) pairs "
+                                    "of one preference set: prepare it with python -m "
+                                    "jaxlm.data.prepare --format=preference")
+    if any(preference) and pair is None:
+        raise ConfigError("loss.weights.dpo", f"{data.key} holds preference pairs: train on "
+                                              "them with --config.loss.weights.dpo=1 (or "
+                                              "reward=1) --config.loss.weights.ce=0")
 
 
 def check_documents(source: TokenData, split: str, key: str) -> None:
@@ -277,15 +296,23 @@ def _check_divisible(params: Any, param_axes: Any, mesh: Mesh, rules: Rules,
 
 def _check_teacher(config: Config, data: Mixture, model_cfg: ModelConfig, teacher: Any,
                    mesh: Mesh) -> None:
-    key = "loss.distill.teacher_workdir"
+    key, role = teacher.key, teacher.role
     s_tok, t_tok = data.tokenizer.to_dict(), teacher.tokenizer.to_dict()
+    student = "student" if role == "teacher" else "policy"
     if s_tok != t_tok or teacher.model_cfg.vocab_size != model_cfg.vocab_size:
-        raise ConfigError(key, f"vocabulary mismatch: the teacher has "
+        raise ConfigError(key, f"vocabulary mismatch: the {role} has "
                                f"{teacher.model_cfg.vocab_size} tokens ({t_tok['kind']} "
-                               f"tokenizer), the student {model_cfg.vocab_size} "
+                               f"tokenizer), the {student} {model_cfg.vocab_size} "
                                f"({s_tok['kind']} tokenizer); they must be the same")
+    if role == "reference":
+        diff = first_model_difference(config.model, teacher.config.model)
+        if diff is not None:
+            name, ours, theirs = diff
+            raise ConfigError(key, f"model.{name} is {ours!r} here but {theirs!r} in the "
+                                   f"reference {teacher.workdir}; DPO compares one model "
+                                   "with its own frozen copy")
     _check_divisible(teacher.abstract_params, teacher.param_axes, mesh, teacher.rules,
-                     "teacher parameter")
+                     f"{role} parameter")
     if config.loss.weights.feature > 0:
         config.loss.feature.layer_pairs(config.model.num_layers,
                                         teacher.model_cfg.model.num_layers)

@@ -1,6 +1,7 @@
 """The jitted train and eval steps."""
 
 from collections.abc import Callable
+import math
 from typing import Any
 
 import jax
@@ -45,7 +46,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     stat except `weight_sum` are sums over target tokens (means such as MoE statistics are
     multiplied by the token count), so micro-batches add up and dividing by the total
     `weight_sum` gives token-weighted means. Stats: `loss/<term>` for every term and the
-    model's MoE diagnostics `moe_*`. The batch's optional `positions` and `segment_ids`
+    model's MoE diagnostics `moe_*`, and the terms' own metrics (e.g. `dpo/...`). For a
+    per-pair objective (DPO) `weight_sum` counts pairs instead of tokens. The batch's optional `positions` and `segment_ids`
     go to the model; with the sequence split, every [B, L] array is in the layout's order
     (`parallel.context.to_context_order`).
     """
@@ -60,8 +62,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
         out = model(tokens, positions_BxL=batch.get("positions"),
                     segment_ids_BxL=batch.get("segment_ids"), dropout_key=dropout_key,
                     return_hidden=return_hidden)
-        total, (weight_sum, terms) = objective(out, batch, teacher, objective_params, step)
-        stats = {"weight_sum": weight_sum, **{f"loss/{k}": v for k, v in terms.items()}}
+        total, (weight_sum, terms, metrics) = objective(out, batch, teacher, objective_params,
+                                                        step)
+        stats = {"weight_sum": weight_sum, **{f"loss/{k}": v for k, v in terms.items()},
+                 **metrics}
         if out.aux:
             for name in ("load_balance", "z_loss", "router_entropy", "drop_fraction", "load"):
                 stats[f"moe_{name}"] = out.aux[name] * weight_sum
@@ -91,7 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     gets gradients and updates; the frozen part passes through unchanged."""
     objective = objective or cross_entropy_objective(model_cfg)
     split, grad_fn = _partial_grad(make_loss_fn(graphdef, model_cfg, objective), trainable)
-    use_key = model_cfg.stochastic
+    use_key, hidden = model_cfg.stochastic, objective.needs_hidden
 
     def train_step(state: TrainState, batch: Batch, teacher_params: Any = None
                    ) -> tuple[TrainState, Metrics]:
@@ -102,12 +106,12 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
 
             def micro(i, mb):
                 key = jax.random.fold_in(step_key, i) if use_key else None
-                t_out = None if teacher is None else teacher.forward(
-                    teacher_params, mb, return_hidden=objective.needs_hidden)
+                t_out = _teacher_outputs(teacher, state, teacher_params, mb, hidden)
                 (total, stats), grads = grad_fn(trained, frozen, mb, key, t_out, state.step)
                 return {**stats, "loss": total}, grads
 
-            block = model_cfg.moe_group_rows(batch["inputs"].shape[1])
+            block = math.lcm(model_cfg.moe_group_rows(batch["inputs"].shape[1]),
+                             objective.row_block)  # rows that stay in one micro-batch
             stats, grads = _accumulate(micro, batch, grad_accum_steps, block)
             weight_sum = stats.pop("weight_sum")
             grads = jax.tree.map(lambda g: g / weight_sum, grads)
@@ -129,6 +133,16 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
             return new_state, metrics
 
     return train_step
+
+
+def _teacher_outputs(teacher: Any, state: TrainState, teacher_params: Any, batch: Batch,
+                     hidden: bool) -> Any:
+    """The teacher's outputs (None without one). A teacher with `from_state` (a LoRA run's
+    own base as its DPO reference) reads the state's parameters instead of its own."""
+    if teacher is None:
+        return None
+    params = state.params if teacher.from_state else teacher_params
+    return teacher.forward(params, batch, return_hidden=hidden)
 
 
 def _partial_grad(loss_fn: Callable[..., Any], trainable: Split | None
@@ -175,5 +189,24 @@ def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: Mesh,
         with use_rules(mesh, rules):
             _, stats = loss_fn(params, to_context_order(batch), None)
             return stats["loss/ce"], stats["weight_sum"]
+
+    return eval_step
+
+
+def make_pair_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, mesh: Mesh,
+                        rules: Rules, objective: Objective, teacher: Any = None
+                        ) -> Callable[..., Metrics]:
+    """eval_step(params, batch[, teacher_params]) -> the per-pair objective's sums: its
+    loss (`loss/<term>`), metrics and `weight_sum` (the pairs)."""
+    loss_fn = make_loss_fn(graphdef, model_cfg, objective)
+
+    def eval_step(params, batch: Batch, teacher_params: Any = None):
+        with use_rules(mesh, rules):
+            batch = to_context_order(batch)
+            ref = None
+            if teacher is not None:
+                ref = teacher.forward(params if teacher.from_state else teacher_params, batch,
+                                      return_hidden=objective.needs_hidden)
+            return loss_fn(params, batch, None, ref)[1]
 
     return eval_step

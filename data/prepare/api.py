@@ -119,8 +119,9 @@ def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, 
                 truncate: bool = False, strict: bool = False,
                 end_text: str = DEFAULT_END_TEXT, chat_template: str = "auto",
                 overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
-                progress: bool = True) -> Path:
+                progress: bool = True, record_format: str = "sft") -> Path:
     """JSON-lines SFT records (data/sft.py) -> `output` (format 3); returns `output`.
+    `record_format="preference"`: preference records, two examples each (data/preference.py).
 
     Like a corpus of documents (one document per example, split by a hash of the
     record), plus `{split}.weights`: one uint8 per token, 1 where the token is a
@@ -131,7 +132,7 @@ def prepare_sft(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, 
     are kept, and a training run refuses, before compiling, a seq_len shorter than the
     longest. Idempotent and atomic as `prepare_corpus`."""
     return sft(Prepare.of(input=tuple(str(i) for i in inputs), output=str(output),
-                          format="sft", tokenizer=tokenizer, seq_len=seq_len,
+                          format=record_format, tokenizer=tokenizer, seq_len=seq_len,
                           val_fraction=val_fraction, truncate=truncate, strict=strict,
                           end_text=end_text, chat_template=chat_template,
                           overwrite=overwrite, shard_mb=shard_bytes / 2**20,
@@ -158,7 +159,7 @@ def sft(options: Prepare) -> Path:
             raise ConfigError("--input", f"{f} is not JSON lines (.jsonl, .json or .ndjson, "
                                          f"optionally .gz or .zst): SFT records are JSON "
                                          f"lines")
-    settings = {"format_version": SFT_FORMAT_VERSION, "format": "sft",
+    settings = {"format_version": SFT_FORMAT_VERSION, "format": options.format,
                 "tokenizer": tok.to_dict(), "seq_len": seq_len, "truncate": options.truncate,
                 "strict": options.strict, "val_fraction": options.val_fraction,
                 "end_text": options.end_text,

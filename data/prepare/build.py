@@ -31,6 +31,7 @@ from jaxlm.data.prepare.options import Prepare
 from jaxlm.data.prepare.pool import WorkerSettings, is_val, map_ordered
 from jaxlm.data.prepare.writer import SplitWriter
 from jaxlm.data.readers import COMPRESSED, file_format, read_tasks
+from jaxlm.data.preference import make_pair
 from jaxlm.data.sft import BadRecord, ChatTemplate, Example, make_example
 from jaxlm.data.tokenizers import (HF_FILE, SENTENCEPIECE_FILE, ByteTokenizer, CharTokenizer,
                                    HFTokenizer, Tokenizer, describe_tokenizer, fit_tokenizer,
@@ -356,12 +357,16 @@ class SftSource:
     def tokenizer(self, tmp: Path, bar: Callable[[str], Any]) -> Tokenizer:
         return keep_tokenizer(self.tok, tmp)
 
-    def _example(self, item: bytes, file: str, line: int, tok: Tokenizer) -> Example | None:
-        """The record's example; None for a bad record (counted by reason)."""
+    def _examples(self, item: bytes, file: str, line: int, tok: Tokenizer) -> list[Example]:
+        """The record's examples (a preference record's are [chosen, rejected]); none for
+        a bad record (counted by reason)."""
         s = self.settings
         try:
-            return make_example(item, tok, self.template, seq_len=s["seq_len"],
-                                truncate=s["truncate"], end_text=s["end_text"])
+            if s["format"] == "preference":
+                return make_pair(item, tok, self.template, seq_len=s["seq_len"],
+                                 truncate=s["truncate"], end_text=s["end_text"])
+            return [make_example(item, tok, self.template, seq_len=s["seq_len"],
+                                 truncate=s["truncate"], end_text=s["end_text"])]
         except BadRecord as e:
             if s["strict"]:
                 raise ConfigError("--input", f"{file}:{line}: {e.reason}: {e.detail} "
@@ -370,7 +375,7 @@ class SftSource:
             entry = self.bad.setdefault(e.reason, {"count": 0, "file": file, "line": line,
                                                    "detail": e.detail})
             entry["count"] += 1
-            return None
+            return []
 
     def documents(self, tok: Tokenizer, dtype: np.dtype, tmp: Path,
                   bar: Callable[[str], Any]) -> Iterator[Encoded]:
@@ -380,10 +385,11 @@ class SftSource:
                 kept = []
                 for item, line in zip(task.items, task.lines):
                     self.records += 1
-                    ex = self._example(item, task.file, line, tok)
-                    if ex is not None:
-                        self.truncated += ex.truncated
-                        kept.append((ex, is_val(ex.key, self.settings["val_fraction"])))
+                    examples = self._examples(item, task.file, line, tok)
+                    if examples:  # a pair stays in the split of its first example
+                        self.truncated += any(ex.truncated for ex in examples)
+                        val = is_val(examples[0].key, self.settings["val_fraction"])
+                        kept += [(ex, val) for ex in examples]
                 if kept:
                     yield self._encoded(kept, dtype)
                 progress.update(task.nbytes)
@@ -403,7 +409,7 @@ class SftSource:
     def meta(self, tok: Tokenizer, dtype: np.dtype, splits: dict[str, Any]) -> dict[str, Any]:
         self._check(splits)
         s, template = self.settings, self.template
-        return {"format_version": SFT_FORMAT_VERSION, "format": "sft",
+        return {"format_version": SFT_FORMAT_VERSION, "format": s["format"],
                 "tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "dtype": dtype.name,
                 "splits": splits, "counts": {s: splits[s]["tokens"] for s in splits},
                 "documents": {s: splits[s]["documents"] for s in splits},

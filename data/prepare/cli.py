@@ -24,11 +24,12 @@ def run(options: Prepare) -> None:
     """Prepare as `options` say and print the summary; a failure exits with one line."""
     with one_line_on_failure(options.output):
         try:
-            out = sft(options) if options.format == "sft" else _text_or_corpus(options)
+            out = (sft(options) if options.format in ("sft", "preference") else
+                   _text_or_corpus(options))
         except ConfigError as e:
             raise SystemExit(f"error: {e}") from None
         meta = json.loads((out / META).read_text())
-        if options.format == "sft":
+        if options.format in ("sft", "preference"):
             for line in describe_bad(meta):
                 print(line, file=sys.stderr)
         print(json.dumps(summary(out, meta)))
@@ -56,7 +57,7 @@ def _text_or_corpus(options: Prepare) -> Path:
 
 def summary(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The command's summary line of a prepared directory."""
-    if meta.get("format") == "sft":
+    if meta.get("format") in ("sft", "preference"):
         return {"output": str(out), "vocab_size": meta["vocab_size"],
                 "records": meta["records"], "examples": meta["examples"],
                 "tokens": meta["counts"], "completion_tokens": meta["completion_tokens"],

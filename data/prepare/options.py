@@ -26,9 +26,11 @@ class Prepare(Section):
     FLAT_KEYS: ClassVar[bool] = True
     input: tuple[str, ...] = Field(description="A file, directory or glob (repeatable).")
     output: str = Field(description="The prepared directory.")
-    format: Literal["auto", "sft"] = Field(
+    format: Literal["auto", "sft", "preference"] = Field(
         "auto", description="auto: text or a corpus of documents, by the inputs; sft: "
-                            "prompt/completion or chat records with per-token loss weights.")
+                            "prompt/completion or chat records with per-token loss weights; "
+                            "preference: prompt/chosen/rejected records, as sft "
+                            "(docs/alignment.md).")
     tokenizer: str = Field(
         "char", description="char | byte | bpe | hf:PATH | sentencepiece:PATH; sft: a run "
                             "or prepared directory, byte, hf:PATH or sentencepiece:PATH.")
