@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,14 +47,17 @@ class _AbandonedIO(logging.Filter):
     tensorstore still completes the step's other reads and writes: each then reports
     `RuntimeError: Event loop is closed` (its completion callback), an abandoned
     `_read_array_index_and_device_put` coroutine, or `_GatheringFuture exception was never
-    retrieved` (asyncio), at any later time up to the process's exit. The failure itself
+    retrieved` (asyncio), at any later time up to the process's exit; a save that a second
+    Ctrl-C cuts short leaves a `write_fragment` coroutine never awaited. The failure itself
     reaches `Checkpointer` as an exception and is reported as one line. An echo can print
     before that exception arrives, so from the first `Checkpointer` on, these are dropped
     (`sys.unraisablehook`, `sys.excepthook`, which a callback that tensorstore runs on its
-    own thread reports through, and the `asyncio` logger); everything else passes.
+    own thread reports through, the `asyncio` logger, and the never-awaited warning of those
+    coroutines); everything else passes.
     """
 
-    ECHO_COROUTINES = ("_read_array_index_and_device_put",)
+    # Orbax's coroutines that a failed read or an interrupted write leaves unfinished.
+    ECHO_COROUTINES = ("_read_array_index_and_device_put", "write_fragment")
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,6 +73,9 @@ class _AbandonedIO(logging.Filter):
             self.previous_excepthook = sys.excepthook
             sys.excepthook = self.excepthook
         logging.getLogger("asyncio").addFilter(self)  # a second add is a no-op
+        names = "|".join(self.ECHO_COROUTINES)
+        warnings.filterwarnings("ignore", rf"coroutine '(.*\.)?({names})' was never awaited",
+                                RuntimeWarning)
 
     def is_echo(self, exc: BaseException | None, obj: Any) -> bool:
         closed = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
