@@ -571,7 +571,7 @@ class Quant(Section):
                    "format (quant.weight_format=int, eval.py --quantize=int8|int4|int3)")
             require(self.symmetric, "symmetric",
                    "nf4 scales each block by its absmax and has no zero point: set "
-                   "quant.symmetric=true")
+                   "quant.symmetric=true (eval.py: drop --noquant_symmetric)")
         if g not in (PER_CHANNEL, PER_TENSOR):
             require(g.isdigit() and int(g) > 0, "granularity",
                    f"{g!r} is not per_channel, per_tensor or a positive group size")
