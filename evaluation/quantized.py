@@ -125,11 +125,11 @@ def evaluate_quantized(exp: Experiment, params: Any, quantize: str,
         held = "nf4" if base.weight_format == "nf4" else f"int{base.weight_bits}"
         raise ConfigError("quantize", f"the run's frozen base is already {held} (QLoRA); "
                                       "evaluate it without --quantize")
-    if quantize == "nf4":
-        quant = quant_config_for(exp, 4, granularity or NF4_BLOCK,
-                                 True if symmetric is None else symmetric, "nf4")
-    else:
-        quant = quant_config_for(exp, BITS[quantize], granularity, symmetric)
+    if quantize == "nf4":  # blocks of 64 and symmetric, whatever the run's `quant`
+        granularity = granularity or NF4_BLOCK
+        symmetric = True if symmetric is None else symmetric
+    quant = quant_config_for(exp, BITS[quantize], granularity, symmetric,
+                             "nf4" if quantize == "nf4" else "int")
     extra: dict[str, Any] = {"quant_method": "rtn" if gptq is None else "gptq"}
     calibration = None
     if gptq is not None:
