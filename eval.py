@@ -32,7 +32,9 @@ symmetry unless overridden), stored as integers plus scales, and the line adds
 `weight_bytes` (vs `float_weight_bytes`); the result goes to
 WORKDIR/eval/step_<N>_int8.json (or _int4, _int3). --quant_method=gptq quantizes the
 blocks' matrices with GPTQ, calibrated on --calibration_batches batches of the training
-split (or of --data) (result: step_<N>_int4_gptq.json); see docs/quantization.md.
+split (or of --data) (result: step_<N>_int4_gptq.json). --quantize=nf4 stores NF4 level
+indices in blocks of 64 inputs with double-quantized absmax scales (QLoRA's format; the
+line adds `bits_per_parameter`, about 4.127); see docs/quantization.md.
 """
 
 import sys
@@ -72,7 +74,8 @@ _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft propos
 _COMPARE = flags.DEFINE_bool("compare", True, "With --draft_workdir, also decode without the "
                              "draft and report the speed-up.")
 _QUANTIZE = flags.DEFINE_string("quantize", None, "int8 | int4 | int3: evaluate with real "
-                                "integer weights of this width.")
+                                "integer weights of this width; nf4: NormalFloat-4 with "
+                                "double-quantized scales (QLoRA).")
 _METHOD = flags.DEFINE_string("quant_method", "rtn", "rtn (round to nearest) | gptq "
                               "(calibrated on the training split, or on --data).")
 _CALIBRATION = flags.DEFINE_integer("calibration_batches", 32, "GPTQ: calibration batches "

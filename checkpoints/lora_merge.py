@@ -35,6 +35,7 @@ def merged_config(config: Config) -> Config:
     overrides = {"lora.rank": 0, "init.from_workdir": "", "init.step": 0}
     if base_quant(config) is not None:
         overrides["quant.weight_bits"] = 0
+        overrides["quant.weight_format"] = "int"
     return config.replace(**overrides)
 
 

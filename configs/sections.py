@@ -556,10 +556,22 @@ class Quant(Section):
     activation_bits: Literal[0, 8] = 0  # per token, dynamic range; 0 = float activations
     granularity: str = PER_CHANNEL  # per_channel | per_tensor | group size, e.g. "32"
     symmetric: bool = True
+    # int: integers on a uniform grid; nf4: indices of the 16 NormalFloat-4 levels with
+    # absmax scales that are themselves quantized to 8 bits (QLoRA); a stored format only.
+    weight_format: Literal["int", "nf4"] = "int"
 
     @model_validator(mode="after")
     def _supported(self) -> "Quant":
         g = self.granularity
+        if self.weight_format == "nf4":
+            require(self.weight_bits == 4, "weight_bits",
+                   f"nf4 is a 4-bit format (got {self.weight_bits}): set quant.weight_bits=4")
+            require(not self.activation_bits, "activation_bits",
+                   "nf4 stores weights only; activation quantization needs an int weight "
+                   "format (quant.weight_format=int, eval.py --quantize=int8|int4|int3)")
+            require(self.symmetric, "symmetric",
+                   "nf4 scales each block by its absmax and has no zero point: set "
+                   "quant.symmetric=true (eval.py: drop --noquant_symmetric)")
         if g not in (PER_CHANNEL, PER_TENSOR):
             require(g.isdigit() and int(g) > 0, "granularity",
                    f"{g!r} is not per_channel, per_tensor or a positive group size")
@@ -796,6 +808,11 @@ class Config(BaseModel):
             require(not self.quant.activation_bits, "lora.rank",
                    "LoRA trains float adapters on a frozen base; quant.activation_bits "
                    "(quantization-aware training) does not apply")
+        else:
+            require(self.quant.weight_format == "int", "quant.weight_format",
+                   "nf4 is the stored format of a QLoRA base (lora.rank > 0) or of eval.py "
+                   "--quantize=nf4; quantization-aware training fake-quantizes integers: "
+                   "set quant.weight_format=int")
         if self.profile.num_steps:
             require(self.profile.start_step <= self.train.steps, "profile.start_step",
                    f"{self.profile.start_step} is beyond steps {self.train.steps}: nothing "

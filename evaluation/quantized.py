@@ -6,7 +6,9 @@ the run's `quant` settings (granularity, symmetric, activation bits) and the req
 bit width. `evaluate_quantized` runs the validation split with those weights: they stay
 integers in device memory and are dequantized inside the jitted step, matrix by matrix
 (weight-only storage; activations are fake-quantized when `quant.activation_bits` is
-set, as in training). Norm scales stay float32.
+set, as in training). Norm scales stay float32. `nf4` stores each weight as the index
+of one of the 16 NormalFloat-4 levels, in blocks of 64 inputs (or --quant_granularity)
+with double-quantized absmax scales (`models.quant.NF4Tensor`, QLoRA's format).
 
 `method="gptq"` quantizes the blocks' matrices with GPTQ (`models/gptq.py`) instead of
 rounding to nearest, calibrated on `calibration_batches` batches of `train.batch_size`
@@ -27,23 +29,25 @@ from jaxlm.configs.sections import Quant
 from jaxlm.losses.objectives import split_objective_params
 from jaxlm.data.pipeline import TokenData
 from jaxlm.models.gptq import GptqSettings, gptq_params
-from jaxlm.models.model import abstract_model, split_params
+from jaxlm.models.model import abstract_model, count_params, split_params
 from jaxlm.models.ptq import quantize_params
-from jaxlm.models.quant import tree_bytes
+from jaxlm.models.quant import QTensor, tree_bytes
 from jaxlm.training.evaluate import evaluate
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.lora import base_quant
 from jaxlm.training.steps import make_eval_step
 
-BITS = {"int8": 8, "int4": 4, "int3": 3}
+BITS = {"int8": 8, "int4": 4, "int3": 3, "nf4": 4}
+NF4_BLOCK = "64"  # --quantize=nf4's default inputs per absmax scale (bitsandbytes' default)
 
 
 def quant_config_for(exp: Experiment, bits: int, granularity: str | None = None,
-                     symmetric: bool | None = None) -> Quant:
-    """The run's `quant` settings with `bits` weight bits (overrides optional), checked
-    against the model's matrices."""
+                     symmetric: bool | None = None, weight_format: str = "int") -> Quant:
+    """The run's `quant` settings with `bits` weight bits in `weight_format` (overrides
+    optional), checked against the model's matrices."""
     values = exp.config.quant.to_dict()
     values["weight_bits"] = bits
+    values["weight_format"] = weight_format
     if granularity:
         values["granularity"] = granularity
     if symmetric is not None:
@@ -113,13 +117,19 @@ def evaluate_quantized(exp: Experiment, params: Any, quantize: str,
                        gptq: GptqSettings | None = None, calibration_count: int = 0,
                        calibration_data: TokenData | np.ndarray | None = None
                        ) -> dict[str, Any]:
-    """Eval loss with real `int8`/`int4`/`int3` weights, and the bytes of the weights;
-    with `gptq`, quantized by GPTQ on `calibration_count` batches."""
-    if base_quant(exp.config) is not None:
-        raise ConfigError("quantize", f"the run's frozen base is already int"
-                                      f"{exp.config.quant.weight_bits} (QLoRA); evaluate it "
-                                      "without --quantize")
-    quant = quant_config_for(exp, BITS[quantize], granularity, symmetric)
+    """Eval loss with real `int8`/`int4`/`int3` or `nf4` weights, the bytes of the
+    weights and their bits per parameter; with `gptq`, quantized by GPTQ on
+    `calibration_count` batches."""
+    base = base_quant(exp.config)
+    if base is not None:
+        held = "nf4" if base.weight_format == "nf4" else f"int{base.weight_bits}"
+        raise ConfigError("quantize", f"the run's frozen base is already {held} (QLoRA); "
+                                      "evaluate it without --quantize")
+    if quantize == "nf4":  # blocks of 64 and symmetric, whatever the run's `quant`
+        granularity = granularity or NF4_BLOCK
+        symmetric = True if symmetric is None else symmetric
+    quant = quant_config_for(exp, BITS[quantize], granularity, symmetric,
+                             "nf4" if quantize == "nf4" else "int")
     extra: dict[str, Any] = {"quant_method": "rtn" if gptq is None else "gptq"}
     calibration = None
     if gptq is not None:
@@ -134,5 +144,14 @@ def evaluate_quantized(exp: Experiment, params: Any, quantize: str,
     result = evaluate(exp, qparams, eval_step=eval_step)
     return {**result, "quantize": quantize, **extra, "granularity": quant.granularity,
             "symmetric": quant.symmetric, "activation_bits": quant.activation_bits,
+            "bits_per_parameter": round(bits_per_parameter(qparams), 4),
             "weight_bytes": tree_bytes(qparams),
             "float_weight_bytes": tree_bytes(split_objective_params(params)[0])}
+
+
+def bits_per_parameter(params: Any) -> float:
+    """Storage bits per weight of the quantized matrices of `params` (integers or level
+    indices, their scales and zero points; the float norms are not counted)."""
+    matrices = [x for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QTensor))
+                if isinstance(x, QTensor)]
+    return 8 * tree_bytes(matrices) / count_params(matrices)

@@ -37,7 +37,7 @@ class EvalRequest(Section):
     draft_workdir: str | None = None
     draft_step: int | None = None
     compare: bool = True
-    quantize: Literal["int8", "int4", "int3"] | None = None
+    quantize: Literal["int8", "int4", "int3", "nf4"] | None = None
     quant_granularity: str | None = None
     quant_symmetric: bool | None = None
     generation_set: str | None = None  # JSON lines of prompts and references: BLEU/chrF/ROUGE
@@ -64,6 +64,9 @@ class EvalRequest(Section):
                "(with --quant_method=gptq, --data is the calibration set)")
         require(self.quant_method == "rtn" or bool(self.quantize), "quant_method",
                "quantizes weights: add --quantize=int8|int4|int3")
+        require(not (self.quantize == "nf4" and self.quant_method == "gptq"), "quant_method",
+               "gptq gives integers on a uniform grid; nf4 is rounded to its levels: drop "
+               "--quant_method=gptq, or use --quantize=int8|int4|int3")
         require(0 < self.gptq_damp < 1, "gptq_damp",
                f"{self.gptq_damp} is not in (0, 1): it is a fraction of the mean of diag(H)")
         require(not (self.sample and suite), "sample",

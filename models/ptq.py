@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlm.configs.sections import Quant
 from jaxlm.models.layers import Linear, subtree, weight_matrices
-from jaxlm.models.quant import QTensor, quantize_matrix
+from jaxlm.models.quant import NF4Tensor, QTensor, quantize_matrix
 
 
 def quantize_params(model: nnx.Module, params: dict[str, Any], cfg: Quant
@@ -42,7 +42,8 @@ def quantized_axes(model: nnx.Module, axes: dict[str, Any], cfg: Quant) -> dict[
 
     A quantized matrix is [I, O] (int4: [I/2, O]): its integers take the first input and
     the first output axis name of the kernel, its scales (and zero points) [groups, O] the
-    output axis name (none per tensor); a stacked `layers` axis stays first."""
+    output axis name (none per tensor); NF4's second-level scales and offset are small and
+    replicated; a stacked `layers` axis stays first."""
     out = jax.tree.map(lambda x: x, axes, is_leaf=lambda x: isinstance(x, P))
     for path, module, name, _ in weight_matrices(model):
         in_ndim = module.in_ndim if isinstance(module, Linear) else None
@@ -56,6 +57,11 @@ def quantized_axes(model: nnx.Module, axes: dict[str, Any], cfg: Quant) -> dict[
             i_axis, o_axis = dims[0], dims[in_ndim]
             shape = module.kernel.get_value().shape[len(lead):]
         scale = P(*lead, None, None if cfg.group_size == -1 else o_axis)
+        if cfg.weight_format == "nf4":
+            node[name] = NF4Tensor(qvalue=P(*lead, i_axis, o_axis), scale=scale, zero=None,
+                                   bits=4, shape=tuple(shape), scale_scale=P(*lead, None),
+                                   scale_offset=P(*lead))
+            continue
         node[name] = QTensor(qvalue=P(*lead, i_axis, o_axis), scale=scale,
                              zero=None if cfg.symmetric else scale, bits=cfg.weight_bits,
                              shape=tuple(shape))

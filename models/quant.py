@@ -12,6 +12,10 @@ Asymmetric: q = clip(round(x / s) + z, -2^(b-1), 2^(b-1) - 1) with the range [mi
 (widened to contain 0, so the integer zero point z fits in b bits) mapped onto the grid.
 Either way |x - dequant(quant(x))| <= s / 2 for every x inside the range.
 
+NF4 (`weight_format="nf4"`, QLoRA's NormalFloat-4): each group's values divided by their
+absmax are rounded to the nearest of 16 fixed levels, and the absmax values are
+themselves quantized to int8 in blocks of 256 around their mean (double quantization).
+
 Modules opt in by declaring a class attribute `quant = None` and calling
 `linear_operands` / `embedding_table`; `set_quant` sets it on every such module. This is
 a leaf module: it imports nothing from `models/` (`models/ptq.py` quantizes a model's
@@ -149,7 +153,9 @@ def unpack_int4(p: jax.Array) -> jax.Array:
 
 def quantize_matrix(w_IxO: jax.Array, cfg: Quant, shape: tuple[int, ...] | None = None
                     ) -> QTensor:
-    """Round a float [I, O] matrix to integers plus scales."""
+    """Round a float [I, O] matrix to integers plus scales (NF4 with `weight_format=nf4`)."""
+    if cfg.weight_format == "nf4":
+        return quantize_nf4(w_IxO, cfg, shape)
     bits = cfg.weight_bits
     w = _groups(w_IxO.astype(jnp.float32), cfg.group_size)
     scale, zero = qparams(w, _weight_axes(cfg), bits, cfg.symmetric)
@@ -161,6 +167,92 @@ def quantize_matrix(w_IxO: jax.Array, cfg: Quant, shape: tuple[int, ...] | None 
     zero = None if cfg.symmetric else zero.reshape(g_axis, -1).astype(jnp.int8)
     return QTensor(qvalue=pack_int4(q) if bits <= 4 else q, scale=scale, zero=zero, bits=bits,
                    shape=tuple(shape or w_IxO.shape))
+
+
+# ----------------------------------------------------------------------------------------
+# NormalFloat-4 with double quantization (Dettmers et al. 2023, QLoRA).
+
+# The 16 NF4 levels: bitsandbytes' `get_4bit_type("nf4")` (bitsandbytes/functional.py),
+# the table of the QLoRA paper's appendix E; normal quantiles scaled into [-1, 1], with an
+# exact zero.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+NF4_SCALE_BLOCK = 256  # absmax values per second-level (float32) scale
+
+
+@struct.dataclass
+class NF4Tensor(QTensor):
+    """A weight matrix as NF4 level indices plus double-quantized absmax scales.
+
+    qvalue:       uint8 [..., I/2, O]: level index - 8, a nibble per value (`pack_int4`).
+    scale:        int8 [..., groups, O]: (absmax - scale_offset) / scale_scale, rounded;
+                  the absmax values are taken in blocks of NF4_SCALE_BLOCK of their
+                  row-major flattening (the last block may be short).
+    scale_scale:  float32 [..., blocks]: each block's max |absmax - scale_offset| / 127.
+    scale_offset: float32 [...]: the mean of the matrix's absmax values.
+    zero is None; bits is 4.
+    """
+    scale_scale: jax.Array
+    scale_offset: jax.Array
+
+    def absmax(self) -> jax.Array:
+        """The dequantized absmax scales, float32 [..., groups, O]."""
+        lead, (g, o) = self.scale.shape[:-2], self.scale.shape[-2:]
+        n, blocks = g * o, self.scale_scale.shape[-1]
+        flat = self.scale.reshape(*lead, n).astype(jnp.float32)
+        flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, blocks * NF4_SCALE_BLOCK - n)])
+        flat = flat.reshape(*lead, blocks, NF4_SCALE_BLOCK) * self.scale_scale[..., None]
+        flat = flat + self.scale_offset[..., None, None]
+        return flat.reshape(*lead, -1)[..., :n].reshape(*lead, g, o)
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        """The [I, O] float matrix: each value's level times its block's absmax."""
+        idx = unpack_int4(self.qvalue).astype(jnp.int32) + 8
+        levels = jnp.asarray(NF4_LEVELS, jnp.float32)[idx]
+        lead, (i, o) = levels.shape[:-2], levels.shape[-2:]
+        absmax = self.absmax()
+        g = absmax.shape[-2]
+        w = levels.reshape(*lead, g, i // g, o) * absmax[..., None, :]
+        return w.reshape(*lead, i, o).astype(dtype)
+
+
+def nf4_codes(x: jax.Array) -> jax.Array:
+    """Indices (int32) of the nearest NF4 level of each x in [-1, 1]; a value halfway
+    between two levels takes the lower one (bitsandbytes' comparisons: `x > midpoint`)."""
+    levels = jnp.asarray(NF4_LEVELS, jnp.float32)
+    return jnp.searchsorted((levels[1:] + levels[:-1]) / 2, x, side="left").astype(jnp.int32)
+
+
+def double_quantize(absmax_GxO: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(int8 codes like absmax, float32 block scales, float32 offset): the absmax values
+    minus their mean, quantized symmetrically to 8 bits in blocks of NF4_SCALE_BLOCK."""
+    n = absmax_GxO.size
+    blocks = -(-n // NF4_SCALE_BLOCK)
+    offset = jnp.mean(absmax_GxO)
+    flat = jnp.pad(absmax_GxO.reshape(-1) - offset, (0, blocks * NF4_SCALE_BLOCK - n))
+    flat = flat.reshape(blocks, NF4_SCALE_BLOCK)
+    scale = jnp.max(jnp.abs(flat), axis=1) / 127
+    scale = jnp.where(scale > 0, scale, 1.0)  # a constant block: the offset is exact
+    codes = jnp.clip(jnp.round(flat / scale[:, None]), -127, 127).astype(jnp.int8)
+    return codes.reshape(-1)[:n].reshape(absmax_GxO.shape), scale, offset
+
+
+def quantize_nf4(w_IxO: jax.Array, cfg: Quant, shape: tuple[int, ...] | None = None
+                 ) -> NF4Tensor:
+    """A float [I, O] matrix as NF4: each group's values divided by their absmax and
+    rounded to the nearest level; the absmax values double-quantized."""
+    w = _groups(w_IxO.astype(jnp.float32), cfg.group_size)
+    absmax = jnp.max(jnp.abs(w), axis=_weight_axes(cfg), keepdims=True)
+    safe = jnp.where(absmax > 0, absmax, 1.0)  # an all-zero group: level 0.0 is exact
+    q = (nf4_codes(w / safe) - 8).astype(jnp.int8).reshape(w_IxO.shape)
+    g_axis = absmax.shape[0] if cfg.group_size != -1 else 1
+    codes, scale_scale, offset = double_quantize(absmax.reshape(g_axis, -1))
+    return NF4Tensor(qvalue=pack_int4(q), scale=codes, zero=None, bits=4,
+                     shape=tuple(shape or w_IxO.shape), scale_scale=scale_scale,
+                     scale_offset=offset)
 
 
 # ----------------------------------------------------------------------------------------
