@@ -106,6 +106,16 @@ def _cli(workdir: Path, *extra: str) -> list[str]:
             "--config.eval_every=20", "--config.keep_checkpoints=5", *extra]
 
 
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory) -> list[dict]:
+    """The records of an uninterrupted `_cli` run (one per module: the run is
+    deterministic)."""
+    workdir = tmp_path_factory.mktemp("cli_reference") / "ref"
+    ref = run_cli(_cli(workdir))
+    assert ref.returncode == 0, ref.stderr
+    return records(workdir)
+
+
 _KILL_DURING_SAVE = """
 import os, signal, sys
 sys.argv = sys.argv[1:]
@@ -147,9 +157,7 @@ runpy.run_path("train.py", run_name="__main__")
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["before_first_checkpoint", "during_save", "after_save",
                                    "second_ctrl_c_during_save"])
-def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, tmp_path):
-    ref = run_cli(_cli(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, cli_reference, tmp_path):
     run = tmp_path / "run"
     if point == "second_ctrl_c_during_save":  # exits at once, like a kill, but says so
         res = run_cli(["-c", _CTRL_C_TWICE, *_cli(run)])
@@ -178,7 +186,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, tmp_path):
             assert steps_on_disk(run) == []
     res = run_cli(_cli(run))
     assert res.returncode == 0, res.stderr
-    assert records(run) == records(tmp_path / "ref")
+    assert records(run) == cli_reference
 
 
 def _stopped_at(config, workdir: Path, step: int, monkeypatch) -> None:
