@@ -346,7 +346,8 @@ def test_eval_results_are_strict_json():
     ({"sampling": {"top_k": -1}}, "top_k: must be >= 0, got -1"),
     ({"sampling": {"temperature": -0.5}}, "temperature: must be >= 0, got -0.5"),
     ({"generate": {"length": -5}}, "length: must be a positive integer, got -5"),
-    ({"quantize": "int2"}, "quantize: unknown value 'int2'; choose one of ['int8', 'int4', 'int3']"),
+    ({"quantize": "int2"},
+     "quantize: unknown value 'int2'; choose one of ['int8', 'int4', 'int3', 'nf4']"),
 ])
 def test_bad_sampling_flags_are_refused(flags, message):
     with pytest.raises(ConfigError) as err:
