@@ -24,8 +24,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.data.readers import BadLine, json_line
-from jaxlm.data.sft import DEFAULT_END_TEXT, BadRecord, ChatTemplate, Example, make_example
+from jaxlm.data.sft import (DEFAULT_END_TEXT, BadRecord, ChatTemplate, Example, json_object,
+                            make_example)
 from jaxlm.data.tokenizers import Tokenizer
 
 SIDES = ("chosen", "rejected")
@@ -39,12 +39,7 @@ REASONS = {
 def parse_preference(line: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     """A JSON line -> (chosen SFT record, rejected SFT record, the pair's split key);
     raises BadRecord."""
-    try:
-        record = json_line(line)
-    except BadLine as e:
-        raise BadRecord(e.reason, e.detail) from None
-    if not isinstance(record, dict):
-        raise BadRecord("not_an_object", f"a JSON {type(record).__name__}, not an object")
+    record = json_object(line)
     if "messages" in record and "prompt" in record:
         raise BadRecord("ambiguous_fields", "both 'messages' and 'prompt'")
     prompt = record.get("prompt", record.get("messages"))

@@ -470,14 +470,20 @@ def saved_template(meta: dict[str, Any], where: Path) -> ChatTemplate | None:
 
 # Records.
 
-def parse_record(line: bytes) -> dict[str, Any]:
-    """A JSON line -> {"prompt", "completion"} or {"messages"}; raises BadRecord."""
+def json_object(line: bytes) -> dict[str, Any]:
+    """A JSON line that holds an object; raises BadRecord."""
     try:
         record = json_line(line)
     except BadLine as e:
         raise BadRecord(e.reason, e.detail) from None
     if not isinstance(record, dict):
         raise BadRecord("not_an_object", f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def parse_record(line: bytes) -> dict[str, Any]:
+    """A JSON line -> {"prompt", "completion"} or {"messages"}; raises BadRecord."""
+    record = json_object(line)
     has_pc = "prompt" in record or "completion" in record
     if "messages" in record:
         if has_pc:
