@@ -18,6 +18,11 @@
       --lm_eval_include=DIR --num_fewshot=N --limit=N             # lm-evaluation-harness
   python eval.py --workdir=runs/shakespeare_char --quantize=int4 --quant_method=gptq \
       --quant_granularity=64 --calibration_batches=32              # GPTQ int4, groups of 64
+  python eval.py --workdir=runs/rm --noeval --score_rewards=pairs.jsonl \
+      [--output=scores.jsonl]                                     # a reward model's scores
+  python eval.py --workdir=runs/shakespeare_char --prune=0.5 --prune_pattern=2:4  # 2:4 sparse
+  python eval.py --workdir=runs/shakespeare_char --quantize=int4 --quant_method=gptq \
+      --save=runs/shakespeare_char_int4                            # ... written as a run
 
 Prints one JSON line with step, eval_loss, perplexity, num_tokens and bits_per_byte (the
 summed loss in bits over the UTF-8 bytes of the evaluated targets, comparable across
@@ -35,6 +40,15 @@ blocks' matrices with GPTQ, calibrated on --calibration_batches batches of the t
 split (or of --data) (result: step_<N>_int4_gptq.json). --quantize=nf4 stores NF4 level
 indices in blocks of 64 inputs with double-quantized absmax scales (QLoRA's format; the
 line adds `bits_per_parameter`, about 4.127); see docs/quantization.md.
+--score_rewards scores a JSON-lines file of {prompt, response} records (or chat
+`messages`, or {prompt, chosen, rejected} pairs: pair accuracy and mean margin) with a
+reward model run (loss.weights.reward) and writes one line per record to --output; see
+docs/alignment.md. --prune=S [--prune_pattern=2:4] [--prune_scope=global] prunes the
+linear weights once by magnitude and evaluates them; the line adds the sparsity, bytes and
+a row per matrix (also printed as a table on stderr); the result goes to
+step_<N>_prune_<S>_<pattern>.json; see docs/pruning.md. --save=NEW_RUN (with --quantize)
+writes the quantized weights as a new run that eval.py, --draft_workdir, init.from_workdir
+with lora.rank (QLoRA) and convert.py --to_hf read; see docs/quantization.md.
 """
 
 import sys
@@ -84,11 +98,20 @@ _DAMP = flags.DEFINE_float("gptq_damp", 0.01, "GPTQ: dampening, a fraction of th
                            "Hessian diagonal.")
 _ACT_ORDER = flags.DEFINE_bool("gptq_act_order", False, "GPTQ: quantize inputs by "
                                "decreasing Hessian diagonal.")
+_SAVE = flags.DEFINE_string("save", None, "With --quantize: write the quantized weights as "
+                            "a new run in this directory (evaluate it, draft with it, "
+                            "LoRA-tune it, export it; docs/quantization.md).")
 _GRANULARITY = flags.DEFINE_string("quant_granularity", None,
                                    "per_channel | per_tensor | a group size (default: the "
                                    "run's quant.granularity).")
 _SYMMETRIC = flags.DEFINE_bool("quant_symmetric", None,
                                "Symmetric integers (default: the run's quant.symmetric).")
+_PRUNE = flags.DEFINE_float("prune", None, "One-shot magnitude pruning to this sparsity "
+                            "in [0, 1) of the linear weights, then evaluate.")
+_PRUNE_PATTERN = flags.DEFINE_string("prune_pattern", "unstructured", "unstructured | N:M "
+                                     "(e.g. 2:4, with --prune=0.5).")
+_PRUNE_SCOPE = flags.DEFINE_string("prune_scope", "layer", "layer | global: unstructured "
+                                   "sparsity per matrix or over all of them.")
 _GENERATION_SET = flags.DEFINE_string("generation_set", None, "A JSON-lines file of prompts "
                                       "and references: generate, then score BLEU, chrF and "
                                       "ROUGE; writes eval/generation/<name>_step_<N>.json.")
@@ -109,6 +132,11 @@ _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "lm-eval few-shot examp
 _LIMIT = flags.DEFINE_float("limit", None, "lm-eval examples per task (< 1: a fraction).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap_iters", 100000, "lm-eval stderr resamples "
                                   "(0 = none).")
+_SCORE_REWARDS = flags.DEFINE_string("score_rewards", None, "A JSON-lines file of "
+                                     "{prompt, response} (or preference) records: score "
+                                     "them with the run's reward head.")
+_OUTPUT = flags.DEFINE_string("output", None, "--score_rewards' scores file (default: "
+                              "eval/rewards/<name>_step_<N>.jsonl).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Use N fake CPU devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs.")
@@ -141,7 +169,10 @@ def main(argv: list[str]) -> None:
             num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value,
             bootstrap_iters=_BOOTSTRAP.value,
             quant_method=_METHOD.value, calibration_batches=_CALIBRATION.value,
-            gptq_damp=_DAMP.value, gptq_act_order=_ACT_ORDER.value))
+            gptq_damp=_DAMP.value, gptq_act_order=_ACT_ORDER.value,
+            score_rewards=_SCORE_REWARDS.value, output=_OUTPUT.value,
+            prune=_PRUNE.value, prune_pattern=_PRUNE_PATTERN.value,
+            prune_scope=_PRUNE_SCOPE.value, save=_SAVE.value))
         initialize(**Launch.parse(dict(
             cpu_devices=_CPU_DEVICES.value, coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)).to_dict())

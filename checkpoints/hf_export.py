@@ -112,10 +112,14 @@ def _token_ids(origin: Path | None, tok: Tokenizer) -> dict[str, Any]:
 def restore_run_params(workdir: Path, step: int | None, devices: list[jax.Device]
                        ) -> tuple[Any, ModelConfig, Any, int]:
     """(the run's Config, ModelConfig, parameters on one device, step); a LoRA run's
-    adapters merged into its base (and the config of the merged model)."""
+    adapters merged into its base, a quantized run's weights dequantized (and the config
+    of that float model)."""
     config = rundir.load_config(workdir)
     architecture_for(config.model)  # refuse before reading anything
-    if config.lora.rank:
+    if config.quant.ptq and config.quant.activation_bits:
+        raise ConfigError("quant", "the quantized run also quantizes activations, which no "
+                                   "Hugging Face architecture here does")
+    if config.lora.rank or config.quant.ptq:
         exp, state, step = restore_run(workdir, step, devices[:1])
         config, params = merge_lora(exp, state.params)
         return config, dataclasses.replace(exp.model_cfg, lora=None, quant=None), params, step

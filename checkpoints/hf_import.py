@@ -33,7 +33,7 @@ from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.state import make_state_fn
 
-HF_DIR = "hf"  # inside a run directory: the files the model came with
+HF_DIR = rundir.HF_DIR
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
             "added_tokens.json")

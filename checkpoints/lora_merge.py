@@ -36,11 +36,13 @@ def merged_config(config: Config) -> Config:
     if base_quant(config) is not None:
         overrides["quant.weight_bits"] = 0
         overrides["quant.weight_format"] = "int"
+        overrides["quant.ptq"] = False
     return config.replace(**overrides)
 
 
 def merge_lora(exp: Experiment, params: Any) -> tuple[Config, Any]:
-    """(merged config, merged model parameters) of a LoRA run's restored parameters."""
+    """(merged config, merged model parameters) of a LoRA run's restored parameters (of a
+    quantized run's: its weights dequantized)."""
     model = abstract_model(exp.model_cfg)
     model_params, _ = split_objective_params(params)
     merged = jax.jit(lambda p: merge_adapters(model, p))(model_params)

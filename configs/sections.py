@@ -517,6 +517,13 @@ class Dpo(Section):
         return self.loss_type != "simpo"
 
 
+class RewardModel(Section):
+    """A reward model's Bradley-Terry loss (loss.weights.reward, docs/alignment.md)."""
+    # Adds c * (r_chosen + r_rejected)^2 per pair, keeping rewards centred on 0 (TRL's
+    # RewardConfig.center_rewards_coefficient); 0 = off.
+    center_coefficient: NonNegativeFloat = 0.0
+
+
 class Loss(Section):
     """The objective: a weighted sum of registered terms."""
     KEY: ClassVar[str] = "loss"
@@ -524,6 +531,7 @@ class Loss(Section):
     distill: Distill = Distill()
     feature: Feature = Feature()
     dpo: Dpo = Dpo()
+    reward: RewardModel = RewardModel()
 
     @property
     def needs_teacher(self) -> bool:
@@ -552,6 +560,9 @@ class Quant(Section):
     """Integer quantization: fake-quantized weights (and activations) in training with a
     straight-through estimator (QAT); real integers for evaluation (PTQ). 0 bits = float."""
     KEY: ClassVar[str] = "quant"
+    # The keys that say how stored integer weights read back (a QLoRA base, a quantized run).
+    FORMAT_KEYS: ClassVar[tuple[str, ...]] = ("weight_bits", "weight_format", "granularity",
+                                              "symmetric")
     weight_bits: Literal[0, 3, 4, 8] = 0  # 0 = float weights; 3 and 4 bits are stored in nibbles
     activation_bits: Literal[0, 8] = 0  # per token, dynamic range; 0 = float activations
     granularity: str = PER_CHANNEL  # per_channel | per_tensor | group size, e.g. "32"
@@ -559,10 +570,17 @@ class Quant(Section):
     # int: integers on a uniform grid; nf4: indices of the 16 NormalFloat-4 levels with
     # absmax scales that are themselves quantized to 8 bits (QLoRA); a stored format only.
     weight_format: Literal["int", "nf4"] = "int"
+    # A quantized run (written by eval.py --quantize --save): its checkpoint holds these
+    # weights as integers (or NF4 indices) plus scales; they are evaluated, drafted and
+    # LoRA-tuned as stored, and never trained.
+    ptq: bool = False
 
     @model_validator(mode="after")
     def _supported(self) -> "Quant":
         g = self.granularity
+        require(not self.ptq or bool(self.weight_bits), "ptq",
+               "marks a run whose weights are stored quantized; it needs quant.weight_bits "
+               "(a quantized run is written by eval.py --quantize=... --save=NEW_RUN)")
         if self.weight_format == "nf4":
             require(self.weight_bits == 4, "weight_bits",
                    f"nf4 is a 4-bit format (got {self.weight_bits}): set quant.weight_bits=4")
@@ -650,6 +668,93 @@ class Lora(Section):
                f"'gate' is not in this model: model.mlp={model.mlp!r} has no gate projection")
 
 
+def parse_pattern(text: str) -> tuple[int, int] | None:
+    """`unstructured` -> None; `N:M` -> (N, M) with 0 < N < M; ConfigError otherwise."""
+    if text == "unstructured":
+        return None
+    n, sep, m = text.partition(":")
+    require(bool(sep) and n.isdigit() and m.isdigit(), "",
+           f"{text!r} is not unstructured or N:M (e.g. 2:4)")
+    require(0 < int(n) < int(m), "", f"{text}: N:M keeps N of every M inputs and needs "
+                                    f"0 < N < M")
+    return int(n), int(m)
+
+
+class Prune(Section):
+    """Magnitude pruning of the Transformer's linear weights (attention q, k, v, o, the MLP,
+    MoE experts; not embeddings, norms or biases; the untied output head with
+    include_head). Masks are part of the train state: a pruned weight stays exactly zero
+    through every update and resume. Pruning at step t happens before update t + 1, on
+    the parameters after t updates. See docs/pruning.md."""
+    KEY: ClassVar[str] = "prune"
+    sparsity: UnitInterval = 0.0  # final fraction of zeros, in [0, 1); 0 = off
+    # unstructured: the smallest |w| of each matrix (scope=layer) or of all of them
+    # (scope=global); N:M: of every M consecutive inputs of an output, the N largest stay
+    # (sparsity must be 1 - N/M).
+    pattern: str = "unstructured"
+    scope: Literal["layer", "global"] = "layer"
+    # oneshot: prune once at start_step; cubic: Zhu & Gupta 2017, every `every` steps from
+    # start_step to end_step, s_t = s + (s_i - s)(1 - (t - start_step) / (end_step -
+    # start_step))^3.
+    schedule: Literal["oneshot", "cubic"] = "oneshot"
+    initial_sparsity: UnitInterval = 0.0  # cubic: s_i, at most sparsity
+    start_step: NonNegativeInt = 0
+    end_step: NonNegativeInt = 0  # cubic: the last pruning step, after start_step
+    every: PositiveInt = 100  # cubic: steps between pruning steps
+    include_head: bool = False  # also prune an untied lm_head
+
+    @field_validator("pattern")
+    @classmethod
+    def _known_pattern(cls, value: str) -> str:
+        parse_pattern(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Prune":
+        nm = self.nm
+        if nm is not None and self.enabled:
+            require(abs(self.sparsity - (1 - nm[0] / nm[1])) < 1e-6, "sparsity",
+                   f"{self.pattern} sets {1 - nm[0] / nm[1]:g} of each matrix to zero: set the "
+                   f"sparsity to {1 - nm[0] / nm[1]:g}")
+            require(self.scope == "layer", "scope",
+                   f"{self.pattern} keeps N of every M inputs inside each matrix: global "
+                   "is for unstructured pruning; set the scope to layer")
+            require(self.schedule == "oneshot", "schedule",
+                   f"{self.pattern} has the one sparsity 1 - N/M; a cubic schedule ramps "
+                   "unstructured sparsity: set prune.schedule=oneshot")
+        if self.schedule == "cubic" and self.enabled:
+            require(self.end_step > self.start_step, "end_step",
+                   f"{self.end_step} must be after start_step {self.start_step}")
+            require(self.initial_sparsity <= self.sparsity, "initial_sparsity",
+                   f"{self.initial_sparsity} is above the final sparsity {self.sparsity}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.sparsity > 0
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern; None for unstructured."""
+        return parse_pattern(self.pattern)
+
+    def check_model(self, model: "Model", expert_d_ff: int, key: str = "prune.pattern"
+                    ) -> None:
+        """M must divide the input features of every pruned matrix (`key`: the key or
+        flag an error names)."""
+        nm = self.nm
+        if not self.enabled or nm is None:
+            return
+        inputs = {"attn.q/k/v, mlp.gate/up": model.d_model,
+                  "attn.o": model.num_heads * model.resolved_head_dim, "mlp.down": model.d_ff}
+        if model.moe.num_experts:
+            inputs["experts' down"] = expert_d_ff
+        for name, size in inputs.items():
+            require(size % nm[1] == 0, key,
+                   f"{self.pattern} groups {nm[1]} inputs, which does not divide the {size} "
+                   f"input features of {name}")
+
+
 class Data(Section):
     """The corpus, its tokenizer, and how training rows are cut from it (docs/data.md)."""
     KEY: ClassVar[str] = "data"
@@ -701,6 +806,55 @@ class Sampling(Section):
                                              f"model's context of {context} tokens (seq_len)")
 
 
+class Grpo(Section):
+    """Online RL with verifiable rewards: GRPO on prompts sampled by the policy itself
+    (docs/alignment.md#grpo). Each step samples `group_size` completions of
+    batch_size / group_size prompts: train.batch_size is the completions per step."""
+    KEY: ClassVar[str] = "grpo"
+    prompts: str = ""  # JSON lines {"prompt", "answer"}; "" = no GRPO
+    group_size: Annotated[int, Field(ge=2)] = 4  # completions per prompt (G)
+    max_new_tokens: PositiveInt = 8  # completion length limit (END stops one earlier)
+    temperature: PositiveFloat = 1.0  # sampling, and the log-probabilities of the loss
+    top_k: NonNegativeInt = 0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.2  # ratio clip: [1 - eps, 1 + eps]
+    beta: NonNegativeFloat = 0.04  # k3 KL penalty to the reference; 0 = no reference
+    # "NAME[:WEIGHT],...": reward functions of training/rewards.py, summed with weights.
+    rewards: str = "exact_match"
+
+    @field_validator("rewards")
+    @classmethod
+    def _reward_syntax(cls, text: str) -> str:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        require(bool(items), "", "name at least one reward function, e.g. exact_match")
+        for item in items:
+            name, _, weight = item.partition(":")
+            ok = bool(name.strip()) and (not weight or _is_float(weight))
+            require(ok, "", f"{item!r} is not NAME or NAME:WEIGHT")
+        return text
+
+    @property
+    def reward_weights(self) -> dict[str, float]:
+        """{reward function name: weight}, in the order given."""
+        out = {}
+        for item in filter(None, (s.strip() for s in self.rewards.split(","))):
+            name, _, weight = item.partition(":")
+            out[name.strip()] = float(weight) if weight else 1.0
+        return out
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------------------
 # The whole config.
 
@@ -708,7 +862,7 @@ SECTIONS: dict[str, type[Section]] = {
     "train": Train, "updates": Updates, "intervals": Intervals, "pipeline": Pipeline,
     "mesh": Mesh, "sharding": Sharding, "model": Model, "loss": Loss, "quant": Quant,
     "data": Data, "init": Init, "optimizer": Optimizer, "log": Log, "profile": Profile,
-    "lora": Lora,
+    "lora": Lora, "prune": Prune, "grpo": Grpo,
 }
 
 
@@ -752,6 +906,8 @@ class Config(BaseModel):
     log: Log = Log()
     profile: Profile = Profile()
     lora: Lora = Lora()
+    prune: Prune = Prune()
+    grpo: Grpo = Grpo()
 
     @classmethod
     def from_dict(cls, config: Any) -> "Config":
@@ -802,14 +958,19 @@ class Config(BaseModel):
                f"{self.train.steps}")
         self.quant.check_divides(self.model)
         self.lora.check_model(self.model)
+        self._check_prune()
         if self.lora.rank:
             require(self.mesh.pipeline == 1, "lora.rank",
                    "LoRA is not supported with pipeline parallelism (mesh.pipeline > 1)")
             require(not self.quant.activation_bits, "lora.rank",
                    "LoRA trains float adapters on a frozen base; quant.activation_bits "
                    "(quantization-aware training) does not apply")
+            require(not self.quant.ptq, "quant.ptq",
+                   "marks a quantized run written by eval.py --save; a LoRA run takes such a "
+                   "run's integers as its frozen base through init.from_workdir: drop "
+                   "quant.ptq")
         else:
-            require(self.quant.weight_format == "int", "quant.weight_format",
+            require(self.quant.weight_format == "int" or self.quant.ptq, "quant.weight_format",
                    "nf4 is the stored format of a QLoRA base (lora.rank > 0) or of eval.py "
                    "--quantize=nf4; quantization-aware training fake-quantizes integers: "
                    "set quant.weight_format=int")
@@ -828,14 +989,34 @@ class Config(BaseModel):
         weights = list(self.loss.weights.to_dict().values())
         if moe.num_experts:
             weights += [moe.load_balance_weight, moe.z_loss_weight]
-        require(any(w > 0 for w in weights), "loss.weights",
+        require(any(w > 0 for w in weights) or bool(self.grpo.prompts), "loss.weights",
                "every term has weight 0: nothing to optimize")
         self._check_pairs()
+        self._check_grpo()
         if moe.num_experts and moe.group_size:
             g, length = moe.group_size, self.train.seq_len
             require(length % g == 0 or g % length == 0, "model.moe.group_size",
                    f"{g} tokens neither divide seq_len {length} nor are a multiple of it")
         return self
+
+    def _check_prune(self) -> None:
+        """Pruning fits the model and the run: its steps happen, and LoRA's merged
+        weights would not keep the zeros."""
+        prune = self.prune
+        if not prune.enabled:
+            return
+        moe = self.model.moe
+        prune.check_model(self.model, moe.d_ff or self.model.d_ff)
+        require(not self.lora.rank, "prune.sparsity",
+               "prunes the trained weights; with lora.rank > 0 they are a frozen base and "
+               "the merged adapters are dense: prune without LoRA")
+        require(prune.start_step < self.train.steps, "prune.start_step",
+               f"{prune.start_step} is not before steps {self.train.steps}: nothing would "
+               "be pruned")
+        if prune.schedule == "cubic":
+            require(prune.end_step < self.train.steps, "prune.end_step",
+                   f"{prune.end_step} is not before steps {self.train.steps}: the final "
+                   "sparsity would not be reached")
 
     def _check_pairs(self) -> None:
         """A preference run: whole pairs in every micro-batch and a reference to compare
@@ -853,6 +1034,24 @@ class Config(BaseModel):
             require(bool(dpo.reference_workdir or self.init.from_workdir),
                    "loss.dpo.reference_workdir", f"loss_type={dpo.loss_type!r} compares with a "
                    "frozen reference run: set it, or init.from_workdir (its default)")
+
+    def _check_grpo(self) -> None:
+        """A GRPO run: whole groups per step, its loss alone, a reference for the KL."""
+        g = self.grpo
+        if not g.prompts:
+            return
+        require(self.train.batch_size % g.group_size == 0, "grpo.group_size",
+               f"{g.group_size} completions per prompt do not divide batch_size "
+               f"{self.train.batch_size} (the completions sampled per step)")
+        for name, weight in self.loss.weights.to_dict().items():
+            require(weight == 0, f"loss.weights.{name}",
+                   f"grpo.prompts trains on GRPO's policy-gradient loss alone; set "
+                   f"--config.loss.weights.{name}=0")
+        if g.beta > 0 and not self.lora.rank:
+            require(bool(self.loss.dpo.reference_workdir or self.init.from_workdir),
+                   "grpo.beta", "the KL penalty compares with a frozen reference run: set "
+                   "init.from_workdir (the default reference) or loss.dpo.reference_workdir, "
+                   "or grpo.beta=0")
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted ConfigDict keys overridden, validated again."""

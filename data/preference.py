@@ -16,6 +16,10 @@ is the chosen example of pair i, 2i+1 its rejected one, in the same split.
 Training reads it as rows of pairs (`pair_rows`): every example alone in a row, padded,
 row 2i chosen and 2i+1 rejected, pairs shuffled per epoch, the layout the preference
 objective (losses/preference.py) takes.
+
+A record that a reward model scores (`make_scored`, for `eval.py --score_rewards`) is a
+preference record, or one response: {prompt, response} with the same forms of prompt and
+response, or {messages} whose assistant turns are the response.
 """
 
 import json
@@ -29,6 +33,7 @@ from jaxlm.data.sft import (DEFAULT_END_TEXT, BadRecord, ChatTemplate, Example, 
 from jaxlm.data.tokenizers import Tokenizer
 
 SIDES = ("chosen", "rejected")
+RESPONSE_FIELDS = ("response", "completion")  # a record to score: its response
 REASONS = {
     "missing_field": "no 'prompt' (or 'messages'), 'chosen' and 'rejected'",
     "identical_responses": "'chosen' and 'rejected' are the same",
@@ -73,6 +78,31 @@ def _side(prompt: Any, response: Any, name: str) -> dict[str, Any]:
         {"messages": prompt}  # not a list: data/sft.py refuses it as bad_messages
 
 
+def make_scored(line: bytes, tok: Tokenizer, template: ChatTemplate | None, *,
+                seq_len: int | None, end_text: str = DEFAULT_END_TEXT) -> list[Example]:
+    """A record to score with a reward model -> its SFT examples: [chosen, rejected] for
+    a preference record (`make_pair`), else [prompt + response]: {prompt, response} (or
+    `completion`), {messages, response}, or {messages} alone (its assistant turns are the
+    response). Raises BadRecord."""
+    record = json_object(line)
+    if any(s in record for s in SIDES):
+        return make_pair(line, tok, template, seq_len=seq_len, end_text=end_text)
+    if "messages" in record and "prompt" in record:
+        raise BadRecord("ambiguous_fields", "both 'messages' and 'prompt'")
+    fields = [f for f in RESPONSE_FIELDS if f in record]
+    if len(fields) > 1:
+        raise BadRecord("ambiguous_fields", "both 'response' and 'completion'")
+    prompt = record.get("prompt", record.get("messages"))
+    if fields and prompt is not None:
+        record = _side(prompt, record[fields[0]], fields[0])
+    elif fields or "messages" not in record:
+        raise BadRecord("missing_field", "no 'prompt' (or 'messages') and 'response', nor "
+                                         "'chosen' and 'rejected' (has: "
+                                         f"{', '.join(record) or 'nothing'})")
+    return [make_example(json.dumps(record).encode("utf-8"), tok, template, seq_len=seq_len,
+                         end_text=end_text)]
+
+
 def make_pair(line: bytes, tok: Tokenizer, template: ChatTemplate | None, *,
               seq_len: int | None, truncate: bool = False,
               end_text: str = DEFAULT_END_TEXT) -> list[Example]:
@@ -109,22 +139,30 @@ class _ReadPairs(grain.transforms.Map):
         # A last, short batch is padded with empty rows (-1): pairs without tokens count
         # for nothing.
         docs_B = np.concatenate([docs_B, np.full(self.global_batch - len(docs_B), -1)])
-        docs_B = docs_B[self.rows]
-        shape = (len(docs_B), self.seq_len)
-        batch = {k: np.zeros(shape, np.int32) for k in ("inputs", "targets", "segment_ids",
-                                                        "positions")}
-        batch["weights"] = np.zeros(shape, np.float32)
-        for row, doc in enumerate(docs_B):
-            if doc < 0:
-                continue
-            a, b = int(self.offsets[doc]), int(self.offsets[doc + 1])
-            n = b - a - 1
-            batch["inputs"][row, :n] = self.tokens[a:b - 1]
-            batch["targets"][row, :n] = self.tokens[a + 1:b]
-            batch["weights"][row, :n] = self.weights[a + 1:b]
-            batch["segment_ids"][row, :n] = 1
-            batch["positions"][row, :n] = np.arange(n)
-        return batch
+        return document_rows(self.tokens, self.weights, self.offsets, docs_B[self.rows],
+                             self.seq_len)
+
+
+def document_rows(tokens: Any, weights: Any, offsets: np.ndarray, docs_B: np.ndarray,
+                  seq_len: int) -> dict[str, np.ndarray]:
+    """Rows of whole documents of at most seq_len + 1 tokens: row i holds document
+    docs_B[i] alone (inputs, next-token targets and their weights, from position 0), padded;
+    a document -1 is an empty row."""
+    shape = (len(docs_B), seq_len)
+    batch = {k: np.zeros(shape, np.int32) for k in ("inputs", "targets", "segment_ids",
+                                                    "positions")}
+    batch["weights"] = np.zeros(shape, np.float32)
+    for row, doc in enumerate(docs_B):
+        if doc < 0:
+            continue
+        a, b = int(offsets[doc]), int(offsets[doc + 1])
+        n = b - a - 1
+        batch["inputs"][row, :n] = tokens[a:b - 1]
+        batch["targets"][row, :n] = tokens[a + 1:b]
+        batch["weights"][row, :n] = weights[a + 1:b]
+        batch["segment_ids"][row, :n] = 1
+        batch["positions"][row, :n] = np.arange(n)
+    return batch
 
 
 def pair_rows(data: Any, split: str, *, seq_len: int, global_batch: int, seed: int,

@@ -502,7 +502,8 @@ def parse_record(line: bytes) -> dict[str, Any]:
     return {"prompt": record["prompt"], "completion": record["completion"]}
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any, answered: bool = True) -> list[dict[str, str]]:
+    """The checked messages; with `answered`, some assistant message must have text."""
     if not isinstance(value, list) or not value:
         raise BadRecord("bad_messages", "'messages' is not a non-empty list")
     out = []
@@ -512,9 +513,31 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise BadRecord("bad_messages", f"message {i + 1} is not an object with string "
                                             f"'role' and 'content'")
         out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == ASSISTANT and m["content"] for m in out):
+    if answered and not any(m["role"] == ASSISTANT and m["content"] for m in out):
         raise BadRecord("empty_completion", "no assistant message has text")
     return out
+
+
+def parse_prompt(line: bytes) -> dict[str, Any]:
+    """A JSON line -> {"prompt"} or {"messages"} (a conversation to answer, whose last
+    message need not be the assistant's): a prompt of a record; raises BadRecord."""
+    record = json_object(line)
+    if "messages" in record:
+        if "prompt" in record:
+            raise BadRecord("ambiguous_fields")
+        return {"messages": _messages(record["messages"], answered=False)}
+    if "prompt" not in record:
+        raise BadRecord("missing_field", f"no 'prompt' nor 'messages' field (has: "
+                                         f"{', '.join(record) or 'nothing'})")
+    if not isinstance(record["prompt"], str):
+        raise BadRecord("not_a_string", f"'prompt' is a JSON "
+                                        f"{type(record['prompt']).__name__}, not a string")
+    return {"prompt": record["prompt"]}
+
+
+def _role_header(role: str) -> str:
+    """The simple template's text before a message's content."""
+    return f"{role}: "
 
 
 def simple_pieces(messages: Sequence[dict[str, str]], end: str | int) -> list[Piece]:
@@ -522,7 +545,7 @@ def simple_pieces(messages: Sequence[dict[str, str]], end: str | int) -> list[Pi
     `end` (EOS id, or the end text) and their content and end weigh 1."""
     out: list[Piece] = []
     for m in messages:
-        out.append((f"{m['role']}: ", 0))
+        out.append((_role_header(m["role"]), 0))
         if m["role"] == ASSISTANT:
             out += [(m["content"], 1), (end, 1)]
         else:
@@ -533,14 +556,48 @@ def simple_pieces(messages: Sequence[dict[str, str]], end: str | int) -> list[Pi
 def record_pieces(record: dict[str, Any], tok: Tokenizer, template: ChatTemplate | None,
                   end_text: str) -> list[Piece]:
     """The weighted pieces of a parsed record, BOS and the completion end included."""
-    end: str | int = tok.eos_id if tok.eos_id is not None else end_text
+    end = completion_end(tok, end_text)
     if "messages" in record and template is not None:
         return template.pieces(record["messages"])
-    head: list[Piece] = [] if tok.bos_id is None else [(tok.bos_id, 0)]
     if "messages" in record:
-        return head + simple_pieces(record["messages"], end)
-    body = [(record["prompt"], 0), (record["completion"], 1), (end, 1)]
-    return head + [p for p in body if p[0] != ""]
+        return _bos(tok) + simple_pieces(record["messages"], end)
+    body = [(record["completion"], 1), (end, 1)]
+    return prompt_pieces(record, tok, template, end_text) + [p for p in body if p[0] != ""]
+
+
+def completion_end(tok: Tokenizer, end_text: str) -> str | int:
+    """END, what follows every completion: the tokenizer's EOS id, else `end_text`."""
+    return tok.eos_id if tok.eos_id is not None else end_text
+
+
+def _bos(tok: Tokenizer) -> list[Piece]:
+    return [] if tok.bos_id is None else [(tok.bos_id, 0)]
+
+
+def prompt_pieces(record: dict[str, Any], tok: Tokenizer, template: ChatTemplate | None,
+                  end_text: str) -> list[Piece]:
+    """The pieces an example of `record` has before its completion: BOS and the prompt,
+    or the conversation and the header of the assistant's next turn (a Hugging Face
+    template's rendering with the generation prompt, as one piece)."""
+    if "messages" in record and template is not None:
+        text = template.render(record["messages"], add_generation_prompt=True)
+        return [(text, 0)] if text else []
+    if "messages" in record:
+        return _bos(tok) + simple_pieces(record["messages"], completion_end(tok, end_text)) \
+            + [(_role_header(ASSISTANT), 0)]
+    return _bos(tok) + ([(record["prompt"], 0)] if record["prompt"] else [])
+
+
+def generation_prompt(tok: Tokenizer, prompt: str) -> np.ndarray:
+    """The int32 ids a model fine-tuned on {prompt, completion} records continues with a
+    completion: [BOS] prompt, as `record_pieces` lays out a record."""
+    head = [] if tok.bos_id is None else [tok.bos_id]
+    return np.asarray(head + tok.encode(prompt).tolist(), np.int32)
+
+
+def end_ids(tok: Tokenizer, end_text: str = DEFAULT_END_TEXT) -> list[int]:
+    """The ids that close a completion: the tokenizer's EOS, else `end_text`'s tokens."""
+    return [tok.eos_id] if tok.eos_id is not None else tok.encode(end_text).tolist()
 
 
 def encode_pieces(tok: Tokenizer, pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray]:

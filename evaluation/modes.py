@@ -2,7 +2,7 @@
 
   evaluate     the validation loss of one checkpoint (the default; with --quantize, real
                int8/int4/int3 weights, rounded to nearest or by GPTQ calibrated on --data
-               or the training split)
+               or the training split; with --prune, magnitude-pruned weights)
   checkpoints  every kept checkpoint and/or other data (--all_steps, --data)
   sample       generate text (--sample; beam search with --num_beams > 1), after
                evaluating unless --noeval
@@ -11,6 +11,8 @@
                (--generation_set)
   attention    the prompt's attention maps and head statistics (--attention_maps)
   lm_eval      lm-evaluation-harness tasks (--lm_eval, evaluation/harness.py)
+  rewards      score a JSON-lines file of responses with a reward model (--score_rewards,
+               evaluation/rewards.py)
 
 Results are JSON lines on stdout (and files under WORKDIR/eval/); generated text goes to
 stdout and speed figures to stderr.
@@ -24,10 +26,13 @@ from typing import Any
 
 import jax
 
+from jaxlm.evaluation import quantized_run
 from jaxlm.configs.errors import RunError
 from jaxlm.evaluation.request import EvalRequest
+from jaxlm.evaluation.pruned import evaluate_pruned, matrices_table
 from jaxlm.evaluation.quantized import evaluate_quantized
 from jaxlm.evaluation.restore import json_line, restore_run, save_result
+from jaxlm.evaluation import rewards
 from jaxlm.evaluation.attention_maps import heads_table, prompt_attention
 from jaxlm.evaluation.generation_set import cut_at_stop, generation_report, load_generation_set
 from jaxlm.evaluation.sampling import beam_search, continue_prompts, sample, sample_speculative
@@ -53,10 +58,10 @@ def _evaluate_one(req: EvalRequest, exp: Any, state: Any, step: int) -> None:
     result that cannot be saved is still printed)."""
     try:
         if req.quantize:
-            calibration = load_eval_data(exp, req.data)[0] if req.data else None
-            result = {"step": step, **evaluate_quantized(
-                exp, state.params, req.quantize, req.quant_granularity, req.quant_symmetric,
-                req.gptq, req.calibration_batches, calibration)}
+            result = {"step": step, **_evaluate_quantized(req, exp, state, step)}
+        elif req.pruning is not None:
+            result = {"step": step, **evaluate_pruned(exp, state.params, req.pruning)}
+            print(matrices_table(result["matrices"]), file=sys.stderr)
         else:
             result = {"step": step, **evaluate(exp, state.params)}
     except NonFiniteEval as e:
@@ -66,8 +71,31 @@ def _evaluate_one(req: EvalRequest, exp: Any, state: Any, step: int) -> None:
     write_eval_result(req.workdir, result, suffix=quantized_suffix(req))
 
 
+def _evaluate_quantized(req: EvalRequest, exp: Any, state: Any, step: int) -> dict[str, Any]:
+    """--quantize's result; with --save, the quantized weights are also written as a new
+    run (evaluation/quantized_run.py)."""
+    calibration = load_eval_data(exp, req.data)[0] if req.data else None
+    args = (exp, state.params, req.quantize, req.quant_granularity, req.quant_symmetric,
+            req.gptq, req.calibration_batches, calibration)
+    if not req.save:
+        return evaluate_quantized(*args)
+    output = quantized_run.check_save(req.workdir, req.save)
+    record: dict[str, Any] = {"quantize": req.quantize, "method": req.quant_method}
+    if req.gptq is not None:
+        record.update(damp=req.gptq_damp, act_order=req.gptq_act_order,
+                      calibration=quantized_run.calibration_record(
+                          exp, req.calibration_batches, req.data))
+    with quantized_run.writing(output):
+        return evaluate_quantized(*args, save=lambda qparams, quant: (
+            quantized_run.write_quantized_run(exp, qparams, quant, step, output, record)))
+
+
 def quantized_suffix(req: EvalRequest) -> str:
-    """The result file's suffix: `_int4`, `_int4_gptq`, ... ('' for float weights)."""
+    """The result file's suffix: `_int4`, `_int4_gptq`, `_prune_0.5_layer`,
+    `_prune_0.5_2of4`, ... ('' for float weights)."""
+    if req.pruning is not None:
+        p = req.pruning
+        return f"_prune_{p.sparsity:g}_" + (p.scope if p.nm is None else "{}of{}".format(*p.nm))
     if not req.quantize:
         return ""
     return f"_{req.quantize}" + ("" if req.quant_method == "rtn" else f"_{req.quant_method}")
@@ -180,7 +208,27 @@ def lm_eval_mode(req: EvalRequest) -> None:
             results, Path(req.workdir) / "eval" / "lm_eval" / f"step_{step}.json")
 
 
+def rewards_mode(req: EvalRequest) -> None:
+    """Score every record of --score_rewards with the run's reward head: the summary on
+    stdout, one line per record in --output (default WORKDIR/eval/rewards/)."""
+    scoring = rewards.run_scoring_set(req.workdir, req.score_rewards)
+    if req.output:
+        rewards.check_output(Path(req.output), Path(req.score_rewards))
+    exp, state, step = restore_run(req.workdir, req.step)
+    if req.evaluate:
+        _evaluate_one(req, exp, state, step)
+    out = Path(req.output) if req.output else rewards.default_output(req.workdir,
+                                                                      req.score_rewards, step)
+    lines, summary = rewards.score_records(exp, state.params, scoring)
+    _print_result({"step": step, "score_rewards": str(req.score_rewards), "output": str(out),
+                   **summary})
+    if jax.process_index() == 0:
+        save_result(out, rewards.scores_text(lines))
+
+
 def pick_mode(req: EvalRequest) -> Callable[[EvalRequest], None]:
+    if req.score_rewards:
+        return rewards_mode
     if req.lm_eval:
         return lm_eval_mode
     if req.generation_set:

@@ -19,6 +19,7 @@ set's split). The windows do not overlap: a set too short for them is refused.
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -115,15 +116,18 @@ def _split_count(total: int, weights: list[float]) -> list[int]:
 def evaluate_quantized(exp: Experiment, params: Any, quantize: str,
                        granularity: str | None = None, symmetric: bool | None = None,
                        gptq: GptqSettings | None = None, calibration_count: int = 0,
-                       calibration_data: TokenData | np.ndarray | None = None
-                       ) -> dict[str, Any]:
+                       calibration_data: TokenData | np.ndarray | None = None,
+                       save: Callable[[Any, Quant], None] | None = None) -> dict[str, Any]:
     """Eval loss with real `int8`/`int4`/`int3` or `nf4` weights, the bytes of the
     weights and their bits per parameter; with `gptq`, quantized by GPTQ on
-    `calibration_count` batches."""
+    `calibration_count` batches. `save(qparams, quant)` then gets the quantized weights
+    and their format (`eval.py --save`)."""
     base = base_quant(exp.config)
     if base is not None:
         held = "nf4" if base.weight_format == "nf4" else f"int{base.weight_bits}"
-        raise ConfigError("quantize", f"the run's frozen base is already {held} (QLoRA); "
+        what = "frozen base is" if exp.config.lora.rank else "weights are"
+        kind = "QLoRA" if exp.config.lora.rank else "a quantized run"
+        raise ConfigError("quantize", f"the run's {what} already {held} ({kind}); "
                                       "evaluate it without --quantize")
     if quantize == "nf4":  # blocks of 64 and symmetric, whatever the run's `quant`
         granularity = granularity or NF4_BLOCK
@@ -142,6 +146,8 @@ def evaluate_quantized(exp: Experiment, params: Any, quantize: str,
     extra["quantize_seconds"] = round(time.perf_counter() - start, 3)
     eval_step = jax.jit(make_eval_step(graphdef, exp.model_cfg, exp.mesh, exp.rules))
     result = evaluate(exp, qparams, eval_step=eval_step)
+    if save is not None:
+        save(qparams, quant)
     return {**result, "quantize": quantize, **extra, "granularity": quant.granularity,
             "symmetric": quant.symmetric, "activation_bits": quant.activation_bits,
             "bits_per_parameter": round(bits_per_parameter(qparams), 4),

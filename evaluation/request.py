@@ -4,7 +4,8 @@ from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
-from jaxlm.configs.sections import PositiveFloat, PositiveInt, Sampling, Section, require
+from jaxlm.configs.errors import ConfigError
+from jaxlm.configs.sections import PositiveFloat, PositiveInt, Prune, Sampling, Section, require
 from jaxlm.models.gptq import GptqSettings
 
 
@@ -55,6 +56,12 @@ class EvalRequest(Section):
     calibration_batches: PositiveInt = 32  # GPTQ: batches of train.batch_size windows
     gptq_damp: float = 0.01  # GPTQ: added to the Hessian's diagonal, times its mean
     gptq_act_order: bool = False  # GPTQ: quantize inputs by decreasing Hessian diagonal
+    score_rewards: str | None = None  # JSON lines of responses to score with a reward model
+    output: str | None = None  # --score_rewards' scores file (default under WORKDIR/eval/)
+    prune: float | None = None  # one-shot magnitude pruning to this sparsity, in [0, 1)
+    prune_pattern: str = "unstructured"  # or N:M, e.g. 2:4 (with --prune=1-N/M)
+    prune_scope: str = "layer"  # unstructured: the smallest |w| per matrix, or global
+    save: str | None = None  # write the --quantize weights as a new run in this directory
 
     @model_validator(mode="after")
     def _one_mode(self) -> "EvalRequest":
@@ -64,6 +71,8 @@ class EvalRequest(Section):
                "(with --quant_method=gptq, --data is the calibration set)")
         require(self.quant_method == "rtn" or bool(self.quantize), "quant_method",
                "quantizes weights: add --quantize=int8|int4|int3")
+        require(not self.save or bool(self.quantize), "save",
+               "writes the quantized weights as a new run: add --quantize=int8|int4|int3|nf4")
         require(not (self.quantize == "nf4" and self.quant_method == "gptq"), "quant_method",
                "gptq gives integers on a uniform grid; nf4 is rounded to its levels: drop "
                "--quant_method=gptq, or use --quantize=int8|int4|int3")
@@ -94,10 +103,38 @@ class EvalRequest(Section):
                f"must be 0 or more (got {self.num_fewshot})")
         require(not self.attention_maps or len(self.prompts) == 1, "attention_maps",
                f"maps one prompt; got {len(self.prompts)} --prompt flags")
+        require(not (self.score_rewards and (suite or self.sample or self.quantize or
+                                             self.draft_workdir or self.generation_set or
+                                             self.attention_maps or self.lm_eval or
+                                             self.prune is not None)),
+                "score_rewards", "scores with one checkpoint's reward head; drop --all_steps/"
+                "--data/--sample/--quantize/--draft_workdir/--generation_set/"
+                "--attention_maps/--lm_eval/--prune")
+        require(self.output is None or bool(self.score_rewards), "output",
+                "is where --score_rewards writes its scores; add --score_rewards")
+        require(not (self.prune is not None and (suite or self.sample or self.quantize or
+                                                 self.generation_set or self.attention_maps
+                                                 or self.lm_eval)), "prune",
+               "evaluates one checkpoint pruned on the validation split; drop --all_steps/"
+               "--data/--sample/--quantize/--generation_set/--attention_maps/--lm_eval")
+        _ = self.pruning  # parsing the --prune flags raises their errors here
         require(bool(self.evaluate or self.sample or self.quantize or suite or
-                     self.generation_set or self.attention_maps or self.lm_eval), "eval",
+                     self.generation_set or self.attention_maps or self.lm_eval or
+                     self.score_rewards), "eval",
                "--noeval without --sample leaves nothing to do")
         return self
+
+    @property
+    def pruning(self) -> Prune | None:
+        """The `prune` settings of --prune, --prune_pattern and --prune_scope, or None."""
+        if self.prune is None:
+            return None
+        flag = {"sparsity": "prune", "pattern": "prune_pattern", "scope": "prune_scope"}
+        try:
+            return Prune.parse({"sparsity": self.prune, "pattern": self.prune_pattern,
+                                "scope": self.prune_scope}, prefix="")
+        except ConfigError as e:
+            raise ConfigError(flag.get(e.key, e.key), e.message) from None
 
     @property
     def gptq(self) -> GptqSettings | None:

@@ -11,6 +11,7 @@ import jax
 from jaxlm.configs.errors import RunError, environment_error, environment_message
 from jaxlm.configs.sections import MESH_AXES
 from jaxlm.data import fingerprints
+from jaxlm.storage.dirs import write_text_atomically
 from jaxlm.training import rundir
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.experiment import Experiment
@@ -58,13 +59,15 @@ def json_line(result: dict[str, Any]) -> str:
 
 
 def save_result(path: Path, text: str) -> None:
-    """Write an eval result file that has been printed already; a failure (a full disk, a
-    read-only run directory) is one RunError line that says so."""
+    """Write an eval result file that has been printed already, atomically; a failure (a
+    full disk, a read-only run directory) is one RunError line that says so."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    except OSError as e:
+        write_text_atomically(path, text)
+    except OSError as e:  # named by the result file, not the temporary file beside it
         env = environment_error(e)
+        if env is not None:
+            env = OSError(env.errno, env.strerror, str(path))
         why = environment_message(env, "evaluate again to save it") if env else \
             f"{path}: {e.strerror or e}"
         raise RunError(f"the result printed above was not saved: {why}") from None

@@ -56,19 +56,28 @@ def continue_prompts(exp: Experiment, params: Any, prompts: list[str], g: Genera
     """Each prompt's continuation of at most `g.length` tokens, up to (without) the
     tokenizer's EOS: beam search when `g.num_beams` > 1, else sampling by `sp`; prompts
     go `batch_size` at a time (row i of batch j samples with seed g.seed + j)."""
+    out = continue_ids(exp, params, encode_prompts(exp, prompts), g, sp, batch_size)
+    return [exp.data.tokenizer.decode(o) for o in out]
+
+
+def continue_ids(exp: Experiment, params: Any, ids: list[list[int]], g: Generate,
+                 sp: Sampling, batch_size: int, sharded: bool = False) -> list[list[int]]:
+    """`continue_prompts` of token prompts, returning tokens; with `sharded`, sampling runs
+    on the run's mesh with its rules (beam search as the parameters are placed)."""
     params = split_objective_params(params)[0]
     context, eos = exp.config.train.seq_len, exp.data.tokenizer.eos_id
     beam = BeamSearch(exp.graphdef, exp.model_cfg, context) if g.num_beams > 1 else None
-    gen = Generator(exp.graphdef, exp.model_cfg, context)
+    gen = Generator(exp.graphdef, exp.model_cfg, context,
+                    (exp.mesh, exp.rules) if sharded else None)
     out: list[list[int]] = []
-    for j in range(0, len(prompts), batch_size):
-        ids = encode_prompts(exp, prompts[j:j + batch_size])
+    for j in range(0, len(ids), batch_size):
+        batch = ids[j:j + batch_size]
         if beam is not None:
-            out += beam.generate(params, ids, g.length, g.num_beams, eos, g.length_penalty,
+            out += beam.generate(params, batch, g.length, g.num_beams, eos, g.length_penalty,
                                  g.early_stopping_value())[0]
         else:
-            out += gen.generate(params, ids, g.length, sp, g.seed + j // batch_size)[0]
-    return [exp.data.tokenizer.decode(_until_eos(o, eos)) for o in out]
+            out += gen.generate(params, batch, g.length, sp, g.seed + j // batch_size)[0]
+    return [_until_eos(o, eos) for o in out]
 
 
 def sample_speculative(exp: Experiment, params: Any, draft_workdir: str, prompts: list[str],

@@ -8,6 +8,9 @@ windows with full recomputation and is the reference the cached path must equal.
 batch, the shift happens at the same step for every row.
 """
 
+import contextlib
+import functools
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +23,7 @@ from flax import nnx
 from jaxlm.configs.sections import Sampling
 from jaxlm.losses.cross_entropy import mask_padded_vocab
 from jaxlm.models.config import ModelConfig
+from jaxlm.parallel.sharding import Rules, mesh_axes_size, use_rules
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -63,10 +67,16 @@ def _positions(valid_BxL: jax.Array) -> jax.Array:
 
 
 class Generator:
-    """Jitted prefill and decode steps for one model; reusable across calls."""
+    """Jitted prefill and decode steps for one model; reusable across calls.
 
-    def __init__(self, graphdef: nnx.GraphDef, model_cfg: ModelConfig, context: int):
+    With a `layout` (mesh, rules), the steps are traced under those rules: activations
+    and the KV cache are split as in training (the batch over the data-parallel axes,
+    heads over `tensor`), and a batch is padded to a multiple of the batch's shards."""
+
+    def __init__(self, graphdef: nnx.GraphDef, model_cfg: ModelConfig, context: int,
+                 layout: tuple[jax.sharding.Mesh, Rules] | None = None):
         self.graphdef, self.cfg, self.context = graphdef, model_cfg, context
+        self.layout = layout
         self._prefill = jax.jit(self._prefill_impl)
         self._decode = jax.jit(self._decode_impl, static_argnames="sp", donate_argnums=(1, 3))
         self._sample = jax.jit(sample_tokens, static_argnames=("sp", "vocab_size"))
@@ -97,11 +107,30 @@ class Generator:
                     cache_index=slot, kv_valid_BxS=kv_valid)
         return out.logits[:, 0], out.cache, seq_BxL
 
+    def _rules(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.layout is None else use_rules(*self.layout)
+
+    def batch_shards(self) -> int:
+        """How many shards a batch is split into (1 without a layout)."""
+        if self.layout is None:
+            return 1
+        mesh, rules = self.layout
+        return mesh_axes_size(mesh, "act_batch", rules)
+
     def generate(self, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sp: Sampling = Sampling(), seed: int = 0
                  ) -> tuple[list[list[int]], dict[str, float]]:
         """Continue each prompt by `max_new_tokens` tokens; returns (new tokens, timings)."""
         sp.check_prompts(prompts, self.context)
+        n, shards = len(prompts), self.batch_shards()
+        if n % shards:  # padding rows (copies of the first prompt), dropped at the end
+            prompts = list(prompts) + [prompts[0]] * (math.ceil(n / shards) * shards - n)
+        with self._rules():
+            out, stats = self._generate(params, prompts, max_new_tokens, sp, seed)
+        return out[:n], stats
+
+    def _generate(self, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  sp: Sampling, seed: int) -> tuple[list[list[int]], dict[str, float]]:
         width = max(len(p) for p in prompts)
         total = width + max_new_tokens
         seq_np, valid_np = _left_pad(prompts, total)
@@ -110,13 +139,19 @@ class Generator:
         keep = max(1, self.context // 2)
 
         t0 = time.perf_counter()  # compile first, so the timings below are run time only
-        prefill = self._prefill.lower(params, seq[:, :width], valid[:, :width]).compile()
-        shapes = jax.eval_shape(self._prefill_impl, params, seq[:, :width], valid[:, :width])
-        decode = self._decode.lower(params, shapes[1], shapes[0], seq, width, width,
-                                    shapes[2], shapes[3], key, sp=sp).compile()
-        reprefill = None
-        if width + max_new_tokens > self.context:  # the context shift will be needed
-            reprefill = self._prefill.lower(params, seq[:, :keep], valid[:, :keep]).compile()
+        if self.layout is None:
+            prefill = self._prefill.lower(params, seq[:, :width], valid[:, :width]).compile()
+            shapes = jax.eval_shape(self._prefill_impl, params, seq[:, :width],
+                                    valid[:, :width])
+            decode = self._decode.lower(params, shapes[1], shapes[0], seq, width, width,
+                                        shapes[2], shapes[3], key, sp=sp).compile()
+            reprefill = None
+            if width + max_new_tokens > self.context:  # the context shift will be needed
+                reprefill = self._prefill.lower(params, seq[:, :keep],
+                                                valid[:, :keep]).compile()
+        else:  # the steps compile for the shardings their inputs arrive with
+            prefill = reprefill = self._prefill
+            decode = functools.partial(self._decode, sp=sp)
         t_compile = time.perf_counter() - t0
 
         t0 = time.perf_counter()

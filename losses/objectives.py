@@ -39,8 +39,9 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.configs.sections import Config, LossWeights
 from jaxlm.losses.cross_entropy import cross_entropy
 from jaxlm.losses.distill import distill_loss, feature_loss
-from jaxlm.losses.preference import (last_response_hidden, pair_losses, pairs, token_kl,
-                                     token_logps)
+from jaxlm.losses.grpo import temperature_logps, token_losses as grpo_token_losses
+from jaxlm.losses.preference import (pair_losses, pairs, reward_values,
+                                     token_kl, token_logps)
 
 OBJECTIVE_PARAMS = "objective"  # key of the objective's own parameters in the params dict
 
@@ -340,16 +341,16 @@ def _dpo(ctx: BuildContext) -> Term:
 @register_term("reward")
 def _reward(ctx: BuildContext) -> Term:
     """A reward model: a scalar value head on the last block's output at each row's last
-    response position, trained with the Bradley-Terry loss -log s(r_chosen - r_rejected)."""
-    d = ctx.model_cfg.model.d_model
+    response position, trained with the Bradley-Terry loss -log s(r_chosen - r_rejected)
+    (plus loss.reward.center_coefficient * (r_chosen + r_rejected)^2)."""
+    d, center = ctx.model_cfg.model.d_model, float(ctx.config.loss.reward.center_coefficient)
 
     def init(key):
         return {"w": jax.random.normal(key, (d,), jnp.float32) / math.sqrt(d),
                 "b": jnp.zeros((), jnp.float32)}
 
     def loss(x: TermInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
-        h_BxD = last_response_hidden(x.outputs.hidden[-1], x.weights)
-        r_B = h_BxD @ x.params["w"] + x.params["b"]
+        r_B = reward_values(x.params, x.outputs.hidden[-1], x.weights)
         chosen, rejected = r_B[0::2], r_B[1::2]
         valid = pairs(jnp.zeros(x.batch["targets"].shape), x.weights).valid
         sg = jax.lax.stop_gradient
@@ -357,8 +358,39 @@ def _reward(ctx: BuildContext) -> Term:
                    "reward/accuracy": (chosen > rejected).astype(jnp.float32),
                    "reward/margin": sg(chosen - rejected)}
         per_pair = -jax.nn.log_sigmoid(chosen - rejected)
+        if center:
+            per_pair = per_pair + center * (chosen + rejected) ** 2
         return (jnp.sum(per_pair * valid),
                 {k: jnp.sum(v * valid) for k, v in metrics.items()})
 
     return Term(loss, needs_hidden=True, init_params=init, unit="pair",
                 param_axes={"w": P("embed"), "b": P()})
+
+
+def _grpo_on(config: Config) -> float:
+    """GRPO's term is computed exactly when grpo.prompts names its prompts."""
+    return 1.0 if config.grpo.prompts else 0.0
+
+
+@register_term("grpo", weight=_grpo_on, reference=lambda c: c.grpo.beta > 0)
+def _grpo(ctx: BuildContext) -> Term:
+    """GRPO's clipped per-token policy-gradient loss with the k3 KL to the reference
+    (losses/grpo.py), summed over the completion tokens (the step divides by their count:
+    TRL's `dapo` aggregation). The batch carries per-token `advantages` [B, L]; the old
+    policy is the current one (one update per sampled batch)."""
+    g, vocab = ctx.config.grpo, ctx.model_cfg.vocab_size
+    options = dict(epsilon=float(g.epsilon), beta=float(g.beta))
+
+    def loss(x: TermInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        targets = x.batch["targets"]
+        logps = temperature_logps(x.outputs.logits, targets, g.temperature, vocab)
+        ref = None
+        if g.beta > 0:
+            ref = temperature_logps(x.teacher.logits, targets, g.temperature, vocab)
+        per_token, kl, clipped = grpo_token_losses(
+            logps, jax.lax.stop_gradient(logps), ref, x.batch["advantages"], **options)
+        w = x.weights
+        return jnp.sum(per_token * w), {"grpo/kl": jnp.sum(jax.lax.stop_gradient(kl) * w),
+                                        "grpo/clip_fraction": jnp.sum(clipped * w)}
+
+    return Term(loss)

@@ -101,3 +101,10 @@ def last_response_hidden(hidden_BxLxD: jax.Array, weights_BxL: jax.Array | None
     one_hot = jax.nn.one_hot(last_B, length, dtype=hidden_BxLxD.dtype)
     h_BxD = jnp.einsum("bl,bld->bd", one_hot, hidden_BxLxD).astype(jnp.float32)
     return h_BxD * jax.lax.rsqrt(jnp.mean(h_BxD ** 2, axis=-1, keepdims=True) + 1e-6)
+
+
+def reward_values(head: dict[str, jax.Array], hidden_BxLxD: jax.Array,
+                  weights_BxL: jax.Array | None) -> jax.Array:
+    """[B] a reward model's scalar of each row: the value head (`w` [D], `b`) on its
+    last response position's normalised hidden state (`last_response_hidden`)."""
+    return last_response_hidden(hidden_BxLxD, weights_BxL) @ head["w"] + head["b"]

@@ -340,6 +340,86 @@ def test_dpo_loss_and_gradient_equal_trl(hf_pair, loss_type, smoothing):
         np.testing.assert_allclose(metrics[ours_key], t_metrics[trl_key], rtol=1e-5, atol=1e-6)
 
 
+def _trl_reward(policy, ids, mask, center):
+    """TRL's RewardTrainer.compute_loss with a sequence classifier on the policy's weights
+    (its reward: `score` on the last token it is given), and its gradients."""
+    import collections
+    import torch
+    import transformers
+    from trl import RewardTrainer
+    config = transformers.LlamaConfig(**TINY_LLAMA, num_labels=1, pad_token_id=0)
+    model = transformers.LlamaForSequenceClassification(config)
+    model.model.load_state_dict(policy.model.state_dict())
+    torch.manual_seed(2)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 0.3)
+    # Our reward reads the hidden state that has read the response but not its END (the
+    # last weighted target): TRL's sequence stops there, the rest is padding.
+    ids = ids.copy()
+    ends = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+    for row, end in enumerate(ends):
+        ids[row, end - 1:] = 0
+    identity = lambda x: x  # noqa: E731
+    fake = SimpleNamespace(
+        model=model.train(), args=SimpleNamespace(center_rewards_coefficient=center),
+        accelerator=SimpleNamespace(gather_for_metrics=identity, gather=identity),
+        _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    ids_t = torch.tensor(ids)
+    loss, outputs = RewardTrainer.compute_loss(
+        fake, model, {"input_ids": ids_t, "attention_mask": (ids_t != 0).long()},
+        return_outputs=True)
+    loss.backward()
+    grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    metrics = {k: v[-1] for k, v in fake._metrics["train"].items()}
+    return (float(loss.detach()), outputs.logits[:, 0].detach().numpy(), grads, metrics,
+            model.score.weight.detach().numpy()[0])
+
+
+@pytest.mark.slow
+def test_reward_model_loss_rewards_and_gradient_equal_trl(hf_pair):
+    pytest.importorskip("trl")
+    from jaxlm.losses.objectives import build_objective
+    from jaxlm.losses.preference import reward_values
+    from jaxlm.parallel.mesh import make_mesh
+    from jaxlm.training.layout import resolve_mesh_shape
+    from jaxlm.training.teacher import frozen_forward
+    ids, mask = preference_batch()
+    center = 0.05
+    theirs, t_rewards, t_grads, t_metrics, score = _trl_reward(hf_pair["policy"][0], ids,
+                                                               mask, center)
+    # Their score reads the final norm's output: our head is w = norm weight * score, b = 0.
+    norm = hf_pair["policy"][0].model.norm.weight.detach().numpy()
+    run = hf_pair["policy"][1]
+    config = rundir.load_config(run).replace(**{
+        "loss.weights.ce": 0.0, "loss.weights.reward": 1.0, "seq_len": LENGTH - 1,
+        "loss.reward.center_coefficient": center})
+    mesh = make_mesh(resolve_mesh_shape(config.mesh, 1), jax.devices()[:1])
+    policy = Teacher.from_run(str(run), 0, mesh)
+    head = {"w": jnp.asarray(norm * score), "b": jnp.zeros((), jnp.float32)}
+    params = {**policy.restore(), "objective": {"reward": head}}
+    batch = interleaved(ids, mask)
+    loss_fn = make_loss_fn(policy.graphdef, policy.model_cfg,
+                           build_objective(config, policy.model_cfg))
+    (total, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
+    n = float(stats["weight_sum"])
+    np.testing.assert_allclose(float(total) / n, theirs, rtol=1e-5)
+    out = frozen_forward(policy.graphdef, mesh, policy.rules, policy.restore(), batch,
+                         return_hidden=True)
+    rewards = np.asarray(reward_values(head, out.hidden[-1], batch["weights"]))
+    p = len(ids) // 2
+    np.testing.assert_allclose(rewards[0::2], t_rewards[:p], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rewards[1::2], t_rewards[p:], rtol=1e-5, atol=1e-6)
+    for ours_key, trl_key in (("reward/accuracy", "accuracy"), ("reward/margin", "margin")):
+        np.testing.assert_allclose(float(stats[ours_key]) / n, t_metrics[trl_key], rtol=1e-5,
+                                   atol=1e-6)
+    g = t_grads["model.embed_tokens.weight"]
+    np.testing.assert_allclose(np.asarray(grads["embed"]["embedding"])[:VOCAB] / n, g,
+                               atol=1e-5 * np.abs(g).max())
+    g = t_grads["score.weight"][0]  # d/d score = norm weight * d/d w
+    np.testing.assert_allclose(norm * np.asarray(grads["objective"]["reward"]["w"]) / n, g,
+                               atol=1e-5 * np.abs(g).max())
+
+
 # ----------------------------------------------------------------------------------------
 # Slow: training steps, references, layouts.
 

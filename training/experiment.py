@@ -26,6 +26,7 @@ from jaxlm.losses.objectives import (OBJECTIVE_PARAMS, Objective, build_objectiv
                                      needs_reference, needs_teacher)
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import abstract_model, param_logical_axes, split_params
+from jaxlm.models.prune import Pruning, pruning_for
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.pipeline import bubble_fraction, stage_major_permutation
 from jaxlm.parallel.sharding import Rules, named_sharding
@@ -34,7 +35,8 @@ from jaxlm.training.layout import check_layout, pipeline_fields, resolve_mesh_sh
 from jaxlm.training.optimizer import learning_rate_schedule, make_optimizer
 from jaxlm.training.state import (TrainState, abstract_with_shardings, init_sharded, make_init_fn,
                                   state_logical_axes, state_shardings)
-from jaxlm.training.steps import make_eval_step, make_pair_eval_step, make_train_step
+from jaxlm.training.steps import (make_eval_step, make_pair_eval_step, make_train_step,
+                                  with_pruning)
 from jaxlm.training.teacher import LoraBase, Teacher, load_reference
 
 BATCH_AXES = ("act_batch", "act_len")
@@ -69,6 +71,7 @@ class Experiment:
     # LoRA (training/lora.py): params -> (trainable, frozen base); None = all train.
     trainable: Any = None
     prepare: Any = None  # fresh float params -> the state's (a QLoRA base as integers)
+    pruning: Pruning | None = None  # masks in the state (models/prune.py); None = off
 
     @classmethod
     def build(cls, config: Any, workdir: str | os.PathLike,
@@ -95,10 +98,14 @@ class Experiment:
         if objective.param_axes() is not None:
             param_axes = {**param_axes, OBJECTIVE_PARAMS: objective.param_axes()}
         trainable = lora.split_trainable if lora.enabled(config) else None
-        optimizer = make_optimizer(config.updates, config.optimizer, config.train.steps,
-                                   trainable(param_axes)[0] if trainable else param_axes)
+        if config.quant.ptq:  # a quantized run's weights do not train: no optimizer state
+            optimizer = optax.set_to_zero()
+        else:
+            optimizer = make_optimizer(config.updates, config.optimizer, config.train.steps,
+                                       trainable(param_axes)[0] if trainable else param_axes)
+        pruning = pruning_for(config.prune, model)
         init_fn = make_init_fn(model_cfg, optimizer, config.train.seed, objective.init_params,
-                               trainable, prepare)
+                               trainable, prepare, pruning and pruning.initial_masks)
         abstract = jax.eval_shape(init_fn)
         logical = state_logical_axes(abstract, param_axes)
         shardings = state_shardings(mesh, logical, rules)
@@ -112,14 +119,15 @@ class Experiment:
                    abstract_state=abstract_with_shardings(abstract, shardings),
                    state_shardings=shardings, state_logical=logical,
                    batch_sharding=named_sharding(mesh, BATCH_AXES, rules), layer_perm=perm,
-                   objective=objective, teacher=teacher, trainable=trainable, prepare=prepare)
+                   objective=objective, teacher=teacher, trainable=trainable, prepare=prepare,
+                   pruning=pruning)
 
     # State.
     def init_state(self) -> TrainState:
         """Initialise sharded; identical values for every mesh (layers in memory order)."""
         init_fn = make_init_fn(self.model_cfg, self.optimizer, self.config.train.seed,
                                self.objective and self.objective.init_params, self.trainable,
-                               self.prepare)
+                               self.prepare, self.pruning and self.pruning.initial_masks)
         if self.layer_perm is not None:
             perm = self.layer_perm
             natural = init_fn
@@ -205,6 +213,7 @@ class Experiment:
                                teacher=self.teacher,
                                skip_nonfinite=self.config.train.nan_policy == "skip",
                                trainable=self.trainable)
+        step = step if self.pruning is None else with_pruning(step, self.pruning)
         if self.teacher is None or self.teacher.from_state:
             return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                            out_shardings=(self.state_shardings, None), donate_argnums=0)

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from jaxlm.configs.errors import ConfigError, RunError
-from jaxlm.configs.sections import Config
+from jaxlm.configs.sections import Config, Quant
 from jaxlm.data.tokenizers import Tokenizer, first_vocabulary_difference
 from jaxlm.losses.objectives import split_objective_params
 from jaxlm.models.config import ModelConfig, first_model_difference
@@ -37,6 +37,7 @@ class InitSource:
     the newest that restores)."""
     workdir: Path
     step: int | None
+    quantized: bool = False  # a quantized run (quant.ptq): its integers are the QLoRA base
 
 
 def check_source(config: Config, model_cfg: ModelConfig,
@@ -52,6 +53,8 @@ def check_source(config: Config, model_cfg: ModelConfig,
     if source.lora.rank:
         raise ConfigError(KEY, f"{init.from_workdir} is a LoRA run; start from a merged copy "
                                "(python convert.py --merge_lora --workdir=RUN --output=NEW)")
+    if source.quant.ptq:
+        _check_quantized_source(config, source)
     diff = first_model_difference(config.model, source.model)
     if diff is not None:
         key, ours, theirs = diff
@@ -77,7 +80,29 @@ def check_source(config: Config, model_cfg: ModelConfig,
     with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
         rundir.pick_step(ckpt.all_steps(), init.step or None, init.from_workdir,
                          key="init.step", workdir_key=KEY)
-    return InitSource(workdir, init.step or None)
+    return InitSource(workdir, init.step or None, quantized=source.quant.ptq)
+
+
+def _check_quantized_source(config: Config, source: Config) -> None:
+    """A quantized run starts only a LoRA run whose base format (`quant`) is its own: the
+    integers are taken as they are stored."""
+    name = config.init.from_workdir
+    if not config.lora.rank:
+        raise ConfigError(KEY, f"{name} is a quantized run (eval.py --save), whose weights do "
+                               "not train; fine-tune it with LoRA (lora.rank=N: its integers "
+                               "are the frozen base) or start from the float run it came from")
+    if source.quant.activation_bits:
+        raise ConfigError(KEY, f"{name} is a quantized run that also quantizes activations "
+                               f"(quant.activation_bits={source.quant.activation_bits}), "
+                               "which a LoRA run does not; quantize its float run without "
+                               "activation bits for QLoRA")
+    for key in Quant.FORMAT_KEYS:
+        ours, theirs = getattr(config.quant, key), getattr(source.quant, key)
+        if ours != theirs:
+            raise ConfigError(f"quant.{key}", f"is {ours!r} here but {theirs!r} in the "
+                                              f"quantized run {name}, whose integers are the "
+                                              f"frozen base as stored: set quant.{key}="
+                                              f"{theirs} (configs/finetune.py copies it)")
 
 
 def restore_initial_state(exp: Experiment, source: InitSource,
@@ -91,7 +116,8 @@ def restore_initial_state(exp: Experiment, source: InitSource,
     abstract, _ = split_objective_params(exp.abstract_state.params)
     params, step = source_params(source, abstract, warn)
     build = make_state_fn(exp.optimizer, exp.config.train.seed,
-                          exp.objective and exp.objective.init_params)
+                          exp.objective and exp.objective.init_params,
+                          masks=exp.pruning and exp.pruning.initial_masks)
     state = jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=0)(params)
     return exp.from_checkpoint(state), step  # checkpoints hold layers in model order
 
@@ -112,18 +138,23 @@ def source_params(source: InitSource, abstract: Any, warn: Callable[[str], None]
 
 def _lora_initial_state(exp: Experiment, source: InitSource, warn: Callable[[str], None]
                         ) -> tuple[TrainState, int]:
-    """The source's float parameters as the frozen base, fresh adapters (A random, B zero)
-    and a fresh optimizer for them."""
-    model_cfg = dataclasses.replace(exp.model_cfg, lora=None, quant=None)
-    _, abstract, axes = abstract_params(model_cfg)
-    shardings = tree_shardings(exp.mesh, axes, exp.rules)
-    base, step = source_params(source, abstract_with_shardings(abstract, shardings), warn)
+    """The source's parameters as the frozen base (a quantized run's integers as they are,
+    float parameters quantized for QLoRA), fresh adapters (A random, B zero) and a fresh
+    optimizer for them."""
+    if source.quantized:
+        abstract = exp.trainable(exp.abstract_state.params)[1]
+    else:
+        model_cfg = dataclasses.replace(exp.model_cfg, lora=None, quant=None)
+        _, abstract, axes = abstract_params(model_cfg)
+        abstract = abstract_with_shardings(abstract, tree_shardings(exp.mesh, axes, exp.rules))
+    base, step = source_params(source, abstract, warn)
+    prepare = None if source.quantized else exp.prepare
     init_fn = make_init_fn(exp.model_cfg, exp.optimizer, exp.config.train.seed,
                            exp.objective and exp.objective.init_params, exp.trainable)
 
     def build(base: Any) -> TrainState:
         fresh = init_fn()  # its random base is unused: XLA leaves it out
         params = lora.join(exp.trainable(fresh.params)[0], base)
-        return fresh.replace(params=params if exp.prepare is None else exp.prepare(params))
-    donate = (0,) if exp.prepare is None else ()  # integers cannot reuse the float buffers
+        return fresh.replace(params=params if prepare is None else prepare(params))
+    donate = (0,) if prepare is None else ()  # integers cannot reuse the float buffers
     return jax.jit(build, out_shardings=exp.state_shardings, donate_argnums=donate)(base), step

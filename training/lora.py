@@ -35,8 +35,10 @@ def enabled(config: Config) -> bool:
 
 
 def base_quant(config: Config) -> Quant | None:
-    """The integer format of the frozen base (QLoRA), or None for a float base."""
-    return config.quant if enabled(config) and config.quant.weight_bits else None
+    """The format of weights held as integers (or NF4 indices) plus scales: a QLoRA run's
+    frozen base, or a quantized run's weights (`quant.ptq`); None for float weights."""
+    held = enabled(config) or config.quant.ptq
+    return config.quant if held and config.quant.weight_bits else None
 
 
 def split_trainable(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,7 +94,8 @@ def restore_base(workdir: str | Path, abstract_frozen: Any) -> Any:
 def base_format(config: Config, model: nnx.Module, params: Any, param_axes: Any
                 ) -> tuple[Any, Any, Callable[[Any], Any] | None]:
     """(abstract params, their logical axes, `prepare`: fresh float params -> the state's)
-    of a run: with a QLoRA base, its weight matrices are integers plus scales."""
+    of a run: with a QLoRA base or in a quantized run, its weight matrices are integers
+    plus scales."""
     quant = base_quant(config)
     if quant is None:
         return params, param_axes, None

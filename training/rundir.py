@@ -12,6 +12,8 @@
     WORKDIR/lora_base/0/    a LoRA run's frozen base, stored once (training/lora.py)
     WORKDIR/lora_base.json  where that base came from
     WORKDIR/fingerprints.json  what its data, tokenizer and base were (data/fingerprints.py)
+    WORKDIR/quantization.json  a quantized run's record (evaluation/quantized_run.py)
+    WORKDIR/hf/             an imported run's original Hugging Face files (HF_DIR)
 """
 
 import contextlib
@@ -26,6 +28,8 @@ from jaxlm.configs.specs import parse_mixture
 from jaxlm.data.pipeline import TokenData, is_prepared
 from jaxlm.storage import dirs
 from jaxlm.data import fingerprints
+
+HF_DIR = "hf"  # inside a run directory: the files an imported model came with
 
 CONFIG_FILE = dirs.RUN_CONFIG
 CHECKPOINTS = dirs.RUN_CHECKPOINTS
@@ -74,12 +78,22 @@ def load_config(workdir: str | os.PathLike, key: str = "workdir") -> Config:
 def check_resume(config: Config, workdir: Path, latest_step: int | None,
                  allow_schedule_change: bool = False) -> list[str]:
     """Refuse a resume that would change the model, the data stream or (unless allowed) the
-    schedule's length, or that has nothing left to train. Returns notices to print."""
+    schedule's length, or that has nothing left to train, and any training of a quantized
+    run. Returns notices to print."""
     path = workdir / CONFIG_FILE
-    if not path.is_file():
+    saved_config = Config.from_dict(_read_json(path, "workdir")) if path.is_file() else None
+    if saved_config is not None and saved_config.quant.ptq:
+        raise ConfigError("workdir", f"{workdir} is a quantized run (eval.py --save), whose "
+                                     "weights do not train; fine-tune it with LoRA in a new "
+                                     f"--workdir (init.from_workdir={workdir}, lora.rank=N)")
+    if config.quant.ptq:
+        raise ConfigError("quant.ptq", "marks a quantized run written by eval.py --save, "
+                                       "whose weights do not train; drop it (QLoRA on such "
+                                       "a run: init.from_workdir=RUN, lora.rank=N)")
+    if saved_config is None:
         return []
     # Keys an older config.json lacks compare as their defaults.
-    saved = Config.from_dict(_read_json(path, "workdir")).to_dict()
+    saved = saved_config.to_dict()
     current = config.to_dict()
     for key in FROZEN_KEYS:
         a, b = saved.get(key), current.get(key)

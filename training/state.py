@@ -12,6 +12,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.model import create_model, split_params
+from jaxlm.models.prune import mask_axes
 from jaxlm.parallel.sharding import Rules, tree_shardings
 
 
@@ -20,6 +21,14 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied so far
     params: Any  # nested dict of float32 arrays
     opt_state: Any
+
+
+@struct.dataclass
+class PrunedTrainState(TrainState):
+    """The train state of a run with pruning: a TrainState (whose checkpoints keep their
+    structure) plus the masks (models/prune.py), booleans shaped like the parameters they
+    prune, in a nested dict of those alone."""
+    masks: Any = None
 
 
 def state_logical_axes(abstract_state: TrainState, param_axes: Any) -> TrainState:
@@ -60,6 +69,9 @@ def state_logical_axes(abstract_state: TrainState, param_axes: Any) -> TrainStat
                          f"{leaf.shape} does not follow its parameter of shape {shape}")
 
     opt_axes = jax.tree_util.tree_map_with_path(spec_of, abstract_state.opt_state)
+    if isinstance(abstract_state, PrunedTrainState):
+        return PrunedTrainState(step=P(), params=param_axes, opt_state=opt_axes,
+                                masks=mask_axes(abstract_state.masks, param_axes))
     return TrainState(step=P(), params=param_axes, opt_state=opt_axes)
 
 
@@ -68,29 +80,35 @@ Split = Callable[[Any], tuple[Any, Any]]  # params -> (trainable, frozen)
 
 def make_state_fn(optimizer: optax.GradientTransformation, seed: int,
                   extra_params: Callable[[jax.Array], Any] | None = None,
-                  trainable: Split | None = None) -> Callable[[Any], TrainState]:
+                  trainable: Split | None = None,
+                  masks: Callable[[Any], Any] | None = None) -> Callable[[Any], TrainState]:
     """model params -> a step-0 TrainState with a fresh optimizer. `extra_params(key)`, if
     given, adds trained parameters beside the model's under params["objective"] (e.g. a
     distillation projection). With `trainable` (LoRA), the optimizer state covers only
-    the trainable part of the parameters."""
+    the trainable part of the parameters. `masks(params)`, if given, makes the step-0
+    pruning masks."""
     def build(params: Any) -> TrainState:
         extra = None if extra_params is None else extra_params(
             jax.random.fold_in(jax.random.key(seed), 1))
         if extra is not None:
             params = {**params, "objective": extra}
         trained = params if trainable is None else trainable(params)[0]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(trained))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optimizer.init(trained))
+        if masks is None:
+            return state
+        return PrunedTrainState(state.step, state.params, state.opt_state, masks(params))
     return build
 
 
 def make_init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                  seed: int, extra_params: Callable[[jax.Array], Any] | None = None,
                  trainable: Split | None = None,
-                 prepare: Callable[[Any], Any] | None = None) -> Callable[[], TrainState]:
+                 prepare: Callable[[Any], Any] | None = None,
+                 masks: Callable[[Any], Any] | None = None) -> Callable[[], TrainState]:
     """A fresh random init of the model, as `make_state_fn`'s step-0 state; `prepare`
     maps the fresh model parameters first (e.g. quantizes a frozen base)."""
-    build = make_state_fn(optimizer, seed, extra_params, trainable)
+    build = make_state_fn(optimizer, seed, extra_params, trainable, masks)
 
     def init() -> TrainState:
         params = split_params(create_model(model_cfg, seed))[1]

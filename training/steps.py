@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from jaxlm.losses.objectives import Objective, cross_entropy_objective, split_objective_params
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.lora import join_trees
+from jaxlm.models.prune import Pruning, apply_masks
 from jaxlm.parallel.context import to_context_order
 from jaxlm.parallel.sharding import Rules, constrain, use_rules
 from jaxlm.training.state import Split, TrainState
@@ -133,6 +134,20 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
             return new_state, metrics
 
     return train_step
+
+
+def with_pruning(train_step: Callable[..., tuple[TrainState, Metrics]], pruning: Pruning
+                 ) -> Callable[..., tuple[TrainState, Metrics]]:
+    """`train_step` on a PrunedTrainState: at a pruning step the masks are computed again
+    (and the weights they prune zeroed) before the gradients; after the update, the
+    weights the masks prune are set to exactly zero again."""
+    def pruned_step(state: TrainState, batch: Batch, *teacher_params: Any
+                    ) -> tuple[TrainState, Metrics]:
+        params, masks = pruning.before_update(state.params, state.masks, state.step)
+        new, metrics = train_step(state.replace(params=params, masks=masks), batch,
+                                  *teacher_params)
+        return new.replace(params=apply_masks(new.params, masks)), metrics
+    return pruned_step
 
 
 def _teacher_outputs(teacher: Any, state: TrainState, teacher_params: Any, batch: Batch,

@@ -83,6 +83,9 @@ class Teacher:
             raise ConfigError(key, f"{path} is a LoRA run; use a merged copy as the {role} "
                                    "(python convert.py --merge_lora --workdir=RUN "
                                    "--output=NEW)")
+        if tconfig.quant.ptq:
+            raise ConfigError(key, f"{path} is a quantized run (eval.py --save); use the "
+                                   f"float run it came from as the {role}")
         with Checkpointer(rundir.checkpoint_dir(workdir), read_only=True) as ckpt:
             steps = ckpt.all_steps()
         step = rundir.pick_step(steps, step or None, path, key=step_key, workdir_key=key)

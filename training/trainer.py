@@ -18,6 +18,7 @@ from jaxlm.training import lora, rundir
 from jaxlm.training.checkpoint import Checkpointer, SaveFailed
 from jaxlm.training.experiment import Experiment
 from jaxlm.training.flops import model_flops_per_token, peak_flops_per_device
+from jaxlm.training.grpo import GrpoSteps
 from jaxlm.training.hooks import (Checkpoints, DivergenceGuard, Evaluation, Metrics, Progress,
                                   ProfileWindow, SourceTokens, WriteRecords, log,
                                   stop_on_signals)
@@ -62,12 +63,14 @@ def train(config: Any, workdir: str | Path, devices: list[jax.Device] | None = N
         # init.from_workdir starts a new run; a resume continues from its own checkpoints.
         source = check_source(config, exp.model_cfg, exp.data.tokenizer) if config.init.from_workdir and \
             latest is None else None
-        return _run(exp, workdir, t_start, source)
+        rollouts = GrpoSteps.build(exp) if config.grpo.prompts else None
+        return _run(exp, workdir, t_start, source, rollouts)
 
 
-def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | None
-         ) -> dict[str, Any]:
-    """Restore or initialise, then train to `steps` with the hooks; the summary."""
+def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | None,
+         rollouts: GrpoSteps | None = None) -> dict[str, Any]:
+    """Restore or initialise, then train to `steps` with the hooks (GRPO: each step
+    samples its batch with `rollouts`); the summary."""
     config = exp.config
     ckpt = Checkpointer(rundir.checkpoint_dir(workdir), keep=config.intervals.keep_checkpoints)
     data_iter = exp.train_batches()
@@ -83,7 +86,7 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
         n_params = count_params(exp.abstract_state.params)
         log(describe(exp, n_params))
         loop, metrics, evaluation = _loop(exp, workdir, ckpt, data_iter, writer, start,
-                                          t_start)
+                                          t_start, rollouts)
         with stop_on_signals(loop):
             try:
                 state, step = loop.run(state, start)
@@ -111,7 +114,7 @@ def _run(exp: Experiment, workdir: Path, t_start: float, source: InitSource | No
 
 
 def _loop(exp: Experiment, workdir: Path, ckpt: Checkpointer, data_iter: Any,
-          writer: MetricWriter, start: int, t_start: float
+          writer: MetricWriter, start: int, t_start: float, rollouts: GrpoSteps | None = None
           ) -> tuple[TrainLoop, Metrics, Evaluation]:
     """The loop and its hooks, in the order they run after each step (`training/hooks.py`)."""
     config = exp.config
@@ -138,7 +141,10 @@ def _loop(exp: Experiment, workdir: Path, ckpt: Checkpointer, data_iter: Any,
     if config.profile.num_steps:
         hooks.append(ProfileWindow(str(workdir / PROFILE_DIR), config.profile.start_step,
                                    config.profile.num_steps))
-    return TrainLoop(exp.train_step, next_batch, train.steps, hooks), metrics, evaluation
+    step_fn: Any = exp.train_step
+    if rollouts is not None:  # the batch of step s is sampled from the state: pass s
+        step_fn, next_batch = rollouts, iter(range(start, train.steps)).__next__
+    return TrainLoop(step_fn, next_batch, train.steps, hooks), metrics, evaluation
 
 
 def _restore_or_init(exp: Experiment, ckpt: Checkpointer, data_iter: Any,
